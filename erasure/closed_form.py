@@ -1,0 +1,174 @@
+"""Closed-form cross-attention refinement (CFR) and closed-form multi-LoRA fusion.
+
+Both solve a ridge-regularised least-squares problem over text states ``e``
+(columns of width d) for every cross-attention key/value projection ``W``
+(d_out x d). Every cross-attention layer reads the *same* text states, so each
+solve is "per-layer numerator times one shared text-side matrix":
+
+CFR (methods.md 1.2), with per-concept aligned statistics
+``A = mean e^f e^f^T`` and ``B = mean e^g e^f^T``, summed over concepts::
+
+    W' = W (B + lam1 G_p + r I)(A + lam1 G_p + r I)^-1  =  W M
+
+Fusion (methods.md 1.4), with ``G_k = mean e e^T`` over all token states of
+concept k's prompts, ``M_k`` that concept's own CFR map and ``dW_k`` its LoRA::
+
+    W* = (W sum_k M_k G_k + sum_k dW_k G_k + lam2 W G_p + r W)(sum_k G_k + lam2 G_p + r I)^-1
+
+All Gram matrices are per-state means, so ``lam1``/``lam2`` weigh the whole prior
+against one concept, whatever the corpus size; each weight is applied once.
+``r = ridge * trace(denominator) / d``: the ridge is relative to the mean
+eigenvalue so one setting works for any text encoder. Accumulation is float64 and
+every inverse is a Cholesky solve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from erasure.text import TokenAlignment
+
+DTYPE = torch.float64
+
+
+@dataclass
+class ConceptStatistics:
+    """Everything a concept contributes to CFR and fusion; all (d, d), float64.
+
+    ``aligned_gram`` = mean e^f e^f^T and ``aligned_cross`` = mean e^g e^f^T over
+    aligned token pairs; ``gram`` = mean e e^T over all token states of the
+    concept's prompts.
+    """
+
+    aligned_gram: torch.Tensor
+    aligned_cross: torch.Tensor
+    gram: torch.Tensor
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"aligned_gram": self.aligned_gram, "aligned_cross": self.aligned_cross, "gram": self.gram}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "ConceptStatistics":
+        return cls(**{k: tensors[k].to(DTYPE) for k in ("aligned_gram", "aligned_cross", "gram")})
+
+
+def concept_statistics(
+    concept_states: torch.Tensor, anchor_states: torch.Tensor, alignments: list[TokenAlignment]
+) -> ConceptStatistics:
+    """Statistics of one concept from its prompt states (n, L, d) and alignments."""
+    fs, gs = [], []
+    for i, alignment in enumerate(alignments):
+        if not alignment.pairs:
+            continue
+        concept_pos = torch.tensor([p for p, _ in alignment.pairs])
+        anchor_pos = torch.tensor([q for _, q in alignment.pairs])
+        fs.append(concept_states[i, concept_pos])
+        gs.append(anchor_states[i, anchor_pos])
+    if not fs:
+        raise ValueError("no aligned token states: every prompt was truncated before the concept")
+    f = torch.cat(fs).to(DTYPE)  # (n_pairs, d)
+    g = torch.cat(gs).to(DTYPE)
+    return ConceptStatistics(
+        aligned_gram=f.T @ f / len(f),
+        aligned_cross=g.T @ f / len(f),
+        gram=gram(concept_states),
+    )
+
+
+def gram(states: torch.Tensor) -> torch.Tensor:
+    """Mean outer product of all token states: (n, L, d) -> (d, d)."""
+    flat = states.reshape(-1, states.shape[-1]).to(DTYPE)
+    return flat.T @ flat / len(flat)
+
+
+class GramAccumulator:
+    """Running mean of e e^T over batches, so a caption corpus is never held in memory."""
+
+    def __init__(self, dim: int):
+        self.total = torch.zeros(dim, dim, dtype=DTYPE)
+        self.count = 0
+
+    def add(self, states: torch.Tensor) -> None:
+        flat = states.reshape(-1, states.shape[-1]).to(DTYPE)
+        self.total += flat.T @ flat
+        self.count += len(flat)
+
+    def mean(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("no states were added")
+        return self.total / self.count
+
+
+def ridge_value(denominator: torch.Tensor, ridge: float) -> float:
+    return ridge * float(torch.diagonal(denominator).sum()) / denominator.shape[0]
+
+
+def solve_right(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """X with X @ denominator = numerator, for a symmetric positive-definite denominator."""
+    factor = torch.linalg.cholesky(denominator)
+    return torch.cholesky_solve(numerator.T.contiguous(), factor).T
+
+
+def refinement_map(
+    concepts: list[ConceptStatistics], prior_gram: torch.Tensor, lam1: float, ridge: float
+) -> torch.Tensor:
+    """The text-side matrix M of CFR (W' = W M), shared by every K/V projection."""
+    dim = prior_gram.shape[0]
+    eye = torch.eye(dim, dtype=DTYPE)
+    a = sum(c.aligned_gram for c in concepts) + lam1 * prior_gram
+    b = sum(c.aligned_cross for c in concepts) + lam1 * prior_gram
+    r = ridge_value(a, ridge)
+    return solve_right(b + r * eye, a + r * eye)
+
+
+def apply_text_map(weight: torch.Tensor, text_map: torch.Tensor) -> torch.Tensor:
+    """W M in float64, returned in the weight's dtype."""
+    return (weight.to(DTYPE) @ text_map).to(weight.dtype)
+
+
+class FusionAccumulator:
+    """Sufficient statistics of the fusion: memory independent of the number of concepts.
+
+    Holds ``sum_k G_k``, ``sum_k M_k G_k`` (d x d) and, per projection,
+    ``sum_k dW_k G_k`` (d_out x d). ``add`` and ``remove`` of a concept are exact
+    inverses (up to float64 rounding), which is what takedown and restore use.
+    """
+
+    def __init__(self, dim: int, projection_shapes: dict[str, tuple[int, int]]):
+        self.gram_sum = torch.zeros(dim, dim, dtype=DTYPE)
+        self.mapped_gram_sum = torch.zeros(dim, dim, dtype=DTYPE)
+        self.lora_terms = {name: torch.zeros(shape, dtype=DTYPE) for name, shape in projection_shapes.items()}
+        self.concepts = 0
+
+    def _update(self, sign: float, stats: ConceptStatistics, text_map: torch.Tensor, deltas: dict) -> None:
+        self.gram_sum += sign * stats.gram
+        self.mapped_gram_sum += sign * (text_map @ stats.gram)
+        for name, (up, down) in deltas.items():
+            # dW G = up (down G): rank-r, never forms the d_out x d product twice
+            self.lora_terms[name] += sign * (up.to(DTYPE) @ (down.to(DTYPE) @ stats.gram))
+        self.concepts += int(sign)
+
+    def add(self, stats: ConceptStatistics, text_map: torch.Tensor, deltas: dict) -> None:
+        """Add a concept: its statistics, its CFR map M_k and its LoRA factors {name: (up, down)}."""
+        self._update(+1.0, stats, text_map, deltas)
+
+    def remove(self, stats: ConceptStatistics, text_map: torch.Tensor, deltas: dict) -> None:
+        self._update(-1.0, stats, text_map, deltas)
+
+    def fuse(self, weights: dict[str, torch.Tensor], prior_gram: torch.Tensor, lam2: float, ridge: float) -> dict[str, torch.Tensor]:
+        """Fused weights W* for every projection in ``weights`` (the base model's W)."""
+        dim = prior_gram.shape[0]
+        eye = torch.eye(dim, dtype=DTYPE)
+        denominator = self.gram_sum + lam2 * prior_gram
+        r = ridge_value(denominator, ridge)
+        denominator = denominator + r * eye
+        factor = torch.linalg.cholesky(denominator)
+        text_side = self.mapped_gram_sum + lam2 * prior_gram + r * eye
+        fused = {}
+        for name, weight in weights.items():
+            w = weight.to(DTYPE)
+            numerator = w @ text_side + self.lora_terms[name]
+            fused[name] = torch.cholesky_solve(numerator.T.contiguous(), factor).T.to(weight.dtype)
+        return fused

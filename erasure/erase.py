@@ -1,0 +1,314 @@
+"""MACE end to end, as plain functions: one per stage, and ``erase`` that runs them in order.
+
+Stages (architecture.md, "one concept's journey"):
+
+1. prior: the Gram matrix of the text states that must keep their K/V (the empty
+   prompt, anchor prompts, retained concepts, a caption corpus);
+2. per concept, independently: text statistics (CFR/fusion), images + attention
+   masks, and a LoRA trained on the model refined by *that concept's own* CFR;
+3. closed-form fusion of all concepts into one UNet.
+
+A concept's artifacts depend only on (base model, concept spec, settings, seed),
+never on which other concepts are erased with it: that is what lets takedown and
+restore reuse them. ``erase`` writes its output folder atomically (a temporary
+folder renamed at the end), so a failed run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+from erasure import __version__
+from erasure.attention import cross_attention_projections
+from erasure.closed_form import (
+    ConceptStatistics,
+    FusionAccumulator,
+    GramAccumulator,
+    concept_statistics,
+    refinement_map,
+)
+from erasure.data import ConceptData, generate_concept_data
+from erasure.lora import save_lora, train_concept_lora
+from erasure.models import Components, fingerprint, load_components, save_components
+from erasure.prompts import augmented_pairs, preserve_prompts
+from erasure.sampling import save_mask, to_pil
+from erasure.spec import ConceptSpec, ErasureRequest, RequestError, normalise, read_captions
+from erasure.text import align_tokens, encode, tokenize
+
+Progress = Callable[[str, int, int], None]
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", normalise(name)).strip("-") or "concept"
+
+
+def concept_seed(seed: int, concept: ConceptSpec) -> int:
+    """A concept's seed depends on its name, not its position in the request."""
+    digest = hashlib.sha256(f"{seed}:{normalise(concept.name)}".encode()).hexdigest()
+    return int(digest[:8], 16)
+
+
+# --------------------------------------------------------------------------- stage 1: prior
+
+
+def prior_prompts(request: ErasureRequest) -> list[str]:
+    """Prompts whose K/V must not move: "", every anchor prompt, retained concepts, captions."""
+    prompts = [""]
+    for concept in request.concepts:
+        pairs = augmented_pairs(concept.kind, concept.variants, concept.anchor, request.method.prompts_per_concept)
+        prompts.extend(dict.fromkeys(anchor for _, anchor in pairs))
+    kinds = sorted({c.kind for c in request.concepts})
+    for kind in kinds:
+        prompts.extend(preserve_prompts({name: kind for name in request.preserve.concepts}))
+    if request.preserve.captions is not None:
+        prompts.extend(read_captions(request.preserve.captions))
+    return prompts
+
+
+def prior_gram(components: Components, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+    accumulator = GramAccumulator(components.text_encoder.config.hidden_size)
+    for start in range(0, len(prompts), batch_size):
+        ids, _ = tokenize(components.tokenizer, prompts[start : start + batch_size])
+        accumulator.add(encode(components.text_encoder, ids))
+    return accumulator.mean()
+
+
+# --------------------------------------------------------------------------- stage 2: per concept
+
+
+@dataclass
+class ConceptText:
+    statistics: ConceptStatistics
+    prompts: list[str]  # augmented concept prompts
+    spans: list[tuple[int, ...]]  # the concept's token positions in each
+
+
+def concept_text(components: Components, concept: ConceptSpec, prompt_count: int, seed: int) -> ConceptText:
+    pairs = augmented_pairs(concept.kind, concept.variants, concept.anchor, prompt_count, concept.prompts, seed)
+    concept_ids, concept_lens = tokenize(components.tokenizer, [c for c, _ in pairs])
+    anchor_ids, anchor_lens = tokenize(components.tokenizer, [a for _, a in pairs])
+    alignments = [
+        align_tokens(concept_ids[i].tolist(), int(concept_lens[i]), anchor_ids[i].tolist(), int(anchor_lens[i]))
+        for i in range(len(pairs))
+    ]
+    statistics = concept_statistics(
+        encode(components.text_encoder, concept_ids), encode(components.text_encoder, anchor_ids), alignments
+    )
+    kept = [i for i, a in enumerate(alignments) if a.concept_span]
+    if not kept:
+        raise RequestError(f"concept {concept.name!r}: every prompt was truncated before the concept")
+    return ConceptText(statistics, [pairs[i][0] for i in kept], [alignments[i].concept_span for i in kept])
+
+
+@dataclass
+class ConceptResult:
+    concept: ConceptSpec
+    text: ConceptText
+    text_map: torch.Tensor  # this concept's own CFR map M_k
+    data: ConceptData
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    lora_state: dict[str, torch.Tensor]
+    losses: list[float]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def erase_concept(
+    components: Components,
+    concept: ConceptSpec,
+    request: ErasureRequest,
+    prior: torch.Tensor,
+    progress: Progress | None = None,
+) -> ConceptResult:
+    """Every per-concept stage: text statistics, CFR map, images + masks, LoRA."""
+    settings, seed = request.method, concept_seed(request.seed, concept)
+    timer = time.perf_counter()
+    text = concept_text(components, concept, settings.prompts_per_concept, seed)
+    text_map = refinement_map([text.statistics], prior, request.preserve.lam1, request.preserve.ridge)
+    seconds = {"text": time.perf_counter() - timer}
+
+    timer = time.perf_counter()
+    data = generate_concept_data(components, concept, settings, seed)
+    seconds["data"] = time.perf_counter() - timer
+
+    timer = time.perf_counter()
+    on_step = (lambda done, total: progress(f"LoRA {concept.name}", done, total)) if progress else None
+    factors, lora_state, losses = train_concept_lora(
+        components,
+        text_map,
+        data.images,
+        data.masks,
+        text.prompts,
+        text.spans,
+        rank=settings.lora_rank,
+        lr=settings.lora_lr,
+        steps=settings.lora_steps,
+        importance_sampling=settings.importance_sampling and concept.kind != "explicit",
+        seed=seed,
+        on_step=on_step,
+    )
+    seconds["lora"] = time.perf_counter() - timer
+    return ConceptResult(concept, text, text_map, data, factors, lora_state, losses, seconds)
+
+
+# --------------------------------------------------------------------------- stage 3: fusion
+
+
+def fused_weights(
+    components: Components, results: list[ConceptResult], prior: torch.Tensor, lam2: float, ridge: float
+) -> dict[str, torch.Tensor]:
+    projections = cross_attention_projections(components.unet)
+    accumulator = FusionAccumulator(prior.shape[0], {n: tuple(p.weight.shape) for n, p in projections.items()})
+    for result in results:
+        accumulator.add(result.text.statistics, result.text_map, result.factors)
+    return accumulator.fuse({n: p.weight.data for n, p in projections.items()}, prior, lam2, ridge)
+
+
+def apply_weights(unet, weights: dict[str, torch.Tensor]) -> None:
+    projections = cross_attention_projections(unet)
+    for name, weight in weights.items():
+        projections[name].weight.data.copy_(weight)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@dataclass
+class ErasureSummary:
+    out_dir: Path
+    fingerprint: str
+    seconds: dict[str, float]
+    concepts: list[dict]
+
+
+def erase(
+    request: ErasureRequest,
+    out_dir: Path,
+    device: str = "cpu",
+    progress: Progress | None = None,
+    overwrite: bool = False,
+) -> ErasureSummary:
+    """Run MACE for ``request`` and write the erased model to ``out_dir``.
+
+    ``out_dir`` receives ``model/`` (a diffusers folder with the erased UNet),
+    ``loras/<concept>/`` (one diffusers LoRA file each), ``data/<concept>/``
+    (images and masks), ``statistics/`` (per-concept and prior sufficient
+    statistics) and ``manifest.json``.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise RequestError(f"output folder {str(out_dir)!r} already exists; choose another --out or pass --overwrite")
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    timer = time.perf_counter()
+    components = load_components(request.model, device)
+    request.check_against_tokenizer(components.tokenizer)
+    base_fingerprint = fingerprint(components)
+    seconds["load"] = time.perf_counter() - timer
+
+    timer = time.perf_counter()
+    prompts = prior_prompts(request)
+    prior = prior_gram(components, prompts)
+    seconds["prior"] = time.perf_counter() - timer
+
+    results = []
+    for index, concept in enumerate(request.concepts):
+        if progress:
+            progress("concepts", index, len(request.concepts))
+        results.append(erase_concept(components, concept, request, prior, progress))
+    if progress:
+        progress("concepts", len(request.concepts), len(request.concepts))
+
+    timer = time.perf_counter()
+    weights = fused_weights(components, results, prior, request.preserve.lam2, request.preserve.ridge)
+    seconds["fusion"] = time.perf_counter() - timer
+
+    timer = time.perf_counter()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        apply_weights(components.unet, weights)
+        save_components(components, staging / "model")
+        concept_rows = _write_concepts(staging, results, components)
+        save_file({"prior_gram": prior.contiguous()}, str(staging / "statistics" / "prior.safetensors"))
+        seconds["write"] = time.perf_counter() - timer
+        seconds["total"] = time.perf_counter() - started
+        manifest = {
+            "erasure_version": __version__,
+            "base_model": request.model,
+            "base_fingerprint": base_fingerprint,
+            "request": request.fingerprint_dict(),
+            "prior_prompts": len(prompts),
+            "concepts": concept_rows,
+            "seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "versions": _versions(),
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ErasureSummary(out_dir, base_fingerprint, seconds, concept_rows)
+
+
+def _write_concepts(folder: Path, results: list[ConceptResult], components: Components) -> list[dict]:
+    (folder / "statistics").mkdir(parents=True, exist_ok=True)
+    rows = []
+    size = None
+    for result in results:
+        name = slug(result.concept.name)
+        save_lora(result.lora_state, folder / "loras" / name)
+        save_file(
+            {k: v.contiguous() for k, v in result.text.statistics.to_tensors().items()} | {"text_map": result.text_map},
+            str(folder / "statistics" / f"{name}.safetensors"),
+        )
+        data_dir = folder / "data" / name
+        data_dir.mkdir(parents=True)
+        for i, (image, mask) in enumerate(zip(result.data.images, result.data.masks)):
+            picture = to_pil(image)
+            size = picture.width
+            picture.save(data_dir / f"image_{i:02d}.png")
+            save_mask(mask, data_dir / f"mask_{i:02d}.png", size)
+        rows.append(
+            {
+                "name": result.concept.name,
+                "slug": name,
+                "kind": result.concept.kind,
+                "anchor": result.concept.anchor,
+                "synonyms": list(result.concept.synonyms),
+                "generation_prompt": result.data.prompt,
+                "augmented_prompts": len(result.text.prompts),
+                "mask_coverage": round(float(result.data.masks.float().mean()), 4),
+                "lora_loss_first": round(result.losses[0], 6) if result.losses else None,
+                "lora_loss_last": round(result.losses[-1], 6) if result.losses else None,
+                "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
+            }
+        )
+    return rows
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import peft
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }

@@ -1,0 +1,254 @@
+"""Loading, building, saving and fingerprinting text-to-image models.
+
+A model is its separately trained components, kept as separate objects (the
+diffusers way): a ``UNet2DConditionModel``, a ``CLIPTextModel`` with its
+tokenizer, a scheduler, and a VAE (``None`` for pixel-space models such as the toy
+world). Folders use the diffusers layout, so ``StableDiffusionPipeline
+.from_pretrained`` reads what we write whenever there is a VAE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from erasure.prompts import template_words
+from erasure.spec import BUILTIN_PREFIX, RequestError
+from erasure.tokenizer import build_clip_tokenizer, save_clip_files
+
+
+@dataclass
+class Components:
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler
+    vae: AutoencoderKL | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def to(self, device: torch.device | str) -> "Components":
+        self.unet.to(device)
+        self.text_encoder.to(device)
+        if self.vae is not None:
+            self.vae.to(device)
+        return self
+
+    def eval(self) -> "Components":
+        for module in (self.unet, self.text_encoder, self.vae):
+            if module is not None:
+                module.eval().requires_grad_(False)
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_components(model: str, device: str | torch.device = "cpu") -> Components:
+    """Load ``model``: a local diffusers folder, a hub id, or ``builtin:<name>``."""
+    if model.startswith(BUILTIN_PREFIX):
+        name = model[len(BUILTIN_PREFIX):]
+        if name == "tiny":
+            components = build_tiny_components()
+        elif name == "toyworld":
+            from erasure.toyworld.model import load_toyworld_components
+
+            components = load_toyworld_components()
+        else:
+            raise RequestError(f"unknown built-in model {model!r}")
+    elif Path(model).expanduser().is_dir():
+        components = load_folder(Path(model).expanduser())
+    else:
+        components = load_hub(model)
+    return components.to(device).eval()
+
+
+def load_folder(folder: Path) -> Components:
+    """Load the components of a diffusers-layout folder, strictly offline."""
+    folder = Path(folder)
+    missing = [sub for sub in ("unet", "text_encoder", "tokenizer", "scheduler") if not (folder / sub).is_dir()]
+    if missing:
+        raise RequestError(
+            f"model folder {str(folder)!r} is not a diffusers pipeline: missing {', '.join(missing)}/ "
+            "(expected unet/, text_encoder/, tokenizer/, scheduler/ and optionally vae/)"
+        )
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
+    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+    scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+    vae = None
+    if (folder / "vae").is_dir():
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
+    return Components(unet, text_encoder, tokenizer, scheduler, vae)
+
+
+def load_hub(model_id: str) -> Components:
+    """Download (or read from the local cache) a hub pipeline such as SD 1.4."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(
+            model_id,
+            allow_patterns=["model_index.json", "unet/*", "text_encoder/*", "tokenizer/*", "scheduler/*", "vae/*"],
+            local_files_only=os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"),
+        )
+    except Exception as error:  # offline, unknown id, no network: one clear message for all
+        raise RequestError(
+            f"model {model_id!r} could not be loaded from the hub ({type(error).__name__}). "
+            "Without network access, download it elsewhere "
+            f"(`huggingface-cli download {model_id} --local-dir DIR`), copy DIR here and set `model: DIR`."
+        ) from None
+    return load_folder(Path(folder))
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_components(components: Components, folder: Path) -> None:
+    """Write a diffusers-layout folder (``model_index.json`` + one subfolder each)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    components.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    components.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    save_clip_files(components.tokenizer, folder / "tokenizer")
+    components.scheduler.save_pretrained(folder / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": _diffusers_version(),
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", type(components.scheduler).__name__],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+    }
+    if components.vae is not None:
+        components.vae.save_pretrained(folder / "vae", safe_serialization=True)
+        index["vae"] = ["diffusers", "AutoencoderKL"]
+    else:
+        # A pixel-space model: no StableDiffusionPipeline, but the components
+        # still load one by one (``load_folder``).
+        index["_class_name"] = "PixelSpaceTextToImage"
+        index["vae"] = [None, None]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def copy_components_except_unet(source: Path, target: Path) -> None:
+    """Copy a saved pipeline's folders other than ``unet/`` (used when only the UNet changed)."""
+    for entry in Path(source).iterdir():
+        if entry.name == "unet":
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, Path(target) / entry.name)
+        else:
+            shutil.copy2(entry, Path(target) / entry.name)
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def fingerprint(components: Components) -> str:
+    """SHA-256 over every component's config and weights: same model, same string.
+
+    Used to key cached artifacts: anything derived from a model is only reused
+    for exactly that model.
+    """
+    digest = hashlib.sha256()
+    for name in ("unet", "text_encoder", "vae"):
+        module = getattr(components, name)
+        if module is None:
+            digest.update(f"{name}:none".encode())
+            continue
+        config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+        config = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
+        digest.update(name.encode())
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+        for key, tensor in sorted(module.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps(components.tokenizer.get_vocab(), sort_keys=True).encode())
+    digest.update(json.dumps(dict(components.scheduler.config), sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- tiny model
+
+TINY_EXTRA_WORDS = (
+    "cat dog car tree house church parachute truck horse bird boat plane ship apple "
+    "monet picasso gogh van nude naked clothes cup chair table"
+).split()
+
+
+def build_tiny_components(seed: int = 0) -> Components:
+    """A deterministic, randomly initialised SD-shaped pipeline for tests.
+
+    32-wide text encoder (2 layers), a 2-resolution UNet with cross-attention in
+    both, a 2-block VAE; 16x16 images, 8x8 latents. It draws noise, but every code
+    path (CFR, LoRA, fusion, masks, saving) runs on it in seconds.
+    """
+    tokenizer = build_clip_tokenizer(template_words() + TINY_EXTRA_WORDS, model_max_length=16)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
+    return Components(unet, text_encoder, tokenizer, scheduler, vae)

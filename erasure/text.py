@@ -1,0 +1,76 @@
+"""Text-encoder states, and token alignment between a concept prompt and its anchor prompt.
+
+A CLIP prompt is ``[BOS, prefix..., concept..., suffix..., EOS, pad...]`` padded
+to ``L`` tokens. Replacing the concept with its anchor changes the span in the
+middle (possibly to a different number of tokens). CFR needs, for every token
+*after* the concept, the state at the matching position in the anchor prompt:
+
+- prefix tokens match position for position (the causal encoder makes their
+  states identical: identity rows);
+- suffix tokens and EOS match counted from the end of the real tokens;
+- padding matches counted from the end of the sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenAlignment:
+    """Positions in a concept prompt (``concept``) and its anchor prompt (``anchor``).
+
+    ``concept_span``: the concept's own token positions (trained by the LoRA).
+    ``pairs``: (position in concept prompt, position in anchor prompt) for every
+    token whose state CFR maps, prefix included.
+    """
+
+    concept_span: tuple[int, ...]
+    pairs: tuple[tuple[int, int], ...]
+
+
+def tokenize(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and real lengths (BOS and EOS included), padded to the model's length."""
+    batch = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return batch["input_ids"], batch["attention_mask"].sum(dim=1)
+
+
+def align_tokens(concept_ids: list[int], concept_len: int, anchor_ids: list[int], anchor_len: int) -> TokenAlignment:
+    """Align one concept prompt with its anchor prompt (see the module docstring)."""
+    length = len(concept_ids)
+    if len(anchor_ids) != length:
+        raise ValueError("concept and anchor prompts must be padded to the same length")
+    prefix = 0
+    while prefix < min(concept_len, anchor_len) and concept_ids[prefix] == anchor_ids[prefix]:
+        prefix += 1
+    suffix = 0
+    limit = min(concept_len, anchor_len) - prefix
+    while suffix < limit and concept_ids[concept_len - 1 - suffix] == anchor_ids[anchor_len - 1 - suffix]:
+        suffix += 1
+    span = tuple(range(prefix, concept_len - suffix))
+    pairs = [(i, i) for i in range(prefix)]
+    pairs += [(concept_len - suffix + k, anchor_len - suffix + k) for k in range(suffix)]
+    pads = min(length - concept_len, length - anchor_len)
+    pairs += [(length - pads + k, length - pads + k) for k in range(pads)]
+    return TokenAlignment(concept_span=span, pairs=tuple(pairs))
+
+
+@torch.no_grad()
+def encode(text_encoder, ids: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Last hidden states (what the UNet's cross-attention reads): (n, L, d)."""
+    device = text_encoder.device
+    chunks = [text_encoder(ids[i : i + batch_size].to(device))[0].float() for i in range(0, len(ids), batch_size)]
+    return torch.cat(chunks).cpu() if chunks else torch.empty(0)
+
+
+def encode_prompts(components, prompts: list[str]) -> torch.Tensor:
+    ids, _ = tokenize(components.tokenizer, prompts)
+    return encode(components.text_encoder, ids)
