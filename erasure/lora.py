@@ -114,7 +114,7 @@ def train_concept_lora(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             if on_step is not None:
                 on_step(step + 1, steps)
         recorded.clear()

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,9 @@ from erasure.spec import BUILTIN_PREFIX, RequestError
 from erasure.tokenizer import build_clip_tokenizer, save_clip_files
 
 
+DEFAULTS_FILE = "erasure_defaults.json"
+
+
 @dataclass
 class Components:
     unet: UNet2DConditionModel
@@ -32,6 +35,9 @@ class Components:
     tokenizer: CLIPTokenizer
     scheduler: DDIMScheduler
     vae: AutoencoderKL | None = None
+    # Sampling settings the model was made for (``erasure_defaults.json``), e.g.
+    # the toy model's low guidance scale.
+    defaults: dict = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -89,7 +95,16 @@ def load_folder(folder: Path) -> Components:
     vae = None
     if (folder / "vae").is_dir():
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
-    return Components(unet, text_encoder, tokenizer, scheduler, vae)
+    defaults_file = folder / DEFAULTS_FILE
+    defaults = json.loads(defaults_file.read_text()) if defaults_file.is_file() else {}
+    return Components(unet, text_encoder, tokenizer, scheduler, vae, defaults)
+
+
+def sampling_defaults(components: Components) -> dict:
+    """Sampler steps and guidance scale: the model's own, else the paper's (30 steps, CFG 7.5)."""
+    return {"sampler_steps": 30, "guidance_scale": 7.5} | {
+        k: v for k, v in components.defaults.items() if k in ("sampler_steps", "guidance_scale")
+    }
 
 
 def load_hub(model_id: str) -> Components:
@@ -143,6 +158,8 @@ def save_components(components: Components, folder: Path) -> None:
         index["_class_name"] = "PixelSpaceTextToImage"
         index["vae"] = [None, None]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if components.defaults:
+        (folder / DEFAULTS_FILE).write_text(json.dumps(components.defaults, indent=2) + "\n")
 
 
 def copy_components_except_unet(source: Path, target: Path) -> None:
@@ -178,15 +195,23 @@ def fingerprint(components: Components) -> str:
             digest.update(f"{name}:none".encode())
             continue
         config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
-        config = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype")}
         digest.update(name.encode())
-        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+        digest.update(_config_text(config))
         for key, tensor in sorted(module.state_dict().items()):
             digest.update(key.encode())
             digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     digest.update(json.dumps(components.tokenizer.get_vocab(), sort_keys=True).encode())
-    digest.update(json.dumps(dict(components.scheduler.config), sort_keys=True, default=str).encode())
+    digest.update(_config_text(dict(components.scheduler.config)))
     return digest.hexdigest()
+
+
+# Keys that record where or how a config was saved, not what the model is.
+_BOOKKEEPING_KEYS = ("architectures", "transformers_version", "dtype", "torch_dtype")
+
+
+def _config_text(config: dict) -> bytes:
+    kept = {k: v for k, v in config.items() if not k.startswith("_") and k not in _BOOKKEEPING_KEYS}
+    return json.dumps(kept, sort_keys=True, default=str).encode()
 
 
 # --------------------------------------------------------------------------- tiny model
@@ -250,5 +275,6 @@ def build_tiny_components(seed: int = 0) -> Components:
         beta_schedule="scaled_linear",
         clip_sample=False,
         set_alpha_to_one=False,
+        steps_offset=1,
     )
     return Components(unet, text_encoder, tokenizer, scheduler, vae)

@@ -205,13 +205,16 @@ class ErasureRequest(_Strict):
         return self.model_copy(update=updates) if updates else self
 
     def check_against_tokenizer(self, tokenizer) -> None:
-        """Reject concept names the model's tokenizer turns into no token at all."""
+        """Reject concept names the model's tokenizer turns into no ordinary token at all
+        (nothing, or only special tokens such as ``<|endoftext|>``): nothing to erase."""
+        special = set(tokenizer.all_special_ids)
         for i, concept in enumerate(self.concepts):
             for variant in concept.variants:
-                ids = tokenizer(variant, add_special_tokens=False)["input_ids"]
-                if len(ids) == 0:
+                ids = [t for t in tokenizer(variant, add_special_tokens=False)["input_ids"] if t not in special]
+                if not ids:
                     raise RequestError(
-                        f"concepts.{i}.name: {variant!r} tokenises to nothing with this model's tokenizer"
+                        f"concepts.{i}.name: {variant!r} tokenises to nothing with this model's tokenizer; "
+                        "use the words a prompt would use"
                     )
 
     def fingerprint_dict(self) -> dict:

@@ -1,8 +1,7 @@
 """A small CLIP-format BPE tokenizer built from a word list.
 
 Our own models (the tiny test pipeline, the toy world) cannot download CLIP's
-vocabulary, so we train a byte-level BPE with the ``tokenizers`` library on the
-words they use. Every listed word becomes a single token (``red</w>``); any other
+vocabulary, so we learn a byte-level BPE on the words they use. Every listed word becomes a single token (``red</w>``); any other
 text still tokenises, letter by letter, because every byte and byte+``</w>`` is in
 the vocabulary. BOS/EOS/padding follow CLIP: ``<|startoftext|>``, and
 ``<|endoftext|>`` for both end and padding.
@@ -11,9 +10,9 @@ the vocabulary. BOS/EOS/padding follow CLIP: ``<|startoftext|>``, and
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTokenizer
 
@@ -21,26 +20,49 @@ BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 
 
+def learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Classic BPE on a word list until every word is one symbol.
+
+    Ties between equally frequent pairs break by the pair's text, so the same
+    words always give the same merges (the ``tokenizers`` trainer breaks ties in
+    hash order, which changes from run to run and would change our models'
+    fingerprints).
+    """
+    words_as_symbols = [tuple(w[:-1]) + (w[-1] + "</w>",) for w in words]
+    merges = []
+    while True:
+        counts: Counter = Counter()
+        for symbols in words_as_symbols:
+            counts.update(zip(symbols, symbols[1:]))
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        merged = best[0] + best[1]
+        updated = []
+        for symbols in words_as_symbols:
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            updated.append(tuple(out))
+        words_as_symbols = updated
+
+
 def build_clip_tokenizer(words: list[str], model_max_length: int = 77) -> CLIPTokenizer:
-    """Train a BPE on ``words`` (lower case) and wrap it as a ``CLIPTokenizer``."""
+    """A ``CLIPTokenizer`` whose BPE makes every word of ``words`` (lower case) one token."""
     words = sorted({w.lower() for w in words if w.strip()})
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1_000_000,  # never the limit: training stops when every word is one token
-        special_tokens=[BOS, EOS],
-        end_of_word_suffix="</w>",
-        initial_alphabet=ByteLevel.alphabet(),
-        min_frequency=1,
-        show_progress=False,
-    )
-    bpe.train_from_iterator(words, trainer)
-    model = json.loads(bpe.to_str())["model"]
-    vocab: dict[str, int] = dict(model["vocab"])
+    merges = learn_merges(words)
+    vocab: dict[str, int] = {BOS: 0, EOS: 1}
     for char in sorted(ByteLevel.alphabet()):
         for symbol in (char, char + "</w>"):
             vocab.setdefault(symbol, len(vocab))
-    merges = [tuple(pair) for pair in model["merges"]]
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 

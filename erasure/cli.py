@@ -1,0 +1,164 @@
+"""The ``erasure`` command line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    help="Erase concepts (objects, people, styles, explicit content) from text-to-image diffusion models.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+toyworld_app = typer.Typer(help="The toy world: a small model we train ourselves, for end-to-end checks on a CPU.")
+app.add_typer(toyworld_app, name="toyworld")
+console = Console(stderr=True)
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
+    raise typer.Exit(code=2)
+
+
+class _Bars:
+    """Adapts the library's ``progress(label, done, total)`` callback to rich progress bars."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if label not in self.tasks:
+            self.tasks[label] = self.progress.add_task(label, total=total)
+        self.progress.update(self.tasks[label], completed=done, total=total)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=False,
+    )
+
+
+@app.command()
+def erase(
+    request: Path = typer.Argument(..., help="Request file (YAML or JSON): model, concepts, preserve, method."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the erased model, LoRAs and manifest to."),
+    device: str = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it already exists."),
+) -> None:
+    """Erase the request's concepts and write the erased model to --out."""
+    from erasure.erase import erase as run_erase
+    from erasure.spec import RequestError, load_request
+
+    try:
+        spec = load_request(request)
+        with _progress() as progress:
+            summary = run_erase(spec, out, device=_device(device), progress=_Bars(progress), overwrite=overwrite)
+    except RequestError as error:
+        _fail(str(error))
+    table = Table(title=f"erased {len(summary.concepts)} concept(s) -> {summary.out_dir}")
+    for column in ("concept", "kind", "anchor", "mask cover", "LoRA loss first -> last", "seconds"):
+        table.add_column(column)
+    for row in summary.concepts:
+        loss = f"{row['lora_loss_first']:.4g} -> {row['lora_loss_last']:.4g}" if row["lora_loss_first"] is not None else "-"
+        table.add_row(
+            row["name"], row["kind"], row["anchor"], f"{row['mask_coverage']:.0%}", loss,
+            f"{sum(row['seconds'].values()):.1f}",
+        )
+    Console().print(table)
+    Console().print(
+        "stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in summary.seconds.items())
+        + f"\nmodel: {summary.out_dir / 'model'}   try: erasure generate {summary.out_dir / 'model'} \"a photo of ...\""
+    )
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="Model folder (e.g. OUT/model), hub id, or builtin:tiny / builtin:toyworld."),
+    prompts: list[str] = typer.Argument(..., help="One or more prompts."),
+    out: Path = typer.Option(Path("samples"), "--out", "-o", help="Folder for the PNG files."),
+    seed: int = typer.Option(0, help="Seed of the first image; image i uses seed + i."),
+    steps: int = typer.Option(None, help="Sampler steps (default: the model's, else 30)."),
+    guidance: float = typer.Option(None, help="Classifier-free guidance scale (default: the model's, else 7.5)."),
+    device: str = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
+) -> None:
+    """Sample images from a base or erased model."""
+    from erasure.models import load_components, sampling_defaults
+    from erasure.sampling import sample, to_pil
+    from erasure.spec import RequestError
+
+    try:
+        components = load_components(model, _device(device))
+    except RequestError as error:
+        _fail(str(error))
+    defaults = sampling_defaults(components)
+    images, _ = sample(
+        components, list(prompts), [seed + i for i in range(len(prompts))],
+        steps=steps or defaults["sampler_steps"], guidance_scale=guidance or defaults["guidance_scale"],
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (prompt, image) in enumerate(zip(prompts, images)):
+        path = out / f"{i:03d}.png"
+        to_pil(image).save(path)
+        Console().print(f"{path}  {prompt}")
+
+
+@toyworld_app.command("train")
+def toyworld_train(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the model (out/model), classifier and log."),
+    steps: int = typer.Option(12000, help="Training steps."),
+    batch: int = typer.Option(32, help="Batch size."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate."),
+    seed: int = typer.Option(0, help="Seed of everything."),
+    classifier_steps: int = typer.Option(3000, help="Training steps of the classifier."),
+    threads: int = typer.Option(None, help="torch CPU threads (default: torch's)."),
+) -> None:
+    """Train the toy world's classifier, then its text-to-image model (resumes from out/checkpoint.pt)."""
+    import torch
+
+    from erasure.toyworld.accuracy import quick_accuracy
+    from erasure.toyworld.classifier import held_out_accuracy, load_classifier, save_classifier, train_classifier
+    from erasure.toyworld.train import train_toyworld
+
+    if threads:
+        torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = open(out / "train.log", "a", buffering=1)
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        log_file.write(line + "\n")
+
+    log(f"command: {' '.join(sys.argv)}")
+    classifier_path = out / "classifier.safetensors"
+    if classifier_path.exists():
+        classifier = load_classifier(classifier_path)
+    else:
+        classifier = train_classifier(steps=classifier_steps, seed=seed, log=log)
+        save_classifier(classifier, classifier_path)
+    log(f"classifier held-out accuracy: {held_out_accuracy(classifier)}")
+    train_toyworld(
+        out, steps=steps, batch=batch, lr=lr, seed=seed, log=log,
+        evaluate=lambda components: quick_accuracy(components, classifier),
+    )
+    log(f"saved {out / 'model'}")
+
+
+def main() -> None:  # pragma: no cover
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    app()

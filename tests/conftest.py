@@ -1,0 +1,26 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from erasure.models import build_tiny_components
+
+    return build_tiny_components().eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, tiny):
+    """The tiny pipeline saved as a diffusers folder."""
+    from erasure.models import save_components
+
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    save_components(tiny, folder)
+    return folder

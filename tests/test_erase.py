@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+import yaml
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from typer.testing import CliRunner
+
+import erasure.erase as erase_module
+from erasure.attention import cross_attention_projections
+from erasure.cli import app
+from erasure.models import build_tiny_components, fingerprint, load_components
+from erasure.spec import RequestError, parse_request
+
+REQUEST = {
+    "model": "builtin:tiny",
+    "concepts": [
+        {"name": "cat", "anchor": "dog", "synonyms": ["kitty"]},
+        {"name": "van gogh", "kind": "style"},
+        {"name": "nude", "kind": "explicit"},
+    ],
+    "preserve": {"concepts": ["tree", "house"]},
+    "method": {"images_per_concept": 2, "sampler_steps": 3, "lora_steps": 4, "prompts_per_concept": 8},
+    "seed": 3,
+}
+
+
+def test_tiny_model_is_deterministic_and_fingerprint_survives_save_and_load(tiny, tiny_folder):
+    assert fingerprint(build_tiny_components()) == fingerprint(tiny)
+    assert fingerprint(build_tiny_components(seed=1)) != fingerprint(tiny)
+    assert fingerprint(load_components(str(tiny_folder))) == fingerprint(tiny)
+
+
+def test_hub_id_offline_says_how_to_use_a_local_folder():
+    with pytest.raises(RequestError, match="--local-dir DIR"):
+        load_components("someone/some-model-that-is-not-cached")
+
+
+def test_erase_cli_writes_a_model_that_loads_and_generates(tmp_path, tiny):
+    (tmp_path / "request.yaml").write_text(yaml.safe_dump(REQUEST))
+    out = tmp_path / "erased"
+    result = CliRunner().invoke(app, ["erase", str(tmp_path / "request.yaml"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "erased 3 concept(s)" in result.output
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["base_fingerprint"] == fingerprint(tiny)
+    assert [c["name"] for c in manifest["concepts"]] == ["cat", "van gogh", "nude"]
+    assert manifest["concepts"][1]["mask_coverage"] == 1.0  # styles use the whole image
+    assert 0 < manifest["concepts"][0]["mask_coverage"] < 1  # objects use attention masks
+    assert manifest["request"]["preserve"]["concepts"] == ["tree", "house"]
+    for name in ("cat", "van-gogh", "nude"):
+        assert (out / "loras" / name / "pytorch_lora_weights.safetensors").is_file()
+        assert len(list((out / "data" / name).glob("mask_*.png"))) == 2
+
+    # the erased UNet loads on its own and inside a standard pipeline, and differs from the base
+    unet = UNet2DConditionModel.from_pretrained(out / "model", subfolder="unet")
+    changed = [
+        name for name, p in cross_attention_projections(unet).items()
+        if not torch.equal(p.weight, cross_attention_projections(tiny.unet)[name].weight)
+    ]
+    assert changed
+    pipe = StableDiffusionPipeline.from_pretrained(out / "model", local_files_only=True)
+    image = pipe("a photo of the cat", num_inference_steps=2, height=16, width=16, output_type="pt").images
+    assert image.shape == (1, 3, 16, 16) and torch.isfinite(image).all()
+
+    samples = tmp_path / "samples"
+    result = CliRunner().invoke(
+        app, ["generate", str(out / "model"), "a photo of the cat", "a tree", "--out", str(samples), "--steps", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in samples.iterdir()) == ["000.png", "001.png"]
+
+    # an existing output folder is never overwritten silently
+    result = CliRunner().invoke(app, ["erase", str(tmp_path / "request.yaml"), "--out", str(out)])
+    assert result.exit_code == 2 and "already exists" in result.output
+
+
+def test_a_crash_while_writing_leaves_no_output(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(erase_module, "save_lora", broken)
+    request = parse_request(REQUEST | {"concepts": REQUEST["concepts"][:1]})
+    with pytest.raises(OSError, match="disk full"):
+        erase_module.erase(request, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
