@@ -118,6 +118,45 @@ def generate(
         Console().print(f"{path}  {prompt}")
 
 
+@app.command()
+def evaluate(
+    model: Path = typer.Argument(..., help="Erased model folder (e.g. OUT/model)."),
+    request: Path = typer.Option(..., "--request", "-r", help="The request the model was erased with."),
+    json_out: Path = typer.Option(..., "--json", help="Where to write the metrics (JSON)."),
+    report: Path = typer.Option(None, help="HTML report with before/after grids (default: next to --json)."),
+    base: str = typer.Option(None, help="Base model to compare with (default: the request's model)."),
+    device: str = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
+) -> None:
+    """Measure efficacy (acc_e), generality (acc_g), specificity (acc_s) and drift; write JSON and a report."""
+    import json
+
+    from erasure.evaluate import evaluate_request, evaluation_json
+    from erasure.report import write_report
+    from erasure.spec import RequestError, load_request
+
+    try:
+        spec = load_request(request)
+        if not model.is_dir():
+            raise RequestError(f"model folder {str(model)!r} does not exist")
+        with console.status("sampling base and erased models on the probe prompts"):
+            result = evaluate_request(model, spec, base=base, device=_device(device))
+    except (RequestError, ValueError) as error:
+        _fail(str(error))
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(evaluation_json(result), indent=2) + "\n")
+    report_path = write_report(
+        result, report or json_out.with_suffix(".html"), title=f"Erasure report: {model}",
+        details={"request": str(request), "base model": base or spec.model, "probes": len(result.probes)},
+    )
+    table = Table(title="erasure metrics (%)")
+    for column in ("model", "acc_e ↓", "acc_g ↓", "acc_s ↑", "h_o ↑"):
+        table.add_column(column)
+    for label, values in (("base", result.base_metrics), ("erased", result.metrics)):
+        table.add_row(label, *(f"{100 * values[k]:.1f}" for k in ("acc_e", "acc_g", "acc_s", "h_o")))
+    Console().print(table)
+    Console().print(f"metrics: {json_out}\nreport:  {report_path}")
+
+
 @toyworld_app.command("train")
 def toyworld_train(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the model (out/model), classifier and log."),

@@ -36,12 +36,13 @@ from erasure.closed_form import (
     ConceptStatistics,
     FusionAccumulator,
     GramAccumulator,
+    apply_text_map,
     concept_statistics,
     refinement_map,
 )
 from erasure.data import ConceptData, generate_concept_data
 from erasure.lora import save_lora, train_concept_lora
-from erasure.models import Components, fingerprint, load_components, save_components
+from erasure.models import Components, fingerprint, load_components, sampling_defaults, save_components
 from erasure.prompts import augmented_pairs, preserve_prompts
 from erasure.sampling import save_mask, to_pil
 from erasure.spec import ConceptSpec, ErasureRequest, RequestError, normalise, read_captions
@@ -58,6 +59,15 @@ def concept_seed(seed: int, concept: ConceptSpec) -> int:
     """A concept's seed depends on its name, not its position in the request."""
     digest = hashlib.sha256(f"{seed}:{normalise(concept.name)}".encode()).hexdigest()
     return int(digest[:8], 16)
+
+
+def with_model_sampling(request: ErasureRequest, components: Components) -> ErasureRequest:
+    """Fill unset sampler steps / guidance scale with the model's own (else the paper's)."""
+    defaults = sampling_defaults(components)
+    method = request.method.model_copy(
+        update={k: defaults[k] for k in ("sampler_steps", "guidance_scale") if getattr(request.method, k) is None}
+    )
+    return request.model_copy(update={"method": method})
 
 
 # --------------------------------------------------------------------------- stage 1: prior
@@ -175,6 +185,25 @@ def fused_weights(
     return accumulator.fuse({n: p.weight.data for n, p in projections.items()}, prior, lam2, ridge)
 
 
+def cfr_only_weights(
+    components: Components, results: list[ConceptResult], prior: torch.Tensor, lam1: float, ridge: float
+) -> dict[str, torch.Tensor]:
+    """MACE's first stage alone (UCE-like): every K/V refined by CFR over all concepts at once."""
+    text_map = refinement_map([r.text.statistics for r in results], prior, lam1, ridge)
+    return {n: apply_text_map(p.weight.data, text_map) for n, p in cross_attention_projections(components.unet).items()}
+
+
+def naive_merge_weights(
+    components: Components, results: list[ConceptResult], prior: torch.Tensor, lam1: float, ridge: float
+) -> dict[str, torch.Tensor]:
+    """The ablation the closed-form fusion replaces: CFR over all concepts plus the sum of all LoRAs."""
+    weights = cfr_only_weights(components, results, prior, lam1, ridge)
+    for result in results:
+        for name, (up, down) in result.factors.items():
+            weights[name] = weights[name] + (up @ down).to(weights[name].dtype)
+    return weights
+
+
 def apply_weights(unet, weights: dict[str, torch.Tensor]) -> None:
     projections = cross_attention_projections(unet)
     for name, weight in weights.items():
@@ -215,6 +244,7 @@ def erase(
     timer = time.perf_counter()
     components = load_components(request.model, device)
     request.check_against_tokenizer(components.tokenizer)
+    request = with_model_sampling(request, components)
     base_fingerprint = fingerprint(components)
     seconds["load"] = time.perf_counter() - timer
 

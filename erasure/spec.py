@@ -29,6 +29,7 @@ DEFAULT_ANCHORS: dict[str, str | None] = {
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("tiny", "toyworld")
+DEFAULT_MODEL = "builtin:toyworld"
 
 
 class RequestError(ValueError):
@@ -128,8 +129,9 @@ class MethodSettings(_Strict):
     """MACE hyperparameters; defaults are the paper's (methods.md 1.1 and 1.3)."""
 
     images_per_concept: int = Field(default=8, ge=1)  # MACE: 8 images per concept
-    sampler_steps: int = Field(default=30, ge=1)  # MACE: 30 sampler steps
-    guidance_scale: float = Field(default=7.5, ge=1.0)  # MACE: CFG 7.5
+    # None: the model's own setting (erasure_defaults.json), else MACE's 30 steps / CFG 7.5
+    sampler_steps: int | None = Field(default=None, ge=1)
+    guidance_scale: float | None = Field(default=None, ge=1.0)
     lora_rank: int = Field(default=1, ge=1)  # MACE: rank 1
     lora_lr: float = Field(default=1e-4, gt=0.0)  # MACE: 1e-4 (objects 1e-5 in their configs)
     lora_steps: int = Field(default=50, ge=0)  # MACE: 50 (explicit content 120)
@@ -141,9 +143,9 @@ class MethodSettings(_Strict):
 
 class ErasureRequest(_Strict):
     """A whole erasure job. ``model`` is a local diffusers folder, a hub id, or
-    ``builtin:tiny`` / ``builtin:toyworld``."""
+    ``builtin:tiny`` / ``builtin:toyworld`` (the embedded default)."""
 
-    model: str
+    model: str = DEFAULT_MODEL
     concepts: tuple[ConceptSpec, ...]
     preserve: PreserveSpec = PreserveSpec()
     method: MethodSettings = MethodSettings()

@@ -28,7 +28,7 @@ MIN_SNR_GAMMA = 5.0
 EMA_DECAY = 0.999
 
 
-def _lr(step: int, steps: int, peak: float, warmup: int = 300) -> float:
+def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
@@ -49,10 +49,11 @@ def train_toyworld(
     seed: int = 0,
     checkpoint_every: int = 500,
     eval_every: int = 2000,
+    warmup: int = 300,
     evaluate=None,
     log=print,
-) -> Path:
-    """Train and save the model (EMA weights) to ``out_dir``; returns the folder.
+) -> tuple[Path, list[float]]:
+    """Train and save the model (EMA weights) to ``out_dir / "model"``; returns (that folder, loss per step).
 
     ``evaluate(components) -> dict`` is called on the EMA model every
     ``eval_every`` steps and logged (the classifier's accuracy, in practice).
@@ -99,7 +100,7 @@ def train_toyworld(
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean()
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, steps, lr)
+            group["lr"] = _lr(step, steps, lr, warmup)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -126,4 +127,4 @@ def train_toyworld(
 
     final = type(components)(ema_unet.eval(), ema_text.eval(), tokenizer, scheduler, None)
     save_components(final, out_dir / "model")
-    return out_dir / "model"
+    return out_dir / "model", history

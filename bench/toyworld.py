@@ -1,0 +1,143 @@
+"""The toy-world erasure benchmark: one table, one run, the same seeds for every method.
+
+Methods: the base model; CFR only (UCE-like); CFR + LoRAs merged naively; full
+MACE (CFR + LoRA + closed-form fusion). Scales: 1 shape, 1 colour, 1 style, 8 and
+32 colour-shape pairs. Per-concept work (text statistics, images, masks, LoRAs)
+is done once per scale and shared by the methods that use it; the wall time of a
+method counts the stages it needs.
+
+    python bench/toyworld.py                 # the whole table (~15-25 min on 2 CPU cores)
+    python bench/toyworld.py --scales colour  # one scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from erasure.erase import (  # noqa: E402
+    apply_weights,
+    cfr_only_weights,
+    erase_concept,
+    fused_weights,
+    naive_merge_weights,
+    prior_gram,
+    prior_prompts,
+    with_model_sampling,
+)
+from erasure.evaluate import evaluate, toy_probes_and_judge  # noqa: E402
+from erasure.models import load_components  # noqa: E402
+from erasure.spec import parse_request  # noqa: E402
+from erasure.toyworld.world import COLOURS, SHAPES  # noqa: E402
+
+ANCHOR_COLOURS = ("white", "blue", "green")
+
+
+def pairs(count: int, seed: int = 0) -> list[dict]:
+    """``count`` colour-shape pairs drawn with a seed; each anchored to the same shape in a kept colour."""
+    every = [(c, s) for c in COLOURS for s in SHAPES]
+    chosen = random.Random(seed).sample(every, count)
+    erased = set(chosen)
+    concepts = []
+    for colour, shape in chosen:
+        anchor = next(c for c in ANCHOR_COLOURS if c != colour and (c, shape) not in erased)
+        concepts.append({"name": f"{colour} {shape}", "anchor": f"{anchor} {shape}"})
+    return concepts
+
+
+SCALES = {
+    "shape": [{"name": "circle", "anchor": "square"}],
+    "colour": [{"name": "red", "anchor": "white"}],
+    "style": [{"name": "striped", "anchor": "solid"}],
+    "8 pairs": pairs(8),
+    "32 pairs": pairs(32),
+}
+
+
+def run_scale(label: str, concepts: list[dict], method: dict, preserve: dict, device: str) -> list[dict]:
+    request = parse_request(
+        {"model": "builtin:toyworld", "concepts": concepts, "method": method, "preserve": preserve, "seed": 0}
+    )
+    base = load_components(request.model, device)
+    request = with_model_sampling(request, base)
+    probes, judge = toy_probes_and_judge(request)
+    steps, guidance = request.method.sampler_steps, request.method.guidance_scale
+
+    timer = time.perf_counter()
+    prior = prior_gram(base, prior_prompts(request))
+    t_prior = time.perf_counter() - timer
+    results, t_text, t_rest = [], 0.0, 0.0
+    for concept in request.concepts:
+        result = erase_concept(base, concept, request, prior)
+        results.append(result)
+        t_text += result.seconds["text"]
+        t_rest += result.seconds["data"] + result.seconds["lora"]
+
+    lam1, lam2, ridge = request.preserve.lam1, request.preserve.lam2, request.preserve.ridge
+    timer = time.perf_counter()
+    cfr = cfr_only_weights(base, results, prior, lam1, ridge)
+    t_cfr = time.perf_counter() - timer
+    naive = naive_merge_weights(base, results, prior, lam1, ridge)
+    timer = time.perf_counter()
+    fused = fused_weights(base, results, prior, lam2, ridge)
+    t_fusion = time.perf_counter() - timer
+
+    base_eval = evaluate(base, base, probes, judge, steps, guidance)
+    rows = [{"scale": label, "method": "base model", **base_eval.base_metrics, "seconds": 0.0}]
+    for method_name, weights, seconds in (
+        ("CFR only (UCE-like)", cfr, t_prior + t_text + t_cfr),
+        ("CFR + naive LoRA merge", naive, t_prior + t_text + t_cfr + t_rest),
+        ("MACE (CFR + LoRA + fusion)", fused, t_prior + t_text + t_rest + t_fusion),
+    ):
+        variant = copy.copy(base)
+        variant.unet = copy.deepcopy(base.unet)
+        apply_weights(variant.unet, weights)
+        result = evaluate(variant, base, probes, judge, steps, guidance, base_images=base_eval.base_images)
+        rows.append({"scale": label, "method": method_name, **result.metrics, "seconds": seconds})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scales", nargs="*", default=list(SCALES), choices=list(SCALES))
+    parser.add_argument("--lora-steps", type=int, default=50)
+    parser.add_argument("--lora-lr", type=float, default=1e-4)
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--lam1", type=float, default=1.0)
+    parser.add_argument("--lam2", type=float, default=1.0)
+    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    method = {"lora_steps": args.lora_steps, "lora_lr": args.lora_lr, "images_per_concept": args.images}
+    preserve = {"lam1": args.lam1, "lam2": args.lam2}
+    rows = []
+    for label in args.scales:
+        rows.extend(run_scale(label, SCALES[label], method, preserve, "cpu"))
+        print(f"done: {label}", flush=True)
+    table = Table(title=f"toy-world erasure benchmark (%; lora {args.lora_steps} steps lr {args.lora_lr}, lam1 {args.lam1}, lam2 {args.lam2})")
+    for column in ("scale", "method", "acc_e ↓", "acc_g ↓", "acc_s ↑", "h_o ↑", "wall s"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["scale"], row["method"],
+            *(f"{100 * row[k]:.1f}" for k in ("acc_e", "acc_g", "acc_s", "h_o")), f"{row['seconds']:.1f}",
+        )
+    Console(width=140).print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Evaluating an erased model against its base: efficacy, generality, specificity, drift.
+
+Both models draw every probe prompt with the same seed; a judge says which
+images show the concept their prompt names. The result carries the images, so the
+report can show them before/after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from erasure.metrics import harmonic_o, pixel_drift, unconditional_drift
+from erasure.sampling import sample
+
+
+@dataclass
+class Evaluation:
+    metrics: dict  # erased model: acc_e, acc_g, acc_s, h_o, pixel_drift, unconditional_drift
+    base_metrics: dict  # the base model on the same probes: acc_e, acc_g, acc_s, h_o
+    concepts: list[dict]  # one row per erased and retained concept
+    probes: list
+    base_images: torch.Tensor
+    erased_images: torch.Tensor
+    base_verdicts: list[bool]
+    erased_verdicts: list[bool]
+
+
+def _accuracies(probes, verdicts) -> dict[str, float]:
+    by_group: dict[str, list[bool]] = {"erased": [], "synonym": [], "retained": []}
+    for probe, verdict in zip(probes, verdicts):
+        by_group[probe.group].append(verdict)
+    mean = lambda values: float(np.mean(values)) if values else float("nan")  # noqa: E731
+    acc = {"acc_e": mean(by_group["erased"]), "acc_g": mean(by_group["synonym"]), "acc_s": mean(by_group["retained"])}
+    acc["h_o"] = harmonic_o(acc["acc_e"], acc["acc_s"], acc["acc_g"]) if by_group["retained"] else float("nan")
+    return acc
+
+
+def _rows(probes, base_verdicts, erased_verdicts) -> list[dict]:
+    rows: dict[tuple[str, str], dict] = {}
+    for probe, before, after in zip(probes, base_verdicts, erased_verdicts):
+        kind = "retained" if probe.group == "retained" else "erased"
+        row = rows.setdefault((kind, probe.concept), {"concept": probe.concept, "role": kind, "_": {}})
+        row["_"].setdefault(probe.group, []).append((before, after))
+    out = []
+    for row in rows.values():
+        for group, pairs in row.pop("_").items():
+            key = {"erased": "acc_e", "synonym": "acc_g", "retained": "acc_s"}[group]
+            row[key] = float(np.mean([after for _, after in pairs]))
+            row[f"base_{key}"] = float(np.mean([before for before, _ in pairs]))
+        out.append(row)
+    return out
+
+
+def evaluate(
+    erased_components, base_components, probes: list, judge, steps: int, guidance_scale: float, base_images=None
+) -> Evaluation:
+    """Draw every probe with both models (or reuse ``base_images``) and judge them."""
+    prompts, seeds = [p.prompt for p in probes], [p.seed for p in probes]
+    if base_images is None:
+        base_images, _ = sample(base_components, prompts, seeds, steps=steps, guidance_scale=guidance_scale, batch_size=64)
+    erased_images, _ = sample(erased_components, prompts, seeds, steps=steps, guidance_scale=guidance_scale, batch_size=64)
+    base_verdicts = judge.verdicts(base_images, probes)
+    erased_verdicts = judge.verdicts(erased_images, probes)
+    retained = [i for i, p in enumerate(probes) if p.group == "retained"]
+    metrics = _accuracies(probes, erased_verdicts)
+    metrics["pixel_drift"] = pixel_drift(erased_images[retained], base_images[retained]) if retained else float("nan")
+    metrics["unconditional_drift"] = unconditional_drift(erased_components, base_components)
+    return Evaluation(
+        metrics=metrics,
+        base_metrics=_accuracies(probes, base_verdicts),
+        concepts=_rows(probes, base_verdicts, erased_verdicts),
+        probes=probes,
+        base_images=base_images,
+        erased_images=erased_images,
+        base_verdicts=base_verdicts,
+        erased_verdicts=erased_verdicts,
+    )
+
+
+def toy_probes_and_judge(request):
+    """The toy world's probes and judge for a request on the toy model."""
+    from erasure.toyworld.judge import ToyJudge, erasure_probes
+    from erasure.toyworld.model import load_toyworld_classifier
+
+    probes = erasure_probes([c.name for c in request.concepts], list(request.preserve.concepts), seed=request.seed)
+    return probes, ToyJudge(load_toyworld_classifier())
+
+
+def evaluate_request(model, request, base: str | None = None, device: str = "cpu", base_images=None) -> Evaluation:
+    """Evaluate an erased ``model`` (folder or loaded components) for ``request`` against its base model."""
+    from erasure.models import Components, load_components, sampling_defaults
+    from erasure.spec import BUILTIN_PREFIX, RequestError
+
+    base = base or request.model
+    if base != BUILTIN_PREFIX + "toyworld":
+        raise RequestError(
+            f"no judge for base model {base!r}: `evaluate` needs a classifier of the model's world, and only the "
+            "toy world (builtin:toyworld) ships one here"
+        )
+    erased = model if isinstance(model, Components) else load_components(str(model), device)
+    base_components = load_components(base, device)
+    defaults = sampling_defaults(base_components)
+    steps = request.method.sampler_steps or defaults["sampler_steps"]
+    guidance = request.method.guidance_scale or defaults["guidance_scale"]
+    probes, judge = toy_probes_and_judge(request)
+    return evaluate(erased, base_components, probes, judge, steps, guidance, base_images=base_images)
+
+
+def evaluation_json(evaluation: Evaluation) -> dict:
+    """The metrics file: keys ``acc_e, acc_g, acc_s, h_o`` first, then drift, base model, per concept."""
+    return {
+        **{k: evaluation.metrics[k] for k in ("acc_e", "acc_g", "acc_s", "h_o")},
+        "pixel_drift": evaluation.metrics["pixel_drift"],
+        "unconditional_drift": evaluation.metrics["unconditional_drift"],
+        "base": evaluation.base_metrics,
+        "probes": len(evaluation.probes),
+        "concepts": evaluation.concepts,
+    }

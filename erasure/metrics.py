@@ -1,0 +1,59 @@
+"""Erasure metrics, each defined once (following MACE's evaluation).
+
+Accuracies are fractions in [0, 1] of generated images that a judge (a
+classifier) says show the concept a prompt asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def harmonic_o(acc_e: float, acc_s: float, acc_g: float) -> float:
+    """Overall harmonic mean of MACE's object benchmark:
+
+    ``H_o = 3 / (1 / (1 - acc_e) + 1 / acc_s + 1 / (1 - acc_g))``
+
+    High when the erased concept is rarely drawn from its own name (acc_e low)
+    or from synonyms (acc_g low) and retained concepts still are (acc_s high).
+    Returns 0 when any term is 0 (a degenerate model).
+    """
+    terms = (1 - acc_e, acc_s, 1 - acc_g)
+    if min(terms) <= 0:
+        return 0.0
+    return 3.0 / sum(1.0 / t for t in terms)
+
+
+def harmonic_c(acc_e: float, acc_s: float) -> float:
+    """MACE's celebrity harmonic mean ``H_c = 2 / (1 / (1 - acc_e) + 1 / acc_s)``."""
+    terms = (1 - acc_e, acc_s)
+    if min(terms) <= 0:
+        return 0.0
+    return 2.0 / sum(1.0 / t for t in terms)
+
+
+def pixel_drift(erased: torch.Tensor, base: torch.Tensor) -> float:
+    """Mean absolute pixel difference, in [0, 1], between images of the same prompts and seeds."""
+    return float((erased.float() - base.float()).abs().mean())
+
+
+@torch.no_grad()
+def unconditional_drift(erased_components, base_components, samples: int = 16, seed: int = 0) -> float:
+    """Relative change of the unconditional noise prediction (All-but-One holds it still):
+
+    ``|| eps_erased(x_t, "") - eps_base(x_t, "") || / || eps_base(x_t, "") ||``
+
+    over random x_t at timesteps spread over the schedule.
+    """
+    from erasure.sampling import initial_noise
+    from erasure.text import encode_prompts
+
+    num_t = base_components.scheduler.config.num_train_timesteps
+    t = torch.linspace(num_t * 0.05, num_t * 0.95, samples).long()
+    x = initial_noise(base_components, [seed * 1000 + i for i in range(samples)])
+    device = base_components.device
+    empty_base = encode_prompts(base_components, [""]).to(device).expand(samples, -1, -1)
+    empty_erased = encode_prompts(erased_components, [""]).to(device).expand(samples, -1, -1)
+    eps_base = base_components.unet(x, t.to(device), encoder_hidden_states=empty_base).sample
+    eps_erased = erased_components.unet(x, t.to(device), encoder_hidden_states=empty_erased).sample
+    return float((eps_erased - eps_base).norm() / eps_base.norm())

@@ -1,0 +1,156 @@
+"""The toy world's judge: which prompts test a concept, and whether an image shows it.
+
+A toy concept is one to three attribute words ("red", "circle", "striped",
+"red star"), synonyms allowed. For each erased concept the judge writes prompts
+that name it (efficacy), prompts that use only the world's synonyms in other
+templates (generality: the request's own synonyms are not required), and prompts
+of retained neighbours (specificity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from erasure.prompts import fill
+from erasure.spec import normalise
+from erasure.toyworld.world import COLOURS, SHAPES, STYLES, SYNONYMS, canonical
+
+ATTRIBUTES = {"shape": SHAPES, "colour": COLOURS, "style": STYLES}
+ORDER = ("style", "colour", "shape")
+NAME_TEMPLATES = ("a {}", "a photo of the {}", "a picture of a {}", "one {}")
+PARAPHRASE_TEMPLATES = ("an image of a {}", "the {} in the middle of the picture", "a drawing of a {}", "look at the {}")
+
+
+@dataclass(frozen=True)
+class Probe:
+    group: str  # "erased" | "synonym" | "retained"
+    concept: str  # the concept this prompt tests
+    prompt: str
+    expected: dict  # attribute -> value the image must show to count as showing the concept
+    seed: int
+
+
+def concept_attributes(name: str) -> dict[str, str]:
+    """{"colour": "red", "shape": "star"} for "crimson star"; ValueError for words outside the world."""
+    attributes = {}
+    for word in normalise(name).split():
+        value = canonical(word)
+        kind = next((k for k, values in ATTRIBUTES.items() if value in values), None)
+        if kind is None or kind in attributes:
+            raise ValueError(
+                f"{name!r} is not a toy-world concept: use up to one style, colour and shape word "
+                f"(shapes {', '.join(SHAPES)}; colours {', '.join(COLOURS)}; styles {', '.join(STYLES)})"
+            )
+        attributes[kind] = value
+    return attributes
+
+
+def concept_name(attributes: dict[str, str]) -> str:
+    return " ".join(attributes[k] for k in ORDER if k in attributes)
+
+
+def _phrase(attributes: dict[str, str], rng: np.random.Generator | None = None) -> str:
+    words = []
+    for kind in ORDER:
+        if kind in attributes:
+            value = attributes[kind]
+            words.append(value if rng is None else SYNONYMS[value][rng.integers(len(SYNONYMS[value]))])
+    return " ".join(words)
+
+
+def _fillers(attributes: dict[str, str], count: int) -> list[dict[str, str]]:
+    """Complete a concept to ``count`` fully named scenes: the missing colour/shape vary evenly."""
+    out = []
+    for i in range(count):
+        full = dict(attributes)
+        if "shape" not in full:
+            full["shape"] = SHAPES[i % len(SHAPES)]
+        if "colour" not in full:
+            full["colour"] = COLOURS[(i * 3 + 1) % len(COLOURS)]
+        out.append(full)
+    return out
+
+
+def erasure_probes(
+    erased: list[str], preserve: list[str], per_concept: int | None = None, retained_limit: int = 32, seed: int = 0
+) -> list[Probe]:
+    """All probes of an evaluation: erased names, synonyms/paraphrases, retained neighbours.
+
+    ``per_concept`` name prompts and as many synonym prompts per erased concept
+    (default 8, or 4 beyond 4 concepts to bound the cost of mass erasure).
+    """
+    rng = np.random.default_rng(seed)
+    per_concept = per_concept or (8 if len(erased) <= 4 else 4)
+    erased_attrs = [concept_attributes(c) for c in erased]
+    probes: list[Probe] = []
+    for name, attributes in zip(erased, erased_attrs):
+        for i, full in enumerate(_fillers(attributes, per_concept)):
+            template = NAME_TEMPLATES[i % len(NAME_TEMPLATES)]
+            probes.append(Probe("erased", name, fill(template, _phrase(full)), attributes, 0))
+            template = PARAPHRASE_TEMPLATES[i % len(PARAPHRASE_TEMPLATES)]
+            synonym_phrase = _phrase(full, rng) if i % 2 == 0 else _phrase_mixed(full, attributes, rng)
+            probes.append(Probe("synonym", name, fill(template, synonym_phrase), attributes, 0))
+    kept = [concept_attributes(c) for c in preserve] or retained_neighbours(erased_attrs, retained_limit, rng)
+    per_kept = max(2, per_concept // 2)
+    for attributes in kept:
+        name = concept_name(attributes)
+        for i, full in enumerate(_fillers(attributes, per_kept)):
+            probes.append(Probe("retained", name, fill(NAME_TEMPLATES[i % len(NAME_TEMPLATES)], _phrase(full)), attributes, 0))
+    return [Probe(p.group, p.concept, p.prompt, p.expected, 10_000 + i) for i, p in enumerate(probes)]
+
+
+def _phrase_mixed(full: dict[str, str], concept: dict[str, str], rng) -> str:
+    """Synonyms for the concept's own words only; the filler words keep their names."""
+    words = []
+    for kind in ORDER:
+        if kind in full:
+            value = full[kind]
+            words.append(SYNONYMS[value][rng.integers(len(SYNONYMS[value]))] if kind in concept else value)
+    return " ".join(words)
+
+
+def retained_neighbours(erased: list[dict[str, str]], limit: int, rng: np.random.Generator) -> list[dict[str, str]]:
+    """Concepts of the same kind(s) as the erased ones that are not erased: the hardest to keep.
+
+    A colour -> the other colours; a pair "red star" -> pairs sharing a word ("red circle", "blue star").
+    """
+    erased_keys = {tuple(sorted(a.items())) for a in erased}
+    candidates: dict[tuple, dict[str, str]] = {}
+    for attributes in erased:
+        kinds = list(attributes)
+        if len(kinds) == 1:
+            kind = kinds[0]
+            for value in ATTRIBUTES[kind]:
+                candidates[((kind, value),)] = {kind: value}
+        else:
+            for kind in kinds:  # change one attribute at a time
+                for value in ATTRIBUTES[kind]:
+                    neighbour = dict(attributes) | {kind: value}
+                    candidates[tuple(sorted(neighbour.items()))] = neighbour
+    erased_words = {(k, v) for a in erased for k, v in a.items() if len(a) == 1}
+    kept = [
+        c for key, c in candidates.items()
+        if key not in erased_keys and not any((k, v) in erased_words for k, v in c.items())
+    ]
+    if len(kept) > limit:
+        kept = [kept[i] for i in sorted(rng.choice(len(kept), size=limit, replace=False))]
+    return kept
+
+
+def shows(predicted: dict[str, list[str]], index: int, expected: dict[str, str]) -> bool:
+    return all(predicted[kind][index] == value for kind, value in expected.items())
+
+
+class ToyJudge:
+    """Wraps the toy classifier: images -> whether each shows its probe's concept."""
+
+    def __init__(self, classifier):
+        self.classifier = classifier
+
+    @torch.no_grad()
+    def verdicts(self, images: torch.Tensor, probes: list[Probe]) -> list[bool]:
+        predicted = self.classifier.predict(images)
+        return [shows(predicted, i, p.expected) for i, p in enumerate(probes)]
