@@ -31,8 +31,9 @@ from erasure.erase import (  # noqa: E402
     erase_concept,
     fused_weights,
     naive_merge_weights,
-    prior_gram,
+    fusion_prior,
     prior_prompts,
+    prior_statistics,
     with_model_sampling,
 )
 from erasure.evaluate import evaluate, toy_probes_and_judge  # noqa: E402
@@ -74,16 +75,17 @@ def run_scale(label: str, concepts: list[dict], method: dict, preserve: dict, de
     steps, guidance = request.method.sampler_steps, request.method.guidance_scale
 
     timer = time.perf_counter()
-    prior = prior_gram(base, prior_prompts(request))
+    base_prior = prior_statistics(base, prior_prompts(request))
     t_prior = time.perf_counter() - timer
     results, t_text, t_rest = [], 0.0, 0.0
     for concept in request.concepts:
-        result = erase_concept(base, concept, request, prior)
+        result = erase_concept(base, concept, request, base_prior)
         results.append(result)
         t_text += result.seconds["text"]
         t_rest += result.seconds["data"] + result.seconds["lora"]
 
     lam1, lam2, ridge = request.preserve.lam1, request.preserve.lam2, request.preserve.ridge
+    prior = fusion_prior(base_prior, results)
     timer = time.perf_counter()
     cfr = cfr_only_weights(base, results, prior, lam1, ridge)
     t_cfr = time.perf_counter() - timer

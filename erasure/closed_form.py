@@ -39,19 +39,29 @@ class ConceptStatistics:
 
     ``aligned_gram`` = mean e^f e^f^T and ``aligned_cross`` = mean e^g e^f^T over
     aligned token pairs; ``gram`` = mean e e^T over all token states of the
-    concept's prompts.
+    concept's prompts; ``anchor_gram`` = mean e e^T over its anchor prompts'
+    states (``anchor_count`` of them), which join the prior: the anchor must keep
+    meaning what it meant.
     """
 
     aligned_gram: torch.Tensor
     aligned_cross: torch.Tensor
     gram: torch.Tensor
+    anchor_gram: torch.Tensor
+    anchor_count: int
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {"aligned_gram": self.aligned_gram, "aligned_cross": self.aligned_cross, "gram": self.gram}
+        return {
+            "aligned_gram": self.aligned_gram, "aligned_cross": self.aligned_cross, "gram": self.gram,
+            "anchor_gram": self.anchor_gram, "anchor_count": torch.tensor([self.anchor_count]),
+        }
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "ConceptStatistics":
-        return cls(**{k: tensors[k].to(DTYPE) for k in ("aligned_gram", "aligned_cross", "gram")})
+        return cls(
+            **{k: tensors[k].to(DTYPE) for k in ("aligned_gram", "aligned_cross", "gram", "anchor_gram")},
+            anchor_count=int(tensors["anchor_count"][0]),
+        )
 
 
 def concept_statistics(
@@ -74,6 +84,8 @@ def concept_statistics(
         aligned_gram=f.T @ f / len(f),
         aligned_cross=g.T @ f / len(f),
         gram=gram(concept_states),
+        anchor_gram=gram(anchor_states),
+        anchor_count=anchor_states.shape[0] * anchor_states.shape[1],
     )
 
 
@@ -83,21 +95,35 @@ def gram(states: torch.Tensor) -> torch.Tensor:
     return flat.T @ flat / len(flat)
 
 
-class GramAccumulator:
-    """Running mean of e e^T over batches, so a caption corpus is never held in memory."""
+@dataclass
+class PriorStatistics:
+    """Sum of e e^T and the number of states of the prior, so priors add up exactly.
 
-    def __init__(self, dim: int):
-        self.total = torch.zeros(dim, dim, dtype=DTYPE)
-        self.count = 0
+    The base prior (empty prompt, retained concepts, captions) is accumulated
+    batch by batch, so a caption corpus is never held in memory. A concept's CFR
+    uses the base prior plus its own anchor states; the fusion uses the base
+    prior plus every erased concept's anchors.
+    """
+
+    total: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def empty(cls, dim: int) -> "PriorStatistics":
+        return cls(torch.zeros(dim, dim, dtype=DTYPE), 0)
 
     def add(self, states: torch.Tensor) -> None:
         flat = states.reshape(-1, states.shape[-1]).to(DTYPE)
         self.total += flat.T @ flat
         self.count += len(flat)
 
-    def mean(self) -> torch.Tensor:
+    def with_anchors(self, concepts: list[ConceptStatistics]) -> "PriorStatistics":
+        total = self.total + sum((c.anchor_gram * c.anchor_count for c in concepts), torch.zeros_like(self.total))
+        return PriorStatistics(total, self.count + sum(c.anchor_count for c in concepts))
+
+    def gram(self) -> torch.Tensor:
         if self.count == 0:
-            raise ValueError("no states were added")
+            raise ValueError("the prior holds no states")
         return self.total / self.count
 
 

@@ -35,7 +35,7 @@ from erasure.attention import cross_attention_projections
 from erasure.closed_form import (
     ConceptStatistics,
     FusionAccumulator,
-    GramAccumulator,
+    PriorStatistics,
     apply_text_map,
     concept_statistics,
     refinement_map,
@@ -74,25 +74,23 @@ def with_model_sampling(request: ErasureRequest, components: Components) -> Eras
 
 
 def prior_prompts(request: ErasureRequest) -> list[str]:
-    """Prompts whose K/V must not move: "", every anchor prompt, retained concepts, captions."""
+    """The base prior's prompts, whose K/V must not move: "", retained concepts (in the
+    templates of every kind), captions. Independent of which concepts are erased;
+    each concept adds its own anchor prompts (``PriorStatistics.with_anchors``)."""
     prompts = [""]
-    for concept in request.concepts:
-        pairs = augmented_pairs(concept.kind, concept.variants, concept.anchor, request.method.prompts_per_concept)
-        prompts.extend(dict.fromkeys(anchor for _, anchor in pairs))
-    kinds = sorted({c.kind for c in request.concepts})
-    for kind in kinds:
+    for kind in ("object", "person", "style", "explicit"):
         prompts.extend(preserve_prompts({name: kind for name in request.preserve.concepts}))
     if request.preserve.captions is not None:
         prompts.extend(read_captions(request.preserve.captions))
     return prompts
 
 
-def prior_gram(components: Components, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
-    accumulator = GramAccumulator(components.text_encoder.config.hidden_size)
+def prior_statistics(components: Components, prompts: list[str], batch_size: int = 256) -> PriorStatistics:
+    prior = PriorStatistics.empty(components.text_encoder.config.hidden_size)
     for start in range(0, len(prompts), batch_size):
         ids, _ = tokenize(components.tokenizer, prompts[start : start + batch_size])
-        accumulator.add(encode(components.text_encoder, ids))
-    return accumulator.mean()
+        prior.add(encode(components.text_encoder, ids))
+    return prior
 
 
 # --------------------------------------------------------------------------- stage 2: per concept
@@ -138,13 +136,18 @@ def erase_concept(
     components: Components,
     concept: ConceptSpec,
     request: ErasureRequest,
-    prior: torch.Tensor,
+    base_prior: PriorStatistics,
     progress: Progress | None = None,
 ) -> ConceptResult:
-    """Every per-concept stage: text statistics, CFR map, images + masks, LoRA."""
+    """Every per-concept stage: text statistics, CFR map, images + masks, LoRA.
+
+    Depends on nothing but the base model, this concept, the preserve settings and
+    the method settings: the same inputs always give the same result.
+    """
     settings, seed = request.method, concept_seed(request.seed, concept)
     timer = time.perf_counter()
     text = concept_text(components, concept, settings.prompts_per_concept, seed)
+    prior = base_prior.with_anchors([text.statistics]).gram()
     text_map = refinement_map([text.statistics], prior, request.preserve.lam1, request.preserve.ridge)
     seconds = {"text": time.perf_counter() - timer}
 
@@ -173,6 +176,11 @@ def erase_concept(
 
 
 # --------------------------------------------------------------------------- stage 3: fusion
+
+
+def fusion_prior(base_prior: PriorStatistics, results: list[ConceptResult]) -> torch.Tensor:
+    """The prior Gram of a concept set: the base prior plus every concept's anchor states."""
+    return base_prior.with_anchors([r.text.statistics for r in results]).gram()
 
 
 def fused_weights(
@@ -250,18 +258,19 @@ def erase(
 
     timer = time.perf_counter()
     prompts = prior_prompts(request)
-    prior = prior_gram(components, prompts)
+    base_prior = prior_statistics(components, prompts)
     seconds["prior"] = time.perf_counter() - timer
 
     results = []
     for index, concept in enumerate(request.concepts):
         if progress:
             progress("concepts", index, len(request.concepts))
-        results.append(erase_concept(components, concept, request, prior, progress))
+        results.append(erase_concept(components, concept, request, base_prior, progress))
     if progress:
         progress("concepts", len(request.concepts), len(request.concepts))
 
     timer = time.perf_counter()
+    prior = fusion_prior(base_prior, results)
     weights = fused_weights(components, results, prior, request.preserve.lam2, request.preserve.ridge)
     seconds["fusion"] = time.perf_counter() - timer
 
@@ -272,7 +281,10 @@ def erase(
         apply_weights(components.unet, weights)
         save_components(components, staging / "model")
         concept_rows = _write_concepts(staging, results, components)
-        save_file({"prior_gram": prior.contiguous()}, str(staging / "statistics" / "prior.safetensors"))
+        save_file(
+            {"base_prior_total": base_prior.total.contiguous(), "base_prior_count": torch.tensor([base_prior.count])},
+            str(staging / "statistics" / "prior.safetensors"),
+        )
         seconds["write"] = time.perf_counter() - timer
         seconds["total"] = time.perf_counter() - started
         manifest = {

@@ -6,6 +6,7 @@ from erasure.closed_form import (
     DTYPE,
     ConceptStatistics,
     FusionAccumulator,
+    PriorStatistics,
     apply_text_map,
     gram,
     refinement_map,
@@ -19,7 +20,10 @@ def random_concept(generator, pairs=5, states=20):
     f = torch.randn(pairs, D, generator=generator, dtype=DTYPE)
     g = torch.randn(pairs, D, generator=generator, dtype=DTYPE)
     e = torch.randn(1, states, D, generator=generator, dtype=DTYPE)
-    stats = ConceptStatistics(aligned_gram=f.T @ f / pairs, aligned_cross=g.T @ f / pairs, gram=gram(e))
+    anchors = torch.randn(1, 10, D, generator=generator, dtype=DTYPE)
+    stats = ConceptStatistics(
+        aligned_gram=f.T @ f / pairs, aligned_cross=g.T @ f / pairs, gram=gram(e), anchor_gram=gram(anchors), anchor_count=10
+    )
     return stats, f, g, e[0]
 
 
@@ -117,7 +121,7 @@ def test_fusion_of_one_concept_without_prior_reproduces_its_model():
     w, concepts, _ = make_fusion_case(4, count=1)
     stats, states, text_map, lora = concepts[0]
     states = states[:8]  # fewer states than d: the concept's model is exactly reachable
-    stats = ConceptStatistics(stats.aligned_gram, stats.aligned_cross, gram(states[None]))
+    stats = ConceptStatistics(stats.aligned_gram, stats.aligned_cross, gram(states[None]), stats.anchor_gram, 10)
     acc = FusionAccumulator(D, {"layer": (D_OUT, D)})
     acc.add(stats, text_map, lora)
     fused = acc.fuse({"layer": w}, torch.zeros(D, D, dtype=DTYPE), lam2=0.0, ridge=1e-10)["layer"]
@@ -143,3 +147,18 @@ def test_fusion_memory_does_not_grow_with_concepts():
     tensors = [acc.gram_sum, acc.mapped_gram_sum, *acc.lora_terms.values()]
     assert sum(t.numel() for t in tensors) == 2 * D * D + D_OUT * D
     assert acc.concepts == 6
+
+
+def test_prior_statistics_add_up_exactly():
+    gen = torch.Generator().manual_seed(7)
+    base_states = torch.randn(3, 5, D, generator=gen, dtype=DTYPE)
+    prior = PriorStatistics.empty(D)
+    prior.add(base_states[:2])
+    prior.add(base_states[2:])
+    assert torch.allclose(prior.gram(), gram(base_states))
+    concepts = [random_concept(gen)[0] for _ in range(2)]
+    combined = prior.with_anchors(concepts)
+    assert combined.count == 15 + 20
+    expected = (gram(base_states) * 15 + concepts[0].anchor_gram * 10 + concepts[1].anchor_gram * 10) / 35
+    assert torch.allclose(combined.gram(), expected)
+    assert prior.count == 15  # with_anchors leaves the base prior as it was
