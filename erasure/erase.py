@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 
 from erasure import __version__
 from erasure.attention import cross_attention_projections
@@ -41,10 +40,10 @@ from erasure.closed_form import (
     refinement_map,
 )
 from erasure.data import ConceptData, generate_concept_data
-from erasure.lora import save_lora, train_concept_lora
+from erasure.artifacts import PRIOR_FILE, save_concept, save_prior
+from erasure.lora import train_concept_lora
 from erasure.models import Components, fingerprint, load_components, sampling_defaults, save_components
 from erasure.prompts import augmented_pairs, preserve_prompts
-from erasure.sampling import save_mask, to_pil
 from erasure.spec import ConceptSpec, ErasureRequest, RequestError, normalise, read_captions
 from erasure.text import align_tokens, encode, tokenize
 
@@ -131,6 +130,10 @@ class ConceptResult:
     losses: list[float]
     seconds: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def statistics(self) -> ConceptStatistics:
+        return self.text.statistics
+
 
 def erase_concept(
     components: Components,
@@ -178,36 +181,40 @@ def erase_concept(
 # --------------------------------------------------------------------------- stage 3: fusion
 
 
-def fusion_prior(base_prior: PriorStatistics, results: list[ConceptResult]) -> torch.Tensor:
+# Fusion takes "concepts": anything with ``statistics``, ``text_map`` and ``factors``
+# (a fresh ``ConceptResult`` or a ``ConceptArtifact`` read back from storage).
+
+
+def fusion_prior(base_prior: PriorStatistics, concepts: list) -> torch.Tensor:
     """The prior Gram of a concept set: the base prior plus every concept's anchor states."""
-    return base_prior.with_anchors([r.text.statistics for r in results]).gram()
+    return base_prior.with_anchors([c.statistics for c in concepts]).gram()
 
 
 def fused_weights(
-    components: Components, results: list[ConceptResult], prior: torch.Tensor, lam2: float, ridge: float
+    components: Components, concepts: list, prior: torch.Tensor, lam2: float, ridge: float
 ) -> dict[str, torch.Tensor]:
     projections = cross_attention_projections(components.unet)
     accumulator = FusionAccumulator(prior.shape[0], {n: tuple(p.weight.shape) for n, p in projections.items()})
-    for result in results:
-        accumulator.add(result.text.statistics, result.text_map, result.factors)
+    for concept in concepts:
+        accumulator.add(concept.statistics, concept.text_map, concept.factors)
     return accumulator.fuse({n: p.weight.data for n, p in projections.items()}, prior, lam2, ridge)
 
 
 def cfr_only_weights(
-    components: Components, results: list[ConceptResult], prior: torch.Tensor, lam1: float, ridge: float
+    components: Components, concepts: list, prior: torch.Tensor, lam1: float, ridge: float
 ) -> dict[str, torch.Tensor]:
     """MACE's first stage alone (UCE-like): every K/V refined by CFR over all concepts at once."""
-    text_map = refinement_map([r.text.statistics for r in results], prior, lam1, ridge)
+    text_map = refinement_map([c.statistics for c in concepts], prior, lam1, ridge)
     return {n: apply_text_map(p.weight.data, text_map) for n, p in cross_attention_projections(components.unet).items()}
 
 
 def naive_merge_weights(
-    components: Components, results: list[ConceptResult], prior: torch.Tensor, lam1: float, ridge: float
+    components: Components, concepts: list, prior: torch.Tensor, lam1: float, ridge: float
 ) -> dict[str, torch.Tensor]:
     """The ablation the closed-form fusion replaces: CFR over all concepts plus the sum of all LoRAs."""
-    weights = cfr_only_weights(components, results, prior, lam1, ridge)
-    for result in results:
-        for name, (up, down) in result.factors.items():
+    weights = cfr_only_weights(components, concepts, prior, lam1, ridge)
+    for concept in concepts:
+        for name, (up, down) in concept.factors.items():
             weights[name] = weights[name] + (up @ down).to(weights[name].dtype)
     return weights
 
@@ -239,9 +246,8 @@ def erase(
     """Run MACE for ``request`` and write the erased model to ``out_dir``.
 
     ``out_dir`` receives ``model/`` (a diffusers folder with the erased UNet),
-    ``loras/<concept>/`` (one diffusers LoRA file each), ``data/<concept>/``
-    (images and masks), ``statistics/`` (per-concept and prior sufficient
-    statistics) and ``manifest.json``.
+    ``concepts/<concept>/`` (its LoRA, statistics, images and masks; see
+    ``erasure.artifacts``), ``prior.safetensors`` and ``manifest.json``.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -280,11 +286,8 @@ def erase(
     try:
         apply_weights(components.unet, weights)
         save_components(components, staging / "model")
-        concept_rows = _write_concepts(staging, results, components)
-        save_file(
-            {"base_prior_total": base_prior.total.contiguous(), "base_prior_count": torch.tensor([base_prior.count])},
-            str(staging / "statistics" / "prior.safetensors"),
-        )
+        concept_rows = [save_concept(r, staging / "concepts" / slug(r.concept.name)) for r in results]
+        save_prior(base_prior, staging / PRIOR_FILE)
         seconds["write"] = time.perf_counter() - timer
         seconds["total"] = time.perf_counter() - started
         manifest = {
@@ -305,42 +308,6 @@ def erase(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ErasureSummary(out_dir, base_fingerprint, seconds, concept_rows)
-
-
-def _write_concepts(folder: Path, results: list[ConceptResult], components: Components) -> list[dict]:
-    (folder / "statistics").mkdir(parents=True, exist_ok=True)
-    rows = []
-    size = None
-    for result in results:
-        name = slug(result.concept.name)
-        save_lora(result.lora_state, folder / "loras" / name)
-        save_file(
-            {k: v.contiguous() for k, v in result.text.statistics.to_tensors().items()} | {"text_map": result.text_map},
-            str(folder / "statistics" / f"{name}.safetensors"),
-        )
-        data_dir = folder / "data" / name
-        data_dir.mkdir(parents=True)
-        for i, (image, mask) in enumerate(zip(result.data.images, result.data.masks)):
-            picture = to_pil(image)
-            size = picture.width
-            picture.save(data_dir / f"image_{i:02d}.png")
-            save_mask(mask, data_dir / f"mask_{i:02d}.png", size)
-        rows.append(
-            {
-                "name": result.concept.name,
-                "slug": name,
-                "kind": result.concept.kind,
-                "anchor": result.concept.anchor,
-                "synonyms": list(result.concept.synonyms),
-                "generation_prompt": result.data.prompt,
-                "augmented_prompts": len(result.text.prompts),
-                "mask_coverage": round(float(result.data.masks.float().mean()), 4),
-                "lora_loss_first": round(result.losses[0], 6) if result.losses else None,
-                "lora_loss_last": round(result.losses[-1], 6) if result.losses else None,
-                "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
-            }
-        )
-    return rows
 
 
 def _versions() -> dict[str, str]:

@@ -50,8 +50,8 @@ def test_erase_cli_writes_a_model_that_loads_and_generates(tmp_path, tiny):
     assert 0 < manifest["concepts"][0]["mask_coverage"] < 1  # objects use attention masks
     assert manifest["request"]["preserve"]["concepts"] == ["tree", "house"]
     for name in ("cat", "van-gogh", "nude"):
-        assert (out / "loras" / name / "pytorch_lora_weights.safetensors").is_file()
-        assert len(list((out / "data" / name).glob("mask_*.png"))) == 2
+        assert (out / "concepts" / name / "pytorch_lora_weights.safetensors").is_file()
+        assert len(list((out / "concepts" / name / "data").glob("mask_*.png"))) == 2
 
     # the erased UNet loads on its own and inside a standard pipeline, and differs from the base
     unet = UNet2DConditionModel.from_pretrained(out / "model", subfolder="unet")
@@ -80,8 +80,24 @@ def test_a_crash_while_writing_leaves_no_output(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(erase_module, "save_lora", broken)
+    monkeypatch.setattr(erase_module, "save_concept", broken)
     request = parse_request(REQUEST | {"concepts": REQUEST["concepts"][:1]})
     with pytest.raises(OSError, match="disk full"):
         erase_module.erase(request, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_erased_model_is_rebuilt_exactly_from_its_stored_artifacts(tmp_path, tiny):
+    """Fusion needs only the stored per-concept artifacts and prior: what takedown and restore use."""
+    from erasure.artifacts import PRIOR_FILE, load_concept, load_prior
+    from erasure.erase import fused_weights, fusion_prior
+
+    request = parse_request(REQUEST | {"concepts": REQUEST["concepts"][:2]})
+    erase_module.erase(request, tmp_path / "out")
+    concepts = [load_concept(tmp_path / "out" / "concepts" / name) for name in ("cat", "van-gogh")]
+    assert [c.concept.name for c in concepts] == ["cat", "van gogh"]
+    prior = fusion_prior(load_prior(tmp_path / "out" / PRIOR_FILE), concepts)
+    rebuilt = fused_weights(tiny, concepts, prior, request.preserve.lam2, request.preserve.ridge)
+    saved = cross_attention_projections(UNet2DConditionModel.from_pretrained(tmp_path / "out" / "model", subfolder="unet"))
+    for name, weight in rebuilt.items():
+        assert torch.allclose(weight, saved[name].weight, atol=1e-6), name

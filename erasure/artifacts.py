@@ -1,0 +1,91 @@
+"""A concept's erasure artifact on disk, and reading it back.
+
+One folder per concept::
+
+    pytorch_lora_weights.safetensors   the LoRA (diffusers format; pipe.load_lora_weights reads the folder)
+    statistics.safetensors             ConceptStatistics + its CFR map M_k: all the fusion needs
+    data/image_XX.png, mask_XX.png     what the LoRA was trained on
+    concept.json                       the concept spec and a summary (mask coverage, losses, timings)
+
+Takedown and restore rebuild a model from these folders alone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from erasure.closed_form import DTYPE, ConceptStatistics, PriorStatistics
+from erasure.lora import load_lora_factors, save_lora
+from erasure.sampling import save_mask, to_pil
+from erasure.spec import ConceptSpec
+
+STATISTICS_FILE = "statistics.safetensors"
+CONCEPT_FILE = "concept.json"
+PRIOR_FILE = "prior.safetensors"
+
+
+@dataclass
+class ConceptArtifact:
+    """What fusion needs of a concept (its statistics, CFR map, LoRA factors), plus its summary."""
+
+    concept: ConceptSpec
+    statistics: ConceptStatistics
+    text_map: torch.Tensor
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    summary: dict
+
+
+def save_concept(result, folder: Path) -> dict:
+    """Write a ``ConceptResult`` (from ``erase_concept``) to ``folder``; returns its summary."""
+    folder = Path(folder)
+    save_lora(result.lora_state, folder)
+    tensors = {k: v.contiguous() for k, v in result.statistics.to_tensors().items()}
+    save_file(tensors | {"text_map": result.text_map.contiguous()}, str(folder / STATISTICS_FILE))
+    data_dir = folder / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for i, (image, mask) in enumerate(zip(result.data.images, result.data.masks)):
+        picture = to_pil(image)
+        picture.save(data_dir / f"image_{i:02d}.png")
+        save_mask(mask, data_dir / f"mask_{i:02d}.png", picture.width)
+    summary = {
+        "name": result.concept.name,
+        "kind": result.concept.kind,
+        "anchor": result.concept.anchor,
+        "synonyms": list(result.concept.synonyms),
+        "generation_prompt": result.data.prompt,
+        "augmented_prompts": len(result.text.prompts),
+        "mask_coverage": round(float(result.data.masks.float().mean()), 4),
+        "lora_loss_first": round(result.losses[0], 6) if result.losses else None,
+        "lora_loss_last": round(result.losses[-1], 6) if result.losses else None,
+        "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
+    }
+    document = {"spec": json.loads(result.concept.model_dump_json()), "summary": summary}
+    (folder / CONCEPT_FILE).write_text(json.dumps(document, indent=2) + "\n")
+    return summary
+
+
+def load_concept(folder: Path) -> ConceptArtifact:
+    folder = Path(folder)
+    document = json.loads((folder / CONCEPT_FILE).read_text())
+    tensors = load_file(str(folder / STATISTICS_FILE))
+    return ConceptArtifact(
+        concept=ConceptSpec.model_validate(document["spec"]),
+        statistics=ConceptStatistics.from_tensors(tensors),
+        text_map=tensors["text_map"].to(DTYPE),
+        factors=load_lora_factors(folder),
+        summary=document["summary"],
+    )
+
+
+def save_prior(prior: PriorStatistics, path: Path) -> None:
+    save_file({"total": prior.total.contiguous(), "count": torch.tensor([prior.count])}, str(path))
+
+
+def load_prior(path: Path) -> PriorStatistics:
+    tensors = load_file(str(path))
+    return PriorStatistics(tensors["total"].to(DTYPE), int(tensors["count"][0]))
