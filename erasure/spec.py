@@ -141,6 +141,13 @@ class MethodSettings(_Strict):
     prompts_per_concept: int = Field(default=30, ge=1)  # MACE: ~30 augmented prompts
 
 
+class AuditSpec(_Strict):
+    """What a compliance audit tolerates: above these, a concept has leaked."""
+
+    max_acc_e: float = Field(default=0.25, ge=0.0, le=1.0)  # the concept drawn from its name
+    max_acc_g: float = Field(default=0.35, ge=0.0, le=1.0)  # ... from synonyms and paraphrases
+
+
 class ErasureRequest(_Strict):
     """A whole erasure job. ``model`` is a local diffusers folder, a hub id, or
     ``builtin:tiny`` / ``builtin:toyworld`` (the embedded default)."""
@@ -149,6 +156,7 @@ class ErasureRequest(_Strict):
     concepts: tuple[ConceptSpec, ...]
     preserve: PreserveSpec = PreserveSpec()
     method: MethodSettings = MethodSettings()
+    audit: AuditSpec = AuditSpec()
     seed: int = 0
 
     @field_validator("concepts")

@@ -1,1 +1,1 @@
-"""Placeholder package: filled by the pipeline issue (Prefect tasks / flows)."""
+"""The DAGs: erase, takedown, restore, audit. Flows only compose tasks."""

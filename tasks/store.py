@@ -174,13 +174,19 @@ class S3Store:
         return folder
 
 
-def store_from_env() -> ArtifactStore:
-    """``ERASURE_STORE``: a folder path (default ``./erasure-store``) or ``s3://bucket/prefix``;
-    ``ERASURE_S3_ENDPOINT`` for an S3-compatible server."""
-    url = os.environ.get("ERASURE_STORE", "erasure-store")
+def store_from_url(url: str, s3_endpoint: str | None = None) -> ArtifactStore:
+    """A folder path, or ``s3://bucket/prefix`` (with ``s3_endpoint`` for an S3-compatible server)."""
     if url.startswith("s3://"):
         bucket, _, prefix = url[len("s3://"):].partition("/")
-        store = S3Store(bucket, prefix, endpoint_url=os.environ.get("ERASURE_S3_ENDPOINT"))
+        store = S3Store(bucket, prefix, endpoint_url=s3_endpoint)
         store.ensure_bucket()
         return store
     return LocalStore(url)
+
+
+def store_settings() -> tuple[str, str | None]:
+    """(store URL, S3 endpoint) from ``ERASURE_STORE`` (default ``./erasure-store``) and ``ERASURE_S3_ENDPOINT``."""
+    url = os.environ.get("ERASURE_STORE", "erasure-store")
+    if not url.startswith("s3://"):
+        url = str(Path(url).expanduser().resolve())  # workers may run in another folder
+    return url, os.environ.get("ERASURE_S3_ENDPOINT") or None

@@ -1,0 +1,66 @@
+"""Content-addressed artifact keys: a hash of everything that made the artifact.
+
+Same inputs -> same key -> the work is skipped, across runs and across flows.
+Bump a stage's version when its code changes what it produces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from erasure.spec import ConceptSpec, ErasureRequest, normalise
+from tasks.store import sha256_file
+
+STAGE_VERSIONS = {"prior": 1, "concept": 1, "model": 1}
+
+
+def _digest(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _preserve_inputs(request: ErasureRequest) -> dict:
+    captions = request.preserve.captions
+    return {
+        "concepts": list(request.preserve.concepts),
+        "captions_sha256": sha256_file(captions) if captions else None,  # the content, not the path
+    }
+
+
+def prior_key(base_fingerprint: str, request: ErasureRequest) -> str:
+    payload = {"stage": "prior", "v": STAGE_VERSIONS["prior"], "base": base_fingerprint, **_preserve_inputs(request)}
+    return f"priors/{_digest(payload)}"
+
+
+def concept_key(base_fingerprint: str, concept: ConceptSpec, request: ErasureRequest) -> str:
+    payload = {
+        "stage": "concept",
+        "v": STAGE_VERSIONS["concept"],
+        "base": base_fingerprint,
+        "concept": json.loads(concept.model_dump_json()),
+        "method": json.loads(request.method.model_dump_json()),
+        "preserve": _preserve_inputs(request) | {"lam1": request.preserve.lam1, "ridge": request.preserve.ridge},
+        "seed": request.seed,
+    }
+    name = "-".join(normalise(concept.name).split())[:40]
+    return f"concepts/{name}-{_digest(payload)}"
+
+
+def model_key(base_fingerprint: str, concept_keys: list[str], request: ErasureRequest) -> str:
+    payload = {
+        "stage": "model",
+        "v": STAGE_VERSIONS["model"],
+        "base": base_fingerprint,
+        "concepts": sorted(concept_keys),
+        "lam2": request.preserve.lam2,
+        "ridge": request.preserve.ridge,
+    }
+    return f"models/{_digest(payload)}"
+
+
+def concept_set_hash(request: ErasureRequest) -> str:
+    return _digest({"concepts": sorted(normalise(c.name) for c in request.concepts)})
+
+
+def request_hash(request: ErasureRequest) -> str:
+    return _digest(request.fingerprint_dict())

@@ -1,0 +1,100 @@
+"""A worker that holds one loaded base model and serves every model-bound stage.
+
+Runs in-process or as a Ray actor (one per GPU, or one per CPU with one torch
+thread). Each stage reads its inputs from, and publishes its output to, the
+artifact store under a content key; a stage whose key is already published is
+skipped, so a re-run resumes from whatever finished.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from erasure.artifacts import PRIOR_FILE, load_concept, load_prior, save_concept, save_prior
+from erasure.erase import apply_weights, erase_concept, fused_weights, fusion_prior, prior_prompts, prior_statistics, with_model_sampling
+from erasure.models import fingerprint, load_components, save_components
+from erasure.spec import ErasureRequest
+from tasks.store import store_from_url
+
+
+class ConceptWorker:
+    def __init__(self, model: str, store_url: str, s3_endpoint: str | None = None, device: str | None = None, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model
+        self.components = load_components(model, self.device)
+        self.base_fingerprint = fingerprint(self.components)
+        self.store = store_from_url(store_url, s3_endpoint)
+
+    def fingerprint(self) -> str:
+        return self.base_fingerprint
+
+    def _request(self, request_json: str) -> ErasureRequest:
+        request = ErasureRequest.model_validate_json(request_json)
+        return with_model_sampling(request, self.components)
+
+    def prior(self, request_json: str, key: str) -> dict:
+        """Publish the base prior's statistics under ``key`` (skipped if published)."""
+        if self.store.exists(key):
+            return {"key": key, "reused": True}
+        request = self._request(request_json)
+        started = time.perf_counter()
+        prior = prior_statistics(self.components, prior_prompts(request))
+        with tempfile.TemporaryDirectory() as folder:
+            save_prior(prior, Path(folder) / PRIOR_FILE)
+            self.store.publish(key, Path(folder))
+        return {"key": key, "reused": False, "seconds": time.perf_counter() - started}
+
+    def concept(self, request_json: str, index: int, key: str, prior_key: str) -> dict:
+        """Run every per-concept stage of concept ``index`` and publish it under ``key``."""
+        if self.store.exists(key):
+            return {"key": key, "reused": True}
+        request = self._request(request_json)
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as folder:
+            base_prior = load_prior(self.store.fetch(prior_key, Path(folder) / "prior") / PRIOR_FILE)
+            result = erase_concept(self.components, request.concepts[index], request, base_prior)
+            summary = save_concept(result, Path(folder) / "concept")
+            self.store.publish(key, Path(folder) / "concept")
+        return {"key": key, "reused": False, "seconds": time.perf_counter() - started, "summary": summary}
+
+    def fuse(self, request_json: str, concept_keys: list[str], prior_key: str, key: str) -> dict:
+        """Closed-form fusion of the published concepts into an erased model, published under ``key``."""
+        if self.store.exists(key):
+            return {"key": key, "reused": True}
+        request = self._request(request_json)
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as folder:
+            folder = Path(folder)
+            base_prior = load_prior(self.store.fetch(prior_key, folder / "prior") / PRIOR_FILE)
+            concepts = [load_concept(self.store.fetch(k, folder / f"c{i}")) for i, k in enumerate(concept_keys)]
+            prior = fusion_prior(base_prior, concepts)
+            weights = fused_weights(self.components, concepts, prior, request.preserve.lam2, request.preserve.ridge)
+            erased = load_components(self.model, self.device)  # a fresh copy: the worker's base stays the base
+            apply_weights(erased.unet, weights)
+            save_components(erased, folder / "model")
+            self.store.publish(key, folder / "model")
+        return {"key": key, "reused": False, "seconds": time.perf_counter() - started}
+
+    def evaluate(self, request_json: str, model_key: str | None) -> dict | None:
+        """Metrics and HTML report of a published erased model (``model_key``), or of the base
+        model itself (None); None when the base model has no judge."""
+        from erasure.evaluate import evaluate_request, evaluation_json
+        from erasure.report import write_report
+        from erasure.spec import BUILTIN_PREFIX
+
+        request = self._request(request_json)
+        if request.model != BUILTIN_PREFIX + "toyworld":
+            return None
+        with tempfile.TemporaryDirectory() as folder:
+            model = self.store.fetch(model_key, Path(folder) / "model") if model_key else self.components
+            result = evaluate_request(model, request, device=self.device)
+            report = write_report(result, Path(folder) / "report.html", title=f"Erasure report: {model_key or self.model}")
+            return {"metrics": evaluation_json(result), "report_html": report.read_text()}
