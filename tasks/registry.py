@@ -99,7 +99,7 @@ def register_erased_model(
             if report_html is not None:
                 (folder / "report.html").write_text(report_html)
                 mlflow.log_artifact(str(folder / "report.html"))
-        mlflow.pyfunc.log_model(
+        model_info = mlflow.pyfunc.log_model(
             name="model",
             python_model=ErasedPipelineModel(),
             artifacts={"pipeline": str(model_dir)},
@@ -110,7 +110,9 @@ def register_erased_model(
         client.create_registered_model(name)
     except mlflow.exceptions.MlflowException:
         pass  # exists already (or was just created by a concurrent flow)
-    version = client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+    version = client.create_model_version(
+        name, model_info.model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()}, model_id=model_info.model_id
+    )
     client.set_registered_model_alias(name, CANDIDATE, version.version)
     return RegisteredVersion(name, version.version, run_id, tags)
 

@@ -45,6 +45,7 @@ class ArtifactStore(Protocol):
     def publish(self, key: str, folder: Path) -> dict: ...
     def fetch(self, key: str, folder: Path) -> Path: ...
     def read_manifest(self, key: str) -> dict: ...
+    def delete(self, key: str) -> None: ...
 
 
 def _check_key(key: str) -> str:
@@ -81,6 +82,9 @@ class LocalStore:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return manifest
+
+    def delete(self, key: str) -> None:
+        shutil.rmtree(self._path(key), ignore_errors=True)
 
     def read_manifest(self, key: str) -> dict:
         path = self._path(key) / MANIFEST
@@ -154,6 +158,13 @@ class S3Store:
         body = json.dumps(manifest, indent=1).encode()
         self._call(f"publish {key}", self.client.put_object, Bucket=self.bucket, Key=self._object(key, MANIFEST), Body=body)
         return manifest
+
+    def delete(self, key: str) -> None:
+        """Unpublish first (the manifest), then remove the files."""
+        manifest = self.read_manifest(key) if self.exists(key) else {"files": {}}
+        self._call("unpublish", self.client.delete_object, Bucket=self.bucket, Key=self._object(key, MANIFEST))
+        for rel in manifest["files"]:
+            self._call("delete", self.client.delete_object, Bucket=self.bucket, Key=self._object(key, rel))
 
     def read_manifest(self, key: str) -> dict:
         try:

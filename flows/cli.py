@@ -1,0 +1,165 @@
+"""The ``erasure`` command line: the library's commands plus the pipeline's (flows, registry, services).
+
+The pipeline's packages (prefect, ray, boto3, mlflow) are imported only by the
+commands that use them, so ``erase``/``generate``/``evaluate`` work without them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from erasure.cli import _fail, app, console
+
+services_app = typer.Typer(help="Local services for the distributed mode: S3 (SeaweedFS), MLflow, Prefect.")
+app.add_typer(services_app, name="services")
+out = Console()
+
+
+def _concepts(names: list[str], kind: str, anchor: str | None, synonyms: list[str]) -> list[dict]:
+    return [{"name": n, "kind": kind, **({"anchor": anchor} if anchor else {}), "synonyms": synonyms} for n in names]
+
+
+def _run_flow(call):
+    from pydantic import ValidationError
+
+    from erasure.spec import RequestError
+    from flows.audit import ConceptLeak
+    from flows.takedown import ConceptStateError
+
+    try:
+        return call()
+    except (RequestError, ConceptStateError, LookupError, ValidationError) as error:
+        _fail(str(error))
+    except ConceptLeak as error:
+        console.print(f"[bold red]audit failed:[/] {error}", soft_wrap=True)
+        raise typer.Exit(code=1)
+
+
+def _print_version(result: dict) -> None:
+    out.print(
+        f"registered [bold]{result['name']}[/] version {result['version']} (alias candidate); "
+        f"per-concept stages: {len(result['ran'])} ran, {len(result['reused'])} reused"
+    )
+    if result.get("metrics"):
+        out.print(json.dumps(result["metrics"]))
+
+
+@app.command()
+def run(
+    request: Path = typer.Argument(..., help="Request file (YAML or JSON)."),
+    name: str = typer.Option(None, help="Registered model name (default: the request file's name)."),
+    workers: int = typer.Option(1, help="Ray workers (one per GPU, or per CPU without GPUs)."),
+) -> None:
+    """Run the erase flow: per-concept work on Ray, fusion, evaluation, MLflow registration."""
+    from erasure.spec import RequestError, load_request
+
+    try:
+        spec = load_request(request)
+    except RequestError as error:
+        _fail(str(error))
+    from flows.erase import erase_flow
+
+    result = _run_flow(lambda: erase_flow(json.loads(spec.model_dump_json()), name or request.stem, workers))
+    _print_version(result)
+
+
+@app.command()
+def takedown(
+    model: str = typer.Argument(..., help="Registered model: NAME, NAME@ALIAS or NAME/VERSION."),
+    concepts: list[str] = typer.Argument(..., help="Concept names to erase in addition."),
+    kind: str = typer.Option("object", help="Kind of the new concepts: object, person, style, explicit."),
+    anchor: str = typer.Option(None, help="Anchor of the new concepts (needed for objects)."),
+    synonym: list[str] = typer.Option([], help="Synonyms of the new concept (repeatable)."),
+    workers: int = typer.Option(1, help="Ray workers."),
+) -> None:
+    """Add concepts to a registered model: a new version; only the new concepts' work runs."""
+    from flows.takedown import takedown_flow
+
+    result = _run_flow(lambda: takedown_flow(model, _concepts(concepts, kind, anchor, synonym), workers))
+    _print_version(result)
+
+
+@app.command()
+def restore(
+    model: str = typer.Argument(..., help="Registered model: NAME, NAME@ALIAS or NAME/VERSION."),
+    concepts: list[str] = typer.Argument(..., help="Erased concept names to give back."),
+    workers: int = typer.Option(1, help="Ray workers."),
+) -> None:
+    """Remove concepts from a registered model's erasure: a new version, fused without them."""
+    from flows.restore import restore_flow
+
+    result = _run_flow(lambda: restore_flow(model, list(concepts), workers))
+    _print_version(result)
+
+
+@app.command()
+def audit(
+    model: str = typer.Argument(..., help="NAME, NAME@ALIAS (e.g. models@production) or NAME/VERSION; or a model with --request."),
+    request: Path = typer.Option(None, help="Audit any model (folder, builtin:...) against this request."),
+    workers: int = typer.Option(1, help="Ray workers."),
+) -> None:
+    """Compliance check: fails (exit 1), naming the concepts, when an erased concept is still drawn."""
+    from erasure.spec import RequestError, load_request
+    from flows.audit import audit_flow
+
+    spec = None
+    if request is not None:
+        try:
+            spec = json.loads(load_request(request).model_dump_json()) | {"model": model}
+        except RequestError as error:
+            _fail(str(error))
+    result = _run_flow(lambda: audit_flow(model, spec, workers))
+    out.print(f"audit passed: {json.dumps(result['metrics'])}")
+
+
+@app.command()
+def promote(
+    model: str = typer.Argument(..., help="Registered model name."),
+    version: str = typer.Argument(..., help="Version to promote."),
+    alias: str = typer.Option("production", help="Alias to move."),
+) -> None:
+    """Point an alias (default: production) at a version."""
+    from tasks.registry import promote as set_alias
+
+    set_alias(model, version, alias)
+    out.print(f"{model}@{alias} -> version {version}")
+
+
+@services_app.command("up")
+def services_up(
+    postgres: str = typer.Option(None, help="Postgres URL for the MLflow backend (default: SQLite in the state folder)."),
+    prefect: bool = typer.Option(False, help="Also start a Prefect server."),
+    prefect_postgres: str = typer.Option(None, help="Postgres (asyncpg) URL for the Prefect server's database."),
+) -> None:
+    """Start SeaweedFS (S3) and an MLflow server on 127.0.0.1; write the env file that points at them."""
+    from tasks import services
+
+    out.print(f"s3 ready in {services.start_s3():.1f} s")
+    out.print(f"mlflow ready in {services.start_mlflow(backend_uri=postgres):.1f} s")
+    if prefect:
+        out.print(f"prefect ready in {services.start_prefect(database_url=prefect_postgres):.1f} s")
+    path = services.write_env_file(services.environment(prefect=prefect))
+    out.print(f"to use them: source {path}")
+
+
+@services_app.command("down")
+def services_down() -> None:
+    """Stop the local services (by PID)."""
+    from tasks import services
+
+    for name in ("prefect", "mlflow", "s3"):
+        if services.stop(name):
+            out.print(f"stopped {name}")
+
+
+@services_app.command("status")
+def services_status() -> None:
+    """Which local services run, with their PIDs."""
+    from tasks import services
+
+    for name, pid in services.status().items():
+        out.print(f"{name}: {'running, pid ' + str(pid) if pid else 'stopped'}")
