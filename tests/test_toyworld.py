@@ -50,3 +50,31 @@ def test_trainer_lowers_the_loss_and_resumes(tmp_path):
     _, more = train_toyworld(tmp_path, steps=40, batch=8, lr=2e-3, warmup=1, log=lambda _: None)
     assert more == []
     assert fingerprint(load_components(str(folder))) == fingerprint(model)
+
+
+def test_committed_model_and_classifier_load_offline():
+    from erasure.toyworld.model import CLASSIFIER_FILE, MODEL_DIR, load_toyworld_classifier
+
+    model = load_components("builtin:toyworld")
+    assert model.vae is None and model.defaults["guidance_scale"] > 1
+    assert load_components(str(MODEL_DIR)).unet.config == model.unet.config
+    classifier = load_toyworld_classifier()
+    assert CLASSIFIER_FILE.stat().st_size < 2_000_000 and classifier is not None
+
+
+def test_erasing_a_colour_lowers_its_accuracy_and_keeps_the_others(tmp_path):
+    """A fast end-to-end check on the committed toy model (few images and steps)."""
+    from erasure.erase import erase
+    from erasure.evaluate import evaluate_request
+    from erasure.spec import parse_request
+
+    request = parse_request(
+        {"concepts": [{"name": "red", "anchor": "white"}], "method": {"images_per_concept": 4, "lora_steps": 30}}
+    )
+    erase(request, tmp_path / "out")
+    result = evaluate_request(tmp_path / "out" / "model", request)
+    base, erased = result.base_metrics, result.metrics
+    assert base["acc_e"] >= 0.75  # the base model does draw red when asked
+    assert erased["acc_e"] <= base["acc_e"] - 0.5  # erased: far below the base model
+    assert erased["acc_g"] <= base["acc_g"] - 0.4  # synonyms too ("crimson", "scarlet")
+    assert erased["acc_s"] >= base["acc_s"] - 0.1  # the other colours still draw

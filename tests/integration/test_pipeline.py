@@ -185,3 +185,21 @@ def test_s3_outage_mid_run_fails_clearly_and_registers_nothing(services):
         assert MlflowClient().search_model_versions("name='outage'") == []
     finally:
         svc.start_s3(services["ports"])
+
+
+def test_audit_passes_on_the_erased_model_and_names_the_leak_on_the_base_model():
+    from flows.audit import ConceptLeak, audit_flow
+    from flows.erase import erase_flow
+
+    spec = parse_request({
+        "concepts": [{"name": "red", "anchor": "white"}],  # the toy world: a model with a judge
+        "preserve": {"concepts": ["green", "blue", "yellow", "purple", "orange", "cyan", "white"], "lam1": 5, "lam2": 5},
+        "method": {"images_per_concept": 4, "lora_steps": 30},
+        "audit": {"max_acc_e": 0.25, "max_acc_g": 0.35},
+    }).model_dump(mode="json")
+    result = erase_flow(spec, "toy-audit", workers=2)
+    assert result["metrics"]["acc_e"] <= 0.25
+    passed = audit_flow("toy-audit@candidate")
+    assert passed["passed"] and passed["metrics"]["acc_e"] <= 0.25
+    with pytest.raises(ConceptLeak, match=r"1 concept\(s\) leaked.*red \(acc_e"):
+        audit_flow("builtin:toyworld", spec)
