@@ -1,6 +1,8 @@
 """The toy-world erasure benchmark: one table, one run, the same seeds for every method.
 
-Methods: the base model; CFR only (UCE-like); CFR + LoRAs merged naively; full
+Retained concepts are the erased ones' neighbours (other colours; pairs that share
+a word), given to every method as its prior (MACE's "retained concepts of the same
+domain") and measured for acc_s. Methods: the base model; CFR only (UCE-like); CFR + LoRAs merged naively; full
 MACE (CFR + LoRA + closed-form fusion). Scales: 1 shape, 1 colour, 1 style, 8 and
 32 colour-shape pairs. Per-concept work (text statistics, images, masks, LoRAs)
 is done once per scale and shared by the methods that use it; the wall time of a
@@ -51,8 +53,10 @@ def pairs(count: int, seed: int = 0) -> list[dict]:
     erased = set(chosen)
     concepts = []
     for colour, shape in chosen:
-        anchor = next(c for c in ANCHOR_COLOURS if c != colour and (c, shape) not in erased)
-        concepts.append({"name": f"{colour} {shape}", "anchor": f"{anchor} {shape}"})
+        # the same shape in a kept colour (white first), else any kept pair
+        options = [(c, shape) for c in ANCHOR_COLOURS + COLOURS] + every
+        anchor = next(pair for pair in options if pair not in erased)
+        concepts.append({"name": f"{colour} {shape}", "anchor": " ".join(anchor)})
     return concepts
 
 
@@ -65,7 +69,18 @@ SCALES = {
 }
 
 
+def retained(concepts: list[dict]) -> list[str]:
+    """The erased concepts' neighbours (other colours, pairs sharing a word): preserved and measured."""
+    import numpy as np
+
+    from erasure.toyworld.judge import concept_attributes, concept_name, retained_neighbours
+
+    attributes = [concept_attributes(c["name"]) for c in concepts]
+    return [concept_name(a) for a in retained_neighbours(attributes, 32, np.random.default_rng(0))]
+
+
 def run_scale(label: str, concepts: list[dict], method: dict, preserve: dict, device: str) -> list[dict]:
+    preserve = preserve | {"concepts": retained(concepts)}
     request = parse_request(
         {"model": "builtin:toyworld", "concepts": concepts, "method": method, "preserve": preserve, "seed": 0}
     )
@@ -115,8 +130,8 @@ def main() -> None:
     parser.add_argument("--lora-steps", type=int, default=50)
     parser.add_argument("--lora-lr", type=float, default=1e-4)
     parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--lam1", type=float, default=1.0)
-    parser.add_argument("--lam2", type=float, default=1.0)
+    parser.add_argument("--lam1", type=float, default=5.0)
+    parser.add_argument("--lam2", type=float, default=5.0)
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

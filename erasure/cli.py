@@ -198,6 +198,42 @@ def toyworld_train(
     log(f"saved {out / 'model'}")
 
 
+@toyworld_app.command("accuracy")
+def toyworld_accuracy(
+    model: str = typer.Option("builtin:toyworld", help="Toy-world model folder or builtin:toyworld."),
+    guidance: list[float] = typer.Option([1.5], help="Guidance scales to compare (repeatable)."),
+    per_concept: int = typer.Option(16, help="Prompts per concept (each by name and by synonym)."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the tables to this file."),
+) -> None:
+    """The classifier's accuracy on the model's samples, per shape, colour and style."""
+    import json
+
+    from erasure.models import load_components
+    from erasure.toyworld.accuracy import concept_accuracy_table
+    from erasure.toyworld.model import load_toyworld_classifier
+
+    components, classifier = load_components(model), load_toyworld_classifier()
+    tables = {g: concept_accuracy_table(components, classifier, g, per_concept) for g in guidance}
+    table = Table(title=f"toy model accuracy (%), {per_concept} prompts per concept and group, 25 DDIM steps")
+    table.add_column("concept")
+    for g in guidance:
+        table.add_column(f"names, cfg {g}")
+        table.add_column(f"synonyms, cfg {g}")
+    first = tables[guidance[0]]
+    for concept in list(first["names"]) + list(first["mean"]):
+        group = "mean" if concept in first["mean"] else None
+        cells = []
+        for g in guidance:
+            if group:
+                cells += [f"{100 * tables[g]['mean'][concept]:.1f}", ""]
+            else:
+                cells += [f"{100 * tables[g]['names'][concept]:.1f}", f"{100 * tables[g]['synonyms'][concept]:.1f}"]
+        table.add_row(concept, *cells)
+    Console().print(table)
+    if json_out:
+        json_out.write_text(json.dumps({str(g): t for g, t in tables.items()}, indent=2))
+
+
 def main() -> None:  # pragma: no cover
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()

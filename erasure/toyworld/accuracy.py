@@ -56,3 +56,41 @@ def quick_accuracy(components, classifier, count: int = 96, seed: int = 7, guida
         )
         out[label] = {k: round(v, 3) for k, v in accuracy.items()}
     return out
+
+
+def concept_accuracy_table(components, classifier, guidance_scale: float, per_concept: int = 16, steps: int = 25) -> dict:
+    """Accuracy of the attribute each prompt names, for every shape, colour and style, by name and by synonym.
+
+    Prompt i of concept c fills the other attributes in rotation ("a striped red
+    circle", ...), so every concept is judged over varied contexts.
+    Returns {"names": {concept: acc}, "synonyms": {concept: acc}, "mean": {...}}.
+    """
+    prompts, expected, labels = [], [], []
+    rng = np.random.default_rng(0)
+    for attribute, values in (("shape", SHAPES), ("colour", COLOURS), ("style", STYLES)):
+        for value in values:
+            for i in range(per_concept):
+                scene = {"shape": SHAPES[(i + 3 * values.index(value)) % 8], "colour": COLOURS[(5 * i + 1) % 8],
+                         "style": STYLES[i % 3]} | {attribute: value}
+                for group in ("names", "synonyms"):
+                    words = [scene["style"], scene["colour"], scene["shape"]]
+                    if group == "synonyms":
+                        words = [SYNONYMS[w][rng.integers(len(SYNONYMS[w]))] for w in words]
+                    prompts.append("a " + " ".join(words))
+                    expected.append({attribute: value})
+                    labels.append((group, value))
+    images, _ = sample(components, prompts, list(range(len(prompts))), steps=steps, guidance_scale=guidance_scale, batch_size=64)
+    predicted = classifier.predict(images)
+    table: dict = {"names": {}, "synonyms": {}}
+    hits: dict = {}
+    for i, ((group, value), wanted) in enumerate(zip(labels, expected)):
+        attribute = next(iter(wanted))
+        hits.setdefault((group, value), []).append(predicted[attribute][i] == wanted[attribute])
+    for (group, value), values in hits.items():
+        table[group][value] = float(np.mean(values))
+    table["mean"] = {
+        f"{group} {attribute}": float(np.mean([table[group][v] for v in values]))
+        for group in ("names", "synonyms")
+        for attribute, values in (("shape", SHAPES), ("colour", COLOURS), ("style", STYLES))
+    }
+    return table
