@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import time
 
 import ray
 
@@ -43,6 +44,15 @@ class WorkerPool:
     def __init__(self, model: str, size: int):
         ensure_ray()
         gpus = ray.cluster_resources().get("GPU", 0)
+        resource = "GPU" if gpus >= 1 else "CPU"
+        deadline = time.time() + 30  # actors just killed release their resources asynchronously
+        while (available := ray.available_resources().get(resource, 0)) < size and time.time() < deadline:
+            time.sleep(0.2)
+        if available < size:
+            raise RuntimeError(
+                f"{size} worker(s) need {size} {resource}(s) but Ray has {available:g} free "
+                f"({ray.cluster_resources().get(resource, 0):g} in all); ask for fewer --workers"
+            )
         store_url, endpoint = store_settings()
         options = {"num_gpus": 1} if gpus >= 1 else {"num_cpus": 1}
         threads = None if gpus >= 1 else 1  # one torch thread per CPU actor: actors share the cores
@@ -50,7 +60,13 @@ class WorkerPool:
         self.model, self.store_url, self.endpoint = model, store_url, endpoint
         self.actors = [actor.options(**options).remote(model, store_url, endpoint, None, threads) for _ in range(size)]
         self._next = itertools.cycle(range(size))
-        self.fingerprint = ray.get(self.actors[0].fingerprint.remote())
+        try:
+            # every actor must be up (model loaded, store reachable) before the pool serves
+            fingerprints = ray.get([a.fingerprint.remote() for a in self.actors])
+        except Exception:
+            self.shutdown()
+            raise
+        self.fingerprint = fingerprints[0]
 
     def call(self, method: str, *args, actor: int | None = None):
         """Run ``method`` on an actor (round robin unless ``actor`` is given) and wait for it."""
@@ -63,12 +79,17 @@ class WorkerPool:
 
 
 def worker_pool(model: str, size: int) -> WorkerPool:
+    """The process's pool for ``model``: reused when it has at least ``size`` workers, else
+    replaced (pools hold their CPUs/GPUs, so two pools side by side could starve each other)."""
     store_url, endpoint = store_settings()
-    key = (model, size, store_url, endpoint)
     with _lock:
-        pool = _pools.get(key)
-        if pool is None:
-            pool = _pools[key] = WorkerPool(model, size)
+        for (pool_model, pool_size, pool_store, pool_endpoint), pool in _pools.items():
+            if (pool_model, pool_store, pool_endpoint) == (model, store_url, endpoint) and pool_size >= size:
+                return pool
+        for pool in _pools.values():
+            pool.shutdown()
+        _pools.clear()
+        pool = _pools[(model, size, store_url, endpoint)] = WorkerPool(model, size)
         return pool
 
 

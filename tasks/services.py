@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STATE = Path(os.environ.get("ERASURE_SERVICES_DIR", ".erasure/services")).resolve()
+_children: dict[str, subprocess.Popen] = {}  # servers this process started: reaped when stopped
 
 
 @dataclass
@@ -86,14 +87,21 @@ def credentials() -> tuple[str, str]:
     return key, secret
 
 
-def _start(name: str, command: list[str], env: dict, ready, timeout: float) -> float:
+def _start(name: str, command: list[str], env: dict, ready, timeout: float, port: int) -> float:
     if _pid(name):
         return 0.0
+    for _ in range(50):  # a server we just stopped may still be closing its socket
+        if not _port_open(port):
+            break
+        time.sleep(0.1)
+    else:
+        raise RuntimeError(f"cannot start {name}: port {port} on 127.0.0.1 is in use by another process")
     STATE.mkdir(parents=True, exist_ok=True)
     log = open(STATE / f"{name}.log", "ab")
     started = time.time()
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ | env, cwd=STATE, start_new_session=True)
     (STATE / f"{name}.pid").write_text(str(process.pid))
+    _children[name] = process
     while time.time() - started < timeout:
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited at start (code {process.returncode}); see {STATE / (name + '.log')}")
@@ -110,7 +118,7 @@ def start_s3(ports: Ports = Ports()) -> float:
     data.mkdir(parents=True, exist_ok=True)
     command = [_bin("weed"), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false", f"-s3.port={ports.s3}"]
     env = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
-    return _start("s3", command, env, lambda: _port_open(ports.s3) and _http_responds(f"http://127.0.0.1:{ports.s3}/"), 60)
+    return _start("s3", command, env, lambda: _port_open(ports.s3) and _http_responds(f"http://127.0.0.1:{ports.s3}/"), 60, ports.s3)
 
 
 def start_mlflow(ports: Ports = Ports(), backend_uri: str | None = None) -> float:
@@ -120,7 +128,7 @@ def start_mlflow(ports: Ports = Ports(), backend_uri: str | None = None) -> floa
         "--backend-store-uri", backend_uri, "--artifacts-destination", str(STATE / "mlflow-artifacts"), "--workers", "1",
     ]
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    return _start("mlflow", command, env, lambda: _http_ok(f"http://127.0.0.1:{ports.mlflow}/health"), 120)
+    return _start("mlflow", command, env, lambda: _http_ok(f"http://127.0.0.1:{ports.mlflow}/health"), 120, ports.mlflow)
 
 
 def start_prefect(ports: Ports = Ports(), database_url: str | None = None) -> float:
@@ -128,7 +136,7 @@ def start_prefect(ports: Ports = Ports(), database_url: str | None = None) -> fl
     if database_url:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     command = [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(ports.prefect), "--no-services"]
-    return _start("prefect", command, env, lambda: _http_ok(f"http://127.0.0.1:{ports.prefect}/api/health"), 120)
+    return _start("prefect", command, env, lambda: _http_ok(f"http://127.0.0.1:{ports.prefect}/api/health"), 120, ports.prefect)
 
 
 def stop(name: str) -> bool:
@@ -136,14 +144,23 @@ def stop(name: str) -> bool:
     if pid is None:
         return False
     os.killpg(pid, signal.SIGTERM)
-    for _ in range(50):
+    child = _children.pop(name, None)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        if child is not None and child.poll() is not None:
+            break  # exited and reaped (a child of ours would otherwise linger as a zombie)
         try:
             os.kill(pid, 0)
-            time.sleep(0.1)
         except ProcessLookupError:
             break
+        time.sleep(0.1)
     else:
-        os.killpg(pid, signal.SIGKILL)
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if child is not None:
+            child.wait()
     (STATE / f"{name}.pid").unlink(missing_ok=True)
     return True
 

@@ -137,10 +137,18 @@ class S3Store:
             raise ArtifactError(f"{what} failed on {self.url}: {error}") from None
 
     def ensure_bucket(self) -> None:
+        from botocore.exceptions import ClientError
+
         try:
             self._call(f"head bucket {self.bucket}", self.client.head_bucket, Bucket=self.bucket)
-        except (FileNotFoundError, ArtifactError):
-            self._call(f"create bucket {self.bucket}", self.client.create_bucket, Bucket=self.bucket)
+            return
+        except FileNotFoundError:
+            pass
+        try:
+            self.client.create_bucket(Bucket=self.bucket)
+        except ClientError as error:  # another worker created it a moment ago
+            if error.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise ArtifactError(f"create bucket {self.bucket} failed on {self.url}: {error}") from None
 
     def exists(self, key: str) -> bool:
         try:

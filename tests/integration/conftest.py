@@ -18,16 +18,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def postgres_database(name: str) -> str:
+def postgres_databases(*names: str) -> tuple[str, ...]:
+    """Fresh databases; leftovers of killed sessions (erasure_test_*) are dropped first."""
     import psycopg2
 
     connection = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
     connection.autocommit = True
     with connection.cursor() as cursor:
-        cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        cursor.execute(f'CREATE DATABASE "{name}"')
+        cursor.execute("SELECT datname FROM pg_database WHERE datname LIKE 'erasure_test_%'")
+        for (stale,) in cursor.fetchall():
+            cursor.execute(f'DROP DATABASE IF EXISTS "{stale}" WITH (FORCE)')
+        for name in names:
+            cursor.execute(f'CREATE DATABASE "{name}"')
     connection.close()
-    return name
+    return names
 
 
 def drop_database(name: str) -> None:
@@ -47,8 +51,7 @@ def services(tmp_path_factory):
     svc.STATE = tmp_path_factory.mktemp("services")
     ports = svc.Ports(s3=8333, mlflow=free_port(), prefect=free_port())
     suffix = uuid.uuid4().hex[:8]
-    mlflow_db = postgres_database(f"erasure_mlflow_{suffix}")
-    prefect_db = postgres_database(f"erasure_prefect_{suffix}")
+    mlflow_db, prefect_db = postgres_databases(f"erasure_test_mlflow_{suffix}", f"erasure_test_prefect_{suffix}")
     try:
         timings = {
             "s3": svc.start_s3(ports),
@@ -63,16 +66,20 @@ def services(tmp_path_factory):
     saved = dict(os.environ)
     os.environ.update(svc.environment(ports, prefect=True))
     os.environ["ERASURE_RAY_CPUS"] = "2"
-    yield {"ports": ports, "timings": timings, "state": svc.STATE}
-    from tasks.compute import drop_pools
+    try:
+        yield {"ports": ports, "timings": timings, "state": svc.STATE}
+    finally:
+        try:
+            for name in ("prefect", "mlflow", "s3"):
+                svc.stop(name)
+            os.environ.clear()
+            os.environ.update(saved)
+            drop_database(mlflow_db)
+            drop_database(prefect_db)
+        finally:
+            import ray
 
-    drop_pools()
-    import ray
+            from tasks.compute import drop_pools
 
-    ray.shutdown()
-    for name in ("prefect", "mlflow", "s3"):
-        svc.stop(name)
-    os.environ.clear()
-    os.environ.update(saved)
-    drop_database(mlflow_db)
-    drop_database(prefect_db)
+            drop_pools()
+            ray.shutdown()
