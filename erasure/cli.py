@@ -232,8 +232,3 @@ def toyworld_accuracy(
     Console().print(table)
     if json_out:
         json_out.write_text(json.dumps({str(g): t for g, t in tables.items()}, indent=2))
-
-
-def main() -> None:  # pragma: no cover
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    app()

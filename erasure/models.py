@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,17 +159,6 @@ def save_components(components: Components, folder: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     if components.defaults:
         (folder / DEFAULTS_FILE).write_text(json.dumps(components.defaults, indent=2) + "\n")
-
-
-def copy_components_except_unet(source: Path, target: Path) -> None:
-    """Copy a saved pipeline's folders other than ``unet/`` (used when only the UNet changed)."""
-    for entry in Path(source).iterdir():
-        if entry.name == "unet":
-            continue
-        if entry.is_dir():
-            shutil.copytree(entry, Path(target) / entry.name)
-        else:
-            shutil.copy2(entry, Path(target) / entry.name)
 
 
 def _diffusers_version() -> str:

@@ -8,7 +8,6 @@ skipped, so a re-run resumes from whatever finished.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,6 @@ class ConceptWorker:
     def __init__(self, model: str, store_url: str, s3_endpoint: str | None = None, device: str | None = None, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
-        os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model
         self.components = load_components(model, self.device)
