@@ -15,7 +15,6 @@ method counts the stages it needs.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import random
@@ -28,7 +27,6 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from erasure.erase import (  # noqa: E402
-    apply_weights,
     cfr_only_weights,
     erase_concept,
     fused_weights,
@@ -37,6 +35,7 @@ from erasure.erase import (  # noqa: E402
     prior_prompts,
     prior_statistics,
     with_model_sampling,
+    with_weights,
 )
 from erasure.evaluate import evaluate, toy_probes_and_judge  # noqa: E402
 from erasure.models import load_components  # noqa: E402
@@ -116,9 +115,7 @@ def run_scale(label: str, concepts: list[dict], method: dict, preserve: dict, de
         ("CFR + naive LoRA merge", naive, t_prior + t_text + t_cfr + t_rest),
         ("MACE (CFR + LoRA + fusion)", fused, t_prior + t_text + t_rest + t_fusion),
     ):
-        variant = copy.copy(base)
-        variant.unet = copy.deepcopy(base.unet)
-        apply_weights(variant.unet, weights)
+        variant = with_weights(base, weights)
         result = evaluate(variant, base, probes, judge, steps, guidance, base_images=base_eval.base_images)
         rows.append({"scale": label, "method": method_name, **result.metrics, "seconds": seconds})
     return rows

@@ -16,6 +16,8 @@ folder renamed at the end), so a failed run leaves nothing behind.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -217,6 +219,13 @@ def naive_merge_weights(
         for name, (up, down) in concept.factors.items():
             weights[name] = weights[name] + (up @ down).to(weights[name].dtype)
     return weights
+
+
+def with_weights(components: Components, weights: dict[str, torch.Tensor]) -> Components:
+    """A copy of ``components`` whose UNet has ``weights``; the other components are shared."""
+    unet = copy.deepcopy(components.unet)
+    apply_weights(unet, weights)
+    return dataclasses.replace(components, unet=unet)
 
 
 def apply_weights(unet, weights: dict[str, torch.Tensor]) -> None:

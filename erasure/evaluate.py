@@ -89,8 +89,11 @@ def toy_probes_and_judge(request):
     return probes, ToyJudge(load_toyworld_classifier())
 
 
-def evaluate_request(model, request, base: str | None = None, device: str = "cpu", base_images=None) -> Evaluation:
-    """Evaluate an erased ``model`` (folder or loaded components) for ``request`` against its base model."""
+def evaluate_request(
+    model, request, base: str | None = None, device: str = "cpu", base_images=None, base_components=None
+) -> Evaluation:
+    """Evaluate an erased ``model`` (folder or loaded components) for ``request`` against its base model
+    (``base_components`` when the caller has it loaded already)."""
     from erasure.models import Components, load_components, sampling_defaults
     from erasure.spec import BUILTIN_PREFIX, RequestError
 
@@ -101,7 +104,7 @@ def evaluate_request(model, request, base: str | None = None, device: str = "cpu
             "toy world (builtin:toyworld) ships one here"
         )
     erased = model if isinstance(model, Components) else load_components(str(model), device)
-    base_components = load_components(base, device)
+    base_components = base_components or load_components(base, device)
     defaults = sampling_defaults(base_components)
     steps = request.method.sampler_steps or defaults["sampler_steps"]
     guidance = request.method.guidance_scale or defaults["guidance_scale"]

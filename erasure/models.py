@@ -210,6 +210,23 @@ TINY_EXTRA_WORDS = (
 ).split()
 
 
+def small_text_encoder(tokenizer: CLIPTokenizer, width: int, layers: int = 2, heads: int = 4) -> CLIPTextModel:
+    """A randomly initialised CLIP text transformer over ``tokenizer`` (our own small models)."""
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
 def build_tiny_components(seed: int = 0) -> Components:
     """A deterministic, randomly initialised SD-shaped pipeline for tests.
 
@@ -219,19 +236,7 @@ def build_tiny_components(seed: int = 0) -> Components:
     """
     tokenizer = build_clip_tokenizer(template_words() + TINY_EXTRA_WORDS, model_max_length=16)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = small_text_encoder(tokenizer, width=32)
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(
         sample_size=8,

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from erasure.artifacts import PRIOR_FILE, load_concept, load_prior, save_concept, save_prior
-from erasure.erase import apply_weights, erase_concept, fused_weights, fusion_prior, prior_prompts, prior_statistics, with_model_sampling
+from erasure.erase import erase_concept, fused_weights, fusion_prior, prior_prompts, prior_statistics, with_model_sampling, with_weights
 from erasure.models import fingerprint, load_components, save_components
 from erasure.spec import ErasureRequest
 from tasks.store import store_from_url
@@ -75,9 +75,7 @@ class ConceptWorker:
             concepts = [load_concept(self.store.fetch(k, folder / f"c{i}")) for i, k in enumerate(concept_keys)]
             prior = fusion_prior(base_prior, concepts)
             weights = fused_weights(self.components, concepts, prior, request.preserve.lam2, request.preserve.ridge)
-            erased = load_components(self.model, self.device)  # a fresh copy: the worker's base stays the base
-            apply_weights(erased.unet, weights)
-            save_components(erased, folder / "model")
+            save_components(with_weights(self.components, weights), folder / "model")  # the base stays the base
             self.store.publish(key, folder / "model")
         return {"key": key, "reused": False, "seconds": time.perf_counter() - started}
 
@@ -93,6 +91,6 @@ class ConceptWorker:
             return None
         with tempfile.TemporaryDirectory() as folder:
             model = self.store.fetch(model_key, Path(folder) / "model") if model_key else self.components
-            result = evaluate_request(model, request, device=self.device)
+            result = evaluate_request(model, request, device=self.device, base_components=self.components)
             report = write_report(result, Path(folder) / "report.html", title=f"Erasure report: {model_key or self.model}")
             return {"metrics": evaluation_json(result), "report_html": report.read_text()}

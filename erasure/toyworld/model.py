@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
 
-from erasure.models import Components, load_folder
+from erasure.models import Components, load_folder, small_text_encoder
 from erasure.prompts import template_words
 from erasure.tokenizer import build_clip_tokenizer
 from erasure.toyworld.world import vocabulary
@@ -30,19 +29,7 @@ def build_toyworld_components(seed: int = 0) -> Components:
     """The untrained toy model, deterministic per seed."""
     tokenizer = build_clip_tokenizer(vocabulary() + template_words(), model_max_length=MAX_TOKENS)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_TOKENS,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = small_text_encoder(tokenizer, width=64)
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(
         sample_size=IMAGE_SIZE,
