@@ -87,7 +87,7 @@ def main() -> None:
     worker_pool("builtin:tiny", 1)  # actor start-up counted as start-up, not as flow time
     timer = time.perf_counter()
     result = erase_flow(json.loads(spec.model_dump_json()), "bench", workers=1)
-    rows.append(("flow: erase_flow, 1 worker (registered v%s)" % result["version"], time.perf_counter() - timer))
+    rows.append(("flow: erase_flow, 1 worker (registered v{})".format(result["version"]), time.perf_counter() - timer))
 
     from tasks.keys import concept_key, prior_key
 

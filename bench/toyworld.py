@@ -27,14 +27,13 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from erasure.erase import (  # noqa: E402
+    base_prior,
     cfr_only_weights,
     erase_concept,
-    fused_weights,
-    naive_merge_weights,
+    fuse,
     fusion_prior,
-    prior_prompts,
-    prior_statistics,
-    with_model_sampling,
+    naive_merge_weights,
+    prepare_request,
     with_weights,
 )
 from erasure.evaluate import evaluate, toy_probes_and_judge  # noqa: E402
@@ -84,28 +83,28 @@ def run_scale(label: str, concepts: list[dict], method: dict, preserve: dict, de
         {"model": "builtin:toyworld", "concepts": concepts, "method": method, "preserve": preserve, "seed": 0}
     )
     base = load_components(request.model, device)
-    request = with_model_sampling(request, base)
+    request = prepare_request(request, base)
     probes, judge = toy_probes_and_judge(request)
     steps, guidance = request.method.sampler_steps, request.method.guidance_scale
 
     timer = time.perf_counter()
-    base_prior = prior_statistics(base, prior_prompts(request))
+    prior = base_prior(base, request)
     t_prior = time.perf_counter() - timer
     results, t_text, t_rest = [], 0.0, 0.0
     for concept in request.concepts:
-        result = erase_concept(base, concept, request, base_prior)
+        result = erase_concept(base, concept, request, prior)
         results.append(result)
         t_text += result.seconds["text"]
         t_rest += result.seconds["data"] + result.seconds["lora"]
 
-    lam1, lam2, ridge = request.preserve.lam1, request.preserve.lam2, request.preserve.ridge
-    prior = fusion_prior(base_prior, results)
+    lam1, ridge = request.preserve.lam1, request.preserve.ridge
+    prior_gram = fusion_prior(prior, results)
     timer = time.perf_counter()
-    cfr = cfr_only_weights(base, results, prior, lam1, ridge)
+    cfr = cfr_only_weights(base, results, prior_gram, lam1, ridge)
     t_cfr = time.perf_counter() - timer
-    naive = naive_merge_weights(base, results, prior, lam1, ridge)
+    naive = naive_merge_weights(base, results, prior_gram, lam1, ridge)
     timer = time.perf_counter()
-    fused = fused_weights(base, results, prior, lam2, ridge)
+    fused = fuse(base, results, prior, request.preserve)
     t_fusion = time.perf_counter() - timer
 
     base_eval = evaluate(base, base, probes, judge, steps, guidance)

@@ -10,8 +10,8 @@ steps) or the LoRA loss (with gradient).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ class CrossAttentionProbe:
     conditional half under classifier-free guidance).
     """
 
-    def __init__(self, name: str, probe: "ProbeState"):
+    def __init__(self, name: str, probe: ProbeState):
         self.name = name
         self.probe = probe
 

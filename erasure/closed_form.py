@@ -57,7 +57,7 @@ class ConceptStatistics:
         }
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "ConceptStatistics":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ConceptStatistics:
         return cls(
             **{k: tensors[k].to(DTYPE) for k in ("aligned_gram", "aligned_cross", "gram", "anchor_gram")},
             anchor_count=int(tensors["anchor_count"][0]),
@@ -109,7 +109,7 @@ class PriorStatistics:
     count: int = 0
 
     @classmethod
-    def empty(cls, dim: int) -> "PriorStatistics":
+    def empty(cls, dim: int) -> PriorStatistics:
         return cls(torch.zeros(dim, dim, dtype=DTYPE), 0)
 
     def add(self, states: torch.Tensor) -> None:
@@ -117,7 +117,7 @@ class PriorStatistics:
         self.total += flat.T @ flat
         self.count += len(flat)
 
-    def with_anchors(self, concepts: list[ConceptStatistics]) -> "PriorStatistics":
+    def with_anchors(self, concepts: list[ConceptStatistics]) -> PriorStatistics:
         total = self.total + sum((c.anchor_gram * c.anchor_count for c in concepts), torch.zeros_like(self.total))
         return PriorStatistics(total, self.count + sum(c.anchor_count for c in concepts))
 

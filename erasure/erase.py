@@ -25,13 +25,15 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Protocol
 
 import torch
 
 from erasure import __version__
+from erasure.artifacts import PRIOR_FILE, save_concept, save_prior
 from erasure.attention import cross_attention_projections
 from erasure.closed_form import (
     ConceptStatistics,
@@ -42,11 +44,10 @@ from erasure.closed_form import (
     refinement_map,
 )
 from erasure.data import ConceptData, generate_concept_data
-from erasure.artifacts import PRIOR_FILE, save_concept, save_prior
 from erasure.lora import train_concept_lora
 from erasure.models import Components, fingerprint, load_components, sampling_defaults, save_components
 from erasure.prompts import augmented_pairs, preserve_prompts
-from erasure.spec import ConceptSpec, ErasureRequest, RequestError, normalise, read_captions
+from erasure.spec import ConceptSpec, ErasureRequest, PreserveSpec, RequestError, normalise, read_captions
 from erasure.text import align_tokens, encode, tokenize
 
 Progress = Callable[[str, int, int], None]
@@ -71,6 +72,13 @@ def with_model_sampling(request: ErasureRequest, components: Components) -> Eras
     return request.model_copy(update={"method": method})
 
 
+def prepare_request(request: ErasureRequest, components: Components) -> ErasureRequest:
+    """Stage 0, once the model is loaded: the checks that need its tokenizer, then its
+    sampling defaults filled in. Every runner (``erase``, a worker, a benchmark) starts here."""
+    request.check_against_tokenizer(components.tokenizer)
+    return with_model_sampling(request, components)
+
+
 # --------------------------------------------------------------------------- stage 1: prior
 
 
@@ -92,6 +100,11 @@ def prior_statistics(components: Components, prompts: list[str], batch_size: int
         ids, _ = tokenize(components.tokenizer, prompts[start : start + batch_size])
         prior.add(encode(components.text_encoder, ids))
     return prior
+
+
+def base_prior(components: Components, request: ErasureRequest) -> PriorStatistics:
+    """Stage 1: the statistics of every prompt whose K/V must not move."""
+    return prior_statistics(components, prior_prompts(request))
 
 
 # --------------------------------------------------------------------------- stage 2: per concept
@@ -183,17 +196,32 @@ def erase_concept(
 # --------------------------------------------------------------------------- stage 3: fusion
 
 
-# Fusion takes "concepts": anything with ``statistics``, ``text_map`` and ``factors``
-# (a fresh ``ConceptResult`` or a ``ConceptArtifact`` read back from storage).
+class FusableConcept(Protocol):
+    """What fusion needs of one concept: a fresh ``ConceptResult`` or a ``ConceptArtifact``
+    read back from storage both are one."""
+
+    @property
+    def statistics(self) -> ConceptStatistics: ...
+    @property
+    def text_map(self) -> torch.Tensor: ...  # (d, d), the concept's own CFR map M_k
+    @property
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]: ...  # projection -> (up, down) of its LoRA
 
 
-def fusion_prior(base_prior: PriorStatistics, concepts: list) -> torch.Tensor:
+def fuse(
+    components: Components, concepts: Sequence[FusableConcept], prior: PriorStatistics, preserve: PreserveSpec
+) -> dict[str, torch.Tensor]:
+    """Stage 3: the erased K/V weights of a concept set, in closed form from per-concept statistics."""
+    return fused_weights(components, concepts, fusion_prior(prior, concepts), preserve.lam2, preserve.ridge)
+
+
+def fusion_prior(base_prior: PriorStatistics, concepts: Sequence[FusableConcept]) -> torch.Tensor:
     """The prior Gram of a concept set: the base prior plus every concept's anchor states."""
     return base_prior.with_anchors([c.statistics for c in concepts]).gram()
 
 
 def fused_weights(
-    components: Components, concepts: list, prior: torch.Tensor, lam2: float, ridge: float
+    components: Components, concepts: Sequence[FusableConcept], prior: torch.Tensor, lam2: float, ridge: float
 ) -> dict[str, torch.Tensor]:
     projections = cross_attention_projections(components.unet)
     accumulator = FusionAccumulator(prior.shape[0], {n: tuple(p.weight.shape) for n, p in projections.items()})
@@ -266,27 +294,24 @@ def erase(
 
     timer = time.perf_counter()
     components = load_components(request.model, device)
-    request.check_against_tokenizer(components.tokenizer)
-    request = with_model_sampling(request, components)
+    request = prepare_request(request, components)
     base_fingerprint = fingerprint(components)
     seconds["load"] = time.perf_counter() - timer
 
     timer = time.perf_counter()
-    prompts = prior_prompts(request)
-    base_prior = prior_statistics(components, prompts)
+    prior = base_prior(components, request)
     seconds["prior"] = time.perf_counter() - timer
 
     results = []
     for index, concept in enumerate(request.concepts):
         if progress:
             progress("concepts", index, len(request.concepts))
-        results.append(erase_concept(components, concept, request, base_prior, progress))
+        results.append(erase_concept(components, concept, request, prior, progress))
     if progress:
         progress("concepts", len(request.concepts), len(request.concepts))
 
     timer = time.perf_counter()
-    prior = fusion_prior(base_prior, results)
-    weights = fused_weights(components, results, prior, request.preserve.lam2, request.preserve.ridge)
+    weights = fuse(components, results, prior, request.preserve)
     seconds["fusion"] = time.perf_counter() - timer
 
     timer = time.perf_counter()
@@ -296,7 +321,7 @@ def erase(
         apply_weights(components.unet, weights)
         save_components(components, staging / "model")
         concept_rows = [save_concept(r, staging / "concepts" / slug(r.concept.name)) for r in results]
-        save_prior(base_prior, staging / PRIOR_FILE)
+        save_prior(prior, staging / PRIOR_FILE)
         seconds["write"] = time.perf_counter() - timer
         seconds["total"] = time.perf_counter() - started
         manifest = {
@@ -304,7 +329,7 @@ def erase(
             "base_model": request.model,
             "base_fingerprint": base_fingerprint,
             "request": request.fingerprint_dict(),
-            "prior_prompts": len(prompts),
+            "prior_states": prior.count,
             "concepts": concept_rows,
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
             "versions": _versions(),

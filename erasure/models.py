@@ -23,7 +23,6 @@ from erasure.prompts import template_words
 from erasure.spec import BUILTIN_PREFIX, RequestError
 from erasure.tokenizer import build_clip_tokenizer, save_clip_files
 
-
 DEFAULTS_FILE = "erasure_defaults.json"
 
 
@@ -42,14 +41,14 @@ class Components:
     def device(self) -> torch.device:
         return self.unet.device
 
-    def to(self, device: torch.device | str) -> "Components":
+    def to(self, device: torch.device | str) -> Components:
         self.unet.to(device)
         self.text_encoder.to(device)
         if self.vae is not None:
             self.vae.to(device)
         return self
 
-    def eval(self) -> "Components":
+    def eval(self) -> Components:
         for module in (self.unet, self.text_encoder, self.vae):
             if module is not None:
                 module.eval().requires_grad_(False)

@@ -47,7 +47,7 @@ def write_report(evaluation, path: Path, title: str, details: dict | None = None
     """Write a self-contained HTML file (images embedded)."""
     probes = evaluation.probes
     sections = []
-    for group_title, groups, role in (
+    for group_title, groups, _role in (
         ("Erased concepts: their names (top row before, bottom row after)", ("erased",), "erased"),
         ("Erased concepts: synonyms and paraphrases", ("synonym",), "erased"),
         ("Retained concepts", ("retained",), "retained"),

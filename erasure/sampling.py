@@ -128,7 +128,7 @@ def from_pil(image: Image.Image) -> torch.Tensor:
 
 def save_mask(mask: torch.Tensor, path: Path, size: int) -> None:
     """(h, w) bool mask -> black/white PNG at image size."""
-    image = Image.fromarray((mask.numpy().astype(np.uint8) * 255)).resize((size, size), Image.NEAREST)
+    image = Image.fromarray(mask.numpy().astype(np.uint8) * 255).resize((size, size), Image.NEAREST)
     image.save(path)
 
 

@@ -79,7 +79,7 @@ class ConceptSpec(_Strict):
         return cleaned
 
     @model_validator(mode="after")
-    def _anchor(self) -> "ConceptSpec":
+    def _anchor(self) -> ConceptSpec:
         anchor = self.anchor if self.anchor is not None else DEFAULT_ANCHORS[self.kind]
         if anchor is None:
             raise ValueError(
@@ -174,7 +174,7 @@ class ErasureRequest(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "ErasureRequest":
+    def _cross_checks(self) -> ErasureRequest:
         erased = {normalise(v): v for c in self.concepts for v in c.variants}
         for kept in self.preserve.concepts:
             if normalise(kept) in erased:
@@ -184,7 +184,7 @@ class ErasureRequest(_Strict):
                 )
         return self
 
-    def check_paths(self, base_dir: Path) -> "ErasureRequest":
+    def check_paths(self, base_dir: Path) -> ErasureRequest:
         """Resolve relative paths against the request file's folder and check they exist."""
         updates: dict = {}
         model = self.model

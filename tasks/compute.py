@@ -17,7 +17,7 @@ import ray
 from tasks.store import store_settings
 from tasks.worker import ConceptWorker
 
-_pools: dict[tuple, "WorkerPool"] = {}
+_pools: dict[tuple, WorkerPool] = {}
 _lock = threading.Lock()
 
 

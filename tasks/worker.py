@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from erasure.artifacts import PRIOR_FILE, load_concept, load_prior, save_concept, save_prior
-from erasure.erase import erase_concept, fused_weights, fusion_prior, prior_prompts, prior_statistics, with_model_sampling, with_weights
+from erasure.erase import base_prior, erase_concept, fuse, prepare_request, with_weights
 from erasure.models import fingerprint, load_components, save_components
 from erasure.spec import ErasureRequest
 from tasks.store import store_from_url
@@ -36,7 +36,7 @@ class ConceptWorker:
 
     def _request(self, request_json: str) -> ErasureRequest:
         request = ErasureRequest.model_validate_json(request_json)
-        return with_model_sampling(request, self.components)
+        return prepare_request(request, self.components)
 
     def prior(self, request_json: str, key: str) -> dict:
         """Publish the base prior's statistics under ``key`` (skipped if published)."""
@@ -44,7 +44,7 @@ class ConceptWorker:
             return {"key": key, "reused": True}
         request = self._request(request_json)
         started = time.perf_counter()
-        prior = prior_statistics(self.components, prior_prompts(request))
+        prior = base_prior(self.components, request)
         with tempfile.TemporaryDirectory() as folder:
             save_prior(prior, Path(folder) / PRIOR_FILE)
             self.store.publish(key, Path(folder))
@@ -57,8 +57,8 @@ class ConceptWorker:
         request = self._request(request_json)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
-            base_prior = load_prior(self.store.fetch(prior_key, Path(folder) / "prior") / PRIOR_FILE)
-            result = erase_concept(self.components, request.concepts[index], request, base_prior)
+            prior = load_prior(self.store.fetch(prior_key, Path(folder) / "prior") / PRIOR_FILE)
+            result = erase_concept(self.components, request.concepts[index], request, prior)
             summary = save_concept(result, Path(folder) / "concept")
             self.store.publish(key, Path(folder) / "concept")
         return {"key": key, "reused": False, "seconds": time.perf_counter() - started, "summary": summary}
@@ -71,10 +71,9 @@ class ConceptWorker:
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
             folder = Path(folder)
-            base_prior = load_prior(self.store.fetch(prior_key, folder / "prior") / PRIOR_FILE)
+            prior = load_prior(self.store.fetch(prior_key, folder / "prior") / PRIOR_FILE)
             concepts = [load_concept(self.store.fetch(k, folder / f"c{i}")) for i, k in enumerate(concept_keys)]
-            prior = fusion_prior(base_prior, concepts)
-            weights = fused_weights(self.components, concepts, prior, request.preserve.lam2, request.preserve.ridge)
+            weights = fuse(self.components, concepts, prior, request.preserve)
             save_components(with_weights(self.components, weights), folder / "model")  # the base stays the base
             self.store.publish(key, folder / "model")
         return {"key": key, "reused": False, "seconds": time.perf_counter() - started}

@@ -74,7 +74,7 @@ def test_large_prior_weight_keeps_preserved_states_still():
 def stacked_fusion(w, concepts, prior_states, lam2, ridge):
     """The fusion objective solved directly by least squares on stacked, weighted rows."""
     rows, targets = [], []
-    for stats, states, text_map, lora in concepts:
+    for _stats, states, text_map, lora in concepts:
         up, down = lora["layer"]
         target = (w @ text_map + up.to(DTYPE) @ down.to(DTYPE)) @ states.T
         weight = 1.0 / len(states)  # Grams are means

@@ -7,8 +7,8 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from typer.testing import CliRunner
 
 import erasure.erase as erase_module
+from cli.main import app
 from erasure.attention import cross_attention_projections
-from erasure.cli import app
 from erasure.models import build_tiny_components, fingerprint, load_components
 from erasure.spec import RequestError, parse_request
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from erasure.cli import app
+from cli.main import app
 from erasure.spec import RequestError, load_request, parse_request
 
 GOOD = {"model": "builtin:tiny", "concepts": [{"name": "cat", "anchor": "dog"}]}

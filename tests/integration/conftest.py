@@ -46,7 +46,7 @@ def drop_database(name: str) -> None:
 
 @pytest.fixture(scope="session")
 def services(tmp_path_factory):
-    from tasks import services as svc
+    from cli import services as svc
 
     svc.STATE = tmp_path_factory.mktemp("services")
     ports = svc.Ports(s3=8333, mlflow=free_port(), prefect=free_port())

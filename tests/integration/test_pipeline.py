@@ -4,7 +4,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from erasure.spec import parse_request
 
@@ -168,8 +167,8 @@ def _run_catching(flow, spec, name):
 def test_s3_outage_mid_run_fails_clearly_and_registers_nothing(services):
     from mlflow.tracking import MlflowClient
 
+    from cli import services as svc
     from flows.erase import erase_flow
-    from tasks import services as svc
 
     spec = request([{"name": n, "anchor": "house"} for n in ("apple", "cup")], FAST | {"lora_steps": 100}, seed=12)
     baseline = _published_manifests()

@@ -1,4 +1,4 @@
-"""The ``erasure`` command line: the library's commands plus the pipeline's (flows, registry, services).
+"""The pipeline's commands: flows (run, takedown, restore, audit), the registry (promote), local services.
 
 The pipeline's packages (prefect, ray, boto3, mlflow) are imported only by the
 commands that use them, so ``erase``/``generate``/``evaluate`` work without them.
@@ -12,10 +12,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from erasure.cli import _fail, app, console
+from cli.app import app, console, fail, services_app
 
-services_app = typer.Typer(help="Local services for the distributed mode: S3 (SeaweedFS), MLflow, Prefect.")
-app.add_typer(services_app, name="services")
 out = Console()
 
 
@@ -33,10 +31,10 @@ def _run_flow(call):
     try:
         return call()
     except (RequestError, ConceptStateError, LookupError, ValidationError) as error:
-        _fail(str(error))
+        fail(str(error))
     except ConceptLeak as error:
         console.print(f"[bold red]audit failed:[/] {error}", soft_wrap=True)
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=1) from None
 
 
 def _print_version(result: dict) -> None:
@@ -60,7 +58,7 @@ def run(
     try:
         spec = load_request(request)
     except RequestError as error:
-        _fail(str(error))
+        fail(str(error))
     from flows.erase import erase_flow
 
     result = _run_flow(lambda: erase_flow(json.loads(spec.model_dump_json()), name or request.stem, workers))
@@ -111,7 +109,7 @@ def audit(
         try:
             spec = json.loads(load_request(request).model_dump_json()) | {"model": model}
         except RequestError as error:
-            _fail(str(error))
+            fail(str(error))
     result = _run_flow(lambda: audit_flow(model, spec, workers))
     out.print(f"audit passed: {json.dumps(result['metrics'])}")
 
@@ -136,7 +134,7 @@ def services_up(
     prefect_postgres: str = typer.Option(None, help="Postgres (asyncpg) URL for the Prefect server's database."),
 ) -> None:
     """Start SeaweedFS (S3) and an MLflow server on 127.0.0.1; write the env file that points at them."""
-    from tasks import services
+    from cli import services
 
     out.print(f"s3 ready in {services.start_s3():.1f} s")
     out.print(f"mlflow ready in {services.start_mlflow(backend_uri=postgres):.1f} s")
@@ -149,7 +147,7 @@ def services_up(
 @services_app.command("down")
 def services_down() -> None:
     """Stop the local services (by PID)."""
-    from tasks import services
+    from cli import services
 
     for name in ("prefect", "mlflow", "s3"):
         if services.stop(name):
@@ -159,7 +157,7 @@ def services_down() -> None:
 @services_app.command("status")
 def services_status() -> None:
     """Which local services run, with their PIDs."""
-    from tasks import services
+    from cli import services
 
     for name, pid in services.status().items():
         out.print(f"{name}: {'running, pid ' + str(pid) if pid else 'stopped'}")

@@ -1,57 +1,15 @@
-"""The ``erasure`` command line."""
+"""The library's commands: erase, generate, evaluate, and the toy world's train / accuracy."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-app = typer.Typer(
-    help="Erase concepts (objects, people, styles, explicit content) from text-to-image diffusion models.",
-    no_args_is_help=True,
-    add_completion=False,
-)
-toyworld_app = typer.Typer(help="The toy world: a small model we train ourselves, for end-to-end checks on a CPU.")
-app.add_typer(toyworld_app, name="toyworld")
-console = Console(stderr=True)
-
-
-def _device(device: str | None) -> str:
-    import torch
-
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
-    raise typer.Exit(code=2)
-
-
-class _Bars:
-    """Adapts the library's ``progress(label, done, total)`` callback to rich progress bars."""
-
-    def __init__(self, progress: Progress):
-        self.progress = progress
-        self.tasks: dict[str, int] = {}
-
-    def __call__(self, label: str, done: int, total: int) -> None:
-        if label not in self.tasks:
-            self.tasks[label] = self.progress.add_task(label, total=total)
-        self.progress.update(self.tasks[label], completed=done, total=total)
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=False,
-    )
+from cli.app import Bars, app, console, device_or_default, fail, progress_bars, toyworld_app
 
 
 @app.command()
@@ -67,10 +25,10 @@ def erase(
 
     try:
         spec = load_request(request)
-        with _progress() as progress:
-            summary = run_erase(spec, out, device=_device(device), progress=_Bars(progress), overwrite=overwrite)
+        with progress_bars() as progress:
+            summary = run_erase(spec, out, device=device_or_default(device), progress=Bars(progress), overwrite=overwrite)
     except RequestError as error:
-        _fail(str(error))
+        fail(str(error))
     table = Table(title=f"erased {len(summary.concepts)} concept(s) -> {summary.out_dir}")
     for column in ("concept", "kind", "anchor", "mask cover", "LoRA loss first -> last", "seconds"):
         table.add_column(column)
@@ -103,9 +61,9 @@ def generate(
     from erasure.spec import RequestError
 
     try:
-        components = load_components(model, _device(device))
+        components = load_components(model, device_or_default(device))
     except RequestError as error:
-        _fail(str(error))
+        fail(str(error))
     defaults = sampling_defaults(components)
     images, _ = sample(
         components, list(prompts), [seed + i for i in range(len(prompts))],
@@ -139,9 +97,9 @@ def evaluate(
         if not model.is_dir():
             raise RequestError(f"model folder {str(model)!r} does not exist")
         with console.status("sampling base and erased models on the probe prompts"):
-            result = evaluate_request(model, spec, base=base, device=_device(device))
+            result = evaluate_request(model, spec, base=base, device=device_or_default(device))
     except (RequestError, ValueError) as error:
-        _fail(str(error))
+        fail(str(error))
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(evaluation_json(result), indent=2) + "\n")
     report_path = write_report(

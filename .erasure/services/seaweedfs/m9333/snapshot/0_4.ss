@@ -1,2 +1,0 @@
-c391c32b
-{"lastIndex":4,"lastTerm":0,"peers":[{"name":"127.0.0.1:9333.19333","connectionString":"127.0.0.1:19333"}],"state":"eyJtYXhWb2x1bWVJZCI6MCwidG9wb2xvZ3lJZCI6IjEwZDY5ODhlLWUxYjQtNGJiZC05NTMyLWE4N2M0Zjk2ZWQzMiJ9","path":"/work/main/.erasure/services/seaweedfs/m9333/snapshot/0_4.ss"}

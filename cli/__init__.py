@@ -1,0 +1,1 @@
+"""The ``erasure`` command line (one Typer app; see ``cli.main``)."""

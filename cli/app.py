@@ -1,0 +1,59 @@
+"""The ``erasure`` command line's Typer app and what its commands share.
+
+The commands live beside it: ``cli.library`` (erase, generate, evaluate, toyworld),
+``cli.pipeline`` (run, takedown, restore, audit, promote, services); ``cli.main``
+assembles them. Pipeline packages (prefect, ray, boto3, mlflow) are imported only
+by the commands that use them, so the library's commands work without them.
+"""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+app = typer.Typer(
+    help="Erase concepts (objects, people, styles, explicit content) from text-to-image diffusion models.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+toyworld_app = typer.Typer(help="The toy world: a small model we train ourselves, for end-to-end checks on a CPU.")
+app.add_typer(toyworld_app, name="toyworld")
+console = Console(stderr=True)
+
+
+def device_or_default(device: str | None) -> str:
+    import torch
+
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
+    raise typer.Exit(code=2)
+
+
+class Bars:
+    """Adapts the library's ``progress(label, done, total)`` callback to rich progress bars."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if label not in self.tasks:
+            self.tasks[label] = self.progress.add_task(label, total=total)
+        self.progress.update(self.tasks[label], completed=done, total=total)
+
+
+def progress_bars() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=False,
+    )
+
+
+services_app = typer.Typer(help="Local services for the distributed mode: S3 (SeaweedFS), MLflow, Prefect.")
+app.add_typer(services_app, name="services")
