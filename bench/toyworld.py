@@ -36,7 +36,7 @@ from erasure.erase import (  # noqa: E402
     prepare_request,
     with_weights,
 )
-from erasure.evaluate import evaluate, toy_probes_and_judge  # noqa: E402
+from erasure.evaluate import evaluate, probes_and_judge  # noqa: E402
 from erasure.models import load_components  # noqa: E402
 from erasure.spec import parse_request  # noqa: E402
 from erasure.toyworld.world import COLOURS, SHAPES  # noqa: E402
@@ -84,7 +84,7 @@ def run_scale(label: str, concepts: list[dict], method: dict, preserve: dict, de
     )
     base = load_components(request.model, device)
     request = prepare_request(request, base)
-    probes, judge = toy_probes_and_judge(request)
+    probes, judge = probes_and_judge(request)
     steps, guidance = request.method.sampler_steps, request.method.guidance_scale
 
     timer = time.perf_counter()

@@ -9,6 +9,7 @@ by the commands that use them, so the library's commands work without them.
 from __future__ import annotations
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -28,6 +29,11 @@ def device_or_default(device: str | None) -> str:
     if device:
         return device
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def setting(settings: BaseModel, field: str):
+    """A Typer option whose default and help are a settings object's field: written once, there."""
+    return typer.Option(getattr(settings, field), help=type(settings).model_fields[field].description)
 
 
 def fail(message: str) -> None:

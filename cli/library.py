@@ -9,7 +9,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cli.app import Bars, app, console, device_or_default, fail, progress_bars, toyworld_app
+from cli.app import Bars, app, console, device_or_default, fail, progress_bars, setting, toyworld_app
+from erasure.builtins import DEFAULT_MODEL, builtin_names
+from erasure.spec import SamplingSettings
+from erasure.toyworld.settings import SAMPLING as TOY_SAMPLING
+from erasure.toyworld.settings import TRAINING
+
+SAMPLING = SamplingSettings()
 
 
 @app.command()
@@ -47,12 +53,14 @@ def erase(
 
 @app.command()
 def generate(
-    model: str = typer.Argument(..., help="Model folder (e.g. OUT/model), hub id, or builtin:tiny / builtin:toyworld."),
+    model: str = typer.Argument(..., help=f"Model folder (e.g. OUT/model), hub id, or one of {', '.join(builtin_names())}."),
     prompts: list[str] = typer.Argument(..., help="One or more prompts."),
     out: Path = typer.Option(Path("samples"), "--out", "-o", help="Folder for the PNG files."),
     seed: int = typer.Option(0, help="Seed of the first image; image i uses seed + i."),
-    steps: int = typer.Option(None, help="Sampler steps (default: the model's, else 30)."),
-    guidance: float = typer.Option(None, help="Classifier-free guidance scale (default: the model's, else 7.5)."),
+    steps: int = typer.Option(None, help=f"Sampler steps (default: the model's, else {SAMPLING.sampler_steps})."),
+    guidance: float = typer.Option(
+        None, help=f"Classifier-free guidance scale (default: the model's, else {SAMPLING.guidance_scale})."
+    ),
     device: str = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
 ) -> None:
     """Sample images from a base or erased model."""
@@ -118,11 +126,11 @@ def evaluate(
 @toyworld_app.command("train")
 def toyworld_train(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the model (out/model), classifier and log."),
-    steps: int = typer.Option(12000, help="Training steps."),
-    batch: int = typer.Option(32, help="Batch size."),
-    lr: float = typer.Option(1e-3, help="Peak learning rate."),
-    seed: int = typer.Option(0, help="Seed of everything."),
-    classifier_steps: int = typer.Option(3000, help="Training steps of the classifier."),
+    steps: int = setting(TRAINING, "steps"),
+    batch: int = setting(TRAINING, "batch"),
+    lr: float = setting(TRAINING, "lr"),
+    seed: int = setting(TRAINING, "seed"),
+    classifier_steps: int = setting(TRAINING, "classifier_steps"),
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's)."),
 ) -> None:
     """Train the toy world's classifier, then its text-to-image model (resumes from out/checkpoint.pt)."""
@@ -158,8 +166,8 @@ def toyworld_train(
 
 @toyworld_app.command("accuracy")
 def toyworld_accuracy(
-    model: str = typer.Option("builtin:toyworld", help="Toy-world model folder or builtin:toyworld."),
-    guidance: list[float] = typer.Option([1.5], help="Guidance scales to compare (repeatable)."),
+    model: str = typer.Option(DEFAULT_MODEL, help=f"Toy-world model folder or {DEFAULT_MODEL}."),
+    guidance: list[float] = typer.Option([TOY_SAMPLING.guidance_scale], help="Guidance scales to compare (repeatable)."),
     per_concept: int = typer.Option(16, help="Prompts per concept (each by name and by synonym)."),
     json_out: Path = typer.Option(None, "--json", help="Also write the tables to this file."),
 ) -> None:
@@ -172,7 +180,9 @@ def toyworld_accuracy(
 
     components, classifier = load_components(model), load_toyworld_classifier()
     tables = {g: concept_accuracy_table(components, classifier, g, per_concept) for g in guidance}
-    table = Table(title=f"toy model accuracy (%), {per_concept} prompts per concept and group, 25 DDIM steps")
+    table = Table(
+        title=f"toy model accuracy (%), {per_concept} prompts per concept and group, {TOY_SAMPLING.sampler_steps} DDIM steps"
+    )
     table.add_column("concept")
     for g in guidance:
         table.add_column(f"names, cfg {g}")

@@ -47,14 +47,25 @@ from erasure.data import ConceptData, generate_concept_data
 from erasure.lora import train_concept_lora
 from erasure.models import Components, fingerprint, load_components, sampling_defaults, save_components
 from erasure.prompts import augmented_pairs, preserve_prompts
-from erasure.spec import ConceptSpec, ErasureRequest, PreserveSpec, RequestError, normalise, read_captions
+from erasure.spec import (
+    CONCEPT_KINDS,
+    ConceptSpec,
+    ErasureRequest,
+    PreserveSpec,
+    RequestError,
+    normalise,
+    read_captions,
+)
 from erasure.text import align_tokens, encode, tokenize
 
 Progress = Callable[[str, int, int], None]
 
 
 def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", normalise(name)).strip("-") or "concept"
+    """A concept's folder name: readable, and unique per normalised name ("van gogh" and
+    "van-gogh", or two non-Latin names, differ in their hash suffix)."""
+    readable = re.sub(r"[^a-z0-9]+", "-", normalise(name)).strip("-")[:40].strip("-") or "concept"
+    return f"{readable}-{hashlib.sha256(normalise(name).encode()).hexdigest()[:8]}"
 
 
 def concept_seed(seed: int, concept: ConceptSpec) -> int:
@@ -87,10 +98,11 @@ def prior_prompts(request: ErasureRequest) -> list[str]:
     templates of every kind), captions. Independent of which concepts are erased;
     each concept adds its own anchor prompts (``PriorStatistics.with_anchors``)."""
     prompts = [""]
-    for kind in ("object", "person", "style", "explicit"):
+    for kind in CONCEPT_KINDS:
         prompts.extend(preserve_prompts({name: kind for name in request.preserve.concepts}))
     if request.preserve.captions is not None:
-        prompts.extend(read_captions(request.preserve.captions))
+        captions, _ = read_captions(request.preserve.captions, request.preserve.captions_sha256)
+        prompts.extend(captions)
     return prompts
 
 
@@ -287,8 +299,7 @@ def erase(
     ``erasure.artifacts``), ``prior.safetensors`` and ``manifest.json``.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise RequestError(f"output folder {str(out_dir)!r} already exists; choose another --out or pass --overwrite")
+    check_output_folder(out_dir, overwrite)
     started = time.perf_counter()
     seconds: dict[str, float] = {}
 
@@ -334,14 +345,65 @@ def erase(
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
             "versions": _versions(),
         }
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        check_output_folder(out_dir, overwrite)  # again: another run may have written it meanwhile
+        publish_output(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ErasureSummary(out_dir, base_fingerprint, seconds, concept_rows)
+
+
+MANIFEST_FILE = "manifest.json"
+
+
+def check_output_folder(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an output folder that would destroy something: the current folder, one of its
+    parents, the home folder or ``/``; and, with ``overwrite``, any existing path that is not
+    a previous erasure output (a folder with our ``manifest.json``)."""
+    target = Path(out_dir).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    protected = {Path("/"), Path.home().resolve(), cwd, *cwd.parents}
+    if target in protected:
+        raise RequestError(
+            f"--out {str(out_dir)!r} is {target} (the current folder, one of its parents, the home folder or /); "
+            "give the erasure a folder of its own, e.g. --out runs/my-erasure"
+        )
+    if not target.exists() and not target.is_symlink():
+        return
+    if not overwrite:
+        raise RequestError(f"output folder {str(out_dir)!r} already exists; choose another --out or pass --overwrite")
+    if target.is_symlink() or not target.is_dir() or not _is_erasure_output(target):
+        raise RequestError(
+            f"--overwrite refuses {str(out_dir)!r}: it is not a previous erasure output (no {MANIFEST_FILE} of ours "
+            "in it); choose another --out or remove it yourself"
+        )
+
+
+def _is_erasure_output(folder: Path) -> bool:
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "erasure_version" in manifest and "base_fingerprint" in manifest
+
+
+def publish_output(staging: Path, out_dir: Path) -> None:
+    """Move the complete ``staging`` folder to ``out_dir``. A previous output is moved aside
+    first and deleted only once the new one is in place, so a crash at any point leaves either
+    the old output or the new one (and at worst the old one beside it as ``.NAME.old-*``)."""
+    if not out_dir.exists():
+        os.replace(staging, out_dir)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.replace(out_dir, aside / out_dir.name)
+    try:
+        os.replace(staging, out_dir)
+    except BaseException:
+        os.replace(aside / out_dir.name, out_dir)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _versions() -> dict[str, str]:

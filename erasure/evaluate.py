@@ -80,13 +80,33 @@ def evaluate(
     )
 
 
-def toy_probes_and_judge(request):
-    """The toy world's probes and judge for a request on the toy model."""
-    from erasure.toyworld.judge import ToyJudge, erasure_probes
-    from erasure.toyworld.model import load_toyworld_classifier
+class NoJudgeError(ValueError):
+    """The base model has no judge: nothing can say whether its images show a concept."""
 
-    probes = erasure_probes([c.name for c in request.concepts], list(request.preserve.concepts), seed=request.seed)
-    return probes, ToyJudge(load_toyworld_classifier())
+
+def has_judge(model: str) -> bool:
+    from erasure.builtins import find_builtin
+
+    try:
+        builtin = find_builtin(model)
+    except ValueError:
+        return False
+    return builtin is not None and builtin.judge is not None
+
+
+def probes_and_judge(request, base: str | None = None):
+    """The probes and the judge of the base model's world (``erasure.builtins``)."""
+    from erasure.builtins import builtin_names, find_builtin
+
+    base = base or request.model
+    builtin = find_builtin(base) if has_judge(base) else None
+    if builtin is None:
+        judged = [name for name in builtin_names() if has_judge(name)]
+        raise NoJudgeError(
+            f"no judge for base model {base!r}: evaluating needs a judge of the model's world, and only "
+            f"{', '.join(judged)} ship one here"
+        )
+    return builtin.judge(request)
 
 
 def evaluate_request(
@@ -95,20 +115,14 @@ def evaluate_request(
     """Evaluate an erased ``model`` (folder or loaded components) for ``request`` against its base model
     (``base_components`` when the caller has it loaded already)."""
     from erasure.models import Components, load_components, sampling_defaults
-    from erasure.spec import BUILTIN_PREFIX, RequestError
 
     base = base or request.model
-    if base != BUILTIN_PREFIX + "toyworld":
-        raise RequestError(
-            f"no judge for base model {base!r}: `evaluate` needs a classifier of the model's world, and only the "
-            "toy world (builtin:toyworld) ships one here"
-        )
+    probes, judge = probes_and_judge(request, base)
     erased = model if isinstance(model, Components) else load_components(str(model), device)
     base_components = base_components or load_components(base, device)
     defaults = sampling_defaults(base_components)
     steps = request.method.sampler_steps or defaults["sampler_steps"]
     guidance = request.method.guidance_scale or defaults["guidance_scale"]
-    probes, judge = toy_probes_and_judge(request)
     return evaluate(erased, base_components, probes, judge, steps, guidance, base_images=base_images)
 
 

@@ -19,8 +19,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from erasure.builtins import find_builtin
 from erasure.prompts import template_words
-from erasure.spec import BUILTIN_PREFIX, RequestError
+from erasure.spec import RequestError, SamplingSettings
 from erasure.tokenizer import build_clip_tokenizer, save_clip_files
 
 DEFAULTS_FILE = "erasure_defaults.json"
@@ -59,17 +60,13 @@ class Components:
 
 
 def load_components(model: str, device: str | torch.device = "cpu") -> Components:
-    """Load ``model``: a local diffusers folder, a hub id, or ``builtin:<name>``."""
-    if model.startswith(BUILTIN_PREFIX):
-        name = model[len(BUILTIN_PREFIX):]
-        if name == "tiny":
-            components = build_tiny_components()
-        elif name == "toyworld":
-            from erasure.toyworld.model import load_toyworld_components
-
-            components = load_toyworld_components()
-        else:
-            raise RequestError(f"unknown built-in model {model!r}")
+    """Load ``model``: a local diffusers folder, a hub id, or ``builtin:<name>`` (``erasure.builtins``)."""
+    try:
+        builtin = find_builtin(model)
+    except ValueError as error:
+        raise RequestError(str(error)) from None
+    if builtin is not None:
+        components = builtin.load()
     elif Path(model).expanduser().is_dir():
         components = load_folder(Path(model).expanduser())
     else:
@@ -99,10 +96,10 @@ def load_folder(folder: Path) -> Components:
 
 
 def sampling_defaults(components: Components) -> dict:
-    """Sampler steps and guidance scale: the model's own, else the paper's (30 steps, CFG 7.5)."""
-    return {"sampler_steps": 30, "guidance_scale": 7.5} | {
-        k: v for k, v in components.defaults.items() if k in ("sampler_steps", "guidance_scale")
-    }
+    """Sampler steps and guidance scale: the model's own (``erasure_defaults.json``), else
+    ``SamplingSettings``' (the paper's)."""
+    own = {k: v for k, v in components.defaults.items() if k in SamplingSettings.model_fields}
+    return SamplingSettings.model_validate(own).model_dump()
 
 
 def load_hub(model_id: str) -> Components:
@@ -170,7 +167,8 @@ def _diffusers_version() -> str:
 
 
 def fingerprint(components: Components) -> str:
-    """SHA-256 over every component's config and weights: same model, same string.
+    """SHA-256 over every component's config and weights, the vocabulary, the scheduler and
+    the model's own sampling defaults: same model, same string.
 
     Used to key cached artifacts: anything derived from a model is only reused
     for exactly that model.
@@ -189,6 +187,8 @@ def fingerprint(components: Components) -> str:
             digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     digest.update(json.dumps(components.tokenizer.get_vocab(), sort_keys=True).encode())
     digest.update(_config_text(dict(components.scheduler.config)))
+    # the model's own sampling settings change every image it draws for erasure
+    digest.update(b"defaults" + json.dumps(components.defaults, sort_keys=True).encode())
     return digest.hexdigest()
 
 

@@ -9,17 +9,23 @@ written.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import unicodedata
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from erasure.builtins import BUILTIN_PREFIX, DEFAULT_MODEL, builtin_names, find_builtin
 
 ConceptKind = Literal["object", "person", "style", "explicit"]
+CONCEPT_KINDS: tuple[str, ...] = get_args(ConceptKind)
 
-# The anchors MACE uses per kind (methods.md 1.2). Objects have no universal
-# anchor: the user names one (e.g. "ground" or a neighbouring class).
+# The anchors MACE uses per kind (docs/method.md, "Cross-attention refinement").
+# Objects have no universal anchor: the user names one (e.g. "ground" or a
+# neighbouring class).
 DEFAULT_ANCHORS: dict[str, str | None] = {
     "person": "a person",
     "style": "art",
@@ -27,9 +33,44 @@ DEFAULT_ANCHORS: dict[str, str | None] = {
     "object": None,
 }
 
-BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("tiny", "toyworld")
-DEFAULT_MODEL = "builtin:toyworld"
+# Bounds on every request field: a request is refused, naming the field, before
+# anything is loaded or computed. Generous for real use (SD-scale jobs erase
+# ~100 concepts), small enough that a hostile request cannot exhaust a worker.
+MAX_REQUEST_BYTES = 1 << 20  # a request file
+MAX_TEXT_CHARS = 200  # a concept name, anchor, synonym or retained concept
+MAX_PROMPT_CHARS = 1000  # a user prompt; the model path or hub id
+MAX_CONCEPTS = 1000
+MAX_SYNONYMS = 64  # per concept
+MAX_PROMPTS = 256  # per concept
+MAX_PRESERVED = 10_000
+MAX_CAPTION_BYTES = 64 << 20
+MAX_CAPTIONS = 1_000_000
+MAX_SEED = 2**32 - 1
+
+# Unicode categories refused in any text: control characters (Cc), format
+# characters (Cf: zero-width spaces/joiners, bidi overrides, BOM), surrogates,
+# private use, unassigned code points, line/paragraph separators. They make two
+# names look equal while hashing differently, or hide text in reports and logs.
+_REFUSED_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+
+
+def printable_text(value: str, limit: int) -> str:
+    """``value`` with runs of spaces collapsed; refused when blank, longer than ``limit``
+    or holding a character that is not printable text."""
+    for char in value:
+        if unicodedata.category(char) in _REFUSED_CATEGORIES:
+            name = unicodedata.name(char, "control character")
+            raise ValueError(f"contains U+{ord(char):04X} ({name}); use printable text only")
+    value = " ".join(value.split())
+    if not value:
+        raise ValueError("must not be blank")
+    if len(value) > limit:
+        raise ValueError(f"is {len(value)} characters long; at most {limit}")
+    return value
+
+
+Text = Annotated[str, AfterValidator(lambda v: printable_text(v, MAX_TEXT_CHARS))]
+Prompt = Annotated[str, AfterValidator(lambda v: printable_text(v, MAX_PROMPT_CHARS))]
 
 
 class RequestError(ValueError):
@@ -54,29 +95,11 @@ class ConceptSpec(_Strict):
     not draw the concept (they join the augmented prompt set).
     """
 
-    name: str = Field(min_length=1)
+    name: Text
     kind: ConceptKind = "object"
-    anchor: str | None = None
-    synonyms: tuple[str, ...] = ()
-    prompts: tuple[str, ...] = ()
-
-    @field_validator("name", "anchor")
-    @classmethod
-    def _strip(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        value = " ".join(value.split())
-        if not value:
-            raise ValueError("must not be blank")
-        return value
-
-    @field_validator("synonyms")
-    @classmethod
-    def _clean_synonyms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        cleaned = tuple(" ".join(s.split()) for s in value)
-        if any(not s for s in cleaned):
-            raise ValueError("synonyms must not be blank")
-        return cleaned
+    anchor: Text | None = None
+    synonyms: tuple[Text, ...] = Field(default=(), max_length=MAX_SYNONYMS)
+    prompts: tuple[Prompt, ...] = Field(default=(), max_length=MAX_PROMPTS)
 
     @model_validator(mode="after")
     def _anchor(self) -> ConceptSpec:
@@ -108,37 +131,41 @@ class PreserveSpec(_Strict):
     matter how many captions the corpus has.
     """
 
-    concepts: tuple[str, ...] = ()
+    concepts: tuple[Text, ...] = Field(default=(), max_length=MAX_PRESERVED)
     captions: Path | None = None
-    lam1: float = Field(default=1.0, ge=0.0, description="prior weight in cross-attention refinement (CFR)")
-    lam2: float = Field(default=1.0, ge=0.0, description="prior weight in the closed-form LoRA fusion")
+    # set when the request is loaded: the caption file's content hash, so keys,
+    # stores and remote workers name the captions by content, never by path
+    captions_sha256: str | None = Field(default=None, pattern="^[0-9a-f]{64}$")
+    lam1: float = Field(default=1.0, ge=0.0, le=1e12, description="prior weight in cross-attention refinement (CFR)")
+    lam2: float = Field(default=1.0, ge=0.0, le=1e12, description="prior weight in the closed-form LoRA fusion")
     ridge: float = Field(
-        default=1e-3, gt=0.0, description="ridge towards the current weights, relative to the mean eigenvalue"
+        default=1e-3, gt=0.0, le=1.0, description="ridge towards the current weights, relative to the mean eigenvalue"
     )
 
-    @field_validator("concepts")
-    @classmethod
-    def _clean(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        cleaned = tuple(" ".join(s.split()) for s in value)
-        if any(not s for s in cleaned):
-            raise ValueError("retained concepts must not be blank")
-        return cleaned
+
+class SamplingSettings(_Strict):
+    """How images are drawn when neither the request nor the model says otherwise:
+    MACE's 30 DDIM steps at guidance 7.5 (docs/method.md, "Data per concept"). A model
+    folder overrides them in ``erasure_defaults.json`` (the toy world: 25 steps, CFG 1.5)."""
+
+    sampler_steps: int = Field(default=30, ge=1, le=1000, description="DDIM sampler steps")
+    guidance_scale: float = Field(default=7.5, ge=1.0, le=100.0, description="classifier-free guidance scale")
 
 
 class MethodSettings(_Strict):
-    """MACE hyperparameters; defaults are the paper's (methods.md 1.1 and 1.3)."""
+    """MACE hyperparameters; defaults are the paper's (docs/method.md, "Data per concept" and "LoRA")."""
 
-    images_per_concept: int = Field(default=8, ge=1)  # MACE: 8 images per concept
-    # None: the model's own setting (erasure_defaults.json), else MACE's 30 steps / CFG 7.5
-    sampler_steps: int | None = Field(default=None, ge=1)
-    guidance_scale: float | None = Field(default=None, ge=1.0)
-    lora_rank: int = Field(default=1, ge=1)  # MACE: rank 1
-    lora_lr: float = Field(default=1e-4, gt=0.0)  # MACE: 1e-4 (objects 1e-5 in their configs)
-    lora_steps: int = Field(default=50, ge=0)  # MACE: 50 (explicit content 120)
+    images_per_concept: int = Field(default=8, ge=1, le=256)  # MACE: 8 images per concept
+    # None: the model's own setting (erasure_defaults.json), else SamplingSettings'
+    sampler_steps: int | None = Field(default=None, ge=1, le=1000)
+    guidance_scale: float | None = Field(default=None, ge=1.0, le=100.0)
+    lora_rank: int = Field(default=1, ge=1, le=64)  # MACE: rank 1
+    lora_lr: float = Field(default=1e-4, gt=0.0, le=1.0)  # MACE: 1e-4 (objects 1e-5 in their configs)
+    lora_steps: int = Field(default=50, ge=0, le=100_000)  # MACE: 50 (explicit content 120)
     importance_sampling: bool = True  # MACE: concept-focal importance sampling
     mask_mode: Literal["attention", "none"] = "attention"
     mask_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
-    prompts_per_concept: int = Field(default=30, ge=1)  # MACE: ~30 augmented prompts
+    prompts_per_concept: int = Field(default=30, ge=1, le=1000)  # MACE: ~30 augmented prompts
 
 
 class AuditSpec(_Strict):
@@ -149,15 +176,15 @@ class AuditSpec(_Strict):
 
 
 class ErasureRequest(_Strict):
-    """A whole erasure job. ``model`` is a local diffusers folder, a hub id, or
-    ``builtin:tiny`` / ``builtin:toyworld`` (the embedded default)."""
+    """A whole erasure job. ``model`` is a local diffusers folder, a hub id, or a
+    built-in model (``erasure.builtins``; ``builtin:toyworld`` is the default)."""
 
-    model: str = DEFAULT_MODEL
-    concepts: tuple[ConceptSpec, ...]
+    model: Prompt = DEFAULT_MODEL
+    concepts: tuple[ConceptSpec, ...] = Field(max_length=MAX_CONCEPTS)
     preserve: PreserveSpec = PreserveSpec()
     method: MethodSettings = MethodSettings()
     audit: AuditSpec = AuditSpec()
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
     @field_validator("concepts")
     @classmethod
@@ -188,7 +215,12 @@ class ErasureRequest(_Strict):
         """Resolve relative paths against the request file's folder and check they exist."""
         updates: dict = {}
         model = self.model
-        if not model.startswith(BUILTIN_PREFIX):
+        if model.startswith(BUILTIN_PREFIX):
+            try:
+                find_builtin(model)
+            except ValueError as error:
+                raise RequestError(f"model: {error}") from None
+        else:
             candidate = Path(model).expanduser()
             if not candidate.is_absolute():
                 candidate = base_dir / candidate
@@ -197,21 +229,14 @@ class ErasureRequest(_Strict):
                 if not candidate.is_dir():
                     raise RequestError(
                         f"model: folder {str(candidate)!r} does not exist; give a diffusers folder, "
-                        f"a hub id like 'org/name', or one of {', '.join(BUILTIN_PREFIX + m for m in BUILTIN_MODELS)}"
+                        f"a hub id like 'org/name', or one of {', '.join(builtin_names())}"
                     )
                 updates["model"] = str(candidate.resolve())
-        elif model[len(BUILTIN_PREFIX):] not in BUILTIN_MODELS:
-            raise RequestError(
-                f"model: unknown built-in {model!r}; valid: {', '.join(BUILTIN_PREFIX + m for m in BUILTIN_MODELS)}"
-            )
         captions = self.preserve.captions
         if captions is not None:
             path = captions if captions.is_absolute() else base_dir / captions
-            if not path.is_file():
-                raise RequestError(f"preserve.captions: file {str(path)!r} does not exist")
-            if not read_captions(path):
-                raise RequestError(f"preserve.captions: file {str(path)!r} holds no caption (one caption a line)")
-            updates["preserve"] = self.preserve.model_copy(update={"captions": path.resolve()})
+            _, digest = read_captions(path)
+            updates["preserve"] = self.preserve.model_copy(update={"captions": path.resolve(), "captions_sha256": digest})
         return self.model_copy(update=updates) if updates else self
 
     def check_against_tokenizer(self, tokenizer) -> None:
@@ -232,8 +257,35 @@ class ErasureRequest(_Strict):
         return json.loads(self.model_dump_json())
 
 
-def read_captions(path: Path) -> list[str]:
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+def read_captions(path: Path, expected_sha256: str | None = None) -> tuple[list[str], str]:
+    """The captions of a caption file (one a line) and the SHA-256 of its bytes, read once
+    and bounded; refused when missing, too large, not UTF-8, empty, or (with
+    ``expected_sha256``) not the file the request was validated with."""
+    path = Path(path)
+    where = f"preserve.captions: file {str(path)!r}"
+    if not path.is_file():
+        raise RequestError(f"{where} does not exist")
+    with open(path, "rb") as f:
+        data = f.read(MAX_CAPTION_BYTES + 1)
+    if len(data) > MAX_CAPTION_BYTES:
+        raise RequestError(f"{where} is larger than {MAX_CAPTION_BYTES >> 20} MiB; use a smaller caption corpus")
+    digest = hashlib.sha256(data).hexdigest()
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise RequestError(f"{where} changed since the request was validated (content hash differs); run it again")
+    try:
+        lines = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise RequestError(f"{where} is not UTF-8 text") from None
+    if not lines:
+        raise RequestError(f"{where} holds no caption (one caption a line)")
+    if len(lines) > MAX_CAPTIONS:
+        raise RequestError(f"{where} holds {len(lines)} captions; at most {MAX_CAPTIONS}")
+    for number, line in enumerate(lines, 1):
+        try:
+            printable_text(line, MAX_PROMPT_CHARS)
+        except ValueError as error:
+            raise RequestError(f"{where}, caption {number}: {error}") from None
+    return lines, digest
 
 
 def _format_validation_error(error: ValidationError) -> str:
@@ -260,14 +312,25 @@ def parse_request(data: dict, base_dir: Path | str = ".") -> ErasureRequest:
     return request.check_paths(Path(base_dir))
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without anchors/aliases: a few aliases can expand into gigabytes ("billion laughs")."""
+
+    def fetch_alias(self):
+        raise yaml.YAMLError("aliases (*name) are not allowed in a request; write the value out")
+
+
 def load_request(path: Path | str) -> ErasureRequest:
     """Read and validate a ``.yaml``/``.yml``/``.json`` request file."""
     path = Path(path)
     if not path.is_file():
         raise RequestError(f"request file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    if path.stat().st_size > MAX_REQUEST_BYTES:
+        raise RequestError(f"request file {str(path)!r} is larger than {MAX_REQUEST_BYTES >> 10} KiB")
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506
+    except UnicodeDecodeError:
+        raise RequestError(f"request file {str(path)!r} is not UTF-8 text") from None
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         raise RequestError(f"request file {str(path)!r} is not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {error}") from None
     return parse_request(data, base_dir=path.parent)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,9 +50,10 @@ def test_erase_cli_writes_a_model_that_loads_and_generates(tmp_path, tiny):
     assert manifest["concepts"][1]["mask_coverage"] == 1.0  # styles use the whole image
     assert 0 < manifest["concepts"][0]["mask_coverage"] < 1  # objects use attention masks
     assert manifest["request"]["preserve"]["concepts"] == ["tree", "house"]
-    for name in ("cat", "van-gogh", "nude"):
-        assert (out / "concepts" / name / "pytorch_lora_weights.safetensors").is_file()
-        assert len(list((out / "concepts" / name / "data").glob("mask_*.png"))) == 2
+    for name in ("cat", "van gogh", "nude"):
+        folder = out / "concepts" / erase_module.slug(name)
+        assert (folder / "pytorch_lora_weights.safetensors").is_file()
+        assert len(list((folder / "data").glob("mask_*.png"))) == 2
 
     # the erased UNet loads on its own and inside a standard pipeline, and differs from the base
     unet = UNet2DConditionModel.from_pretrained(out / "model", subfolder="unet")
@@ -94,10 +96,76 @@ def test_the_erased_model_is_rebuilt_exactly_from_its_stored_artifacts(tmp_path,
 
     request = parse_request(REQUEST | {"concepts": REQUEST["concepts"][:2]})
     erase_module.erase(request, tmp_path / "out")
-    concepts = [load_concept(tmp_path / "out" / "concepts" / name) for name in ("cat", "van-gogh")]
+    concepts = [load_concept(tmp_path / "out" / "concepts" / erase_module.slug(name)) for name in ("cat", "van gogh")]
     assert [c.concept.name for c in concepts] == ["cat", "van gogh"]
     prior = fusion_prior(load_prior(tmp_path / "out" / PRIOR_FILE), concepts)
     rebuilt = fused_weights(tiny, concepts, prior, request.preserve.lam2, request.preserve.ridge)
     saved = cross_attention_projections(UNet2DConditionModel.from_pretrained(tmp_path / "out" / "model", subfolder="unet"))
     for name, weight in rebuilt.items():
         assert torch.allclose(weight, saved[name].weight, atol=1e-6), name
+
+
+def test_concept_folder_names_never_collide():
+    names = ["van gogh", "van-gogh", "Van Gogh!", "梵高", "モネ", "x" * 300]
+    slugs = [erase_module.slug(n) for n in names]
+    assert slugs[0] != slugs[1] != slugs[2]  # same readable part, different names
+    assert slugs[3] != slugs[4] and slugs[3].startswith("concept-")  # non-Latin names
+    assert erase_module.slug("Van  Gogh") == erase_module.slug("van gogh")  # one concept, one folder
+    assert all(len(s) <= 49 for s in slugs)
+
+
+def test_fingerprint_covers_the_models_own_sampling_defaults(tiny):
+    """Editing erasure_defaults.json changes every image drawn for erasure: cached artifacts must not be reused."""
+    import dataclasses
+
+    changed = dataclasses.replace(tiny, defaults={"guidance_scale": 2.0})
+    assert fingerprint(changed) != fingerprint(tiny)
+
+
+@pytest.mark.parametrize("where", [".", "..", "/", "~"])
+def test_out_refuses_the_current_folder_its_parents_home_and_root(tmp_path, monkeypatch, where):
+    work = tmp_path / "a" / "work"
+    work.mkdir(parents=True)
+    (work / "keep.txt").write_text("precious")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HOME", str(tmp_path / "a"))
+    (work / "request.yaml").write_text(yaml.safe_dump(REQUEST))
+    result = CliRunner().invoke(app, ["erase", "request.yaml", "--out", where, "--overwrite"])
+    assert result.exit_code == 2, result.output
+    assert "folder of its own" in " ".join(result.output.split())
+    assert (work / "keep.txt").read_text() == "precious"
+
+
+def test_overwrite_refuses_a_folder_that_is_not_an_erasure_output(tmp_path):
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_text("not ours")
+    request = parse_request(REQUEST | {"concepts": REQUEST["concepts"][:1]})
+    with pytest.raises(RequestError, match="not a previous erasure output"):
+        erase_module.erase(request, other, overwrite=True)
+    assert (other / "holiday.jpg").read_text() == "not ours"
+
+
+def test_overwrite_replaces_atomically_and_a_crash_keeps_the_previous_output(tmp_path, monkeypatch):
+    request = parse_request(REQUEST | {"concepts": REQUEST["concepts"][:1], "method": REQUEST["method"] | {"lora_steps": 1}})
+    out = tmp_path / "out"
+    erase_module.erase(request, out)
+    before = (out / "manifest.json").read_text()
+
+    real_replace = erase_module.os.replace
+
+    def crash_on_publish(source, target):
+        if Path(target) == out and Path(source).name != "out":  # the new output's rename, not the roll-back
+            raise OSError("killed while renaming")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(erase_module.os, "replace", crash_on_publish)
+    with pytest.raises(OSError, match="killed"):
+        erase_module.erase(request, out, overwrite=True)
+    monkeypatch.undo()
+    assert (out / "manifest.json").read_text() == before  # the previous output is back in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or aside folder left
+
+    erase_module.erase(request, out, overwrite=True)  # and a real overwrite replaces it
+    assert json.loads((out / "manifest.json").read_text())["base_fingerprint"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -1,6 +1,7 @@
 """Every bad request fails with a message that says what to fix, and writes nothing."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -36,10 +37,26 @@ def with_(**changes):
         (with_(preserve={"captions": "missing.txt"}), "preserve.captions"),
         (with_(method={"lora_steps": -1}), "method.lora_steps"),
         ([1, 2], "top level must be a mapping"),
+        # bounds on every field, refused before anything is loaded
+        (with_(concepts=[{"name": "c" * 201, "anchor": "dog"}]), "concepts.0.name: is 201 characters long"),
+        (with_(concepts=[{"name": "cat\x00", "anchor": "dog"}]), "concepts.0.name: contains U+0000"),
+        (with_(concepts=[{"name": "cat\u202e", "anchor": "dog"}]), "concepts.0.name: contains U+202E"),
+        (with_(concepts=[{"name": "ca\u200bt", "anchor": "dog"}]), "concepts.0.name: contains U+200B"),
+        (with_(concepts=[{"name": "cat", "anchor": "d\u200dog"}]), "concepts.0.anchor: contains U+200D"),
+        (with_(concepts=[{"name": "cat", "anchor": "dog", "synonyms": ["ki\ttty"]}]), "concepts.0.synonyms.0: contains U+0009"),
+        (with_(concepts=[{"name": "cat", "anchor": "dog", "prompts": ["p" * 1001]}]), "concepts.0.prompts.0"),
+        (with_(concepts=[{"name": f"c{i}", "anchor": "dog"} for i in range(1001)]), "concepts: Tuple should have at most 1000"),
+        (with_(preserve={"concepts": ["\ufefftree"]}), "preserve.concepts.0: contains U+FEFF"),
+        (with_(method={"images_per_concept": 10_000}), "method.images_per_concept"),
+        (with_(method={"sampler_steps": 10**6}), "method.sampler_steps"),
+        (with_(method={"lora_steps": 10**9}), "method.lora_steps"),
+        (with_(seed=-1), "seed: Input should be greater than or equal to 0"),
+        (with_(seed=2**40), "seed: Input should be less than or equal to"),
+        (with_(model="m" * 2000), "model: is 2000 characters long"),
     ],
 )
 def test_bad_requests_are_rejected_with_a_clear_message(tmp_path, data, message):
-    with pytest.raises(RequestError, match=message):
+    with pytest.raises(RequestError, match=re.escape(message)):
         parse_request(data, base_dir=tmp_path)
 
 
@@ -95,3 +112,48 @@ def test_cli_rejects_bad_requests_and_writes_nothing(tmp_path, data, message):
     assert message in " ".join(result.output.split())
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["request.yaml"]
+
+
+def test_request_file_size_and_yaml_aliases_are_bounded(tmp_path):
+    (tmp_path / "big.yaml").write_text("# " + "x" * (1 << 20) + "\n" + yaml.safe_dump(GOOD))
+    with pytest.raises(RequestError, match="larger than 1024 KiB"):
+        load_request(tmp_path / "big.yaml")
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: [*b, *b, *b, *b, *b, *b]\n"
+    (tmp_path / "bomb.yaml").write_text(bomb + yaml.safe_dump(GOOD))
+    with pytest.raises(RequestError, match="aliases"):
+        load_request(tmp_path / "bomb.yaml")
+
+
+def test_caption_file_is_bounded_hashed_and_checked_when_read_again(tmp_path, monkeypatch):
+    import erasure.spec as spec
+
+    path = tmp_path / "captions.txt"
+    path.write_text("a cat on a mat\na dog\n")
+    request = parse_request(with_(preserve={"captions": "captions.txt"}), base_dir=tmp_path)
+    captions, digest = spec.read_captions(path)
+    assert captions == ["a cat on a mat", "a dog"] and request.preserve.captions_sha256 == digest
+
+    path.write_text("a cat on a mat\na dog\na tree\n")  # changed after validation
+    with pytest.raises(RequestError, match="changed since the request was validated"):
+        spec.read_captions(path, request.preserve.captions_sha256)
+
+    monkeypatch.setattr(spec, "MAX_CAPTION_BYTES", 16)
+    with pytest.raises(RequestError, match="larger than"):
+        parse_request(with_(preserve={"captions": "captions.txt"}), base_dir=tmp_path)
+    monkeypatch.undo()
+    path.write_bytes(b"a cat\n\xff\xfe\n")
+    with pytest.raises(RequestError, match="not UTF-8"):
+        parse_request(with_(preserve={"captions": "captions.txt"}), base_dir=tmp_path)
+    path.write_text("a cat\nhidden\u202etext\n")
+    with pytest.raises(RequestError, match="caption 2: contains U\\+202E"):
+        parse_request(with_(preserve={"captions": "captions.txt"}), base_dir=tmp_path)
+
+
+def test_builtin_models_come_from_one_registry():
+    from erasure.builtins import builtin_names
+    from erasure.evaluate import has_judge
+
+    assert builtin_names() == ["builtin:tiny", "builtin:toyworld"]
+    assert has_judge("builtin:toyworld") and not has_judge("builtin:tiny") and not has_judge("/some/folder")
+    with pytest.raises(RequestError, match="valid: builtin:tiny, builtin:toyworld"):
+        parse_request(with_(model="builtin:nope"))

@@ -46,6 +46,9 @@ def test_trainer_lowers_the_loss_and_resumes(tmp_path):
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5])
     model = load_components(str(folder))
     assert model.vae is None and model.unet.config.sample_size == 16
+    from erasure.toyworld.settings import SAMPLING
+
+    assert model.defaults == SAMPLING.model_dump()  # a retrained model keeps its sampling settings
     # a finished run resumes from its checkpoint and has nothing left to do
     _, more = train_toyworld(tmp_path, steps=40, batch=8, lr=2e-3, warmup=1, log=lambda _: None)
     assert more == []
@@ -55,8 +58,10 @@ def test_trainer_lowers_the_loss_and_resumes(tmp_path):
 def test_committed_model_and_classifier_load_offline():
     from erasure.toyworld.model import CLASSIFIER_FILE, MODEL_DIR, load_toyworld_classifier
 
+    from erasure.toyworld.settings import SAMPLING
+
     model = load_components("builtin:toyworld")
-    assert model.vae is None and model.defaults["guidance_scale"] > 1
+    assert model.vae is None and model.defaults == SAMPLING.model_dump()  # one home: settings.SAMPLING
     assert load_components(str(MODEL_DIR)).unet.config == model.unet.config
     classifier = load_toyworld_classifier()
     assert CLASSIFIER_FILE.stat().st_size < 2_000_000 and classifier is not None

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from erasure.sampling import sample
+from erasure.toyworld.settings import SAMPLING
 from erasure.toyworld.world import COLOURS, SHAPES, STYLES, SYNONYMS
 
 
@@ -15,8 +16,8 @@ def attribute_accuracy(
     prompts: list[str],
     expected: list[dict[str, str]],
     seeds: list[int],
-    steps: int = 25,
-    guidance_scale: float = 1.5,
+    steps: int = SAMPLING.sampler_steps,
+    guidance_scale: float = SAMPLING.guidance_scale,
 ) -> tuple[dict[str, float], torch.Tensor, dict[str, list[str]]]:
     """Fraction of samples whose predicted attribute equals the expected one, per attribute.
 
@@ -45,7 +46,9 @@ def base_prompts(rng: np.random.Generator, count: int, synonyms: bool = False) -
     return prompts, expected
 
 
-def quick_accuracy(components, classifier, count: int = 96, seed: int = 7, guidance_scale: float = 1.5) -> dict:
+def quick_accuracy(
+    components, classifier, count: int = 96, seed: int = 7, guidance_scale: float = SAMPLING.guidance_scale
+) -> dict:
     """Accuracy on ``count`` random prompts with names and as many with synonyms (training-time check)."""
     rng = np.random.default_rng(seed)
     out = {}
@@ -58,7 +61,9 @@ def quick_accuracy(components, classifier, count: int = 96, seed: int = 7, guida
     return out
 
 
-def concept_accuracy_table(components, classifier, guidance_scale: float, per_concept: int = 16, steps: int = 25) -> dict:
+def concept_accuracy_table(
+    components, classifier, guidance_scale: float, per_concept: int = 16, steps: int = SAMPLING.sampler_steps
+) -> dict:
     """Accuracy of the attribute each prompt names, for every shape, colour and style, by name and by synonym.
 
     Prompt i of concept c fills the other attributes in rotation ("a striped red

@@ -61,7 +61,7 @@ def _batch(rng: np.random.Generator, count: int, size: int, noise: float) -> tup
     return x, labels
 
 
-def train_classifier(steps: int = 3000, batch: int = 128, size: int = 16, seed: int = 0, log=print) -> ToyClassifier:
+def train_classifier(steps: int, batch: int = 128, size: int = 16, seed: int = 0, log=print) -> ToyClassifier:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = ToyClassifier()

@@ -16,6 +16,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from erasure.models import Components, load_folder, small_text_encoder
 from erasure.prompts import template_words
 from erasure.tokenizer import build_clip_tokenizer
+from erasure.toyworld.settings import SAMPLING
 from erasure.toyworld.world import vocabulary
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "toyworld"
@@ -51,7 +52,7 @@ def build_toyworld_components(seed: int = 0) -> Components:
         steps_offset=1,
         prediction_type="epsilon",
     )
-    return Components(unet, text_encoder, tokenizer, scheduler, vae=None)
+    return Components(unet, text_encoder, tokenizer, scheduler, vae=None, defaults=SAMPLING.model_dump())
 
 
 def load_toyworld_components(folder: Path = MODEL_DIR) -> Components:

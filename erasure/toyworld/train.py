@@ -9,6 +9,7 @@ every ``checkpoint_every`` steps, so a killed run resumes exactly where it was.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -21,11 +22,14 @@ import torch.nn.functional as F
 from erasure.models import save_components
 from erasure.text import tokenize
 from erasure.toyworld.model import IMAGE_SIZE, build_toyworld_components
+from erasure.toyworld.settings import TRAINING
 from erasure.toyworld.world import sample_batch
 
 CAPTION_DROPOUT = 0.1
 MIN_SNR_GAMMA = 5.0
 EMA_DECAY = 0.999
+
+
 
 
 def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -43,13 +47,13 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
 
 def train_toyworld(
     out_dir: Path,
-    steps: int = 12000,
-    batch: int = 32,
-    lr: float = 1e-3,
-    seed: int = 0,
-    checkpoint_every: int = 500,
-    eval_every: int = 2000,
-    warmup: int = 300,
+    steps: int = TRAINING.steps,
+    batch: int = TRAINING.batch,
+    lr: float = TRAINING.lr,
+    seed: int = TRAINING.seed,
+    checkpoint_every: int = TRAINING.checkpoint_every,
+    eval_every: int = TRAINING.eval_every,
+    warmup: int = TRAINING.warmup,
     evaluate=None,
     log=print,
 ) -> tuple[Path, list[float]]:
@@ -70,7 +74,7 @@ def train_toyworld(
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
     start = 0
     if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, weights_only=False)
+        state = torch.load(checkpoint_path, weights_only=True)  # tensors and numbers only: never unpickle code
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         ema_unet.load_state_dict(state["ema_unet"])
@@ -121,10 +125,10 @@ def train_toyworld(
             torch.save(state, checkpoint_path.with_suffix(".tmp"))
             checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
         if evaluate is not None and (done % eval_every == 0 or done == steps):
-            ema = type(components)(ema_unet.eval(), ema_text.eval(), tokenizer, scheduler, None)
+            ema = dataclasses.replace(components, unet=ema_unet.eval(), text_encoder=ema_text.eval())
             log(f"eval at step {done}: {json.dumps(evaluate(ema))}")
             ema_unet.train(False)
 
-    final = type(components)(ema_unet.eval(), ema_text.eval(), tokenizer, scheduler, None)
+    final = dataclasses.replace(components, unet=ema_unet.eval(), text_encoder=ema_text.eval())  # keeps its defaults
     save_components(final, out_dir / "model")
     return out_dir / "model", history

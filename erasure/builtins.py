@@ -1,0 +1,74 @@
+"""The models this project builds itself, and the judge of each: one registry.
+
+A request names one as ``builtin:<name>``. Each entry says how to load the model
+and, when the model's world has one, how to judge its images (the probes and
+the judge the evaluation uses). Loaders and judges import lazily, so this module
+is cheap to import (the request validator reads the names from it) and
+``erasure.models`` does not import the toy world at import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from erasure.models import Components
+    from erasure.spec import ErasureRequest
+
+BUILTIN_PREFIX = "builtin:"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    description: str
+    load: Callable[[], Components]
+    # request -> (probes, judge); None when the model's world has no judge
+    judge: Callable[[ErasureRequest], tuple[list, object]] | None = None
+
+
+def _load_tiny() -> Components:
+    from erasure.models import build_tiny_components
+
+    return build_tiny_components()
+
+
+def _load_toyworld() -> Components:
+    from erasure.toyworld.model import load_toyworld_components
+
+    return load_toyworld_components()
+
+
+def _toyworld_judge(request: ErasureRequest) -> tuple[list, object]:
+    from erasure.toyworld.judge import ToyJudge, erasure_probes
+    from erasure.toyworld.model import load_toyworld_classifier
+
+    probes = erasure_probes([c.name for c in request.concepts], list(request.preserve.concepts), seed=request.seed)
+    return probes, ToyJudge(load_toyworld_classifier())
+
+
+BUILTINS: dict[str, BuiltinModel] = {
+    entry.name: entry
+    for entry in (
+        BuiltinModel("tiny", "a randomly initialised SD-shaped pipeline for tests (draws noise)", _load_tiny),
+        BuiltinModel("toyworld", "the toy world's trained model (the embedded default)", _load_toyworld, _toyworld_judge),
+    )
+}
+DEFAULT_MODEL = BUILTIN_PREFIX + "toyworld"
+
+
+def builtin_names() -> list[str]:
+    return [BUILTIN_PREFIX + name for name in BUILTINS]
+
+
+def find_builtin(model: str) -> BuiltinModel | None:
+    """The registry entry of ``builtin:<name>``; None for anything else (a folder, a hub id).
+    An unknown ``builtin:`` name is an error that lists the valid ones."""
+    if not model.startswith(BUILTIN_PREFIX):
+        return None
+    entry = BUILTINS.get(model[len(BUILTIN_PREFIX) :])
+    if entry is None:
+        raise ValueError(f"unknown built-in {model!r}; valid: {', '.join(builtin_names())}")
+    return entry
