@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+from erasure.erase import slug
 from erasure.spec import ConceptSpec, ErasureRequest, normalise
-from tasks.store import sha256_file
 
 STAGE_VERSIONS = {"prior": 1, "concept": 1, "model": 1}
 
@@ -20,10 +20,11 @@ def _digest(payload: dict) -> str:
 
 
 def _preserve_inputs(request: ErasureRequest) -> dict:
-    captions = request.preserve.captions
+    if request.preserve.captions is not None and request.preserve.captions_sha256 is None:
+        raise ValueError("preserve.captions has no content hash: validate the request with erasure.spec.parse_request")
     return {
         "concepts": list(request.preserve.concepts),
-        "captions_sha256": sha256_file(captions) if captions else None,  # the content, not the path
+        "captions_sha256": request.preserve.captions_sha256,  # the content, not the path
     }
 
 
@@ -42,8 +43,7 @@ def concept_key(base_fingerprint: str, concept: ConceptSpec, request: ErasureReq
         "preserve": _preserve_inputs(request) | {"lam1": request.preserve.lam1, "ridge": request.preserve.ridge},
         "seed": request.seed,
     }
-    name = "-".join(normalise(concept.name).split())[:40]
-    return f"concepts/{name}-{_digest(payload)}"
+    return f"concepts/{slug(concept.name)}-{_digest(payload)}"
 
 
 def model_key(base_fingerprint: str, concept_keys: list[str], request: ErasureRequest) -> str:
