@@ -5,12 +5,12 @@ Both solve a ridge-regularised least-squares problem over text states ``e``
 (d_out x d). Every cross-attention layer reads the *same* text states, so each
 solve is "per-layer numerator times one shared text-side matrix":
 
-CFR (methods.md 1.2), with per-concept aligned statistics
+CFR (docs/method.md, "Cross-attention refinement"), with per-concept aligned statistics
 ``A = mean e^f e^f^T`` and ``B = mean e^g e^f^T``, summed over concepts::
 
     W' = W (B + lam1 G_p + r I)(A + lam1 G_p + r I)^-1  =  W M
 
-Fusion (methods.md 1.4), with ``G_k = mean e e^T`` over all token states of
+Fusion (docs/method.md, "Closed-form fusion"), with ``G_k = mean e e^T`` over all token states of
 concept k's prompts, ``M_k`` that concept's own CFR map and ``dW_k`` its LoRA::
 
     W* = (W sum_k M_k G_k + sum_k dW_k G_k + lam2 W G_p + r W)(sum_k G_k + lam2 G_p + r I)^-1

@@ -1,6 +1,6 @@
 """Per-concept training data: images from the base model and masks of the concept.
 
-The default masks are weights-free (methods.md 1.1): the concept tokens'
+The default masks are weights-free (docs/method.md, "Data per concept"): the concept tokens'
 cross-attention maps, captured in the same sampling pass that draws the images,
 summed over layers, heads and steps, min-max normalised per image and
 thresholded. Styles, and ``mask_mode: none``, use the whole image.

@@ -1,6 +1,6 @@
 """MACE end to end, as plain functions: one per stage, and ``erase`` that runs them in order.
 
-Stages (architecture.md, "one concept's journey"):
+Stages (docs/architecture.md, "One concept's journey"):
 
 1. prior: the Gram matrix of the text states that must keep their K/V (the empty
    prompt, anchor prompts, retained concepts, a caption corpus);

@@ -1,6 +1,6 @@
 """One LoRA per concept, trained to remove the concept tokens' attention on the concept's pixels.
 
-methods.md 1.3: rank-r LoRA (peft) on every ``attn2.to_k`` and ``attn2.to_v``;
+docs/method.md, "LoRA on attention": rank-r LoRA (peft) on every ``attn2.to_k`` and ``attn2.to_v``;
 loss ``sum over layers of || A_l[:, mask, concept tokens] ||_F`` (the reference
 code's unsquared norm: its gradient does not vanish as the attention shrinks,
 which the squared norm of the paper's text does); timesteps drawn by

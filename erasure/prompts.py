@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-# The prompt images are generated from (methods.md 1.1).
+# The prompt images are generated from (docs/method.md, "Data per concept").
 GENERATION_TEMPLATES = {
     "object": "a photo of the {}",
     "person": "a photo of the {}",

@@ -153,7 +153,7 @@ class SamplingSettings(_Strict):
 
 
 class MethodSettings(_Strict):
-    """MACE hyperparameters; defaults are the paper's (docs/method.md, "Data per concept" and "LoRA")."""
+    """MACE hyperparameters; defaults are the paper's (docs/method.md, "Data per concept" and "LoRA on attention")."""
 
     images_per_concept: int = Field(default=8, ge=1, le=256)  # MACE: 8 images per concept
     # None: the model's own setting (erasure_defaults.json), else SamplingSettings'
