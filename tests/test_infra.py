@@ -54,6 +54,75 @@ def test_service_definitions_parse_and_configure_the_pipeline():
     assert '".[pipeline]"' in dockerfile and "COPY flows" in dockerfile
 
 
+MANIFESTS = sorted([*(ROOT / "infra").rglob("*.yaml"), ROOT / "infra" / "worker.Dockerfile"])
+
+
+def _containers(node, params=None):
+    """(container, the rayStartParams of its group) for every container in a manifest."""
+    if isinstance(node, dict):
+        params = node.get("rayStartParams", params)
+        for container in node.get("containers", []):
+            yield container, params or {}
+        for key, value in node.items():
+            if key != "containers":
+                yield from _containers(value, params)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _containers(value, params)
+
+
+def _authenticated(container) -> bool:
+    command = container.get("command", []) + container.get("args", [])
+    env = {e["name"]: e for e in container.get("env", [])}
+    secrets = {source["secretRef"]["name"] for source in container.get("envFrom", []) if "secretRef" in source}
+    from_secret = lambda name: "secretKeyRef" in env.get(name, {}).get("valueFrom", {})  # noqa: E731
+    if "basic-auth" in command and command[command.index("basic-auth") - 1] == "--app-name":
+        return from_secret("MLFLOW_AUTH_ADMIN_PASSWORD")
+    if "PREFECT_SERVER_API_AUTH_STRING" in env:
+        return from_secret("PREFECT_SERVER_API_AUTH_STRING")
+    return env.get("RAY_AUTH_MODE", {}).get("value") == "token" and "erasure-ray-token" in secrets
+
+
+def test_nothing_listens_on_all_interfaces_without_auth():
+    checked = 0
+    for path in (ROOT / "infra").rglob("*.yaml"):
+        for doc in load_all(path):
+            for container, params in _containers(doc):
+                if "0.0.0.0" in yaml.safe_dump([container, params]):
+                    assert _authenticated(container), f"{path.name}: {container['name']} on 0.0.0.0 without auth"
+                    checked += 1
+            if doc["kind"] == "Service":  # reachable inside the cluster only
+                assert doc["spec"].get("type", "ClusterIP") == "ClusterIP" and "externalIPs" not in doc["spec"]
+            if doc["kind"] == "RayCluster":
+                assert doc["spec"]["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
+    assert checked >= 3  # mlflow, prefect-server, ray-head
+
+
+def test_no_trust_auth_and_no_literal_secrets():
+    for path in MANIFESTS:
+        text = path.read_text()
+        assert "trust" not in text.lower(), path.name
+        assert "change-me" not in text.lower() and "changeme" not in text.lower(), path.name
+        for doc in yaml.safe_load_all(text) if path.suffix == ".yaml" else []:
+            assert not doc or doc["kind"] != "Secret", f"{path.name}: Secrets are created out of band"
+    docs = [d for path in (ROOT / "infra" / "k8s").glob("*.yaml") for d in load_all(path)]
+    (postgres,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    env = {e["name"]: e for e in postgres["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["POSTGRES_HOST_AUTH_METHOD"]["value"] == "scram-sha-256"
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "erasure-postgres"
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert any(p["spec"]["podSelector"] == {} and "ingress" not in p["spec"] for p in policies)  # default deny
+
+
+def test_worker_image_pins_its_allowed_models():
+    dockerfile = (ROOT / "infra" / "worker.Dockerfile").read_text()
+    assert "ERASURE_ALLOWED_MODELS=${ERASURE_ALLOWED_MODELS}" in dockerfile
+    (default,) = [line.split("=", 1)[1] for line in dockerfile.splitlines() if line.startswith("ARG ERASURE_ALLOWED_MODELS")]
+    for entry in default.split(","):
+        model, revision = entry.split("@")
+        assert "/" in model and len(revision) == 40 and int(revision, 16) >= 0
+
+
 def test_console_entry_point_exists():
     import tomllib
 

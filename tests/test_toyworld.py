@@ -57,7 +57,6 @@ def test_trainer_lowers_the_loss_and_resumes(tmp_path):
 
 def test_committed_model_and_classifier_load_offline():
     from erasure.toyworld.model import CLASSIFIER_FILE, MODEL_DIR, load_toyworld_classifier
-
     from erasure.toyworld.settings import SAMPLING
 
     model = load_components("builtin:toyworld")

@@ -1,0 +1,164 @@
+"""Local services' state, secrets and PIDs: nothing committed, secrets 0600, no stranger ever signalled."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cli import services as svc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def state(tmp_path, monkeypatch):
+    monkeypatch.setenv("ERASURE_STATE_DIR", str(tmp_path / "state"))
+    return tmp_path / "state"
+
+
+def _git(*args: str) -> subprocess.CompletedProcess:
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_git_tracks_no_service_state_and_no_secret():
+    tracked = _git("ls-files", "-z").stdout.split("\0")
+    secret_words = ("credentials", "passphrase", "session_key")
+    offending = [
+        path for path in tracked if path and (
+            path.startswith(".erasure/")
+            or path.endswith((".db", ".pid"))
+            or (path.endswith(".log") and not path.startswith("erasure/assets/"))  # assets: training provenance
+            or any(word in Path(path).name for word in secret_words)
+            or Path(path).name.startswith(".mini_")
+        )
+    ]
+    assert offending == []
+
+
+def test_gitignore_ignores_the_state_folder():
+    for path in (".erasure/services/s3-credentials", ".erasure/services/seaweedfs/1.dat", "sub/.erasure/services/env"):
+        assert _git("check-ignore", "--no-index", "-q", path).returncode == 0, path
+
+
+def test_state_lives_in_one_folder(state, monkeypatch):
+    assert svc.services_dir() == state.resolve() / "services"
+    monkeypatch.delenv("ERASURE_STATE_DIR")
+    monkeypatch.chdir(state.parent)
+    assert svc.services_dir() == state.parent.resolve() / ".erasure" / "services"
+
+
+def test_credentials_are_created_0600_and_a_loose_file_is_refused(state):
+    key, secret = svc.credentials()
+    path = svc.services_dir() / "s3-credentials"
+    assert (path.stat().st_mode & 0o777) == 0o600 and len(secret) >= 32
+    assert (state.stat().st_mode & 0o777) == (path.parent.stat().st_mode & 0o777) == 0o700
+    assert svc.credentials() == (key, secret)  # reused, not regenerated
+    assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+    path.chmod(0o644)
+    with pytest.raises(svc.ServiceError, match=f"chmod 600 {path}"):
+        svc.credentials()
+    path.unlink()  # deleting it regenerates
+    assert svc.credentials()[1] != secret
+
+
+def test_env_file_is_0600_and_a_loose_one_is_refused(state):
+    path = svc.write_env_file({"AWS_SECRET_ACCESS_KEY": "s3cret value"})
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert path.read_text() == "export AWS_SECRET_ACCESS_KEY='s3cret value'\n"
+    path.chmod(0o640)
+    with pytest.raises(svc.ServiceError, match="chmod 600"):
+        svc.write_env_file({"A": "b"})
+
+
+@pytest.fixture
+def sleeper():
+    """A process that is none of our services, in its own process group."""
+    process = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    yield process
+    process.kill()
+    process.wait()
+
+
+def _write_pid_file(name: str, pid: int, **changes) -> Path:
+    start_time, cmdline, _ = svc._identity(pid)
+    path = svc.services_dir() / f"{name}.pid"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": pid, "start_time": start_time, "cmdline": cmdline} | changes))
+    return path
+
+
+@pytest.mark.parametrize("field", ["start_time", "cmdline"])
+def test_a_reused_pid_is_never_signalled(state, sleeper, field):
+    start_time, cmdline, _ = svc._identity(sleeper.pid)
+    wrong = {"start_time": start_time + 1, "cmdline": [*cmdline, "-s3.port=8333"]}[field]
+    path = _write_pid_file("s3", sleeper.pid, **{field: wrong})
+    message = svc.stop("s3")
+    assert "another process" in message and "without signalling" in message
+    assert sleeper.poll() is None  # still running
+    assert not path.exists()
+    assert svc.status()["s3"] is None
+
+
+@pytest.mark.parametrize("content", ["", "not json", "12345", '{"pid": "x"}', '{"pid": 1, "start_time": 0, "cmdline": []}', b"\xff\xfe"])
+def test_an_empty_or_corrupt_pid_file_gives_a_clean_message(state, content):
+    path = svc.services_dir() / "mlflow.pid"
+    path.parent.mkdir(parents=True)
+    write = path.write_bytes if isinstance(content, bytes) else path.write_text
+    write(content)
+    assert "empty or corrupt" in svc.stop("mlflow")
+    assert not path.exists()
+    write(content)
+    assert svc.status()["mlflow"] is None
+
+
+def test_the_recorded_process_is_stopped_with_its_group(state, sleeper):
+    _write_pid_file("prefect", sleeper.pid)
+    assert svc.status()["prefect"] == sleeper.pid
+    assert svc.stop("prefect").startswith("stopped prefect")
+    assert sleeper.wait(timeout=5) == -signal.SIGTERM
+
+
+def test_a_process_that_leads_no_group_is_not_signalled_with_killpg(state, monkeypatch):
+    process = subprocess.Popen(["sleep", "30"])  # in our process group
+    try:
+        assert os.getpgid(process.pid) != process.pid
+        _write_pid_file("s3", process.pid)
+        groups = []
+        monkeypatch.setattr(os, "killpg", lambda pgid, signum: groups.append(pgid))
+        assert svc.stop("s3").startswith("stopped s3")
+        assert groups == [] and process.wait(timeout=5) == -signal.SIGTERM
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_services_down_reports_a_corrupt_pid_file_without_a_traceback(state):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    path = svc.services_dir() / "s3.pid"
+    path.parent.mkdir(parents=True)
+    path.write_text("")
+    result = CliRunner().invoke(app, ["services", "down"])
+    assert result.exit_code == 0 and result.exception is None
+    assert "empty or corrupt" in result.output
+
+
+def test_services_up_refuses_a_loose_secret_before_starting_anything(state, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.setattr(svc, "_start", lambda *a, **k: pytest.fail("started a service"))
+    path = svc.write_env_file({"A": "b"})
+    path.chmod(0o604)
+    result = CliRunner().invoke(app, ["services", "up"])
+    assert result.exit_code == 2 and "chmod 600" in result.output
