@@ -102,13 +102,40 @@ def sampling_defaults(components: Components) -> dict:
     return SamplingSettings.model_validate(own).model_dump()
 
 
+ALLOWED_MODELS_VARIABLE = "ERASURE_ALLOWED_MODELS"
+
+
+def allowed_revision(model_id: str) -> str | None:
+    """The pinned revision of ``model_id`` when ``$ERASURE_ALLOWED_MODELS`` lists the hub models a
+    worker may load (``org/name@revision,...``; a production image sets it); None when unset
+    (any hub id, its latest revision). A model not on a set list is refused."""
+    listed = os.environ.get(ALLOWED_MODELS_VARIABLE)
+    if listed is None:
+        return None
+    pins = {}
+    for entry in filter(None, (item.strip() for item in listed.split(","))):
+        name, _, revision = entry.partition("@")
+        pins[name] = revision or None
+    if model_id not in pins:
+        raise RequestError(
+            f"model {model_id!r} is not on this worker's allow-list ({ALLOWED_MODELS_VARIABLE}: "
+            f"{', '.join(pins) or 'empty'}); ask the operator to add it with a pinned revision"
+        )
+    if pins[model_id] is None:
+        raise RequestError(f"{ALLOWED_MODELS_VARIABLE} lists {model_id!r} without a pinned revision (write NAME@REVISION)")
+    return pins[model_id]
+
+
 def load_hub(model_id: str) -> Components:
-    """Download (or read from the local cache) a hub pipeline such as SD 1.4."""
+    """Download (or read from the local cache) a hub pipeline such as SD 1.4, at the revision the
+    worker's allow-list pins (``allowed_revision``)."""
     from huggingface_hub import snapshot_download
 
+    revision = allowed_revision(model_id)
     try:
         folder = snapshot_download(
             model_id,
+            revision=revision,
             allow_patterns=["model_index.json", "unet/*", "text_encoder/*", "tokenizer/*", "scheduler/*", "vae/*"],
             local_files_only=os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"),
         )

@@ -37,6 +37,19 @@ def test_hub_id_offline_says_how_to_use_a_local_folder():
         load_components("someone/some-model-that-is-not-cached")
 
 
+def test_hub_models_must_be_on_the_workers_allow_list_at_a_pinned_revision(monkeypatch):
+    from erasure.models import allowed_revision
+
+    monkeypatch.delenv("ERASURE_ALLOWED_MODELS", raising=False)
+    assert allowed_revision("org/any") is None  # no list: a laptop loads what it is given
+    monkeypatch.setenv("ERASURE_ALLOWED_MODELS", "CompVis/stable-diffusion-v1-4@133a221b, org/unpinned")
+    assert allowed_revision("CompVis/stable-diffusion-v1-4") == "133a221b"
+    with pytest.raises(RequestError, match="not on this worker's allow-list"):
+        load_components("evil/model")
+    with pytest.raises(RequestError, match="without a pinned revision"):
+        load_components("org/unpinned")
+
+
 def test_erase_cli_writes_a_model_that_loads_and_generates(tmp_path, tiny):
     (tmp_path / "request.yaml").write_text(yaml.safe_dump(REQUEST))
     out = tmp_path / "erased"
