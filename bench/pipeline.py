@@ -89,23 +89,22 @@ def main() -> None:
     result = erase_flow(json.loads(spec.model_dump_json()), "bench", workers=1)
     rows.append(("flow: erase_flow, 1 worker (registered v{})".format(result["version"]), time.perf_counter() - timer))
 
+    from concurrent.futures import ThreadPoolExecutor
+
     from tasks.keys import concept_key, prior_key
 
     for workers in (1, 2):
         fresh_store(root, f"stage-{workers}")
         drop_pools()
         pool = worker_pool("builtin:tiny", workers)
-        request_json = spec.model_dump_json()
         p_key = prior_key(pool.fingerprint, spec)
-        pool.call("prior", request_json, p_key)
-        refs = []
+        pool.prior(spec, p_key)
+        keys = [concept_key(pool.fingerprint, concept, spec) for concept in spec.concepts]
         timer = time.perf_counter()
-        import ray
-
-        for i, concept in enumerate(spec.concepts):
-            actor = pool.actors[i % workers]
-            refs.append(actor.concept.remote(request_json, i, concept_key(pool.fingerprint, concept, spec), p_key))
-        ray.get(refs)
+        # every concept at once, as the flow submits them: each runs on whichever worker is idle
+        with ThreadPoolExecutor(len(keys)) as threads:
+            futures = [threads.submit(pool.concept, spec, i, key, p_key) for i, key in enumerate(keys)]
+            [future.result() for future in futures]
         rows.append((f"per-concept stage, {workers} worker(s)", time.perf_counter() - timer))
     drop_pools()
 

@@ -28,7 +28,7 @@ def audit_flow(model: str, request: dict | None = None, workers: int = 1) -> dic
     else:
         version, spec, model_key = None, ErasureRequest.model_validate(request), None
         name = model.replace("builtin:", "builtin-").replace("/", "-")
-    evaluation = stage_evaluate(spec.model, workers, spec.model_dump_json(), model_key)
+    evaluation = stage_evaluate(spec, model_key, workers)
     if evaluation is None:
         raise ConceptLeak(f"cannot audit {model!r}: no judge for base model {spec.model!r}")
     metrics = evaluation["metrics"]

@@ -1,50 +1,161 @@
 """Ray: a pool of ``ConceptWorker`` actors, one per GPU (or per CPU without GPUs).
 
-The same code runs on a local ``ray.init()`` (bound to 127.0.0.1) and on a cluster
-(``RAY_ADDRESS``). Pools are kept per process and model, so consecutive flows in
-one process reuse loaded models instead of paying for actor start-up again.
+The same code runs on a local Ray (every listener on 127.0.0.1, no dashboard) and on
+a cluster (``RAY_ADDRESS``). Pools are kept per process, model and device, so
+consecutive flows in one process reuse loaded models instead of paying for actor
+start-up again.
+
+A stage goes to whichever actor is idle (callers block until one is). A stage whose
+actor died (killed, crashed, lost its node) gets a fresh actor and runs once more on
+it (every stage skips work already published, so a rerun is safe); an actor that
+outlives its stage's timeout is killed and replaced. Settings, from the environment:
+
+- ``ERASURE_DEVICE``: ``auto`` (default: GPUs when the cluster has any, else CPUs),
+  ``gpu`` (an error without GPUs, never a silent CPU fallback) or ``cpu``;
+- ``ERASURE_RAY_TIMEOUT``: seconds a stage may run on its actor (default 3600);
+- ``ERASURE_RAY_STARTUP_TIMEOUT``: seconds an actor may take to start, model
+  loaded (default 600);
+- ``ERASURE_RAY_CPUS``: CPUs of a local Ray (default: all of them).
 """
 
 from __future__ import annotations
 
-import itertools
+import logging
 import os
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from unittest import mock
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError
 
+from erasure.spec import ErasureRequest
 from tasks.store import store_settings
 from tasks.worker import ConceptWorker
 
+logger = logging.getLogger(__name__)
+
+DEVICES = ("auto", "gpu", "cpu")
+STAGE_TIMEOUT_S = 3600.0
+STARTUP_TIMEOUT_S = 600.0
+
 _pools: dict[tuple, WorkerPool] = {}
 _lock = threading.Lock()
+_ray_lock = threading.Lock()
+
+
+class StageTimeout(TimeoutError):
+    """A stage (or an actor's start-up) ran past its timeout on Ray."""
+
+
+class WorkerLost(RuntimeError):
+    """A stage lost its actor twice in a row, or the pool was shut down under it."""
+
+
+class FingerprintMismatch(RuntimeError):
+    """The pool's actors did not load the same base model."""
+
+
+class DeviceUnavailable(RuntimeError):
+    """GPU workers were asked for on a Ray cluster without GPUs."""
+
+
+def _seconds(variable: str, default: float) -> float:
+    text = os.environ.get(variable)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{variable}={text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise ValueError(f"{variable}={text!r} must be positive")
+    return value
+
+
+def stage_timeout() -> float:
+    return _seconds("ERASURE_RAY_TIMEOUT", STAGE_TIMEOUT_S)
+
+
+def startup_timeout() -> float:
+    return _seconds("ERASURE_RAY_STARTUP_TIMEOUT", STARTUP_TIMEOUT_S)
+
+
+def _no_api_server(self, *, include_dashboard, raise_on_failure) -> None:
+    """Stands in for ``Node.start_api_server``: Ray 2.60 starts its dashboard process
+    even with ``include_dashboard=False``; Ray treats a missing one like one that failed
+    to start, which it tolerates."""
 
 
 def ensure_ray() -> None:
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        # local: listen on loopback only, no dashboard, workers inherit our environment
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            log_to_driver=False,
-            num_cpus=int(os.environ.get("ERASURE_RAY_CPUS", os.cpu_count() or 1)),
+    with _ray_lock:
+        if ray.is_initialized():
+            return
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=False)
+            return
+        # Local Ray, loopback only. Ray 2.60 binds its gRPC servers (GCS, raylet, object
+        # manager, every worker) to all interfaces unless the node IP is loopback, and
+        # turns a node IP of 127.0.0.1 into the machine's external address
+        # (services.resolve_ip_for_localhost) unless "clusters" are disabled
+        # (ray_constants.ENABLE_RAY_CLUSTER, read from the variable below when ray is
+        # imported: the processes Ray starts read it from our environment, this process
+        # needs it patched). With a loopback node IP the agents, the autoscaler monitor
+        # and the metrics exporters bind to 127.0.0.1 as well. The dashboard process is
+        # not started at all.
+        from ray._private import ray_constants
+        from ray._private.node import Node
+
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        with (
+            mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False),
+            mock.patch.object(Node, "start_api_server", _no_api_server),
+        ):
+            ray.init(
+                _node_ip_address="127.0.0.1",
+                include_dashboard=False,
+                dashboard_host="127.0.0.1",
+                log_to_driver=False,
+                num_cpus=int(os.environ.get("ERASURE_RAY_CPUS", os.cpu_count() or 1)),
+            )
+
+
+def resolve_device(device: str | None = None) -> str:
+    """``device`` (else ``ERASURE_DEVICE``, else ``auto``) as ``gpu`` or ``cpu`` on this cluster."""
+    wanted = (device or os.environ.get("ERASURE_DEVICE") or "auto").strip().lower()
+    if wanted not in DEVICES:
+        raise ValueError(f"device {wanted!r} is not one of {', '.join(DEVICES)} (parameter or ERASURE_DEVICE)")
+    ensure_ray()
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if wanted == "gpu" and gpus < 1:
+        raise DeviceUnavailable(
+            "GPU workers were asked for (device=gpu / ERASURE_DEVICE=gpu) but the Ray cluster has no GPU; "
+            "use device=cpu (or auto) to run on CPUs"
         )
+    if wanted == "auto":
+        return "gpu" if gpus >= 1 else "cpu"
+    return wanted
+
+
+@dataclass
+class _Slot:
+    """One place in the pool: its current actor, and whether that actor was checked."""
+
+    actor: ray.actor.ActorHandle
+    verified: bool
 
 
 class WorkerPool:
-    """``size`` actors holding ``model``; calls go round robin."""
+    """``size`` actors holding ``model``; each stage goes to an idle actor."""
 
-    def __init__(self, model: str, size: int):
+    def __init__(self, model: str, size: int, device: str | None = None, worker_class: type | None = None):
         ensure_ray()
-        gpus = ray.cluster_resources().get("GPU", 0)
-        resource = "GPU" if gpus >= 1 else "CPU"
+        self.model, self.size = model, size
+        self.device = resolve_device(device)
+        resource = "GPU" if self.device == "gpu" else "CPU"
         deadline = time.time() + 30  # actors just killed release their resources asynchronously
         while (available := ray.available_resources().get(resource, 0)) < size and time.time() < deadline:
             time.sleep(0.2)
@@ -53,43 +164,164 @@ class WorkerPool:
                 f"{size} worker(s) need {size} {resource}(s) but Ray has {available:g} free "
                 f"({ray.cluster_resources().get(resource, 0):g} in all); ask for fewer --workers"
             )
-        store_url, endpoint = store_settings()
-        options = {"num_gpus": 1} if gpus >= 1 else {"num_cpus": 1}
-        threads = None if gpus >= 1 else 1  # one torch thread per CPU actor: actors share the cores
-        actor = ray.remote(max_restarts=1, max_task_retries=0)(ConceptWorker)
-        self.model, self.store_url, self.endpoint = model, store_url, endpoint
-        self.actors = [actor.options(**options).remote(model, store_url, endpoint, None, threads) for _ in range(size)]
-        self._next = itertools.cycle(range(size))
+        self.store_url, self.endpoint = store_settings()
+        # the pool replaces dead actors itself, so Ray neither restarts them nor retries their tasks
+        self._worker = ray.remote(max_restarts=0, max_task_retries=0)(worker_class or ConceptWorker)
+        self._closed = False
+        self._ready = threading.Condition()
+        self._slots: list[_Slot] = []
         try:
-            # every actor must be up (model loaded, store reachable) before the pool serves
-            fingerprints = ray.get([a.fingerprint.remote() for a in self.actors])
-        except Exception:
+            self._slots.extend(_Slot(self._spawn(), verified=True) for _ in range(size))
+            # every actor must be up (model loaded, store reachable) and hold the same base model
+            infos = self._startup([slot.actor for slot in self._slots])
+            fingerprints = {info["fingerprint"] for info in infos}
+            if len(fingerprints) > 1:
+                raise FingerprintMismatch(
+                    f"the {size} workers for {model!r} loaded different base models: "
+                    + "; ".join(f"worker {i} on {info['host']}: {info['fingerprint']}" for i, info in enumerate(infos))
+                    + ". Every node must hold the same model files"
+                )
+        except BaseException:
             self.shutdown()
             raise
-        self.fingerprint = fingerprints[0]
+        self.fingerprint = fingerprints.pop()
+        self._idle = list(self._slots)
 
-    def call(self, method: str, *args, actor: int | None = None):
-        """Run ``method`` on an actor (round robin unless ``actor`` is given) and wait for it."""
-        index = next(self._next) if actor is None else actor % len(self.actors)
-        return ray.get(getattr(self.actors[index], method).remote(*args))
+    @property
+    def actors(self) -> list:
+        return [slot.actor for slot in self._slots]
+
+    # ------------------------------------------------------------------ stages
+
+    def prior(self, request: ErasureRequest, key: str) -> dict:
+        return self._run("prior", lambda actor: actor.prior.remote(request, key))
+
+    def concept(self, request: ErasureRequest, index: int, key: str, prior_key: str) -> dict:
+        return self._run(
+            f"concept {index} ({request.concepts[index].name!r})",
+            lambda actor: actor.concept.remote(request, index, key, prior_key),
+        )
+
+    def fuse(self, request: ErasureRequest, concept_keys: list[str], prior_key: str, key: str) -> dict:
+        return self._run("fuse", lambda actor: actor.fuse.remote(request, concept_keys, prior_key, key))
+
+    def evaluate(self, request: ErasureRequest, model_key: str | None) -> dict | None:
+        return self._run("evaluate", lambda actor: actor.evaluate.remote(request, model_key))
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _run(self, stage: str, submit: Callable[[ray.actor.ActorHandle], ray.ObjectRef]):
+        """``submit`` the stage to an idle actor and wait for it (at most ``ERASURE_RAY_TIMEOUT``).
+
+        An actor that died is replaced and the stage runs once more on the new one; an
+        actor past the timeout is killed and replaced, and the stage fails."""
+        timeout = stage_timeout()
+        for attempt in (1, 2):
+            slot = self._acquire(stage)
+            try:
+                if not slot.verified:
+                    self._verify(slot)
+                result = self._get(submit(slot.actor), timeout, f"stage {stage}", "ERASURE_RAY_TIMEOUT")
+            except RayActorError as error:
+                self._replace(slot)
+                if attempt == 2:
+                    raise WorkerLost(f"stage {stage} lost its Ray worker twice: {error}") from error
+                logger.warning("stage %s lost its Ray worker (%s); running it on a new worker", stage, error)
+                continue
+            except (StageTimeout, FingerprintMismatch):
+                self._replace(slot)
+                raise
+            except BaseException:
+                self._release(slot)  # the stage failed, its actor is fine
+                raise
+            self._release(slot)
+            return result
+        raise AssertionError("unreachable")
+
+    def _get(self, refs, timeout: float, what: str, variable: str):
+        try:
+            return ray.get(refs, timeout=timeout)
+        except GetTimeoutError as error:
+            raise StageTimeout(
+                f"{what} for {self.model!r} did not finish within {timeout:g} s on Ray "
+                f"(raise {variable} if it needs longer)"
+            ) from error
+
+    def _startup(self, actors: list):
+        """The actors' ``info()`` once they are up: model loaded, store reachable."""
+        refs = [actor.info.remote() for actor in actors]
+        return self._get(refs, startup_timeout(), "worker start-up", "ERASURE_RAY_STARTUP_TIMEOUT")
+
+    def _spawn(self):
+        if self.device == "gpu":
+            # one GPU per actor; torch picks its own threads
+            return self._worker.options(num_gpus=1).remote(self.model, self.store_url, self.endpoint, "cuda", None)
+        # one CPU and one torch thread per actor: actors share the cores
+        return self._worker.options(num_cpus=1).remote(self.model, self.store_url, self.endpoint, "cpu", 1)
+
+    def _verify(self, slot: _Slot) -> None:
+        """A replacement actor must be up and hold the pool's base model before it gets work."""
+        (info,) = self._startup([slot.actor])
+        if info["fingerprint"] != self.fingerprint:
+            raise FingerprintMismatch(
+                f"a new worker for {self.model!r} on {info['host']} loaded base model {info['fingerprint']}, "
+                f"the pool holds {self.fingerprint}. Every node must hold the same model files"
+            )
+        slot.verified = True
+
+    def _acquire(self, stage: str) -> _Slot:
+        with self._ready:
+            while not self._idle:
+                if self._closed:
+                    raise WorkerLost(f"stage {stage}: the worker pool for {self.model!r} was shut down")
+                self._ready.wait()
+            if self._closed:
+                raise WorkerLost(f"stage {stage}: the worker pool for {self.model!r} was shut down")
+            return self._idle.pop()
+
+    def _release(self, slot: _Slot) -> None:
+        with self._ready:
+            if self._closed:
+                ray.kill(slot.actor)
+                return
+            self._idle.append(slot)
+            self._ready.notify()
+
+    def _replace(self, slot: _Slot) -> None:
+        try:
+            ray.kill(slot.actor)
+        except Exception:  # already gone
+            pass
+        if not self._closed:
+            slot.actor, slot.verified = self._spawn(), False  # starts in the background, checked on first use
+        self._release(slot)
 
     def shutdown(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
         for actor in self.actors:
-            ray.kill(actor)
+            try:
+                ray.kill(actor)
+            except Exception:
+                pass
 
 
-def worker_pool(model: str, size: int) -> WorkerPool:
-    """The process's pool for ``model``: reused when it has at least ``size`` workers, else
-    replaced (pools hold their CPUs/GPUs, so two pools side by side could starve each other)."""
+def worker_pool(model: str, size: int, device: str | None = None) -> WorkerPool:
+    """The process's pool for ``model`` on ``device`` (see ``resolve_device``): reused when it has
+    at least ``size`` workers, else replaced (pools hold their CPUs/GPUs, so two pools side by
+    side could starve each other)."""
     store_url, endpoint = store_settings()
+    resolved = resolve_device(device)
     with _lock:
-        for (pool_model, pool_size, pool_store, pool_endpoint), pool in _pools.items():
-            if (pool_model, pool_store, pool_endpoint) == (model, store_url, endpoint) and pool_size >= size:
+        key = (model, store_url, endpoint, resolved)
+        for (pool_key, pool_size), pool in _pools.items():
+            if pool_key == key and pool_size >= size:
                 return pool
         for pool in _pools.values():
             pool.shutdown()
         _pools.clear()
-        pool = _pools[(model, size, store_url, endpoint)] = WorkerPool(model, size)
+        pool = _pools[(key, size)] = WorkerPool(model, size, resolved)
         return pool
 
 

@@ -8,6 +8,8 @@ skipped, so a re-run resumes from whatever finished.
 
 from __future__ import annotations
 
+import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -22,9 +24,16 @@ from tasks.store import store_from_url
 
 
 class ConceptWorker:
+    """Stages take the request as an ``ErasureRequest`` (Ray pickles it), not as JSON."""
+
     def __init__(self, model: str, store_url: str, s3_endpoint: str | None = None, device: str | None = None, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"a GPU worker was asked for but CUDA is not available here (host {socket.gethostname()}, "
+                f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+            )
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model
         self.components = load_components(model, self.device)
@@ -34,15 +43,20 @@ class ConceptWorker:
     def fingerprint(self) -> str:
         return self.base_fingerprint
 
-    def _request(self, request_json: str) -> ErasureRequest:
-        request = ErasureRequest.model_validate_json(request_json)
+    def info(self) -> dict:
+        """What the pool checks before giving this worker work: the base model it holds, and where."""
+        return {"fingerprint": self.base_fingerprint, "host": socket.gethostname(), "pid": os.getpid(), "device": self.device}
+
+    def _request(self, request: ErasureRequest) -> ErasureRequest:
+        if not isinstance(request, ErasureRequest):
+            raise TypeError(f"stages take an ErasureRequest, not {type(request).__name__}")
         return prepare_request(request, self.components)
 
-    def prior(self, request_json: str, key: str) -> dict:
+    def prior(self, request: ErasureRequest, key: str) -> dict:
         """Publish the base prior's statistics under ``key`` (skipped if published)."""
         if self.store.exists(key):
             return {"key": key, "reused": True}
-        request = self._request(request_json)
+        request = self._request(request)
         started = time.perf_counter()
         prior = base_prior(self.components, request)
         with tempfile.TemporaryDirectory() as folder:
@@ -50,11 +64,11 @@ class ConceptWorker:
             self.store.publish(key, Path(folder))
         return {"key": key, "reused": False, "seconds": time.perf_counter() - started}
 
-    def concept(self, request_json: str, index: int, key: str, prior_key: str) -> dict:
+    def concept(self, request: ErasureRequest, index: int, key: str, prior_key: str) -> dict:
         """Run every per-concept stage of concept ``index`` and publish it under ``key``."""
         if self.store.exists(key):
             return {"key": key, "reused": True}
-        request = self._request(request_json)
+        request = self._request(request)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
             prior = load_prior(self.store.fetch(prior_key, Path(folder) / "prior") / PRIOR_FILE)
@@ -63,11 +77,11 @@ class ConceptWorker:
             self.store.publish(key, Path(folder) / "concept")
         return {"key": key, "reused": False, "seconds": time.perf_counter() - started, "summary": summary}
 
-    def fuse(self, request_json: str, concept_keys: list[str], prior_key: str, key: str) -> dict:
+    def fuse(self, request: ErasureRequest, concept_keys: list[str], prior_key: str, key: str) -> dict:
         """Closed-form fusion of the published concepts into an erased model, published under ``key``."""
         if self.store.exists(key):
             return {"key": key, "reused": True}
-        request = self._request(request_json)
+        request = self._request(request)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
             folder = Path(folder)
@@ -78,14 +92,14 @@ class ConceptWorker:
             self.store.publish(key, folder / "model")
         return {"key": key, "reused": False, "seconds": time.perf_counter() - started}
 
-    def evaluate(self, request_json: str, model_key: str | None) -> dict | None:
+    def evaluate(self, request: ErasureRequest, model_key: str | None) -> dict | None:
         """Metrics and HTML report of a published erased model (``model_key``), or of the base
         model itself (None); None when the base model has no judge."""
         from erasure.evaluate import evaluate_request, evaluation_json
         from erasure.report import write_report
         from erasure.spec import BUILTIN_PREFIX
 
-        request = self._request(request_json)
+        request = self._request(request)
         if request.model != BUILTIN_PREFIX + "toyworld":
             return None
         with tempfile.TemporaryDirectory() as folder:

@@ -1,0 +1,100 @@
+"""A local Ray started by ``tasks.compute.ensure_ray`` listens on loopback only and runs no dashboard."""
+
+import ipaddress
+import os
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%")[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1, from a dual-stack socket
+    return address.is_loopback
+
+
+def listening(process: psutil.Process) -> set[tuple[str, int]]:
+    try:
+        return {
+            (c.laddr.ip, c.laddr.port) for c in process.net_connections("inet") if c.status == psutil.CONN_LISTEN
+        }
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def ray_processes() -> list[psutil.Process]:
+    """Every process of this Ray node: what the driver started (GCS, raylet, monitors, dashboard),
+    and their descendants (agents, workers)."""
+    node = ray._private.worker._global_node
+    started = [info.process.pid for infos in node.all_processes.values() for info in infos]
+    found = {}
+    for pid in started:
+        try:
+            process = psutil.Process(pid)
+        except psutil.NoSuchProcess:
+            continue
+        for p in [process, *process.children(recursive=True)]:
+            found[p.pid] = p
+    return list(found.values())
+
+
+def describe(process: psutil.Process) -> str:
+    try:
+        return f"{process.pid} {process.name()} {' '.join(process.cmdline())[:120]}"
+    except psutil.NoSuchProcess:
+        return f"{process.pid} (gone)"
+
+
+@pytest.fixture
+def fresh_local_ray(monkeypatch):
+    from tasks.compute import drop_pools
+
+    drop_pools()
+    ray.shutdown()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("ERASURE_RAY_CPUS", "2")
+    yield
+    ray.shutdown()
+
+
+def test_local_ray_listens_on_loopback_only_and_runs_no_dashboard(fresh_local_ray):
+    from tasks.compute import ensure_ray
+
+    driver = psutil.Process()
+    before = listening(driver)
+    ensure_ray()
+
+    @ray.remote(num_cpus=1)
+    class Probe:
+        def pid(self):
+            return os.getpid()
+
+    probe = Probe.remote()  # a worker process, with its own gRPC server
+    ray.get(probe.pid.remote(), timeout=120)
+
+    # agents open their servers asynchronously: collect what every Ray process listens on for a while
+    listeners: dict[str, set] = {}
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        for process in ray_processes():
+            listeners.setdefault(describe(process), set()).update(listening(process))
+        listeners.setdefault(f"{driver.pid} driver (this process)", set()).update(listening(driver) - before)
+        time.sleep(0.5)
+
+    names = " ".join(listeners)
+    for component in ("gcs_server", "raylet", "DashboardAgent", "RuntimeEnvAgent", "Probe"):
+        assert component in names, f"no {component} process among {sorted(listeners)}"
+    assert sum(len(found) for found in listeners.values()) >= 5
+    exposed = {who: sorted(a for a in found if not is_loopback(a[0])) for who, found in listeners.items()}
+    exposed = {who: found for who, found in exposed.items() if found}
+    assert not exposed, f"Ray listens beyond loopback: {exposed}"
+
+    node = ray._private.worker._global_node
+    assert "dashboard" not in node.all_processes
+    dashboards = [describe(p) for p in ray_processes() if any("dashboard/dashboard.py" in part for part in p.cmdline())]
+    assert not dashboards, f"a dashboard process runs: {dashboards}"
+    ray.kill(probe)

@@ -1,0 +1,206 @@
+"""The Ray worker pool (tasks.compute) on a local Ray, with a cheap stand-in for ConceptWorker."""
+
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from erasure.spec import parse_request  # noqa: E402
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors cannot import this test module
+
+REQUEST = parse_request({"model": "builtin:tiny", "concepts": [{"name": n, "anchor": "house"} for n in ("cat", "dog", "car", "tree")]})
+
+
+class FakeWorker:
+    """ConceptWorker's interface, no model. ``model`` names a file holding the base fingerprint
+    (read at start-up); a key ``sleep:S`` makes the stage take S seconds."""
+
+    def __init__(self, model, store_url, s3_endpoint=None, device=None, threads=None):
+        self.base = Path(model).read_text()
+        self.device = device
+
+    def info(self):
+        return {"fingerprint": self.base, "host": "fake", "pid": os.getpid(), "device": self.device}
+
+    def fingerprint(self):
+        return self.base
+
+    def _stage(self, key, **extra):
+        if key.startswith("sleep:"):
+            time.sleep(float(key.split(":")[1]))
+        return {"key": key, "reused": False, "pid": os.getpid(), "done": time.time(), **extra}
+
+    def prior(self, request, key):
+        return self._stage(key, model=request.model)
+
+    def concept(self, request, index, key, prior_key):
+        return self._stage(key, concept=request.concepts[index].name)
+
+    def fuse(self, request, concept_keys, prior_key, key):
+        return self._stage(key)
+
+    def evaluate(self, request, model_key):
+        return self._stage(model_key or "")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    from tasks.compute import drop_pools, ensure_ray
+
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "ERASURE_RAY_CPUS")}
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ["ERASURE_RAY_CPUS"] = "2"
+    drop_pools()
+    ray.shutdown()
+    ensure_ray()
+    yield
+    drop_pools()
+    ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def base(tmp_path, local_ray, monkeypatch):
+    """A fake base model (its fingerprint file); pools made in the test are shut down after it."""
+    import tasks.compute as compute
+
+    monkeypatch.setattr(compute, "ConceptWorker", FakeWorker)
+    monkeypatch.setenv("ERASURE_STORE", str(tmp_path / "store"))
+    monkeypatch.delenv("ERASURE_DEVICE", raising=False)
+    monkeypatch.delenv("ERASURE_RAY_TIMEOUT", raising=False)
+    made = []
+    real_init = compute.WorkerPool.__init__
+
+    def tracked_init(self, *args, **kwargs):
+        made.append(self)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(compute.WorkerPool, "__init__", tracked_init)
+    path = tmp_path / "base-model"
+    path.write_text("fingerprint-a")
+    yield path
+    compute.drop_pools()
+    for pool in made:
+        if hasattr(pool, "_ready"):
+            pool.shutdown()
+    deadline = time.time() + 30  # killed actors give their CPUs back asynchronously
+    while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+
+
+def test_stage_timeout_is_an_error_naming_the_stage_and_the_actor_is_replaced(base, monkeypatch):
+    from tasks.compute import StageTimeout, WorkerPool
+
+    pool = WorkerPool(str(base), 1)
+    first = pool.prior(REQUEST, "k")["pid"]
+    monkeypatch.setenv("ERASURE_RAY_TIMEOUT", "1")
+    started = time.time()
+    with pytest.raises(StageTimeout, match=r"stage concept 1 \('dog'\).*within 1 s.*ERASURE_RAY_TIMEOUT"):
+        pool.concept(REQUEST, 1, "sleep:30", "p")
+    assert time.time() - started < 10
+    monkeypatch.delenv("ERASURE_RAY_TIMEOUT")
+    # the stuck actor was killed and replaced: the pool still serves, on a new actor
+    assert pool.prior(REQUEST, "k")["pid"] != first
+
+
+def test_killed_actors_are_replaced_on_the_next_call(base):
+    from tasks.compute import worker_pool
+
+    pool = worker_pool(str(base), 2)
+    before = {pool.prior(REQUEST, f"k{i}")["pid"] for i in range(4)}
+    for actor in pool.actors:
+        ray.kill(actor)
+    again = worker_pool(str(base), 2)
+    assert again is pool  # no manual reset
+    with ThreadPoolExecutor(4) as threads:
+        results = list(threads.map(lambda i: again.concept(REQUEST, i, f"c{i}", "p"), range(4)))
+    assert [r["concept"] for r in results] == ["cat", "dog", "car", "tree"]
+    assert not {r["pid"] for r in results} & before
+
+
+def test_actor_killed_mid_stage_reruns_the_stage_on_a_new_actor(base):
+    from tasks.compute import WorkerPool
+
+    pool = WorkerPool(str(base), 1)
+    victim = pool.actors[0]
+    first = pool.prior(REQUEST, "k")["pid"]
+    threading.Timer(1.5, lambda: ray.kill(victim)).start()
+    result = pool.concept(REQUEST, 0, "sleep:3", "p")
+    assert result["pid"] != first and result["concept"] == "cat"
+
+
+def test_workers_with_different_base_models_are_an_error(base, tmp_path, monkeypatch):
+    import tasks.compute as compute
+    from tasks.compute import FingerprintMismatch, WorkerPool
+
+    class PerProcessModel(FakeWorker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.base = f"fingerprint-of-process-{os.getpid()}"
+
+    monkeypatch.setattr(compute, "ConceptWorker", PerProcessModel)
+    with pytest.raises(FingerprintMismatch, match="worker 0 on fake: fingerprint-of-process-.*worker 1 on fake"):
+        WorkerPool(str(base), 2)
+    monkeypatch.setattr(compute, "ConceptWorker", FakeWorker)
+
+    # a replacement actor must hold the pool's base model too
+    pool = WorkerPool(str(base), 1)
+    assert pool.fingerprint == "fingerprint-a"
+    base.write_text("fingerprint-b")  # the model files changed under the pool
+    ray.kill(pool.actors[0])
+    with pytest.raises(FingerprintMismatch, match="fingerprint-b, the pool holds fingerprint-a"):
+        pool.prior(REQUEST, "k")
+
+
+def test_gpu_workers_on_a_cluster_without_gpus_are_an_error(base, monkeypatch):
+    from tasks.compute import DeviceUnavailable, WorkerPool, worker_pool
+
+    assert ray.cluster_resources().get("GPU", 0) == 0
+    with pytest.raises(DeviceUnavailable, match="no GPU"):
+        worker_pool(str(base), 1, device="gpu")
+    monkeypatch.setenv("ERASURE_DEVICE", "gpu")
+    with pytest.raises(DeviceUnavailable, match="no GPU"):
+        WorkerPool(str(base), 1)
+    monkeypatch.setenv("ERASURE_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="auto, gpu, cpu"):
+        worker_pool(str(base), 1)
+    monkeypatch.setenv("ERASURE_DEVICE", "auto")
+    pool = worker_pool(str(base), 1)
+    assert pool.device == "cpu" and pool.prior(REQUEST, "k")["key"] == "k"
+
+
+def test_stages_go_to_whichever_actor_is_idle(base):
+    from tasks.compute import WorkerPool
+
+    pool = WorkerPool(str(base), 2)
+    with ThreadPoolExecutor(4) as threads:
+        slow = threads.submit(pool.concept, REQUEST, 0, "sleep:4", "p")
+        time.sleep(0.5)
+        quick = [threads.submit(pool.concept, REQUEST, i, f"c{i}", "p") for i in (1, 2, 3)]
+        results = [future.result() for future in quick]
+        long = slow.result()
+    # concept 2 would go to concept 0's actor if concepts were pinned to actor i mod 2
+    assert all(r["pid"] != long["pid"] for r in results)
+    assert max(r["done"] for r in results) < long["done"]
+
+
+def test_worker_stages_take_a_typed_request(tmp_path):
+    from tasks.worker import ConceptWorker
+
+    worker = ConceptWorker("builtin:tiny", str(tmp_path / "store"), device="cpu", threads=1)
+    assert worker.info()["fingerprint"] == worker.fingerprint()
+    request = parse_request({"model": "builtin:tiny", "concepts": [{"name": "cat", "anchor": "dog"}]})
+    assert worker.prior(request, "priors/typed") == {"key": "priors/typed", "reused": False, "seconds": pytest.approx(0, abs=60)}
+    with pytest.raises(TypeError, match="ErasureRequest"):
+        worker.prior(request.model_dump_json(), "priors/json")
