@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from cli.app import app, console, fail, services_app
+from erasure.spec import CONCEPT_KINDS
 
 out = Console()
 
@@ -27,10 +28,15 @@ def _run_flow(call):
     from erasure.spec import RequestError
     from flows.audit import ConceptLeak
     from flows.takedown import ConceptStateError
+    from tasks.locks import LockError
+    from tasks.registry import RegistryError
+    from tasks.store import ArtifactError
 
     try:
         return call()
     except (RequestError, ConceptStateError, LookupError, ValidationError) as error:
+        fail(str(error))
+    except (RegistryError, ArtifactError, LockError) as error:  # a service down, a corrupt artifact: say which
         fail(str(error))
     except ConceptLeak as error:
         console.print(f"[bold red]audit failed:[/] {error}", soft_wrap=True)
@@ -38,10 +44,14 @@ def _run_flow(call):
 
 
 def _print_version(result: dict) -> None:
+    alias = "alias candidate" if result.get("candidate", True) else "candidate not moved"
+    state = "reused" if result.get("reused_version") else "registered"
     out.print(
-        f"registered [bold]{result['name']}[/] version {result['version']} (alias candidate); "
+        f"{state} [bold]{result['name']}[/] version {result['version']} ({alias}); "
         f"per-concept stages: {len(result['ran'])} ran, {len(result['reused'])} reused"
     )
+    if result.get("note"):  # rebased on a newer candidate, or candidate left where another flow moved it
+        out.print(f"note: {result['note']}")
     if result.get("metrics"):
         out.print(json.dumps(result["metrics"]))
 
@@ -54,9 +64,11 @@ def run(
 ) -> None:
     """Run the erase flow: per-concept work on Ray, fusion, evaluation, MLflow registration."""
     from erasure.spec import RequestError, load_request
+    from tasks.registry import check_model_name
 
     try:
         spec = load_request(request)
+        check_model_name(name or request.stem)
     except RequestError as error:
         fail(str(error))
     from flows.erase import erase_flow
@@ -69,7 +81,7 @@ def run(
 def takedown(
     model: str = typer.Argument(..., help="Registered model: NAME, NAME@ALIAS or NAME/VERSION."),
     concepts: list[str] = typer.Argument(..., help="Concept names to erase in addition."),
-    kind: str = typer.Option("object", help="Kind of the new concepts: object, person, style, explicit."),
+    kind: str = typer.Option("object", help=f"Kind of the new concepts: {', '.join(CONCEPT_KINDS)}."),
     anchor: str = typer.Option(None, help="Anchor of the new concepts (needed for objects)."),
     synonym: list[str] = typer.Option([], help="Synonyms of the new concept (repeatable)."),
     workers: int = typer.Option(1, help="Ray workers."),
@@ -133,25 +145,36 @@ def services_up(
     prefect: bool = typer.Option(False, help="Also start a Prefect server."),
     prefect_postgres: str = typer.Option(None, help="Postgres (asyncpg) URL for the Prefect server's database."),
 ) -> None:
-    """Start SeaweedFS (S3) and an MLflow server on 127.0.0.1; write the env file that points at them."""
+    """Start SeaweedFS (S3) and an MLflow server on 127.0.0.1; write the env file (0600) that points at them.
+
+    State lives in ``.erasure/services`` (or ``$ERASURE_STATE_DIR/services``). No server but S3
+    checks credentials: anyone with a shell on this machine can use them (docs/security.md).
+    """
     from cli import services
 
-    out.print(f"s3 ready in {services.start_s3():.1f} s")
-    out.print(f"mlflow ready in {services.start_mlflow(backend_uri=postgres):.1f} s")
+    starts = [("s3", services.start_s3), ("mlflow", lambda: services.start_mlflow(backend_uri=postgres))]
     if prefect:
-        out.print(f"prefect ready in {services.start_prefect(database_url=prefect_postgres):.1f} s")
-    path = services.write_env_file(services.environment(prefect=prefect))
+        starts.append(("prefect", lambda: services.start_prefect(database_url=prefect_postgres)))
+    try:
+        services.check_secrets()
+        for name, start in starts:
+            seconds = start()
+            out.print(f"{name} ready in {seconds:.1f} s" if seconds else f"{name} already running")
+        path = services.write_env_file(services.environment(prefect=prefect))
+    except services.ServiceError as error:
+        fail(str(error))
     out.print(f"to use them: source {path}")
 
 
 @services_app.command("down")
 def services_down() -> None:
-    """Stop the local services (by PID)."""
+    """Stop the local services (by PID, only processes whose start time and command line still match)."""
     from cli import services
 
     for name in ("prefect", "mlflow", "s3"):
-        if services.stop(name):
-            out.print(f"stopped {name}")
+        message = services.stop(name)
+        if message:
+            out.print(message)
 
 
 @services_app.command("status")

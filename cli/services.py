@@ -50,6 +50,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.state import private_dir, state_dir  # noqa: F401  (state_dir: part of this module's interface)
+
 NAMES = ("s3", "mlflow", "prefect")
 _children: dict[str, subprocess.Popen] = {}  # servers this process started: reaped when stopped
 
@@ -58,23 +60,10 @@ class ServiceError(RuntimeError):
     """A problem with the local services, worded for the user (no traceback needed)."""
 
 
-def state_dir() -> Path:
-    """The one local state folder: ``$ERASURE_STATE_DIR`` or ``./.erasure``."""
-    return Path(os.environ.get("ERASURE_STATE_DIR") or ".erasure").resolve()
-
-
 def services_dir() -> Path:
     return state_dir() / "services"
 
 
-def _private_dir(path: Path) -> Path:
-    """Create ``path`` (and the state folder above it) with mode 0700 where they are missing."""
-    state = state_dir()
-    if state in path.parents:
-        state.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.mkdir(mode=0o700, exist_ok=True)
-    return path
 
 
 @dataclass
@@ -150,7 +139,7 @@ def check_private(path: Path) -> None:
 
 def write_private(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically, the file never readable by anyone else (0600)."""
-    _private_dir(path.parent)
+    private_dir(path.parent)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -269,7 +258,7 @@ def _start(name: str, command: list[str], env: dict, ready, timeout: float, port
         time.sleep(0.1)
     else:
         raise ServiceError(f"cannot start {name}: port {port} on 127.0.0.1 is in use by another process")
-    folder = _private_dir(services_dir())
+    folder = private_dir(services_dir())
     log_path = folder / f"{name}.log"
     started = time.time()
     with _open_log(name) as log:
@@ -293,7 +282,7 @@ def _start(name: str, command: list[str], env: dict, ready, timeout: float, port
 
 def start_s3(ports: Ports = Ports()) -> float:
     key, secret = credentials()
-    data = _private_dir(services_dir() / "seaweedfs")
+    data = private_dir(services_dir() / "seaweedfs")
     names = ("s3.grpc", "master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "admin", "admin.grpc")
     internal = dict(zip(names, _free_ports(len(names))))
     flags = {
@@ -314,7 +303,7 @@ def start_s3(ports: Ports = Ports()) -> float:
 
 
 def start_mlflow(ports: Ports = Ports(), backend_uri: str | None = None) -> float:
-    folder = _private_dir(services_dir())
+    folder = private_dir(services_dir())
     backend_uri = backend_uri or f"sqlite:///{folder / 'mlflow.db'}"
     command = [
         _bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(ports.mlflow),
@@ -326,7 +315,7 @@ def start_mlflow(ports: Ports = Ports(), backend_uri: str | None = None) -> floa
 
 
 def start_prefect(ports: Ports = Ports(), database_url: str | None = None) -> float:
-    folder = _private_dir(services_dir())
+    folder = private_dir(services_dir())
     env = {"PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(ports.prefect), "PREFECT_HOME": str(folder / "prefect")}
     if database_url:
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url

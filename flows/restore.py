@@ -1,4 +1,8 @@
-"""restore: remove concepts from a registered model (a new version fused without them; nothing retrains)."""
+"""restore: remove concepts from a registered model (a new version fused without them; nothing retrains).
+
+Concurrent with other takedowns and restores of the model as ``flows.takedown`` says:
+the parent is decided under the model's lock.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,11 @@ from prefect import flow
 
 from erasure.spec import ErasureRequest, normalise
 from flows.erase import run_erasure
-from flows.takedown import ConceptStateError
-from tasks.registry import resolve, version_request
+from flows.takedown import ConceptStateError, parent_reference, under_lock
+from tasks.registry import RegisteredVersion, resolve, version_request
 
 
-@flow(name="restore")
-def restore_flow(model: str, concepts: list[str], workers: int = 1) -> dict:
-    """``model``: NAME, NAME@ALIAS or NAME/VERSION of the parent; ``concepts``: names to restore."""
-    parent = resolve(model)
-    request = ErasureRequest.model_validate_json(version_request(parent))
+def remove_concepts(parent: RegisteredVersion, request: ErasureRequest, concepts: list[str]) -> ErasureRequest:
     wanted = {normalise(c) for c in concepts}
     present = {normalise(c.name) for c in request.concepts}
     missing = sorted(wanted - present)
@@ -26,7 +26,19 @@ def restore_flow(model: str, concepts: list[str], workers: int = 1) -> dict:
     kept = [c for c in request.concepts if normalise(c.name) not in wanted]
     if not kept:
         raise ConceptStateError("restoring every concept gives back the base model; use the base model instead")
-    updated = ErasureRequest.model_validate(
+    return ErasureRequest.model_validate(
         request.model_dump(mode="json") | {"concepts": [c.model_dump(mode="json") for c in kept]}
     )
-    return run_erasure(updated, parent.name, workers, "restore", parent_version=parent.version)
+
+
+@flow(name="restore")
+def restore_flow(model: str, concepts: list[str], workers: int = 1) -> dict:
+    """``model``: NAME, NAME@ALIAS or NAME/VERSION of the parent (see ``flows.takedown``);
+    ``concepts``: names to restore."""
+    reference = parent_reference(model)
+    parent = resolve(reference)
+    request = remove_concepts(parent, ErasureRequest.model_validate_json(version_request(parent)), concepts)
+    return run_erasure(
+        request, parent.name, workers, "restore", parent_version=parent.version,
+        rebase=lambda: under_lock(reference, parent, request, lambda current, base: remove_concepts(current, base, concepts)),
+    )

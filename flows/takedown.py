@@ -1,24 +1,61 @@
-"""takedown: add concepts to a registered model (a new version; only the new concepts' work runs)."""
+"""takedown: add concepts to a registered model (a new version; only the new concepts' work runs).
+
+Concurrent takedowns and restores of one model are safe: the new concepts train in
+parallel, then each flow takes the model's lock and decides its parent there
+(``under_lock``). Given ``NAME@ALIAS`` (or ``NAME``, meaning ``NAME@candidate``), the
+parent is the version the alias points at then: a takedown that finished meanwhile is
+built upon (its concepts plus ours), so the last candidate holds every concept. Given
+``NAME/VERSION``, the parent is that version, and ``candidate`` moves to the result
+only if it still points at that parent; otherwise the version is registered without
+moving it, and the result's ``note`` says so.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from prefect import flow
 
 from erasure.spec import ConceptSpec, ErasureRequest, normalise
-from flows.erase import run_erasure
-from tasks.registry import resolve, version_request
+from flows.erase import Lineage, run_erasure
+from tasks.registry import CANDIDATE, RegisteredVersion, alias_version, is_explicit, resolve, version_request
 
 
 class ConceptStateError(ValueError):
     """A takedown of a concept already erased, or a restore of one that is not."""
 
 
-@flow(name="takedown")
-def takedown_flow(model: str, concepts: list[dict], workers: int = 1) -> dict:
-    """``model``: NAME, NAME@ALIAS or NAME/VERSION of the parent; ``concepts``: concept specs to add."""
-    parent = resolve(model)
-    request = ErasureRequest.model_validate_json(version_request(parent))
-    new = [ConceptSpec.model_validate(c) for c in concepts]
+def parent_reference(model: str) -> str:
+    """``NAME`` alone means ``NAME@candidate`` (the latest version for a model without the alias)."""
+    if "@" in model or is_explicit(model) or alias_version(model, CANDIDATE) is None:
+        return model
+    return f"{model}@{CANDIDATE}"
+
+
+def under_lock(
+    reference: str, parent: RegisteredVersion, request: ErasureRequest,
+    build: Callable[[RegisteredVersion, ErasureRequest], ErasureRequest],
+) -> Lineage:
+    """The lineage of a change prepared on ``parent`` (giving ``request``), decided under the model's
+    lock: rebased on what ``reference`` points at now (``build`` applies the change to that
+    version's request), or kept on an explicit version; ``candidate`` moves to the result only if
+    it points at the parent used (or does not exist)."""
+    current = parent if is_explicit(reference) else resolve(reference)
+    note = ""
+    if current.version != parent.version:
+        request = build(current, ErasureRequest.model_validate_json(version_request(current)))
+        note = f"rebased on version {current.version}: {reference} moved from version {parent.version} while this ran"
+    candidate = alias_version(parent.name, CANDIDATE)
+    if candidate not in (None, current.version):
+        note = (note + "; " if note else "") + (
+            f"{CANDIDATE} stays at version {candidate}: it no longer points at the parent, version "
+            f"{current.version} (another flow moved it); promote this version explicitly if it should replace it"
+        )
+        return Lineage(request, current.version, move_candidate=False, note=note)
+    return Lineage(request, current.version, move_candidate=True, note=note)
+
+
+def add_concepts(parent: RegisteredVersion, request: ErasureRequest, new: list[ConceptSpec]) -> ErasureRequest:
     erased = {normalise(v): c.name for c in request.concepts for v in c.variants}
     for concept in new:
         for variant in concept.variants:
@@ -27,7 +64,20 @@ def takedown_flow(model: str, concepts: list[dict], workers: int = 1) -> dict:
                     f"{variant!r} is already erased in {parent.name} version {parent.version} "
                     f"(as {erased[normalise(variant)]!r}); nothing to take down"
                 )
-    updated = ErasureRequest.model_validate(
+    return ErasureRequest.model_validate(
         request.model_dump(mode="json") | {"concepts": [c.model_dump(mode="json") for c in (*request.concepts, *new)]}
     )
-    return run_erasure(updated, parent.name, workers, "takedown", parent_version=parent.version)
+
+
+@flow(name="takedown")
+def takedown_flow(model: str, concepts: list[dict], workers: int = 1) -> dict:
+    """``model``: NAME, NAME@ALIAS or NAME/VERSION of the parent (see the module's docstring);
+    ``concepts``: concept specs to add."""
+    reference = parent_reference(model)
+    parent = resolve(reference)
+    new = [ConceptSpec.model_validate(c) for c in concepts]
+    request = add_concepts(parent, ErasureRequest.model_validate_json(version_request(parent)), new)
+    return run_erasure(
+        request, parent.name, workers, "takedown", parent_version=parent.version,
+        rebase=lambda: under_lock(reference, parent, request, lambda current, base: add_concepts(current, base, new)),
+    )

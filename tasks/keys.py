@@ -64,3 +64,14 @@ def concept_set_hash(request: ErasureRequest) -> str:
 
 def request_hash(request: ErasureRequest) -> str:
     return _digest(request.fingerprint_dict())
+
+
+CAPTIONS_FILE = "captions.txt"
+
+
+def captions_key(request: ErasureRequest) -> str:
+    """Where a request's caption file is kept in the store: by its content hash, so any worker,
+    and a restore years later on another machine, finds exactly the captions it was made with."""
+    if request.preserve.captions_sha256 is None:
+        raise ValueError("the request has no caption file (or was not validated with erasure.spec.parse_request)")
+    return f"captions/{request.preserve.captions_sha256}"

@@ -1,66 +1,105 @@
 """MLflow: every flow run is a run; every erased model a registered version with its lineage.
 
-Embedded default: tracking and registry in a SQLite file (``erasure-mlflow.db``);
-set ``MLFLOW_TRACKING_URI`` to use an MLflow server. A version is registered only
-after every artifact it needs is published and logged.
+Embedded default: tracking and registry in a SQLite file (``mlflow.db`` in the local
+state folder, ``tasks.state``);
+set ``MLFLOW_TRACKING_URI`` to use an MLflow server.
+
+- A version holds no weights: its pyfunc is logged as code (``tasks/pyfunc_model.py``,
+  no pickle) with a ``model_config`` that names the erased model in the artifact store
+  by key and content digest. Versions of the same weights share one store artifact.
+- Registration is idempotent: an identical registration (same request, model key,
+  flow and parent) reuses its version instead of adding one.
+- A version is complete once tagged ``erasure.status=ready``, the last step after its
+  alias moved. Lookups skip versions still ``pending`` (an interrupted registration);
+  the re-run completes them.
+- The MLflow client fails fast (short timeouts, two retries) and an unreachable or
+  failing server raises ``RegistryError`` naming it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from erasure.spec import RequestError
+from tasks.state import private_dir, state_dir
+
 CANDIDATE, PRODUCTION = "candidate", "production"
+STATUS_TAG, READY, PENDING = "erasure.status", "ready", "pending"
+IDENTITY_TAGS = ("request_hash", "model_key", "flow", "parent_version")  # what makes two registrations the same
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+CLIENT_DEFAULTS = {  # fail within about a minute when the server is down (MLflow's own defaults retry for minutes)
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+_LOGICAL = {"RESOURCE_ALREADY_EXISTS", "INVALID_PARAMETER_VALUE"}
+
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_model_name(name: str) -> str:
+    """A registered model's name: 1-100 letters, digits, '.', '_' or '-' (it appears in
+    experiment names, URIs, lock keys and file names)."""
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+        raise RequestError(
+            f"model name {name!r}: use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+class RegistryError(RuntimeError):
+    """The MLflow server cannot be reached or failed a request."""
 
 
 def configure() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('erasure-mlflow.db').resolve()}"
+    for variable, value in CLIENT_DEFAULTS.items():
+        os.environ.setdefault(variable, value)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{private_dir(state_dir()) / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
 
 
-class ErasedPipelineModel(mlflow.pyfunc.PythonModel):
-    """pyfunc: prompts in, images out (uint8 array, (n, H, W, 3)).
-
-    Input: a list of prompts or a DataFrame with a ``prompt`` column (optional
-    ``seed`` column). Sampler settings are the model's own defaults.
-    """
-
-    def load_context(self, context):
-        from erasure.models import load_components
-
-        self.components = load_components(context.artifacts["pipeline"], "cpu")
-
-    def predict(self, context, model_input, params=None):
-        import numpy as np
-
-        from erasure.models import sampling_defaults
-        from erasure.sampling import sample
-
-        if hasattr(model_input, "columns"):
-            prompts = [str(p) for p in model_input["prompt"]]
-            seeds = [int(s) for s in model_input["seed"]] if "seed" in model_input.columns else list(range(len(prompts)))
-        else:
-            prompts = [str(p) for p in model_input]
-            seeds = list(range(len(prompts)))
-        defaults = sampling_defaults(self.components)
-        images, _ = sample(self.components, prompts, seeds, defaults["sampler_steps"], defaults["guidance_scale"])
-        return (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+@contextmanager
+def _mlflow(what: str) -> Iterator[None]:
+    """Not-found -> ``LookupError``; outages and server errors -> ``RegistryError`` naming the server."""
+    try:
+        yield
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+            error.error_code == "INVALID_PARAMETER_VALUE" and "not found" in error.message  # a missing alias
+        ):
+            raise LookupError(f"{what}: {error.message}") from None
+        if error.error_code in _LOGICAL:
+            raise
+        raise RegistryError(f"MLflow at {mlflow.get_tracking_uri()}: {what} failed: {error.message}") from None
+    except OSError as error:  # requests' connection errors and timeouts are OSErrors
+        raise RegistryError(f"MLflow at {mlflow.get_tracking_uri()}: {what} failed: {error}") from None
 
 
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{p}=={version(p)}" for p in ("torch", "diffusers", "transformers", "peft", "safetensors", "mlflow")] + [
+    return [f"{p}=={version(p)}" for p in ("torch", "diffusers", "transformers", "peft", "safetensors", "mlflow", "boto3")] + [
         f"erasure=={version('erasure')}"
     ]
+
+
+def is_ready(version) -> bool:
+    """Complete: tagged ready, or registered before the status tag existed."""
+    return version.tags.get(STATUS_TAG, READY) == READY
 
 
 @dataclass
@@ -69,27 +108,80 @@ class RegisteredVersion:
     version: str
     run_id: str
     tags: dict
+    candidate: bool = False  # the candidate alias points at it (moved by this registration)
+    reused: bool = False  # an identical registration existed: nothing new was logged
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def _same_registrations(client: MlflowClient, name: str, tags: dict) -> list:
+    found = client.search_model_versions(
+        f"name='{_quote(name)}' and tags.request_hash='{_quote(tags['request_hash'])}' "
+        f"and tags.model_key='{_quote(tags['model_key'])}'"
+    )
+    return sorted(
+        (v for v in found if all(v.tags.get(k, "") == tags.get(k, "") for k in IDENTITY_TAGS)),
+        key=lambda v: int(v.version),
+    )
 
 
 def register_erased_model(
     name: str,
-    model_dir: Path,
+    reference: dict,
     request_json: str,
     tags: dict,
     params: dict,
     metrics: dict,
     report_html: str | None,
     concept_keys: list[str],
+    move_candidate: bool = True,
 ) -> RegisteredVersion:
-    """Log a run (params, metrics, request, report, model) and register its model as a new version."""
+    """Register the erased model that ``reference`` names in the artifact store (``store_url``,
+    ``s3_endpoint``, ``model_key``, ``sha256``) as a version of ``name``, with a run that logs
+    params, metrics, request, concept keys and report; move ``candidate`` to it if ``move_candidate``.
+
+    Idempotent: a complete version of the same registration (``IDENTITY_TAGS``) is reused and an
+    interrupted one (``pending``) is completed. Call it under the model's lock (``tasks.locks``).
+    """
     configure()
-    mlflow.set_experiment(f"erasure/{name}")
     client = MlflowClient()
+    tags = {k: str(v) for k, v in tags.items()}
+    missing = [k for k in IDENTITY_TAGS if k not in tags]
+    if missing:
+        raise ValueError(f"registration tags lack {', '.join(missing)}")
+    with _mlflow(f"registering a version of {name!r}"):
+        try:
+            client.create_registered_model(name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        same = _same_registrations(client, name, tags)
+        ready = [v for v in same if is_ready(v)]
+        version = (ready or same or [None])[0]
+        for duplicate in same:  # interrupted attempts of this registration, never completed
+            if duplicate is not version and not is_ready(duplicate):
+                client.delete_model_version(name, duplicate.version)
+        if version is None:
+            version = _log_and_create(client, name, reference, request_json, tags, params, metrics, report_html, concept_keys)
+        if move_candidate:
+            client.set_registered_model_alias(name, CANDIDATE, version.version)
+        if not is_ready(version):
+            client.set_model_version_tag(name, version.version, STATUS_TAG, READY)  # the last step: complete
+    return RegisteredVersion(name, str(version.version), version.run_id, tags, candidate=move_candidate, reused=bool(same))
+
+
+def _log_and_create(client, name, reference, request_json, tags, params, metrics, report_html, concept_keys):
+    missing = [k for k in ("store_url", "model_key", "sha256") if not reference.get(k)]
+    if missing:
+        raise ValueError(f"model reference lacks {', '.join(missing)}")
+    mlflow.set_experiment(f"erasure/{name}")
     with mlflow.start_run(run_name=tags.get("flow", "erase")) as run:
         mlflow.log_params(params)
         if metrics:
             mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        mlflow.set_tags({f"erasure.{k}": str(v) for k, v in tags.items()})
+        mlflow.set_tags({f"erasure.{k}": v for k, v in tags.items()})
         with tempfile.TemporaryDirectory() as folder:
             folder = Path(folder)
             (folder / "request.json").write_text(request_json)
@@ -101,43 +193,67 @@ def register_erased_model(
                 mlflow.log_artifact(str(folder / "report.html"))
         model_info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=ErasedPipelineModel(),
-            artifacts={"pipeline": str(model_dir)},
+            python_model=str(PYFUNC_CODE),  # models-from-code: no pickle
+            model_config={k: reference.get(k) for k in ("store_url", "s3_endpoint", "model_key", "sha256")},
             pip_requirements=_requirements(),  # stated, not inferred: inference imports and samples the model
         )
-        run_id = run.info.run_id
-    try:
-        client.create_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        pass  # exists already (or was just created by a concurrent flow)
-    version = client.create_model_version(
-        name, model_info.model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()}, model_id=model_info.model_id
+    return client.create_model_version(
+        name, model_info.model_uri, run_id=run.info.run_id, tags=tags | {STATUS_TAG: PENDING}, model_id=model_info.model_id
     )
-    client.set_registered_model_alias(name, CANDIDATE, version.version)
-    return RegisteredVersion(name, version.version, run_id, tags)
+
+
+def _split(reference: str) -> tuple[str, str | None, str | None]:
+    """``NAME``, ``NAME@ALIAS`` or ``NAME/VERSION`` -> (name, alias, version)."""
+    if "@" in reference:
+        name, alias = reference.split("@", 1)
+        return name, alias, None
+    if "/" in reference and reference.rsplit("/", 1)[1].isdigit():
+        name, number = reference.rsplit("/", 1)
+        return name, None, number
+    return reference, None, None
+
+
+def is_explicit(reference: str) -> bool:
+    """``NAME/VERSION``: one fixed version (not an alias, not the latest)."""
+    return _split(reference)[2] is not None
+
+
+def alias_version(name: str, alias: str = CANDIDATE) -> str | None:
+    """The version ``alias`` points at, or None if the model or the alias does not exist."""
+    configure()
+    try:
+        with _mlflow(f"resolving {name}@{alias}"):
+            return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    except LookupError:
+        return None
 
 
 def resolve(reference: str) -> RegisteredVersion:
-    """``NAME``, ``NAME@ALIAS`` or ``NAME/VERSION`` -> the version (``NAME`` alone: the latest)."""
+    """``NAME``, ``NAME@ALIAS`` or ``NAME/VERSION`` -> the version (``NAME`` alone: the latest complete one).
+    An explicit version whose registration was interrupted is refused (its re-run completes it)."""
     configure()
     client = MlflowClient()
-    if "@" in reference:
-        name, alias = reference.split("@", 1)
-        version = client.get_model_version_by_alias(name, alias)
-    elif "/" in reference and reference.rsplit("/", 1)[1].isdigit():
-        name, number = reference.rsplit("/", 1)
-        version = client.get_model_version(name, number)
-    else:
-        name = reference
-        versions = client.search_model_versions(f"name='{name}'")
-        if not versions:
-            raise LookupError(f"no registered model {name!r} in {mlflow.get_tracking_uri()}")
-        version = max(versions, key=lambda v: int(v.version))
+    name, alias, number = _split(reference)
+    with _mlflow(f"resolving {reference!r}"):
+        if alias is not None:
+            version = client.get_model_version_by_alias(name, alias)
+        elif number is not None:
+            version = client.get_model_version(name, number)
+            if not is_ready(version):
+                raise LookupError(
+                    f"{name} version {number} is incomplete (its registration was interrupted); "
+                    "re-run the flow that created it"
+                )
+        else:
+            versions = [v for v in client.search_model_versions(f"name='{_quote(name)}'") if is_ready(v)]
+            if not versions:
+                raise LookupError(f"no registered model {name!r} in {mlflow.get_tracking_uri()}")
+            version = max(versions, key=lambda v: int(v.version))
     return RegisteredVersion(name, str(version.version), version.run_id, dict(version.tags))
 
 
 def version_request(version: RegisteredVersion) -> str:
-    with tempfile.TemporaryDirectory() as folder:
+    with _mlflow(f"reading the request of {version.name} version {version.version}"), tempfile.TemporaryDirectory() as folder:
         path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="request.json", dst_path=folder)
         return Path(path).read_text()
 

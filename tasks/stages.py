@@ -8,42 +8,84 @@ from __future__ import annotations
 
 from prefect import task
 
+from erasure.spec import ErasureRequest
 from tasks.compute import worker_pool
+
+# The model-bound stages run on the process's worker pool (``tasks.compute``): ``workers``
+# actors on ``device`` (None: ``ERASURE_DEVICE``, else auto), each stage on an idle one.
+
+
+@task(name="captions", retries=2, retry_delay_seconds=2)
+def stage_captions(request: ErasureRequest) -> str | None:
+    """Put the request's caption file into the store under its content hash (once), so workers read
+    it from there, never from the submitting machine's path."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from erasure.spec import read_captions
+    from tasks.keys import CAPTIONS_FILE, captions_key
+    from tasks.store import store_from_url, store_settings
+
+    if request.preserve.captions is None:
+        return None
+    key = captions_key(request)
+    store = store_from_url(*store_settings())
+    if not store.exists(key):
+        with tempfile.TemporaryDirectory() as folder:
+            copy = Path(folder) / CAPTIONS_FILE
+            shutil.copyfile(request.preserve.captions, copy)
+            read_captions(copy, request.preserve.captions_sha256)  # the copy is the validated content
+            store.publish(key, Path(folder))
+    return key
 
 
 @task(name="prior", retries=2, retry_delay_seconds=2)
-def stage_prior(model: str, workers: int, request_json: str, key: str) -> dict:
-    return worker_pool(model, workers).call("prior", request_json, key)
+def stage_prior(request: ErasureRequest, key: str, workers: int, device: str | None = None) -> dict:
+    return worker_pool(request.model, workers, device).prior(request, key)
 
 
 @task(name="concept", retries=2, retry_delay_seconds=2, task_run_name="concept-{index}")
-def stage_concept(model: str, workers: int, request_json: str, index: int, key: str, prior_key: str) -> dict:
-    # concept i always goes to actor i mod workers: a fan-out over all actors
-    return worker_pool(model, workers).call("concept", request_json, index, key, prior_key, actor=index)
+def stage_concept(
+    request: ErasureRequest, index: int, key: str, prior_key: str, workers: int, device: str | None = None
+) -> dict:
+    # submitted once per concept: each goes to whichever actor is idle
+    return worker_pool(request.model, workers, device).concept(request, index, key, prior_key)
 
 
 @task(name="fuse", retries=2, retry_delay_seconds=2)
-def stage_fuse(model: str, workers: int, request_json: str, concept_keys: list[str], prior_key: str, key: str) -> dict:
-    return worker_pool(model, workers).call("fuse", request_json, concept_keys, prior_key, key)
+def stage_fuse(
+    request: ErasureRequest, concept_keys: list[str], prior_key: str, key: str, workers: int, device: str | None = None
+) -> dict:
+    return worker_pool(request.model, workers, device).fuse(request, concept_keys, prior_key, key)
 
 
 @task(name="evaluate", retries=1, retry_delay_seconds=2)
-def stage_evaluate(model: str, workers: int, request_json: str, model_key: str | None) -> dict | None:
-    return worker_pool(model, workers).call("evaluate", request_json, model_key)
+def stage_evaluate(request: ErasureRequest, model_key: str | None, workers: int, device: str | None = None) -> dict | None:
+    return worker_pool(request.model, workers, device).evaluate(request, model_key)
 
 
-@task(name="fetch-model", retries=2, retry_delay_seconds=2)
-def stage_fetch(key: str, folder: str) -> str:
-    from pathlib import Path
+@task(name="model-reference", retries=2, retry_delay_seconds=2)
+def stage_model_reference(key: str) -> dict:
+    """The erased model as a registered version names it: store URL, S3 endpoint, key and the
+    digest of its manifest (the weights stay in the store; nothing is downloaded)."""
+    from tasks.store import manifest_digest, store_from_url, store_settings
 
-    from tasks.store import store_from_url, store_settings
+    url, endpoint = store_settings()
+    manifest = store_from_url(url, endpoint).read_manifest(key)
+    return {"store_url": url, "s3_endpoint": endpoint, "model_key": key, "sha256": manifest_digest(manifest)}
 
-    return str(store_from_url(*store_settings()).fetch(key, Path(folder)))
 
-
-@task(name="register")
-def stage_register(name, model_dir, request_json, tags, params, metrics, report_html, concept_keys) -> dict:
+@task(name="register")  # no retries: an MLflow outage fails the flow fast; its re-run completes the registration
+def stage_register(
+    name, reference, request_json, tags, params, metrics, report_html, concept_keys, move_candidate=True
+) -> dict:
     from tasks.registry import register_erased_model
 
-    version = register_erased_model(name, model_dir, request_json, tags, params, metrics, report_html, concept_keys)
-    return {"name": version.name, "version": version.version, "run_id": version.run_id}
+    version = register_erased_model(
+        name, reference, request_json, tags, params, metrics, report_html, concept_keys, move_candidate
+    )
+    return {
+        "name": version.name, "version": version.version, "run_id": version.run_id,
+        "candidate": version.candidate, "reused_version": version.reused,  # an identical earlier registration
+    }

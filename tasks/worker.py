@@ -20,6 +20,7 @@ from erasure.artifacts import PRIOR_FILE, load_concept, load_prior, save_concept
 from erasure.erase import base_prior, erase_concept, fuse, prepare_request, with_weights
 from erasure.models import fingerprint, load_components, save_components
 from erasure.spec import ErasureRequest
+from tasks.keys import CAPTIONS_FILE, captions_key
 from tasks.store import store_from_url
 
 
@@ -58,10 +59,17 @@ class ConceptWorker:
             return {"key": key, "reused": True}
         request = self._request(request)
         started = time.perf_counter()
-        prior = base_prior(self.components, request)
         with tempfile.TemporaryDirectory() as folder:
-            save_prior(prior, Path(folder) / PRIOR_FILE)
-            self.store.publish(key, Path(folder))
+            if request.preserve.captions is not None:
+                # the captions as the store holds them (by content hash): the request's path is
+                # the submitting machine's, which a remote worker or a later restore may not have
+                fetched = self.store.fetch(captions_key(request), Path(folder) / "captions")
+                preserve = request.preserve.model_copy(update={"captions": fetched / CAPTIONS_FILE})
+                request = request.model_copy(update={"preserve": preserve})
+            prior = base_prior(self.components, request)
+            (Path(folder) / "prior").mkdir()
+            save_prior(prior, Path(folder) / "prior" / PRIOR_FILE)
+            self.store.publish(key, Path(folder) / "prior")
         return {"key": key, "reused": False, "seconds": time.perf_counter() - started}
 
     def concept(self, request: ErasureRequest, index: int, key: str, prior_key: str) -> dict:

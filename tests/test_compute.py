@@ -204,3 +204,30 @@ def test_worker_stages_take_a_typed_request(tmp_path):
     assert worker.prior(request, "priors/typed") == {"key": "priors/typed", "reused": False, "seconds": pytest.approx(0, abs=60)}
     with pytest.raises(TypeError, match="ErasureRequest"):
         worker.prior(request.model_dump_json(), "priors/json")
+
+
+def test_captions_reach_the_worker_through_the_store_not_the_path(tmp_path, monkeypatch):
+    """A remote worker (or a restore on another machine) never sees the submitting machine's
+    caption file: the flow stores it by content hash and the worker reads it from there."""
+    from erasure.artifacts import PRIOR_FILE, load_prior
+    from erasure.erase import base_prior
+    from erasure.models import load_components
+    from tasks.stages import stage_captions
+    from tasks.worker import ConceptWorker
+
+    store = tmp_path / "store"
+    monkeypatch.setenv("ERASURE_STORE", str(store))
+    (tmp_path / "captions.txt").write_text("a tree by a house\na dog on a mat\n")
+    request = parse_request(
+        {"model": "builtin:tiny", "concepts": [{"name": "cat", "anchor": "dog"}], "preserve": {"captions": "captions.txt"}},
+        base_dir=tmp_path,
+    )
+    expected = base_prior(load_components("builtin:tiny"), request)
+    key = stage_captions.fn(request)
+    assert key == f"captions/{request.preserve.captions_sha256}"
+    (tmp_path / "captions.txt").unlink()  # the submitting machine's file is gone
+
+    worker = ConceptWorker("builtin:tiny", str(store), device="cpu", threads=1)
+    worker.prior(request, "priors/with-captions")
+    prior = load_prior(store / "priors" / "with-captions" / PRIOR_FILE)
+    assert prior.count == expected.count and (prior.total - expected.total).abs().max() < 1e-9

@@ -1,0 +1,61 @@
+"""The registered model's pyfunc, logged as code (MLflow's models-from-code): no pickle, MLflow
+runs this file when it loads the model.
+
+A version holds no weights: its ``model_config`` names them in the artifact store
+(``store_url``, ``s3_endpoint``, ``model_key``, and ``sha256``, the digest of the
+artifact's manifest). ``load_context`` fetches the erased pipeline from the store,
+checks every file's checksum and the manifest's digest, and loads it. S3 credentials
+come from the loading environment (never from the model). To load from a copy of the
+store elsewhere: ``mlflow.pyfunc.load_model(uri, model_config={...})``.
+
+Input: a list of prompts or a DataFrame with a ``prompt`` column (optional ``seed``
+column). Output: uint8 images, (n, H, W, 3). Sampler settings are the model's own.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
+
+REFERENCE_KEYS = ("store_url", "model_key", "sha256")
+
+
+class ErasedPipelineModel(PythonModel):
+    def load_context(self, context):
+        from erasure.models import load_components
+        from tasks.store import store_from_url
+
+        config = dict(context.model_config or {})
+        missing = [k for k in REFERENCE_KEYS if not config.get(k)]
+        if missing:
+            raise ValueError(f"the model's config lacks {', '.join(missing)}: it does not name its weights")
+        store = store_from_url(config["store_url"], config.get("s3_endpoint") or None)
+        folder = Path(tempfile.mkdtemp(prefix="erasure-model-"))
+        try:
+            store.fetch(config["model_key"], folder / "model", expect_sha256=config["sha256"])
+            self.components = load_components(str(folder / "model"), "cpu")  # read into memory
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def predict(self, context, model_input, params=None):
+        import numpy as np
+
+        from erasure.models import sampling_defaults
+        from erasure.sampling import sample
+
+        if hasattr(model_input, "columns"):
+            prompts = [str(p) for p in model_input["prompt"]]
+            seeds = [int(s) for s in model_input["seed"]] if "seed" in model_input.columns else list(range(len(prompts)))
+        else:
+            prompts = [str(p) for p in model_input]
+            seeds = list(range(len(prompts)))
+        defaults = sampling_defaults(self.components)
+        images, _ = sample(self.components, prompts, seeds, defaults["sampler_steps"], defaults["guidance_scale"])
+        return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+set_model(ErasedPipelineModel())

@@ -1,0 +1,197 @@
+"""The MLflow registry (SQLite) with a local artifact store: idempotent, complete-or-invisible
+registration, fast failure on an outage, a pyfunc logged as code that loads verified weights from
+the store, and the lineage rules of concurrent takedowns/restores."""
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from erasure.spec import parse_request
+from tasks.keys import request_hash
+from tasks.registry import (
+    CANDIDATE,
+    CLIENT_DEFAULTS,
+    STATUS_TAG,
+    RegistryError,
+    alias_version,
+    register_erased_model,
+    resolve,
+    version_request,
+)
+from tasks.store import LocalStore, manifest_digest
+
+
+@pytest.fixture
+def reference(tmp_path, monkeypatch, tiny_folder):
+    """An MLflow in SQLite and a local store holding the tiny pipeline; the model's reference."""
+    monkeypatch.chdir(tmp_path)  # MLflow's SQLite default puts run artifacts in ./mlruns
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("ERASURE_STORE", str(tmp_path / "store"))
+    for variable in CLIENT_DEFAULTS:
+        monkeypatch.delenv(variable, raising=False)  # configure() sets them; restored afterwards
+    store = LocalStore(tmp_path / "store")
+    manifest = store.publish("models/tiny", tiny_folder)
+    return {"store_url": store.url, "s3_endpoint": None, "model_key": "models/tiny", "sha256": manifest_digest(manifest)}
+
+
+def request_of(concepts):
+    return parse_request({"model": "builtin:tiny", "concepts": [{"name": c, "anchor": "house"} for c in concepts]})
+
+
+def register(reference, concepts=("cat",), flow="erase", parent="", name="m", move=True):
+    request = request_of(concepts)
+    tags = {
+        "flow": flow, "request_hash": request_hash(request), "model_key": reference["model_key"],
+        "parent_version": parent, "concepts": ", ".join(concepts),
+    }
+    return register_erased_model(
+        name, reference, request.model_dump_json(), tags, {"concepts": len(concepts)}, {"acc": 0.5}, None, ["concepts/x"], move
+    )
+
+
+def versions(name="m"):
+    from mlflow.tracking import MlflowClient
+
+    return sorted(MlflowClient().search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+
+
+def test_an_identical_registration_reuses_its_version(reference):
+    first = register(reference)
+    again = register(reference)
+    assert (first.version, again.version) == ("1", "1") and again.reused and not first.reused
+    assert [str(v.version) for v in versions()] == ["1"]
+    # the same weights reached by another lineage (a restore): a new version, the same store artifact
+    restored = register(reference, flow="restore", parent="1")
+    assert restored.version == "2" and alias_version("m") == "2"
+    assert {v.tags["model_key"] for v in versions()} == {"models/tiny"}
+
+
+def test_pyfunc_is_code_not_pickle_and_loads_verified_weights_from_the_store(reference, tmp_path):
+    import mlflow
+    import yaml
+
+    register(reference)
+    register(reference, flow="restore", parent="1")  # same weights: both versions name one artifact
+    for number in ("1", "2"):
+        folder = Path(mlflow.artifacts.download_artifacts(f"models:/m/{number}", dst_path=str(tmp_path / f"v{number}")))
+        files = {p.name for p in folder.rglob("*") if p.is_file()}
+        assert not any(n.endswith((".pkl", ".safetensors", ".bin")) for n in files), files  # no pickle, no weights
+        pyfunc = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]
+        assert "model_code_path" in pyfunc and pyfunc["config"] == reference
+    weights = [p for p in (tmp_path / "mlruns").rglob("*") if p.suffix in (".safetensors", ".bin")]
+    assert weights == []  # nothing copied into MLflow
+
+    model = mlflow.pyfunc.load_model(f"models:/m@{CANDIDATE}")
+    images = model.predict(["a photo of a cat", "a house"])
+    assert images.shape[0] == 2 and images.shape[3] == 3 and images.dtype.name == "uint8"
+
+    unet = next((tmp_path / "store" / "models" / "tiny").rglob("*.safetensors"))
+    unet.write_bytes(unet.read_bytes()[:-1] + bytes([unet.read_bytes()[-1] ^ 1]))  # one flipped bit
+    with pytest.raises(Exception, match="models/tiny.*corrupt"):
+        mlflow.pyfunc.load_model("models:/m/1")
+
+
+def test_an_interrupted_registration_stays_invisible_and_the_rerun_completes_it(reference, monkeypatch):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    original = MlflowClient.set_registered_model_alias
+
+    def outage(self, *args, **kwargs):
+        raise MlflowException("API request to http://mlflow.example/api/2.0/... failed with exception: connection refused")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", outage)
+    with pytest.raises(RegistryError, match="MLflow at sqlite:.*registering a version of 'm'"):
+        register(reference)
+    (pending,) = versions()
+    assert pending.tags[STATUS_TAG] == "pending"
+    with pytest.raises(LookupError, match="no registered model 'm'"):
+        resolve("m")  # lookups skip it
+    with pytest.raises(LookupError, match="incomplete"):
+        resolve("m/1")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", original)
+    done = register(reference)
+    assert done.version == "1" and [str(v.version) for v in versions()] == ["1"]
+    assert versions()[0].tags[STATUS_TAG] == "ready" and resolve("m").version == "1" and alias_version("m") == "1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_mlflow_server_fails_fast_naming_it(reference, monkeypatch):
+    port = _free_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(RegistryError, match=f"MLflow at http://127.0.0.1:{port}"):
+        register(reference)
+    assert time.monotonic() - started < 30
+
+
+def test_a_hanging_mlflow_server_fails_within_a_minute(reference, monkeypatch):
+    """A server that accepts connections and never answers (overloaded, half down)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    accepted = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    port = server.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    try:
+        with pytest.raises(RegistryError, match=f"127.0.0.1:{port}"):
+            resolve("m@candidate")
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join()
+        for connection in accepted:
+            connection.close()
+        server.close()
+    print(f"\nhanging MLflow: failed after {elapsed:.1f} s")
+    assert elapsed < 60
+
+
+def test_lineage_under_the_lock_rebases_on_a_moved_alias_and_keeps_explicit_parents(reference):
+    from erasure.spec import ConceptSpec
+    from flows.restore import remove_concepts
+    from flows.takedown import add_concepts, parent_reference, under_lock
+
+    register(reference, ["cat"])
+    v1 = resolve("m/1")
+    assert parent_reference("m") == "m@candidate" and parent_reference("m/1") == "m/1"
+    boat = [ConceptSpec.model_validate({"name": "boat", "anchor": "house"})]
+    prepared = add_concepts(v1, request_of(["cat"]), boat)
+
+    unchanged = under_lock("m@candidate", v1, prepared, lambda p, r: add_concepts(p, r, boat))
+    assert unchanged.request is prepared and unchanged.parent_version == "1" and unchanged.move_candidate
+
+    register(reference, ["cat", "car"], flow="takedown", parent="1")  # a concurrent takedown landed first
+    rebased = under_lock("m@candidate", v1, prepared, lambda p, r: add_concepts(p, r, boat))
+    assert [c.name for c in rebased.request.concepts] == ["cat", "car", "boat"]
+    assert rebased.parent_version == "2" and rebased.move_candidate and "rebased on version 2" in rebased.note
+
+    explicit = under_lock("m/1", v1, prepared, lambda p, r: add_concepts(p, r, boat))
+    assert [c.name for c in explicit.request.concepts] == ["cat", "boat"] and explicit.parent_version == "1"
+    assert not explicit.move_candidate and "candidate stays at version 2" in explicit.note
+
+    restore = under_lock("m@candidate", v1, request_of(["cat"]), lambda p, r: remove_concepts(p, r, ["car"]))
+    assert [c.name for c in restore.request.concepts] == ["cat"] and restore.parent_version == "2"
+    assert version_request(resolve("m@candidate")) == request_of(["cat", "car"]).model_dump_json()
