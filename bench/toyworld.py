@@ -27,13 +27,10 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from erasure.erase import (  # noqa: E402
-    base_prior,
     cfr_only_weights,
-    erase_concept,
-    fuse,
     fusion_prior,
     naive_merge_weights,
-    prepare_request,
+    run_stages,
     with_weights,
 )
 from erasure.evaluate import evaluate, probes_and_judge  # noqa: E402
@@ -83,19 +80,13 @@ def run_scale(label: str, concepts: list[dict], method: dict, preserve: dict, de
         {"model": "builtin:toyworld", "concepts": concepts, "method": method, "preserve": preserve, "seed": 0}
     )
     base = load_components(request.model, device)
-    request = prepare_request(request, base)
+    stages = run_stages(base, request)  # the MACE row's own stages; the baselines reuse its concepts
+    request, prior, results, fused = stages.request, stages.prior, stages.concepts, stages.weights
     probes, judge = probes_and_judge(request)
     steps, guidance = request.method.sampler_steps, request.method.guidance_scale
-
-    timer = time.perf_counter()
-    prior = base_prior(base, request)
-    t_prior = time.perf_counter() - timer
-    results, t_text, t_rest = [], 0.0, 0.0
-    for concept in request.concepts:
-        result = erase_concept(base, concept, request, prior)
-        results.append(result)
-        t_text += result.seconds["text"]
-        t_rest += result.seconds["data"] + result.seconds["lora"]
+    t_prior, t_fusion = stages.seconds["prior"], stages.seconds["fusion"]
+    t_text = sum(r.seconds["text"] for r in results)
+    t_rest = sum(r.seconds["data"] + r.seconds["lora"] for r in results)
 
     lam1, ridge = request.preserve.lam1, request.preserve.ridge
     prior_gram = fusion_prior(prior, results)
@@ -103,9 +94,6 @@ def run_scale(label: str, concepts: list[dict], method: dict, preserve: dict, de
     cfr = cfr_only_weights(base, results, prior_gram, lam1, ridge)
     t_cfr = time.perf_counter() - timer
     naive = naive_merge_weights(base, results, prior_gram, lam1, ridge)
-    timer = time.perf_counter()
-    fused = fuse(base, results, prior, request.preserve)
-    t_fusion = time.perf_counter() - timer
 
     base_eval = evaluate(base, base, probes, judge, steps, guidance)
     rows = [{"scale": label, "method": "base model", **base_eval.base_metrics, "seconds": 0.0}]

@@ -23,7 +23,9 @@ def erase(
     request: Path = typer.Argument(..., help="Request file (YAML or JSON): model, concepts, preserve, method."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the erased model, LoRAs and manifest to."),
     device: str = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
-    overwrite: bool = typer.Option(False, help="Replace --out if it already exists."),
+    overwrite: bool = typer.Option(
+        False, help="Replace --out if it holds a previous erasure output (moved aside until the new one is in place)."
+    ),
 ) -> None:
     """Erase the request's concepts and write the erased model to --out."""
     from erasure.erase import erase as run_erase

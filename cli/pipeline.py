@@ -16,6 +16,7 @@ from cli.app import app, console, fail, services_app
 from erasure.spec import CONCEPT_KINDS
 
 out = Console()
+NO_JUDGE_EXIT = 3  # distinct from a leak (1) and from bad input (2)
 
 
 def _concepts(names: list[str], kind: str, anchor: str | None, synonyms: list[str]) -> list[dict]:
@@ -25,6 +26,7 @@ def _concepts(names: list[str], kind: str, anchor: str | None, synonyms: list[st
 def _run_flow(call):
     from pydantic import ValidationError
 
+    from erasure.evaluate import NoJudgeError
     from erasure.spec import RequestError
     from flows.audit import ConceptLeak
     from flows.takedown import ConceptStateError
@@ -34,6 +36,9 @@ def _run_flow(call):
 
     try:
         return call()
+    except NoJudgeError as error:  # nothing was judged: neither a pass nor a leak
+        console.print(f"[bold yellow]no judge:[/] {error}", soft_wrap=True, highlight=False)
+        raise typer.Exit(code=NO_JUDGE_EXIT) from None
     except (RequestError, ConceptStateError, LookupError, ValidationError) as error:
         fail(str(error))
     except (RegistryError, ArtifactError, LockError) as error:  # a service down, a corrupt artifact: say which
@@ -112,7 +117,8 @@ def audit(
     request: Path = typer.Option(None, help="Audit any model (folder, builtin:...) against this request."),
     workers: int = typer.Option(1, help="Ray workers."),
 ) -> None:
-    """Compliance check: fails (exit 1), naming the concepts, when an erased concept is still drawn."""
+    """Compliance check: fails (exit 1), naming the concepts, when an erased concept is still drawn;
+    exit 3 when the model has no judge (nothing was judged)."""
     from erasure.spec import RequestError, load_request
     from flows.audit import audit_flow
 
@@ -135,7 +141,7 @@ def promote(
     """Point an alias (default: production) at a version."""
     from tasks.registry import promote as set_alias
 
-    set_alias(model, version, alias)
+    _run_flow(lambda: set_alias(model, version, alias))
     out.print(f"{model}@{alias} -> version {version}")
 
 

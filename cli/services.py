@@ -50,7 +50,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.state import private_dir, state_dir  # noqa: F401  (state_dir: part of this module's interface)
+from tasks.state import private_dir, state_dir
 
 NAMES = ("s3", "mlflow", "prefect")
 _children: dict[str, subprocess.Popen] = {}  # servers this process started: reaped when stopped

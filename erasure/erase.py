@@ -274,6 +274,42 @@ def apply_weights(unet, weights: dict[str, torch.Tensor]) -> None:
         projections[name].weight.data.copy_(weight)
 
 
+# --------------------------------------------------------------------------- the sequence, in one process
+
+
+@dataclass
+class StageOutputs:
+    request: ErasureRequest  # prepared: the model's sampling settings filled in
+    prior: PriorStatistics
+    concepts: list[ConceptResult]
+    weights: dict[str, torch.Tensor]  # the fused K/V projections
+    seconds: dict[str, float]  # prior, concepts, fusion
+
+
+def run_stages(components: Components, request: ErasureRequest, progress: Progress | None = None) -> StageOutputs:
+    """Stages 0-3 on one loaded model: prepare, prior, every concept, fusion. ``erase`` and the
+    benchmarks run this; the pipeline runs the same stage functions, one per worker call."""
+    request = prepare_request(request, components)
+    timer = time.perf_counter()
+    prior = base_prior(components, request)
+    seconds = {"prior": time.perf_counter() - timer}
+
+    timer = time.perf_counter()
+    results = []
+    for index, concept in enumerate(request.concepts):
+        if progress:
+            progress("concepts", index, len(request.concepts))
+        results.append(erase_concept(components, concept, request, prior, progress))
+    if progress:
+        progress("concepts", len(request.concepts), len(request.concepts))
+    seconds["concepts"] = time.perf_counter() - timer
+
+    timer = time.perf_counter()
+    weights = fuse(components, results, prior, request.preserve)
+    seconds["fusion"] = time.perf_counter() - timer
+    return StageOutputs(request, prior, results, weights, seconds)
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -305,25 +341,12 @@ def erase(
 
     timer = time.perf_counter()
     components = load_components(request.model, device)
-    request = prepare_request(request, components)
     base_fingerprint = fingerprint(components)
     seconds["load"] = time.perf_counter() - timer
 
-    timer = time.perf_counter()
-    prior = base_prior(components, request)
-    seconds["prior"] = time.perf_counter() - timer
-
-    results = []
-    for index, concept in enumerate(request.concepts):
-        if progress:
-            progress("concepts", index, len(request.concepts))
-        results.append(erase_concept(components, concept, request, prior, progress))
-    if progress:
-        progress("concepts", len(request.concepts), len(request.concepts))
-
-    timer = time.perf_counter()
-    weights = fuse(components, results, prior, request.preserve)
-    seconds["fusion"] = time.perf_counter() - timer
+    stages = run_stages(components, request, progress)
+    request, prior, results, weights = stages.request, stages.prior, stages.concepts, stages.weights
+    seconds |= stages.seconds
 
     timer = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -400,10 +423,10 @@ def publish_output(staging: Path, out_dir: Path) -> None:
     try:
         os.replace(staging, out_dir)
     except BaseException:
-        os.replace(aside / out_dir.name, out_dir)
+        os.replace(aside / out_dir.name, out_dir)  # if this fails too, the old output stays in ``aside``
+        os.rmdir(aside)
         raise
-    finally:
-        shutil.rmtree(aside, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _versions() -> dict[str, str]:

@@ -195,7 +195,8 @@ def _diffusers_version() -> str:
 
 def fingerprint(components: Components) -> str:
     """SHA-256 over every component's config and weights, the vocabulary, the scheduler and
-    the model's own sampling defaults: same model, same string.
+    the sampling defaults it is used with (its own, else ``SamplingSettings``'): same model,
+    same string.
 
     Used to key cached artifacts: anything derived from a model is only reused
     for exactly that model.
@@ -214,8 +215,8 @@ def fingerprint(components: Components) -> str:
             digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     digest.update(json.dumps(components.tokenizer.get_vocab(), sort_keys=True).encode())
     digest.update(_config_text(dict(components.scheduler.config)))
-    # the model's own sampling settings change every image it draws for erasure
-    digest.update(b"defaults" + json.dumps(components.defaults, sort_keys=True).encode())
+    # the sampling settings it is used with (its own, else ours) change every image drawn for erasure
+    digest.update(b"sampling" + json.dumps(sampling_defaults(components), sort_keys=True).encode())
     return digest.hexdigest()
 
 

@@ -61,8 +61,8 @@ def sample(
     components,
     prompts: list[str],
     seeds: list[int],
-    steps: int = 30,
-    guidance_scale: float = 7.5,
+    steps: int,
+    guidance_scale: float,
     record_tokens: torch.Tensor | None = None,
     batch_size: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -6,7 +6,8 @@ import json
 
 from prefect import flow, get_run_logger
 
-from erasure.spec import ErasureRequest
+from erasure.evaluate import NoJudgeError
+from erasure.spec import ErasureRequest, parse_request
 from tasks.registry import log_audit, resolve, version_request
 from tasks.stages import stage_evaluate
 
@@ -26,11 +27,14 @@ def audit_flow(model: str, request: dict | None = None, workers: int = 1) -> dic
         spec = ErasureRequest.model_validate_json(version_request(version))
         model_key, name = version.tags["model_key"], version.name
     else:
-        version, spec, model_key = None, ErasureRequest.model_validate(request), None
+        version, spec, model_key = None, parse_request(request), None
         name = model.replace("builtin:", "builtin-").replace("/", "-")
     evaluation = stage_evaluate(spec, model_key, workers)
     if evaluation is None:
-        raise ConceptLeak(f"cannot audit {model!r}: no judge for base model {spec.model!r}")
+        raise NoJudgeError(
+            f"cannot audit {model!r}: no judge for base model {spec.model!r} (only the built-in models with a "
+            "judge can be audited here); nothing was judged, so this is not a verdict on the model"
+        )
     metrics = evaluation["metrics"]
     leaked = []
     for row in metrics["concepts"]:

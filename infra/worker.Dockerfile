@@ -12,6 +12,7 @@ COPY pyproject.toml README.md ./
 COPY erasure ./erasure
 COPY tasks ./tasks
 COPY flows ./flows
+COPY cli ./cli
 COPY prefect.yaml ./
-RUN pip install --no-cache-dir -e ".[pipeline]" psycopg2-binary
+RUN pip install --no-cache-dir -e ".[pipeline]"
 ENV HF_HUB_OFFLINE=0 OMP_WAIT_POLICY=PASSIVE ERASURE_ALLOWED_MODELS=${ERASURE_ALLOWED_MODELS}

@@ -32,6 +32,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from erasure.spec import ErasureRequest
+from tasks.state import env_seconds
 from tasks.store import store_settings
 from tasks.worker import ConceptWorker
 
@@ -62,25 +63,12 @@ class DeviceUnavailable(RuntimeError):
     """GPU workers were asked for on a Ray cluster without GPUs."""
 
 
-def _seconds(variable: str, default: float) -> float:
-    text = os.environ.get(variable)
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{variable}={text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise ValueError(f"{variable}={text!r} must be positive")
-    return value
-
-
 def stage_timeout() -> float:
-    return _seconds("ERASURE_RAY_TIMEOUT", STAGE_TIMEOUT_S)
+    return env_seconds("ERASURE_RAY_TIMEOUT", STAGE_TIMEOUT_S)
 
 
 def startup_timeout() -> float:
-    return _seconds("ERASURE_RAY_STARTUP_TIMEOUT", STARTUP_TIMEOUT_S)
+    return env_seconds("ERASURE_RAY_STARTUP_TIMEOUT", STARTUP_TIMEOUT_S)
 
 
 def _no_api_server(self, *, include_dashboard, raise_on_failure) -> None:
@@ -108,6 +96,12 @@ def ensure_ray() -> None:
         # not started at all.
         from ray._private import ray_constants
         from ray._private.node import Node
+
+        if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER") or not hasattr(Node, "start_api_server"):
+            raise RuntimeError(
+                f"ray {ray.__version__} changed the internals that keep local Ray on loopback; install the "
+                "version pyproject.toml pins (tests/integration/test_ray.py checks the listeners)"
+            )
 
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         with (

@@ -63,7 +63,10 @@ def concept_set_hash(request: ErasureRequest) -> str:
 
 
 def request_hash(request: ErasureRequest) -> str:
-    return _digest(request.fingerprint_dict())
+    """The request's content: the caption file counts by its hash, not by where it lay."""
+    data = request.fingerprint_dict()
+    data["preserve"].pop("captions", None)
+    return _digest(data)
 
 
 CAPTIONS_FILE = "captions.txt"

@@ -37,6 +37,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tasks.state import env_seconds
+
 logger = logging.getLogger(__name__)
 
 WAIT_S = 3600.0
@@ -56,19 +58,6 @@ class LockTimeout(LockError):
 
 class LockLost(LockError):
     """An S3 lock's lease expired and another holder took it over."""
-
-
-def _seconds(variable: str, default: float) -> float:
-    text = os.environ.get(variable)
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{variable}={text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise ValueError(f"{variable}={text!r} must be positive")
-    return value
 
 
 def safe_name(name: str) -> str:
@@ -137,8 +126,8 @@ class S3Lock:
                  lease_s: float | None = None, wait_s: float | None = None):
         self.client, self.bucket, self.key = client, bucket, key
         self.where, self.what = where or f"s3://{bucket}", what or key
-        self.lease_s = lease_s if lease_s is not None else _seconds("ERASURE_LOCK_LEASE_S", LEASE_S)
-        self.wait_s = wait_s if wait_s is not None else _seconds("ERASURE_LOCK_WAIT_S", WAIT_S)
+        self.lease_s = lease_s if lease_s is not None else env_seconds("ERASURE_LOCK_LEASE_S", LEASE_S)
+        self.wait_s = wait_s if wait_s is not None else env_seconds("ERASURE_LOCK_WAIT_S", WAIT_S)
         self.owner = uuid.uuid4().hex
         self.etag: str | None = None
         self.lost = False
@@ -291,7 +280,7 @@ def model_lock(name: str, wait_s: float | None = None):
 
     store = store_from_url(*store_settings())
     what = f"registered model {name!r}"
-    wait_s = wait_s if wait_s is not None else _seconds("ERASURE_LOCK_WAIT_S", WAIT_S)
+    wait_s = wait_s if wait_s is not None else env_seconds("ERASURE_LOCK_WAIT_S", WAIT_S)
     if isinstance(store, LocalStore):
         with file_lock(store.root / ".locks" / "registry" / f"{safe_name(name)}.lock", wait_s, what) as held:
             yield held

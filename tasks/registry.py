@@ -260,7 +260,9 @@ def version_request(version: RegisteredVersion) -> str:
 
 def promote(name: str, version: str, alias: str = PRODUCTION) -> None:
     configure()
-    MlflowClient().set_registered_model_alias(name, alias, version)
+    with _mlflow(f"point {name}@{alias} at version {version}"):
+        MlflowClient().get_model_version(name, version)  # a missing version is a LookupError, not an alias to nowhere
+        MlflowClient().set_registered_model_alias(name, alias, version)
 
 
 def log_audit(name: str, version: RegisteredVersion | None, metrics: dict, passed: bool, report_html: str | None, failures: list[str]) -> str:

@@ -103,12 +103,11 @@ class ConceptWorker:
     def evaluate(self, request: ErasureRequest, model_key: str | None) -> dict | None:
         """Metrics and HTML report of a published erased model (``model_key``), or of the base
         model itself (None); None when the base model has no judge."""
-        from erasure.evaluate import evaluate_request, evaluation_json
+        from erasure.evaluate import evaluate_request, evaluation_json, has_judge
         from erasure.report import write_report
-        from erasure.spec import BUILTIN_PREFIX
 
         request = self._request(request)
-        if request.model != BUILTIN_PREFIX + "toyworld":
+        if not has_judge(request.model):
             return None
         with tempfile.TemporaryDirectory() as folder:
             model = self.store.fetch(model_key, Path(folder) / "model") if model_key else self.components

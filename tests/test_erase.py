@@ -121,8 +121,8 @@ def test_the_erased_model_is_rebuilt_exactly_from_its_stored_artifacts(tmp_path,
 def test_concept_folder_names_never_collide():
     names = ["van gogh", "van-gogh", "Van Gogh!", "梵高", "モネ", "x" * 300]
     slugs = [erase_module.slug(n) for n in names]
-    assert slugs[0] != slugs[1] != slugs[2]  # same readable part, different names
-    assert slugs[3] != slugs[4] and slugs[3].startswith("concept-")  # non-Latin names
+    assert len(set(slugs)) == len(slugs)  # "van gogh", "van-gogh", "Van Gogh!": same readable part, three folders
+    assert slugs[3].startswith("concept-") and slugs[4].startswith("concept-")  # non-Latin names
     assert erase_module.slug("Van  Gogh") == erase_module.slug("van gogh")  # one concept, one folder
     assert all(len(s) <= 49 for s in slugs)
 
@@ -133,6 +133,20 @@ def test_fingerprint_covers_the_models_own_sampling_defaults(tiny):
 
     changed = dataclasses.replace(tiny, defaults={"guidance_scale": 2.0})
     assert fingerprint(changed) != fingerprint(tiny)
+    # a model without its own settings is keyed by ours: changing our defaults changes its artifacts too
+    import erasure.models as models
+
+    class OtherDefaults(models.SamplingSettings):
+        sampler_steps: int = 31
+
+    before = fingerprint(tiny)
+    original = models.SamplingSettings
+    models.SamplingSettings = OtherDefaults
+    try:
+        assert fingerprint(tiny) != before
+    finally:
+        models.SamplingSettings = original
+    assert fingerprint(dataclasses.replace(tiny, defaults={"sampler_steps": 30, "guidance_scale": 7.5})) == before
 
 
 @pytest.mark.parametrize("where", [".", "..", "/", "~"])

@@ -1,7 +1,9 @@
 """Content keys: every input that changes an artifact changes its key, and nothing else does."""
 
+import pytest
+
 from erasure.spec import parse_request
-from tasks.keys import concept_key, prior_key
+from tasks.keys import concept_key, prior_key, request_hash
 
 BASE = {"model": "builtin:tiny", "concepts": [{"name": "cat", "anchor": "dog"}]}
 
@@ -16,6 +18,7 @@ def test_captions_are_keyed_by_content_not_path(tmp_path):
     one, same_elsewhere = _request(tmp_path, "a", "a dog\n"), _request(tmp_path, "b", "a dog\n")
     other = _request(tmp_path, "c", "a tree\n")
     assert prior_key("fp", one) == prior_key("fp", same_elsewhere) != prior_key("fp", other)
+    assert request_hash(one) == request_hash(same_elsewhere) != request_hash(other)
     concept = one.concepts[0]
     assert concept_key("fp", concept, one) == concept_key("fp", concept, same_elsewhere) != concept_key("fp", concept, other)
 
@@ -25,3 +28,36 @@ def test_concept_keys_of_look_alike_names_differ(tmp_path):
     first, second = (concept_key("fp", c, request) for c in request.concepts)
     assert first != second and first.startswith("concepts/van-gogh-") and second.startswith("concepts/van-gogh-")
     assert first.split("-")[2] != second.split("-")[2]  # the name hash, readable in a listing
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"seed": 1},
+        {"method": {"lora_steps": 7}},
+        {"method": {"lora_lr": 2e-4}},
+        {"method": {"images_per_concept": 4}},
+        {"method": {"sampler_steps": 12}},
+        {"method": {"guidance_scale": 3.0}},
+        {"method": {"mask_mode": "none"}},
+        {"method": {"prompts_per_concept": 10}},
+        {"preserve": {"lam1": 2.0}},
+        {"preserve": {"ridge": 1e-2}},
+        {"preserve": {"concepts": ["tree"]}},
+        {"concepts": [{"name": "cat", "anchor": "bird"}]},
+        {"concepts": [{"name": "cat", "anchor": "dog", "synonyms": ["kitty"]}]},
+    ],
+)
+def test_every_input_of_a_concept_changes_its_key(change):
+    base = parse_request(BASE)
+    changed = parse_request(BASE | change)
+    assert concept_key("fp", changed.concepts[0], changed) != concept_key("fp", base.concepts[0], base)
+    assert concept_key("other-model", base.concepts[0], base) != concept_key("fp", base.concepts[0], base)
+
+
+def test_lam2_changes_the_model_key_not_the_concept_key():
+    from tasks.keys import model_key
+
+    base, changed = parse_request(BASE), parse_request(BASE | {"preserve": {"lam2": 9.0}})
+    assert concept_key("fp", base.concepts[0], base) == concept_key("fp", changed.concepts[0], changed)
+    assert model_key("fp", ["concepts/a"], base) != model_key("fp", ["concepts/a"], changed)

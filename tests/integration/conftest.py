@@ -103,7 +103,7 @@ def services(tmp_path_factory):
     os.environ.update(svc.environment(ports, prefect=True))
     os.environ["ERASURE_RAY_CPUS"] = "2"
     try:
-        yield {"ports": ports, "timings": timings, "state": state}
+        yield {"ports": ports, "timings": timings, "state": state, "mlflow_backend": mlflow_backend}
     finally:
         try:
             for name in ("prefect", "mlflow", "s3"):

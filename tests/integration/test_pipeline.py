@@ -1,6 +1,5 @@
 """The pipeline against real services: S3 (SeaweedFS), MLflow and Prefect servers, local Ray."""
 
-import os
 import threading
 import time
 
@@ -235,8 +234,6 @@ def test_mlflow_outage_fails_the_flow_fast_and_the_rerun_registers_once(services
     from cli import services as svc
     from flows.erase import erase_flow
 
-    if os.environ.get("ERASURE_TEST_POSTGRES_URL"):
-        pytest.skip("restarts the MLflow server on its SQLite backend")
     spec = request([{"name": "lamp", "anchor": "house"}], seed=13)
     port = services["ports"].mlflow
     svc.stop("mlflow")
@@ -247,7 +244,7 @@ def test_mlflow_outage_fails_the_flow_fast_and_the_rerun_registers_once(services
         print(f"\nflow with MLflow down failed after {time.time() - started:.1f} s (per-concept work included)")
         assert time.time() - started < 120
     finally:
-        svc.start_mlflow(services["ports"])
+        svc.start_mlflow(services["ports"], backend_uri=services["mlflow_backend"])
     rerun = erase_flow(spec, "mlflow-outage", workers=2)
     assert rerun["version"] == "1" and rerun["ran"] == []  # the concept survived in the store
     assert [str(v.version) for v in MlflowClient().search_model_versions("name='mlflow-outage'")] == ["1"]
