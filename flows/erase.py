@@ -106,7 +106,8 @@ def _fuse_and_register(lineage: Lineage, name: str, workers: int, flow_label: st
         (evaluation or {}).get("report_html"), keys, lineage.move_candidate,
     )
     return version | {
-        "metrics": metrics, "model_key": m_key, "parent_version": lineage.parent_version or "", "note": lineage.note,
+        "metrics": metrics, "model_key": m_key, "parent_version": lineage.parent_version or "",
+        "note": "; ".join(n for n in (lineage.note, version.pop("registry_note", "")) if n),
     }
 
 

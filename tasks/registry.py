@@ -109,7 +109,8 @@ class RegisteredVersion:
     run_id: str
     tags: dict
     candidate: bool = False  # the candidate alias points at it (moved by this registration)
-    reused: bool = False  # an identical registration existed: nothing new was logged
+    reused: bool = False  # an identical, finished registration existed: nothing new was logged
+    note: str = ""  # why the candidate alias did not move
 
 
 def _quote(text: str) -> str:
@@ -163,13 +164,37 @@ def register_erased_model(
         for duplicate in same:  # interrupted attempts of this registration, never completed
             if duplicate is not version and not is_ready(duplicate):
                 client.delete_model_version(name, duplicate.version)
+        reused = version is not None and is_ready(version)
         if version is None:
             version = _log_and_create(client, name, reference, request_json, tags, params, metrics, report_html, concept_keys)
+        if not is_ready(version):
+            # complete before anything points at it: an alias never names an unfinished version
+            client.set_model_version_tag(name, version.version, STATUS_TAG, READY)
+        note = ""
+        if move_candidate and reused:
+            # An identical, finished registration: move candidate only to finish what a crashed run
+            # left (candidate still at this version's parent); never move it back past later versions
+            current = _alias_or_none(client, name, CANDIDATE)
+            if current not in (None, str(version.version), tags.get("parent_version") or None):
+                move_candidate = False
+                note = (
+                    f"identical to version {version.version}, registered before; {CANDIDATE} stays at version "
+                    f"{current} (promote version {version.version} explicitly to go back to it)"
+                )
         if move_candidate:
             client.set_registered_model_alias(name, CANDIDATE, version.version)
-        if not is_ready(version):
-            client.set_model_version_tag(name, version.version, STATUS_TAG, READY)  # the last step: complete
-    return RegisteredVersion(name, str(version.version), version.run_id, tags, candidate=move_candidate, reused=bool(same))
+    return RegisteredVersion(
+        name, str(version.version), version.run_id, tags, candidate=move_candidate, reused=reused, note=note
+    )
+
+
+def _alias_or_none(client: MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as error:
+        if error.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def _log_and_create(client, name, reference, request_json, tags, params, metrics, report_html, concept_keys):

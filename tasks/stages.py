@@ -88,4 +88,5 @@ def stage_register(
     return {
         "name": version.name, "version": version.version, "run_id": version.run_id,
         "candidate": version.candidate, "reused_version": version.reused,  # an identical earlier registration
+        "registry_note": version.note,
     }

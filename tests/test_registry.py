@@ -98,25 +98,41 @@ def test_an_interrupted_registration_stays_invisible_and_the_rerun_completes_it(
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    original = MlflowClient.set_registered_model_alias
-
     def outage(self, *args, **kwargs):
         raise MlflowException("API request to http://mlflow.example/api/2.0/... failed with exception: connection refused")
 
-    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", outage)
+    # interrupted before the version is complete: nothing sees it, no alias names it
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", outage)
     with pytest.raises(RegistryError, match="MLflow at sqlite:.*registering a version of 'm'"):
         register(reference)
     (pending,) = versions()
-    assert pending.tags[STATUS_TAG] == "pending"
+    assert pending.tags[STATUS_TAG] == "pending" and alias_version("m") is None
     with pytest.raises(LookupError, match="no registered model 'm'"):
         resolve("m")  # lookups skip it
     with pytest.raises(LookupError, match="incomplete"):
         resolve("m/1")
-
-    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", original)
+    monkeypatch.undo()
     done = register(reference)
     assert done.version == "1" and [str(v.version) for v in versions()] == ["1"]
     assert versions()[0].tags[STATUS_TAG] == "ready" and resolve("m").version == "1" and alias_version("m") == "1"
+
+    # interrupted between completing the version and moving the alias: the re-run moves it
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", outage)
+    with pytest.raises(RegistryError):
+        register(reference, concepts=("cat", "boat"), flow="takedown", parent="1")
+    assert alias_version("m") == "1"  # still the parent: nothing points at the new version yet
+    monkeypatch.undo()
+    finished = register(reference, concepts=("cat", "boat"), flow="takedown", parent="1")
+    assert finished.version == "2" and finished.reused and finished.candidate and alias_version("m") == "2"
+
+
+def test_rerunning_an_old_erase_never_moves_candidate_back_past_a_takedown(reference):
+    register(reference)  # erase: version 1
+    register(reference, concepts=("cat", "jane doe"), flow="takedown", parent="1")  # version 2, candidate
+    again = register(reference)  # the original erase, run again (or an old crashed run re-run)
+    assert again.version == "1" and again.reused and not again.candidate
+    assert "candidate stays at version 2" in again.note
+    assert alias_version("m") == "2"  # the takedown is not silently undone
 
 
 def _free_port() -> int:
