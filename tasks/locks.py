@@ -130,6 +130,7 @@ class S3Lock:
         self.wait_s = wait_s if wait_s is not None else env_seconds("ERASURE_LOCK_WAIT_S", WAIT_S)
         self.owner = uuid.uuid4().hex
         self.etag: str | None = None
+        self._renewed = float("-inf")  # monotonic time the last successful lease write was sent
         self.lost = False
         self._state = threading.Lock()
         self._stop = threading.Event()
@@ -156,7 +157,10 @@ class S3Lock:
         return holder, response["ETag"]
 
     def _put(self, **condition) -> str:
-        return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(), **condition)["ETag"]
+        sent = time.monotonic()  # the lease written runs from about now
+        etag = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(), **condition)["ETag"]
+        self._renewed = sent
+        return etag
 
     def acquire(self) -> S3Lock:
         _probe_conditional_writes(self.client, self.bucket, self.key.rsplit("/", 1)[0], self.where)
@@ -194,25 +198,30 @@ class S3Lock:
         return self
 
     def _renew(self) -> None:
-        expires = time.time() + self.lease_s
         while not self._stop.wait(self.lease_s / 4):
             with self._state:
                 if self._stop.is_set():
                     return
                 try:
                     self.etag = self._put(IfMatch=self.etag)
-                    expires = time.time() + self.lease_s
                 except Exception as error:
-                    if _conflict(error) or time.time() > expires:
+                    if _conflict(error) or self._lapsed():
                         self.lost = True
                         logger.error("lost %s: %s", self.what, error)
                         return
                     logger.warning("renewing %s failed (will retry): %s", self.what, error)
 
+    def _lapsed(self) -> bool:
+        """True once the lease may have run out: another flow may take the lock over now. Judged by
+        this process's clock from the last renewal that succeeded, with a margin, never by
+        whether a renewal call in flight has returned yet."""
+        return time.monotonic() > self._renewed + self.lease_s * 0.8
+
     def ensure(self) -> None:
-        """Raise ``LockLost`` if the lease lapsed and someone else may hold the lock."""
-        if self.lost:
-            raise LockLost(f"lost {self.what} ({self.key} on {self.where}): its lease expired and another flow took it over")
+        """Raise ``LockLost`` if the lease lapsed (or may have) and someone else may hold the lock."""
+        if self.lost or self._lapsed():
+            self.lost = True
+            raise LockLost(f"lost {self.what} ({self.key} on {self.where}): its lease expired and another flow may hold it")
 
     def release(self) -> None:
         self._stop.set()

@@ -201,6 +201,9 @@ class LocalStore:
         with self._lock(key):
             if self._raw(key) != raw:
                 return False
+            # kept beside, not deleted: a fault on the reader's side must not destroy a good artifact
+            quarantine = self._path(key).parent / f".quarantine-{self._path(key).name}-{uuid.uuid4().hex[:8]}.json"
+            quarantine.write_bytes(raw)
             (self._path(key) / MANIFEST).unlink(missing_ok=True)
             return True
 
@@ -358,8 +361,15 @@ class S3Store:
         self._remove(self._list(self._object(key) + "/"))
 
     def _unpublish(self, key: str, raw: bytes, etag: str) -> bool:
-        """Remove the manifest if it is still the one read (ETag), then its files; True if removed."""
+        """Remove the manifest if it is still the one read (ETag); True if removed. Its files and a
+        copy of it stay (``_quarantine/``): a fault on the reader's side (a bad disk, a broken
+        download) must not destroy the only copy of a registered model; an operator can put the
+        manifest back."""
         target = self._object(key, MANIFEST)
+        self._call(
+            "quarantine", self.client.put_object, Bucket=self.bucket,
+            Key=self._object(key, f"_quarantine/{uuid.uuid4().hex}.json"), Body=raw,
+        )
         try:
             self._call("unpublish", self.client.delete_object, Bucket=self.bucket, Key=target, IfMatch=etag, conditional=True)
         except _Conditional:
@@ -371,15 +381,6 @@ class S3Store:
             if current is None or current[0] != raw:
                 return False
             self._call("unpublish", self.client.delete_object, Bucket=self.bucket, Key=target)
-        try:
-            prefix = _parse_manifest(raw).get("prefix")
-        except _Corrupt:
-            prefix = None
-        if prefix:
-            try:
-                self._remove(self._list(self._object(key, prefix) + "/"))
-            except ArtifactError:
-                pass  # unreferenced files: harmless
         return True
 
     def _load(self, key: str) -> tuple[bytes, str, dict]:

@@ -216,6 +216,11 @@ def test_corrupt_artifact_is_unpublished_and_recomputed_by_the_next_publish(stor
     with pytest.raises(ArtifactError, match=r"'concepts/cat-1'.*corrupt.*unpublished"):
         store.fetch("concepts/cat-1", tmp_path / "out")
     assert not store.exists("concepts/cat-1")  # so the worker's next run recomputes it
+    # ... but nothing is deleted: the manifest is kept aside, in case the fault was the reader's
+    if isinstance(store, LocalStore):
+        assert list((store.root / "concepts").glob(".quarantine-cat-1-*.json"))
+    else:
+        assert any("/_quarantine/" in k for k in store.client.objects)
     with pytest.raises(ArtifactError, match="not published"):
         store.fetch("concepts/cat-1", tmp_path / "out")
     store.publish("concepts/cat-1", artifact(tmp_path / "b"))
@@ -375,6 +380,28 @@ def test_s3_lock_renews_its_lease():
         with pytest.raises(LockTimeout):
             S3Lock(client, "bucket", "locks/m", wait_s=0.3).acquire()
         held.ensure()
+
+
+def test_a_holder_whose_renewals_hang_knows_its_lease_lapsed():
+    """A renewal stuck in a slow call must not let the holder act after its lease may have run out."""
+    from tasks.locks import LockLost
+
+    class Stalling(FakeS3):
+        stall = threading.Event()
+
+        def put_object(self, **kwargs):
+            if self.stall.is_set():
+                time.sleep(2)  # the endpoint hangs; boto would retry for minutes
+            return super().put_object(**kwargs)
+
+    client = Stalling()
+    held = S3Lock(client, "bucket", "locks/m", lease_s=0.5).acquire()
+    held.ensure()
+    client.stall.set()
+    time.sleep(0.6)  # longer than the lease: a waiter may take the lock over now
+    with pytest.raises(LockLost, match="lease expired"):
+        held.ensure()
+    held.release()
 
 
 def test_s3_lock_refuses_an_endpoint_that_ignores_conditional_writes():
