@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cli.app import Bars, app, console, device_or_default, fail, progress_bars, setting, toyworld_app
@@ -43,7 +44,7 @@ def erase(
     for row in summary.concepts:
         loss = f"{row['lora_loss_first']:.4g} -> {row['lora_loss_last']:.4g}" if row["lora_loss_first"] is not None else "-"
         table.add_row(
-            row["name"], row["kind"], row["anchor"], f"{row['mask_coverage']:.0%}", loss,
+            escape(row["name"]), row["kind"], escape(row["anchor"]), f"{row['mask_coverage']:.0%}", loss,
             f"{sum(row['seconds'].values()):.1f}",
         )
     Console().print(table)
@@ -83,7 +84,7 @@ def generate(
     for i, (prompt, image) in enumerate(zip(prompts, images)):
         path = out / f"{i:03d}.png"
         to_pil(image).save(path)
-        Console().print(f"{path}  {prompt}")
+        Console().print(f"{path}  {escape(prompt)}", highlight=False)
 
 
 @app.command()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cli.app import app, console, fail, services_app
 from erasure.spec import CONCEPT_KINDS
@@ -37,14 +38,14 @@ def _run_flow(call):
     try:
         return call()
     except NoJudgeError as error:  # nothing was judged: neither a pass nor a leak
-        console.print(f"[bold yellow]no judge:[/] {error}", soft_wrap=True, highlight=False)
+        console.print(f"[bold yellow]no judge:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
         raise typer.Exit(code=NO_JUDGE_EXIT) from None
     except (RequestError, ConceptStateError, LookupError, ValidationError) as error:
         fail(str(error))
     except (RegistryError, ArtifactError, LockError) as error:  # a service down, a corrupt artifact: say which
         fail(str(error))
     except ConceptLeak as error:
-        console.print(f"[bold red]audit failed:[/] {error}", soft_wrap=True)
+        console.print(f"[bold red]audit failed:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
         raise typer.Exit(code=1) from None
 
 
@@ -52,11 +53,11 @@ def _print_version(result: dict) -> None:
     alias = "alias candidate" if result.get("candidate", True) else "candidate not moved"
     state = "reused" if result.get("reused_version") else "registered"
     out.print(
-        f"{state} [bold]{result['name']}[/] version {result['version']} ({alias}); "
+        f"{state} [bold]{escape(result['name'])}[/] version {result['version']} ({alias}); "
         f"per-concept stages: {len(result['ran'])} ran, {len(result['reused'])} reused"
     )
     if result.get("note"):  # rebased on a newer candidate, or candidate left where another flow moved it
-        out.print(f"note: {result['note']}")
+        out.print(f"note: {escape(result['note'])}", highlight=False)
     if result.get("metrics"):
         out.print(json.dumps(result["metrics"]))
 
@@ -65,7 +66,7 @@ def _print_version(result: dict) -> None:
 def run(
     request: Path = typer.Argument(..., help="Request file (YAML or JSON)."),
     name: str = typer.Option(None, help="Registered model name (default: the request file's name)."),
-    workers: int = typer.Option(1, help="Ray workers (one per GPU, or per CPU without GPUs)."),
+    workers: int = typer.Option(1, min=1, max=1024, help="Ray workers (one per GPU, or per CPU without GPUs)."),
 ) -> None:
     """Run the erase flow: per-concept work on Ray, fusion, evaluation, MLflow registration."""
     from erasure.spec import RequestError, load_request
@@ -89,7 +90,7 @@ def takedown(
     kind: str = typer.Option("object", help=f"Kind of the new concepts: {', '.join(CONCEPT_KINDS)}."),
     anchor: str = typer.Option(None, help="Anchor of the new concepts (needed for objects)."),
     synonym: list[str] = typer.Option([], help="Synonyms of the new concept (repeatable)."),
-    workers: int = typer.Option(1, help="Ray workers."),
+    workers: int = typer.Option(1, min=1, max=1024, help="Ray workers."),
 ) -> None:
     """Add concepts to a registered model: a new version; only the new concepts' work runs."""
     from flows.takedown import takedown_flow
@@ -102,7 +103,7 @@ def takedown(
 def restore(
     model: str = typer.Argument(..., help="Registered model: NAME, NAME@ALIAS or NAME/VERSION."),
     concepts: list[str] = typer.Argument(..., help="Erased concept names to give back."),
-    workers: int = typer.Option(1, help="Ray workers."),
+    workers: int = typer.Option(1, min=1, max=1024, help="Ray workers."),
 ) -> None:
     """Remove concepts from a registered model's erasure: a new version, fused without them."""
     from flows.restore import restore_flow
@@ -115,7 +116,7 @@ def restore(
 def audit(
     model: str = typer.Argument(..., help="NAME, NAME@ALIAS (e.g. models@production) or NAME/VERSION; or a model with --request."),
     request: Path = typer.Option(None, help="Audit any model (folder, builtin:...) against this request."),
-    workers: int = typer.Option(1, help="Ray workers."),
+    workers: int = typer.Option(1, min=1, max=1024, help="Ray workers."),
 ) -> None:
     """Compliance check: fails (exit 1), naming the concepts, when an erased concept is still drawn;
     exit 3 when the model has no judge (nothing was judged)."""
@@ -142,7 +143,7 @@ def promote(
     from tasks.registry import promote as set_alias
 
     _run_flow(lambda: set_alias(model, version, alias))
-    out.print(f"{model}@{alias} -> version {version}")
+    out.print(f"{escape(model)}@{escape(alias)} -> version {escape(version)}", highlight=False)
 
 
 @services_app.command("up")

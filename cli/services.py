@@ -307,9 +307,11 @@ def start_mlflow(ports: Ports = Ports(), backend_uri: str | None = None) -> floa
     backend_uri = backend_uri or f"sqlite:///{folder / 'mlflow.db'}"
     command = [
         _bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(ports.mlflow),
-        "--backend-store-uri", backend_uri, "--artifacts-destination", str(folder / "mlflow-artifacts"), "--workers", "1",
+        "--artifacts-destination", str(folder / "mlflow-artifacts"), "--workers", "1",
     ]
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    # the backend URI may hold a database password: the environment, never the command line
+    # (any local user can read /proc/PID/cmdline)
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_BACKEND_STORE_URI": backend_uri}
     ready = lambda: _http_ok(f"http://127.0.0.1:{ports.mlflow}/health")  # noqa: E731
     return _start("mlflow", command, env, ready, 120, ports.mlflow, ports={"mlflow": ports.mlflow})
 

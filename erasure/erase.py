@@ -370,7 +370,7 @@ def erase(
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         check_output_folder(out_dir, overwrite)  # again: another run may have written it meanwhile
-        publish_output(staging, out_dir)
+        publish_output(staging, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -411,12 +411,20 @@ def _is_erasure_output(folder: Path) -> bool:
     return isinstance(manifest, dict) and "erasure_version" in manifest and "base_fingerprint" in manifest
 
 
-def publish_output(staging: Path, out_dir: Path) -> None:
-    """Move the complete ``staging`` folder to ``out_dir``. A previous output is moved aside
-    first and deleted only once the new one is in place, so a crash at any point leaves either
-    the old output or the new one (and at worst the old one beside it as ``.NAME.old-*``)."""
-    if not out_dir.exists():
-        os.replace(staging, out_dir)
+def publish_output(staging: Path, out_dir: Path, overwrite: bool = False) -> None:
+    """Move the complete ``staging`` folder to ``out_dir``. A previous output (only with
+    ``overwrite``) is moved aside first and deleted only once the new one is in place, so a crash
+    at any point leaves either the old output or the new one (and at worst the old one beside it
+    as ``.NAME.old-*``). Without ``overwrite`` an output that appeared meanwhile is never touched."""
+    if not overwrite or not out_dir.exists():
+        try:
+            os.rename(staging, out_dir)  # fails on a non-empty folder (another run's output)
+        except OSError as error:
+            if out_dir.exists():
+                raise RequestError(
+                    f"output folder {str(out_dir)!r} was written by another run meanwhile; choose another --out"
+                ) from None
+            raise error
         return
     aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
     os.replace(out_dir, aside / out_dir.name)

@@ -78,8 +78,11 @@ class RequestError(ValueError):
 
 
 def normalise(text: str) -> str:
-    """Case- and space-insensitive form used to compare concept names."""
-    return " ".join(text.lower().split())
+    """The form concept names are compared in: Unicode compatibility form (NFKC: full-width
+    letters, composed and decomposed accents and ligatures become one), case-folded, runs of
+    spaces collapsed. Look-alikes from other scripts (a Cyrillic "а" in a Latin name) stay
+    distinct: they are different words to a tokenizer too."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 class _Strict(BaseModel):
@@ -312,11 +315,29 @@ def parse_request(data: dict, base_dir: Path | str = ".") -> ErasureRequest:
     return request.check_paths(Path(base_dir))
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """YAML without anchors/aliases: a few aliases can expand into gigabytes ("billion laughs")."""
+class _StrictLoader(yaml.SafeLoader):
+    """YAML without anchors/aliases (a few aliases can expand into gigabytes, "billion laughs")
+    and without duplicate keys (the second ``concepts:`` would silently replace the first)."""
 
     def fetch_alias(self):
         raise yaml.YAMLError("aliases (*name) are not allowed in a request; write the value out")
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.YAMLError(f"key {key!r} appears twice{key_node.start_mark}; give each key once")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _json_no_duplicates(pairs: list[tuple]) -> dict:
+    keys = [k for k, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise RequestError(f"invalid request: key {key!r} appears twice; give each key once")
+    return dict(pairs)
 
 
 def load_request(path: Path | str) -> ErasureRequest:
@@ -328,9 +349,14 @@ def load_request(path: Path | str) -> ErasureRequest:
         raise RequestError(f"request file {str(path)!r} is larger than {MAX_REQUEST_BYTES >> 10} KiB")
     try:
         text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506
+        if path.suffix == ".json":
+            data = json.loads(text, object_pairs_hook=_json_no_duplicates)
+        else:
+            data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
     except UnicodeDecodeError:
         raise RequestError(f"request file {str(path)!r} is not UTF-8 text") from None
+    except RecursionError:
+        raise RequestError(f"request file {str(path)!r} is nested too deeply to be a request") from None
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         raise RequestError(f"request file {str(path)!r} is not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {error}") from None
     return parse_request(data, base_dir=path.parent)

@@ -87,7 +87,7 @@ def _fuse_and_register(lineage: Lineage, name: str, workers: int, flow_label: st
         "flow": flow_label,
         "base_model": request.model,
         "base_fingerprint": base,
-        "concepts": ", ".join(c.name for c in request.concepts),
+        "concepts": concept_list_tag(request),
         "concept_set_hash": concept_set_hash(request),
         "request_hash": request_hash(request),
         "parent_version": lineage.parent_version or "",
@@ -109,6 +109,17 @@ def _fuse_and_register(lineage: Lineage, name: str, workers: int, flow_label: st
         "metrics": metrics, "model_key": m_key, "parent_version": lineage.parent_version or "",
         "note": "; ".join(n for n in (lineage.note, version.pop("registry_note", "")) if n),
     }
+
+
+TAG_CHARS = 5000  # MLflow refuses tag values over 100,000 characters; a tag is for reading, request.json has all
+
+
+def concept_list_tag(request: ErasureRequest) -> str:
+    names = ", ".join(c.name for c in request.concepts)
+    if len(names) <= TAG_CHARS:
+        return names
+    shown = names[:TAG_CHARS].rsplit(", ", 1)[0]
+    return f"{shown}, ... ({len(request.concepts)} concepts in all; see request.json)"
 
 
 @flow(name="erase")

@@ -305,6 +305,8 @@ def worker_pool(model: str, size: int, device: str | None = None) -> WorkerPool:
     """The process's pool for ``model`` on ``device`` (see ``resolve_device``): reused when it has
     at least ``size`` workers, else replaced (pools hold their CPUs/GPUs, so two pools side by
     side could starve each other)."""
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"workers must be a whole number >= 1, not {size!r}")
     store_url, endpoint = store_settings()
     resolved = resolve_device(device)
     with _lock:

@@ -10,7 +10,7 @@ import hashlib
 import json
 
 from erasure.erase import slug
-from erasure.spec import ConceptSpec, ErasureRequest, normalise
+from erasure.spec import ConceptSpec, ErasureRequest, RequestError, normalise
 
 STAGE_VERSIONS = {"prior": 1, "concept": 1, "model": 1}
 
@@ -21,7 +21,10 @@ def _digest(payload: dict) -> str:
 
 def _preserve_inputs(request: ErasureRequest) -> dict:
     if request.preserve.captions is not None and request.preserve.captions_sha256 is None:
-        raise ValueError("preserve.captions has no content hash: validate the request with erasure.spec.parse_request")
+        raise RequestError(
+            "preserve.captions has no content hash (a request validated by an earlier version?): "
+            "run it again from its request file"
+        )
     return {
         "concepts": list(request.preserve.concepts),
         "captions_sha256": request.preserve.captions_sha256,  # the content, not the path
@@ -76,5 +79,5 @@ def captions_key(request: ErasureRequest) -> str:
     """Where a request's caption file is kept in the store: by its content hash, so any worker,
     and a restore years later on another machine, finds exactly the captions it was made with."""
     if request.preserve.captions_sha256 is None:
-        raise ValueError("the request has no caption file (or was not validated with erasure.spec.parse_request)")
+        raise RequestError("the request has no caption file (or was not validated with erasure.spec.parse_request)")
     return f"captions/{request.preserve.captions_sha256}"

@@ -22,6 +22,7 @@ from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
 
 REFERENCE_KEYS = ("store_url", "model_key", "sha256")
+MAX_PROMPTS_PER_CALL = 256
 
 
 class ErasedPipelineModel(PythonModel):
@@ -46,6 +47,7 @@ class ErasedPipelineModel(PythonModel):
 
         from erasure.models import sampling_defaults
         from erasure.sampling import sample
+        from erasure.spec import MAX_PROMPT_CHARS, MAX_SEED, printable_text
 
         if hasattr(model_input, "columns"):
             prompts = [str(p) for p in model_input["prompt"]]
@@ -53,7 +55,17 @@ class ErasedPipelineModel(PythonModel):
         else:
             prompts = [str(p) for p in model_input]
             seeds = list(range(len(prompts)))
+        if not 1 <= len(prompts) <= MAX_PROMPTS_PER_CALL:
+            raise ValueError(f"give 1 to {MAX_PROMPTS_PER_CALL} prompts per call, not {len(prompts)}")
+        for i, prompt in enumerate(prompts):
+            try:
+                prompts[i] = printable_text(prompt, MAX_PROMPT_CHARS)
+            except ValueError as error:
+                raise ValueError(f"prompt {i}: {error}") from None
+        if any(not 0 <= seed <= MAX_SEED for seed in seeds):
+            raise ValueError(f"seeds must lie in 0..{MAX_SEED}")
         defaults = sampling_defaults(self.components)
+        # sample() draws in batches of 16: memory stays bounded whatever the call's size
         images, _ = sample(self.components, prompts, seeds, defaults["sampler_steps"], defaults["guidance_scale"])
         return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 

@@ -63,6 +63,24 @@ class RegistryError(RuntimeError):
     """The MLflow server cannot be reached or failed a request."""
 
 
+def tracking_uri() -> str:
+    """The tracking URI as messages may show it: a password in it is replaced by ``***``."""
+    return re.sub(r"(//[^/:@]*:)[^/@]*@", r"\1***@", mlflow.get_tracking_uri())
+
+
+def experiment(name: str) -> None:
+    """Make ``erasure/<name>`` the active experiment. With the embedded SQLite default its run
+    artifacts go to the private state folder, not to ``./mlruns`` in whatever folder this runs in."""
+    title = f"erasure/{name}"
+    if mlflow.get_tracking_uri().startswith("sqlite:") and mlflow.get_experiment_by_name(title) is None:
+        location = private_dir(state_dir() / "mlflow-artifacts")
+        try:
+            mlflow.create_experiment(title, artifact_location=location.as_uri())
+        except MlflowException:
+            pass  # created by a concurrent flow a moment ago
+    mlflow.set_experiment(title)
+
+
 def configure() -> str:
     for variable, value in CLIENT_DEFAULTS.items():
         os.environ.setdefault(variable, value)
@@ -84,9 +102,9 @@ def _mlflow(what: str) -> Iterator[None]:
             raise LookupError(f"{what}: {error.message}") from None
         if error.error_code in _LOGICAL:
             raise
-        raise RegistryError(f"MLflow at {mlflow.get_tracking_uri()}: {what} failed: {error.message}") from None
+        raise RegistryError(f"MLflow at {tracking_uri()}: {what} failed: {error.message}") from None
     except OSError as error:  # requests' connection errors and timeouts are OSErrors
-        raise RegistryError(f"MLflow at {mlflow.get_tracking_uri()}: {what} failed: {error}") from None
+        raise RegistryError(f"MLflow at {tracking_uri()}: {what} failed: {error}") from None
 
 
 def _requirements() -> list[str]:
@@ -201,7 +219,7 @@ def _log_and_create(client, name, reference, request_json, tags, params, metrics
     missing = [k for k in ("store_url", "model_key", "sha256") if not reference.get(k)]
     if missing:
         raise ValueError(f"model reference lacks {', '.join(missing)}")
-    mlflow.set_experiment(f"erasure/{name}")
+    experiment(name)
     with mlflow.start_run(run_name=tags.get("flow", "erase")) as run:
         mlflow.log_params(params)
         if metrics:
@@ -272,7 +290,7 @@ def resolve(reference: str) -> RegisteredVersion:
         else:
             versions = [v for v in client.search_model_versions(f"name='{_quote(name)}'") if is_ready(v)]
             if not versions:
-                raise LookupError(f"no registered model {name!r} in {mlflow.get_tracking_uri()}")
+                raise LookupError(f"no registered model {name!r} in {tracking_uri()}")
             version = max(versions, key=lambda v: int(v.version))
     return RegisteredVersion(name, str(version.version), version.run_id, dict(version.tags))
 
@@ -292,7 +310,7 @@ def promote(name: str, version: str, alias: str = PRODUCTION) -> None:
 
 def log_audit(name: str, version: RegisteredVersion | None, metrics: dict, passed: bool, report_html: str | None, failures: list[str]) -> str:
     configure()
-    mlflow.set_experiment(f"erasure/{name}")
+    experiment(name)
     with mlflow.start_run(run_name="audit") as run:
         mlflow.set_tags({"erasure.flow": "audit", "erasure.passed": str(passed), "erasure.leaked": ",".join(failures)}
                         | ({"erasure.version": version.version} if version else {}))

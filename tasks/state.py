@@ -18,12 +18,21 @@ def state_dir() -> Path:
 
 
 def private_dir(path: Path) -> Path:
-    """Create ``path`` (and the state folder above it) with mode 0700 where they are missing."""
+    """``path`` (and the state folder above it) as folders only this user can enter: created with
+    mode 0700, tightened to 0700 if an earlier version left them open; refused when another
+    user owns them (their pid files and credentials would be trusted)."""
     state = state_dir()
-    if state in path.parents:
-        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folders = ([state] if state == path or state in path.parents else []) + ([path] if path != state else [])
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.mkdir(mode=0o700, exist_ok=True)
+    for folder in folders:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = folder.stat()
+        if info.st_uid != os.getuid():
+            raise PermissionError(
+                f"{folder} belongs to another user (uid {info.st_uid}); set ERASURE_STATE_DIR to a folder of your own"
+            )
+        if info.st_mode & 0o077:
+            folder.chmod(0o700)
     return path
 
 

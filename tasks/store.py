@@ -94,6 +94,11 @@ def _parse_manifest(raw: bytes) -> dict:
         _check_relpath(rel)
         if not isinstance(checksum, str) or not _SHA256.match(checksum):
             raise _Corrupt(f"manifest has an invalid checksum for {rel!r}")
+    files = set(manifest["files"])
+    for rel in files:  # "a" and "a/b" cannot both be files
+        parents = rel.split("/")[:-1]
+        if any("/".join(parents[: i + 1]) in files for i in range(len(parents))):
+            raise _Corrupt(f"manifest names {rel!r} inside another listed file")
     prefix = manifest.get("prefix")
     if prefix is not None and not (isinstance(prefix, str) and _PUBLISH_ID.match(prefix)):
         raise _Corrupt(f"manifest names an invalid prefix {prefix!r}")

@@ -196,3 +196,14 @@ def test_overwrite_replaces_atomically_and_a_crash_keeps_the_previous_output(tmp
     erase_module.erase(request, out, overwrite=True)  # and a real overwrite replaces it
     assert json.loads((out / "manifest.json").read_text())["base_fingerprint"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_without_overwrite_an_output_written_meanwhile_is_never_replaced(tmp_path):
+    out, staging = tmp_path / "out", tmp_path / ".out.staging"
+    out.mkdir()
+    (out / "manifest.json").write_text("another run's output")
+    staging.mkdir()
+    (staging / "manifest.json").write_text("ours")
+    with pytest.raises(RequestError, match="written by another run meanwhile"):
+        erase_module.publish_output(staging, out, overwrite=False)
+    assert (out / "manifest.json").read_text() == "another run's output"

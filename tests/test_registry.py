@@ -87,6 +87,9 @@ def test_pyfunc_is_code_not_pickle_and_loads_verified_weights_from_the_store(ref
     model = mlflow.pyfunc.load_model(f"models:/m@{CANDIDATE}")
     images = model.predict(["a photo of a cat", "a house"])
     assert images.shape[0] == 2 and images.shape[3] == 3 and images.dtype.name == "uint8"
+    for bad, message in (([], "1 to 256 prompts"), (["x"] * 257, "1 to 256 prompts"), (["a cat\u202e"], "prompt 0: contains U\\+202E")):
+        with pytest.raises(Exception, match=message):  # bounded before any sampling
+            model.predict(bad)
 
     unet = next((tmp_path / "store" / "models" / "tiny").rglob("*.safetensors"))
     unet.write_bytes(unet.read_bytes()[:-1] + bytes([unet.read_bytes()[-1] ^ 1]))  # one flipped bit
@@ -211,3 +214,15 @@ def test_lineage_under_the_lock_rebases_on_a_moved_alias_and_keeps_explicit_pare
     restore = under_lock("m@candidate", v1, request_of(["cat"]), lambda p, r: remove_concepts(p, r, ["car"]))
     assert [c.name for c in restore.request.concepts] == ["cat"] and restore.parent_version == "2"
     assert version_request(resolve("m@candidate")) == request_of(["cat", "car"]).model_dump_json()
+
+
+def test_embedded_run_artifacts_stay_in_the_state_folder_and_passwords_stay_out_of_messages(reference, tmp_path, monkeypatch):
+    import mlflow
+
+    from tasks.registry import tracking_uri
+
+    register(reference)
+    assert not (tmp_path / "mlruns").exists()  # not in whatever folder the flow ran in
+    assert list((tmp_path / ".erasure" / "mlflow-artifacts").rglob("request.json"))
+    mlflow.set_tracking_uri("https://alice:s3cret@mlflow.example/")
+    assert tracking_uri() == "https://alice:***@mlflow.example/"

@@ -162,3 +162,14 @@ def test_services_up_refuses_a_loose_secret_before_starting_anything(state, monk
     path.chmod(0o604)
     result = CliRunner().invoke(app, ["services", "up"])
     assert result.exit_code == 2 and "chmod 600" in result.output
+
+
+def test_an_open_state_folder_left_by_an_earlier_version_is_tightened(tmp_path, monkeypatch):
+    from tasks.state import private_dir
+
+    state = tmp_path / "state"
+    (state / "services").mkdir(parents=True, mode=0o755)
+    state.chmod(0o755)
+    monkeypatch.setenv("ERASURE_STATE_DIR", str(state))
+    private_dir(state / "services")
+    assert (state.stat().st_mode & 0o777, (state / "services").stat().st_mode & 0o777) == (0o700, 0o700)

@@ -157,3 +157,33 @@ def test_builtin_models_come_from_one_registry():
     assert has_judge("builtin:toyworld") and not has_judge("builtin:tiny") and not has_judge("/some/folder")
     with pytest.raises(RequestError, match="valid: builtin:tiny, builtin:toyworld"):
         parse_request(with_(model="builtin:nope"))
+
+
+def test_duplicate_keys_and_deep_nesting_are_refused(tmp_path):
+    (tmp_path / "twice.yaml").write_text(
+        "model: builtin:tiny\nconcepts: [{name: cat, anchor: dog}]\nconcepts: [{name: car, anchor: bus}]\n"
+    )
+    with pytest.raises(RequestError, match="'concepts' appears twice"):
+        load_request(tmp_path / "twice.yaml")
+    (tmp_path / "twice.json").write_text('{"model": "builtin:tiny", "seed": 1, "seed": 2, "concepts": []}')
+    with pytest.raises(RequestError, match="'seed' appears twice"):
+        load_request(tmp_path / "twice.json")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(RequestError, match="nested too deeply"):
+        load_request(tmp_path / "deep.json")
+
+
+def test_look_alike_names_are_one_concept():
+    full_width = with_(concepts=[{"name": "Jane Doe", "kind": "person"}, {"name": "Ｊａｎｅ　Ｄｏｅ", "kind": "person"}])
+    with pytest.raises(RequestError, match="duplicate concept"):
+        parse_request(full_width)
+    accents = with_(concepts=[{"name": "caf\u00e9", "anchor": "bar"}, {"name": "cafe\u0301", "anchor": "bar"}])
+    with pytest.raises(RequestError, match="duplicate concept"):
+        parse_request(accents)
+
+
+def test_markup_in_names_and_paths_is_printed_not_interpreted(tmp_path):
+    (tmp_path / "x[red].yaml").write_text(yaml.safe_dump(with_(model="[/]")))
+    result = CliRunner().invoke(app, ["erase", str(tmp_path / "x[red].yaml"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output  # a clean refusal, not a rich MarkupError traceback
+    assert "[/]" in result.output
