@@ -34,6 +34,7 @@ our umask).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -47,6 +48,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,7 +251,25 @@ def _open_log(name: str):
     return os.fdopen(fd, "ab")
 
 
+@contextmanager
+def _service_lock(name: str) -> Iterator[None]:
+    """One ``up``/``down`` of a service at a time per state folder: two concurrent ``services up``
+    would otherwise both launch a server and the loser would remove the winner's pid file."""
+    folder = private_dir(services_dir())
+    fd = os.open(folder / f".{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _start(name: str, command: list[str], env: dict, ready, timeout: float, port: int, **extra) -> float:
+    with _service_lock(name):
+        return _start_locked(name, command, env, ready, timeout, port, **extra)
+
+
+def _start_locked(name: str, command: list[str], env: dict, ready, timeout: float, port: int, **extra) -> float:
     record, _ = _recorded(name)
     if record:
         return 0.0
@@ -276,7 +297,7 @@ def _start(name: str, command: list[str], env: dict, ready, timeout: float, port
         if ready():
             return time.time() - started
         time.sleep(0.2)
-    stop(name)
+    _stop_locked(name)
     raise ServiceError(f"{name} was not ready after {timeout:.0f} s; see {log_path}")
 
 
@@ -328,6 +349,11 @@ def start_prefect(ports: Ports = Ports(), database_url: str | None = None) -> fl
 
 def stop(name: str) -> str | None:
     """Stop a service this state folder started; what happened, or None when none was recorded."""
+    with _service_lock(name):
+        return _stop_locked(name)
+
+
+def _stop_locked(name: str) -> str | None:
     record, problem = _recorded(name)
     child = _children.pop(name, None)
     if record is None:

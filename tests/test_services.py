@@ -5,6 +5,8 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -173,3 +175,35 @@ def test_an_open_state_folder_left_by_an_earlier_version_is_tightened(tmp_path, 
     monkeypatch.setenv("ERASURE_STATE_DIR", str(state))
     private_dir(state / "services")
     assert (state.stat().st_mode & 0o777, (state / "services").stat().st_mode & 0o777) == (0o700, 0o700)
+
+
+def test_two_services_up_at_once_start_one_server(tmp_path, monkeypatch):
+    """Both used to pass the "already running?" check and launch; the loser then deleted the
+    winner's pid file, leaving a server nobody could stop."""
+    import threading
+
+    from cli import services as svc
+
+    monkeypatch.setenv("ERASURE_STATE_DIR", str(tmp_path / "state"))
+    launched = []
+    real_popen = svc.subprocess.Popen
+
+    def popen(command, **kwargs):
+        launched.append(command)
+        return real_popen([sys.executable, "-c", "import time; time.sleep(30)"], **kwargs)
+
+    monkeypatch.setattr(svc.subprocess, "Popen", popen)
+    ready_after = time.time() + 1.0  # the first start takes a while to be ready
+    starts = [
+        threading.Thread(target=svc._start, args=("fake", ["fake-server"], {}, lambda: time.time() > ready_after, 10, 1))
+        for _ in range(2)
+    ]
+    for thread in starts:
+        thread.start()
+    for thread in starts:
+        thread.join()
+    try:
+        assert len(launched) == 1  # the second saw the first's record and did not launch
+        assert svc._recorded("fake")[0] is not None  # and the running one is still stoppable
+    finally:
+        assert svc.stop("fake")
