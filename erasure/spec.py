@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import unicodedata
 from pathlib import Path
 from typing import Annotated, Literal, get_args
@@ -234,10 +235,10 @@ class ErasureRequest(_Strict):
                         f"model: folder {str(candidate)!r} does not exist; give a diffusers folder, "
                         f"a hub id like 'org/name', or one of {', '.join(builtin_names())}"
                     )
-                updates["model"] = str(candidate.resolve())
+                updates["model"] = str(_inside_input_root(candidate.resolve(), "model"))
         captions = self.preserve.captions
         if captions is not None:
-            path = captions if captions.is_absolute() else base_dir / captions
+            path = _inside_input_root((captions if captions.is_absolute() else base_dir / captions).resolve(), "preserve.captions")
             _, digest = read_captions(path)
             updates["preserve"] = self.preserve.model_copy(update={"captions": path.resolve(), "captions_sha256": digest})
         return self.model_copy(update=updates) if updates else self
@@ -258,6 +259,19 @@ class ErasureRequest(_Strict):
     def fingerprint_dict(self) -> dict:
         """Plain data of the request, for manifests and hashes."""
         return json.loads(self.model_dump_json())
+
+
+INPUT_ROOT_VARIABLE = "ERASURE_INPUT_ROOT"
+
+
+def _inside_input_root(path: Path, field: str) -> Path:
+    """On a shared runner (a deployment's worker) requests may name files only under the folder
+    the operator set in ``$ERASURE_INPUT_ROOT``: a request must not read the runner's secrets as
+    captions or load an arbitrary folder as a model. Unset (a laptop): any path."""
+    root = os.environ.get(INPUT_ROOT_VARIABLE)
+    if root and not path.is_relative_to(Path(root).resolve()):
+        raise RequestError(f"{field}: {str(path)!r} is outside {INPUT_ROOT_VARIABLE} ({root}); put the file there")
+    return path
 
 
 def read_captions(path: Path, expected_sha256: str | None = None) -> tuple[list[str], str]:

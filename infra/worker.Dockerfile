@@ -15,4 +15,7 @@ COPY flows ./flows
 COPY cli ./cli
 COPY prefect.yaml ./
 RUN pip install --no-cache-dir -e ".[pipeline]"
-ENV HF_HUB_OFFLINE=0 OMP_WAIT_POLICY=PASSIVE ERASURE_ALLOWED_MODELS=${ERASURE_ALLOWED_MODELS}
+# Requests may name local files (caption corpora, model folders) only under this folder:
+# never the runner's own files (service-account tokens, credentials).
+ENV HF_HUB_OFFLINE=0 OMP_WAIT_POLICY=PASSIVE ERASURE_ALLOWED_MODELS=${ERASURE_ALLOWED_MODELS} \
+    ERASURE_INPUT_ROOT=/data/inputs

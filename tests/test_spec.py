@@ -187,3 +187,18 @@ def test_markup_in_names_and_paths_is_printed_not_interpreted(tmp_path):
     result = CliRunner().invoke(app, ["erase", str(tmp_path / "x[red].yaml"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output  # a clean refusal, not a rich MarkupError traceback
     assert "[/]" in result.output
+
+
+def test_a_runner_with_an_input_root_refuses_files_outside_it(tmp_path, monkeypatch):
+    inside, outside = tmp_path / "inputs", tmp_path / "secrets"
+    inside.mkdir(), outside.mkdir()
+    (inside / "captions.txt").write_text("a dog\n")
+    (outside / "token").write_text("s3cret-token\n")
+    monkeypatch.setenv("ERASURE_INPUT_ROOT", str(inside))
+    assert parse_request(with_(preserve={"captions": str(inside / "captions.txt")})).preserve.captions_sha256
+    with pytest.raises(RequestError, match="preserve.captions: .* is outside ERASURE_INPUT_ROOT"):
+        parse_request(with_(preserve={"captions": str(outside / "token")}))
+    with pytest.raises(RequestError, match="preserve.captions: .* is outside ERASURE_INPUT_ROOT"):
+        parse_request(with_(preserve={"captions": "../secrets/token"}), base_dir=inside)
+    with pytest.raises(RequestError, match="model: .* is outside ERASURE_INPUT_ROOT"):
+        parse_request(with_(model=str(outside)))
