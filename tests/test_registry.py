@@ -30,6 +30,7 @@ def reference(tmp_path, monkeypatch, tiny_folder):
     monkeypatch.chdir(tmp_path)  # MLflow's SQLite default puts run artifacts in ./mlruns
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("ERASURE_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("ERASURE_STATE_DIR", str(tmp_path / ".erasure"))  # not a session fixture's
     for variable in CLIENT_DEFAULTS:
         monkeypatch.delenv(variable, raising=False)  # configure() sets them; restored afterwards
     store = LocalStore(tmp_path / "store")
