@@ -1,10 +1,13 @@
 """Loading, building, saving and fingerprinting text-to-image models.
 
 A model is its separately trained components, kept as separate objects (the
-diffusers way): a ``UNet2DConditionModel``, a ``CLIPTextModel`` with its
-tokenizer, a scheduler, and a VAE (``None`` for pixel-space models such as the toy
-world). Folders use the diffusers layout, so ``StableDiffusionPipeline
-.from_pretrained`` reads what we write whenever there is a VAE.
+diffusers way): a ``UNet2DConditionModel``, a text encoder with its tokenizer, a
+scheduler, and a VAE (``None`` for pixel-space models such as the toy world).
+The text encoder is any transformers encoder the folder's ``model_index.json``
+names (``TEXT_ENCODERS``): CLIP's causal transformer as in SD 1.x/2.x, or a
+bidirectional one (BERT-like, T5's encoder, as SD 3 and PixArt use). Folders use
+the diffusers layout, so ``StableDiffusionPipeline.from_pretrained`` reads what
+we write whenever there is a VAE and a CLIP encoder.
 """
 
 from __future__ import annotations
@@ -17,21 +20,37 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    AutoTokenizer,
+    BertModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    T5EncoderModel,
+)
 
 from erasure.builtins import find_builtin
 from erasure.prompts import template_words
 from erasure.spec import RequestError, SamplingSettings
-from erasure.tokenizer import build_clip_tokenizer, save_clip_files
+from erasure.tokenizer import build_clip_tokenizer, build_wordpiece_tokenizer, save_clip_files
 
 DEFAULTS_FILE = "erasure_defaults.json"
+
+# The text encoders a model folder may name (model_index.json "text_encoder": [library, class]).
+TEXT_ENCODERS: dict[str, type[PreTrainedModel]] = {
+    "CLIPTextModel": CLIPTextModel,
+    "BertModel": BertModel,
+    "T5EncoderModel": T5EncoderModel,
+}
 
 
 @dataclass
 class Components:
     unet: UNet2DConditionModel
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
+    text_encoder: PreTrainedModel  # one of TEXT_ENCODERS
+    tokenizer: PreTrainedTokenizerBase
     scheduler: DDIMScheduler
     vae: AutoencoderKL | None = None
     # Sampling settings the model was made for (``erasure_defaults.json``), e.g.
@@ -84,8 +103,7 @@ def load_folder(folder: Path) -> Components:
             "(expected unet/, text_encoder/, tokenizer/, scheduler/ and optionally vae/)"
         )
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
-    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
-    tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+    text_encoder, tokenizer = load_text_encoder(folder / "text_encoder", folder / "tokenizer", _index_class(folder))
     scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
     vae = None
     if (folder / "vae").is_dir():
@@ -93,6 +111,32 @@ def load_folder(folder: Path) -> Components:
     defaults_file = folder / DEFAULTS_FILE
     defaults = json.loads(defaults_file.read_text()) if defaults_file.is_file() else {}
     return Components(unet, text_encoder, tokenizer, scheduler, vae, defaults)
+
+
+def _index_class(folder: Path) -> str:
+    """The text encoder's class named by the folder's model_index.json (CLIP when it names none)."""
+    index_file = folder / "model_index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    entry = index.get("text_encoder") or [None, "CLIPTextModel"]
+    return entry[1]
+
+
+def load_text_encoder(
+    encoder_folder: Path, tokenizer_folder: Path, class_name: str
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A text encoder of one of the ``TEXT_ENCODERS`` classes and its tokenizer, offline."""
+    if class_name not in TEXT_ENCODERS:
+        raise RequestError(
+            f"text encoder {class_name!r} (model_index.json) is not supported; supported: {', '.join(TEXT_ENCODERS)}"
+        )
+    # the UNet reads the last hidden states only: BERT's pooler is not part of the model
+    extra = {"add_pooling_layer": False} if class_name == "BertModel" else {}
+    text_encoder = TEXT_ENCODERS[class_name].from_pretrained(encoder_folder, local_files_only=True, **extra)
+    if class_name == "CLIPTextModel":
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
+    return text_encoder, tokenizer
 
 
 def sampling_defaults(components: Components) -> dict:
@@ -157,14 +201,18 @@ def save_components(components: Components, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     components.unet.save_pretrained(folder / "unet", safe_serialization=True)
     components.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
-    save_clip_files(components.tokenizer, folder / "tokenizer")
+    encoder_class = type(components.text_encoder).__name__
+    if encoder_class == "CLIPTextModel":
+        save_clip_files(components.tokenizer, folder / "tokenizer")
+    else:
+        components.tokenizer.save_pretrained(folder / "tokenizer")
     components.scheduler.save_pretrained(folder / "scheduler")
     index = {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": "StableDiffusionPipeline" if encoder_class == "CLIPTextModel" else "TextToImage",
         "_diffusers_version": _diffusers_version(),
         "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder": ["transformers", encoder_class],
+        "tokenizer": ["transformers", type(components.tokenizer).__name__],
         "scheduler": ["diffusers", type(components.scheduler).__name__],
         "safety_checker": [None, None],
         "feature_extractor": [None, None],
@@ -178,6 +226,8 @@ def save_components(components: Components, folder: Path) -> None:
         # A pixel-space model: no StableDiffusionPipeline, but the components
         # still load one by one (``load_folder``).
         index["_class_name"] = "PixelSpaceTextToImage"
+    if index["_class_name"] != "StableDiffusionPipeline":
+        index = {k: v for k, v in index.items() if k not in ("safety_checker", "feature_extractor", "image_encoder", "requires_safety_checker")}
         index["vae"] = [None, None]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     if components.defaults:
@@ -254,16 +304,46 @@ def small_text_encoder(tokenizer: CLIPTokenizer, width: int, layers: int = 2, he
     )
 
 
-def build_tiny_components(seed: int = 0) -> Components:
+def small_bidirectional_encoder(tokenizer, kind: str, width: int, layers: int = 2, heads: int = 4) -> PreTrainedModel:
+    """A randomly initialised BERT-like or T5 encoder over ``tokenizer`` (tests of non-CLIP encoders)."""
+    from transformers import BertConfig, T5Config
+
+    if kind == "bert":
+        return BertModel(
+            BertConfig(
+                vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                intermediate_size=2 * width, max_position_embeddings=tokenizer.model_max_length,
+                pad_token_id=tokenizer.pad_token_id,
+            ),
+            add_pooling_layer=False,
+        )
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer), d_model=width, d_kv=width // heads, d_ff=2 * width, num_layers=layers,
+            num_heads=heads, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+
+
+def build_tiny_components(seed: int = 0, text_encoder: str = "clip") -> Components:
     """A deterministic, randomly initialised SD-shaped pipeline for tests.
 
-    32-wide text encoder (2 layers), a 2-resolution UNet with cross-attention in
-    both, a 2-block VAE; 16x16 images, 8x8 latents. It draws noise, but every code
-    path (CFR, LoRA, fusion, masks, saving) runs on it in seconds.
+    32-wide text encoder (2 layers): CLIP's causal transformer (``"clip"``, as SD 1.x),
+    or a bidirectional BERT-like (``"bert"``) or T5 encoder (``"t5"``) over a WordPiece
+    vocabulary where "kitty" and "gogh" are two pieces each; a 2-resolution UNet with
+    cross-attention in both, a 2-block VAE; 16x16 images, 8x8 latents. It draws noise,
+    but every code path (CFR, LoRA, fusion, masks, saving) runs on it in seconds.
     """
-    tokenizer = build_clip_tokenizer(template_words() + TINY_EXTRA_WORDS, model_max_length=16)
+    words = template_words() + TINY_EXTRA_WORDS
     torch.manual_seed(seed)
-    text_encoder = small_text_encoder(tokenizer, width=32)
+    if text_encoder == "clip":
+        tokenizer = build_clip_tokenizer(words, model_max_length=16)
+        encoder = small_text_encoder(tokenizer, width=32)
+    elif text_encoder in ("bert", "t5"):
+        tokenizer = build_wordpiece_tokenizer([*words, "kit ##ty", "go ##gh"], text_encoder, model_max_length=16)
+        encoder = small_bidirectional_encoder(tokenizer, text_encoder, width=32)
+    else:
+        raise ValueError(f"text_encoder must be 'clip', 'bert' or 't5', not {text_encoder!r}")
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -273,7 +353,7 @@ def build_tiny_components(seed: int = 0) -> Components:
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
+        cross_attention_dim=encoder.config.hidden_size if hasattr(encoder.config, "hidden_size") else encoder.config.d_model,
         attention_head_dim=8,
         norm_num_groups=8,
     )
@@ -297,4 +377,4 @@ def build_tiny_components(seed: int = 0) -> Components:
         set_alpha_to_one=False,
         steps_offset=1,
     )
-    return Components(unet, text_encoder, tokenizer, scheduler, vae)
+    return Components(unet, encoder, tokenizer, scheduler, vae)

@@ -1,12 +1,15 @@
 """Text-encoder states, and token alignment between a concept prompt and its anchor prompt.
 
-A CLIP prompt is ``[BOS, prefix..., concept..., suffix..., EOS, pad...]`` padded
-to ``L`` tokens. Replacing the concept with its anchor changes the span in the
+A prompt is ``[BOS, prefix..., concept..., suffix..., EOS, pad...]`` padded to
+``L`` tokens (CLIP: ``<|startoftext|>``/``<|endoftext|>``; BERT-like: ``[CLS]``/
+``[SEP]``/``[PAD]``; T5: no BOS, ``</s>``, ``<pad>``); a concept may be several
+tokens (word pieces). Replacing the concept with its anchor changes the span in the
 middle (possibly to a different number of tokens). CFR needs, for every token
 *after* the concept, the state at the matching position in the anchor prompt:
 
-- prefix tokens match position for position (the causal encoder makes their
-  states identical: identity rows);
+- prefix tokens match position for position (a causal encoder makes their
+  states identical: identity rows; a bidirectional one does not, so there they
+  are real targets: the prefix too has seen the concept);
 - suffix tokens and EOS match counted from the end of the real tokens;
 - padding matches counted from the end of the sequence.
 """
@@ -63,11 +66,24 @@ def align_tokens(concept_ids: list[int], concept_len: int, anchor_ids: list[int]
     return TokenAlignment(concept_span=span, pairs=tuple(pairs))
 
 
+def encoder_states(text_encoder, ids: torch.Tensor) -> torch.Tensor:
+    """Last hidden states of one batch, (n, L, d), with gradients if the encoder has them.
+
+    CLIP reads the padded ids as they are (as SD 1.x/2.x do: its causal mask keeps padding
+    out of the real tokens' states). A bidirectional encoder (BERT-like, T5) gets an
+    attention mask over its padding, else every state would depend on how much padding
+    the prompt has."""
+    if text_encoder.config.model_type.startswith("clip"):
+        return text_encoder(ids)[0]
+    mask = (ids != text_encoder.config.pad_token_id).long()
+    return text_encoder(input_ids=ids, attention_mask=mask)[0]
+
+
 @torch.no_grad()
 def encode(text_encoder, ids: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Last hidden states (what the UNet's cross-attention reads): (n, L, d)."""
     device = text_encoder.device
-    chunks = [text_encoder(ids[i : i + batch_size].to(device))[0].float() for i in range(0, len(ids), batch_size)]
+    chunks = [encoder_states(text_encoder, ids[i : i + batch_size].to(device)).float() for i in range(0, len(ids), batch_size)]
     return torch.cat(chunks).cpu() if chunks else torch.empty(0)
 
 

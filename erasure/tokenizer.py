@@ -74,3 +74,37 @@ def save_clip_files(tokenizer: CLIPTokenizer, folder: Path) -> None:
     (folder / "vocab.json").write_text(json.dumps(state["vocab"], ensure_ascii=False), encoding="utf-8")
     merges = ["#version: 0.2"] + [" ".join(pair) if isinstance(pair, list) else pair for pair in state["merges"]]
     (folder / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+
+
+def build_wordpiece_tokenizer(words: list[str], style: str = "bert", model_max_length: int = 16):
+    """A small WordPiece tokenizer over ``words`` for our tiny test models, in BERT's layout
+    (``[CLS] ... [SEP] [PAD]``) or T5's (no start token, ``... </s> <pad>``). Each word is one
+    token except those listed as ``"kit ##ty"`` (then it is those pieces), so tests see
+    concepts made of several word pieces; unknown words become the unknown token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if style == "bert":
+        specials = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]"}
+    elif style == "t5":
+        specials = {"pad": "<pad>", "unk": "<unk>", "sep": "</s>"}
+    else:
+        raise ValueError(f"style must be 'bert' or 't5', not {style!r}")
+    pieces = [p for w in words for p in w.split()]
+    vocab = {token: i for i, token in enumerate(dict.fromkeys([*specials.values(), *pieces]))}
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token=specials["unk"]))
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    sep = (specials["sep"], vocab[specials["sep"]])
+    if style == "bert":
+        cls = (specials["cls"], vocab[specials["cls"]])
+        tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[cls, sep])
+    else:
+        tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[sep])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        model_max_length=model_max_length,
+        pad_token=specials["pad"],
+        unk_token=specials["unk"],
+        **({"cls_token": specials["cls"], "sep_token": specials["sep"]} if style == "bert" else {"eos_token": specials["sep"]}),
+    )

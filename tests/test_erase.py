@@ -207,3 +207,35 @@ def test_without_overwrite_an_output_written_meanwhile_is_never_replaced(tmp_pat
     with pytest.raises(RequestError, match="written by another run meanwhile"):
         erase_module.publish_output(staging, out, overwrite=False)
     assert (out / "manifest.json").read_text() == "another run's output"
+
+
+@pytest.mark.parametrize("encoder", ["bert", "t5"])
+def test_erase_with_a_bidirectional_text_encoder_end_to_end(tmp_path, encoder):
+    """Not only CLIP: a BERT-like or T5 encoder named by the folder loads, erases (a two-piece
+    concept), saves and loads back, the encoder untouched and the UNet edited."""
+    from erasure.models import save_components
+    from erasure.sampling import sample
+
+    base = build_tiny_components(text_encoder=encoder).eval()
+    save_components(base, tmp_path / "base")
+    index = json.loads((tmp_path / "base" / "model_index.json").read_text())
+    assert index["text_encoder"][1] == {"bert": "BertModel", "t5": "T5EncoderModel"}[encoder]
+    loaded = load_components(str(tmp_path / "base"))
+    assert fingerprint(loaded) == fingerprint(base)
+
+    request = parse_request(
+        REQUEST | {"model": str(tmp_path / "base"), "concepts": [{"name": "kitty", "anchor": "dog"}],
+                   "method": REQUEST["method"] | {"lora_steps": 2}},
+    )
+    erase_module.erase(request, tmp_path / "out")
+    erased = load_components(str(tmp_path / "out" / "model"))
+    assert type(erased.text_encoder) is type(base.text_encoder)
+    for name, weight in base.text_encoder.state_dict().items():
+        assert torch.equal(weight, erased.text_encoder.state_dict()[name]), name
+    edited = [
+        n for n, p in cross_attention_projections(erased.unet).items()
+        if not torch.equal(p.weight, cross_attention_projections(base.unet)[n].weight)
+    ]
+    assert edited
+    images, _ = sample(erased, ["a photo of the kitty"], [0], 2, 2.0)
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()

@@ -51,3 +51,52 @@ def test_tokenizer_words_are_single_tokens_and_unknown_words_still_tokenise(tiny
     ids = tok("zyx", add_special_tokens=False)["input_ids"]
     assert len(ids) == 3
     assert tok.decode(ids).replace(" ", "") == "zyx"
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=["bert", "t5"])
+def bidirectional(request):
+    from erasure.models import build_tiny_components
+
+    return build_tiny_components(text_encoder=request.param).eval()
+
+
+def test_word_piece_concepts_align_in_bert_and_t5_layouts(bidirectional):
+    """BERT: [CLS] ... [SEP] [PAD]; T5: no start token, ... </s> <pad>. "kitty" is two pieces."""
+    tok = bidirectional.tokenizer
+    c, cl = ids_of(tok, "a photo of the kitty on the ground")
+    a, al = ids_of(tok, "a photo of the dog on the ground")
+    start = 1 if tok.cls_token_id is not None else 0  # [CLS] or nothing
+    assert [tok.convert_ids_to_tokens(i) for i in c[start + 4 : start + 6]] == ["kit", "##ty"]
+    alignment = align_tokens(c, cl, a, al)
+    assert alignment.concept_span == (start + 4, start + 5)
+    pairs = dict(alignment.pairs)
+    assert all(pairs[i] == i for i in range(start + 4))  # prefix (and [CLS])
+    for k in range(4):  # "on the ground" + [SEP] / </s>, one position earlier in the anchor prompt
+        assert pairs[start + 6 + k] == start + 5 + k and c[start + 6 + k] == a[start + 5 + k]
+    assert c[cl - 1] == (tok.sep_token_id if start else tok.eos_token_id)
+
+
+def test_bidirectional_states_ignore_padding_and_prefix_states_see_the_concept(bidirectional):
+    """With the attention mask a prompt's states do not depend on how much padding follows; and unlike
+    CLIP, the prefix's states differ between concept and anchor prompts (real CFR targets, not identity)."""
+    from erasure.text import encode
+
+    tok, encoder = bidirectional.tokenizer, bidirectional.text_encoder
+    ids, lengths = tokenize(tok, ["a photo of the cat", "a photo of the dog"])
+    states = encode(encoder, ids)
+    shorter = tok(["a photo of the cat"], padding="max_length", max_length=12, return_tensors="pt")["input_ids"]
+    n = int(lengths[0])
+    assert torch.allclose(encode(encoder, shorter)[0, :n], states[0, :n], atol=1e-5)
+    assert not torch.allclose(states[0, 1], states[1, 1], atol=1e-4)  # "a" saw "cat" vs "dog"
+
+
+def test_clip_prefix_states_are_identical_as_before(tiny):
+    from erasure.text import encode
+
+    ids, _ = tokenize(tiny.tokenizer, ["a photo of the cat", "a photo of the dog"])
+    states = encode(tiny.text_encoder, ids)
+    assert torch.equal(states[0, :5], states[1, :5])  # causal: the prefix never sees the concept

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from erasure.models import save_components
-from erasure.text import tokenize
+from erasure.text import encoder_states, tokenize
 from erasure.toyworld.model import IMAGE_SIZE, build_toyworld_components
 from erasure.toyworld.settings import TRAINING
 from erasure.toyworld.world import sample_batch
@@ -99,7 +99,7 @@ def train_toyworld(
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         noisy = scheduler.add_noise(x0, noise, t)
-        states = text_encoder(ids)[0]
+        states = encoder_states(text_encoder, ids)
         prediction = unet(noisy, t, encoder_hidden_states=states).sample
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean()
