@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from enum import StrEnum
 from pathlib import Path
 
 import typer
@@ -17,6 +18,11 @@ from erasure.toyworld.settings import SAMPLING as TOY_SAMPLING
 from erasure.toyworld.settings import TRAINING
 
 SAMPLING = SamplingSettings()
+
+
+class ToyWorld(StrEnum):
+    minilm = "minilm"
+    clip = "clip"
 
 
 @app.command()
@@ -117,11 +123,12 @@ def evaluate(
         result, report or json_out.with_suffix(".html"), title=f"Erasure report: {model}",
         details={"request": str(request), "base model": base or spec.model, "probes": len(result.probes)},
     )
-    table = Table(title="erasure metrics (%)")
-    for column in ("model", "acc_e ↓", "acc_g ↓", "acc_s ↑", "h_o ↑"):
+    table = Table(title="erasure metrics (%; acc_g: trained synonyms and paraphrases, unseen: words never in training)")
+    for column in ("model", "acc_e ↓", "acc_g ↓", "acc_g unseen ↓", "acc_s ↑", "h_o ↑"):
         table.add_column(column)
     for label, values in (("base", result.base_metrics), ("erased", result.metrics)):
-        table.add_row(label, *(f"{100 * values[k]:.1f}" for k in ("acc_e", "acc_g", "acc_s", "h_o")))
+        cells = ("–" if values[k] != values[k] else f"{100 * values[k]:.1f}" for k in ("acc_e", "acc_g", "acc_g_unseen", "acc_s", "h_o"))
+        table.add_row(label, *cells)
     Console().print(table)
     Console().print(f"metrics: {json_out}\nreport:  {report_path}")
 
@@ -134,6 +141,10 @@ def toyworld_train(
     lr: float = setting(TRAINING, "lr"),
     seed: int = setting(TRAINING, "seed"),
     classifier_steps: int = setting(TRAINING, "classifier_steps"),
+    world: ToyWorld = typer.Option(ToyWorld.minilm, help="minilm: frozen pretrained encoder (builtin:toyworld); clip: trained with the UNet (builtin:toyworld-clip)."),
+    classifier: Path = typer.Option(
+        None, exists=True, dir_okay=False, help="Reuse this trained classifier (both worlds draw the same scenes) instead of training one."
+    ),
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's)."),
 ) -> None:
     """Train the toy world's classifier, then its text-to-image model (resumes from out/checkpoint.pt)."""
@@ -153,15 +164,16 @@ def toyworld_train(
         log_file.write(line + "\n")
 
     log(f"command: {' '.join(sys.argv)}")
-    classifier_path = out / "classifier.safetensors"
+    classifier_path = classifier or out / "classifier.safetensors"
     if classifier_path.exists():
         classifier = load_classifier(classifier_path)
     else:
-        classifier = train_classifier(steps=classifier_steps, seed=seed, log=log)
-        save_classifier(classifier, classifier_path)
+        classifier_model = train_classifier(steps=classifier_steps, seed=seed, log=log)
+        save_classifier(classifier_model, classifier_path)
+        classifier = classifier_model
     log(f"classifier held-out accuracy: {held_out_accuracy(classifier)}")
     train_toyworld(
-        out, steps=steps, batch=batch, lr=lr, seed=seed, log=log,
+        out, steps=steps, batch=batch, lr=lr, seed=seed, world=world.value, log=log,
         evaluate=lambda components: quick_accuracy(components, classifier),
     )
     log(f"saved {out / 'model'}")
@@ -173,6 +185,9 @@ def toyworld_accuracy(
     guidance: list[float] = typer.Option([TOY_SAMPLING.guidance_scale], help="Guidance scales to compare (repeatable)."),
     per_concept: int = typer.Option(16, help="Prompts per concept (each by name and by synonym)."),
     json_out: Path = typer.Option(None, "--json", help="Also write the tables to this file."),
+    unseen_json: Path = typer.Option(
+        None, help="Also measure the held-out words and write their accuracy and the drawable ones here."
+    ),
 ) -> None:
     """The classifier's accuracy on the model's samples, per shape, colour and style."""
     import json
@@ -203,3 +218,15 @@ def toyworld_accuracy(
     Console().print(table)
     if json_out:
         json_out.write_text(json.dumps({str(g): t for g, t in tables.items()}, indent=2))
+    if unseen_json:
+        from erasure.toyworld.accuracy import unseen_word_accuracy
+
+        unseen = unseen_word_accuracy(components, classifier, guidance[0], per_concept)
+        unseen_json.write_text(json.dumps(unseen, indent=2) + "\n")
+        words = Table(title=f"held-out words (never in training), cfg {guidance[0]}: accuracy (%)")
+        for column in ("concept", "word", "accuracy", "probe"):
+            words.add_column(column)
+        for value, accuracies in unseen["accuracy"].items():
+            for word, accuracy in accuracies.items():
+                words.add_row(value, word, f"{100 * accuracy:.1f}", "yes" if accuracy >= unseen["threshold"] else "no")
+        Console().print(words)

@@ -30,6 +30,7 @@ def _run_flow(call):
     from erasure.evaluate import NoJudgeError
     from erasure.spec import RequestError
     from flows.audit import ConceptLeak
+    from flows.erase import BaseModelChanged
     from flows.takedown import ConceptStateError
     from tasks.locks import LockError
     from tasks.registry import RegistryError
@@ -40,7 +41,7 @@ def _run_flow(call):
     except NoJudgeError as error:  # nothing was judged: neither a pass nor a leak
         console.print(f"[bold yellow]no judge:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
         raise typer.Exit(code=NO_JUDGE_EXIT) from None
-    except (RequestError, ConceptStateError, LookupError, ValidationError) as error:
+    except (RequestError, ConceptStateError, BaseModelChanged, LookupError, ValidationError) as error:
         fail(str(error))
     except (RegistryError, ArtifactError, LockError) as error:  # a service down, a corrupt artifact: say which
         fail(str(error))

@@ -38,22 +38,41 @@ def _load_tiny() -> Components:
 def _load_toyworld() -> Components:
     from erasure.toyworld.model import load_toyworld_components
 
-    return load_toyworld_components()
+    return load_toyworld_components("minilm")
 
 
-def _toyworld_judge(request: ErasureRequest) -> tuple[list, object]:
-    from erasure.toyworld.judge import ToyJudge, erasure_probes
-    from erasure.toyworld.model import load_toyworld_classifier
+def _load_toyworld_clip() -> Components:
+    from erasure.toyworld.model import load_toyworld_components
 
-    probes = erasure_probes([c.name for c in request.concepts], list(request.preserve.concepts), seed=request.seed)
-    return probes, ToyJudge(load_toyworld_classifier())
+    return load_toyworld_components("clip")
+
+
+def _toyworld_judge(world: str) -> Callable[[ErasureRequest], tuple[list, object]]:
+    def judge(request: ErasureRequest) -> tuple[list, object]:
+        from erasure.toyworld.judge import ToyJudge, erasure_probes
+        from erasure.toyworld.model import drawable_unseen_words, load_toyworld_classifier
+
+        concepts = [c.name for c in request.concepts]
+        probes = erasure_probes(
+            concepts, list(request.preserve.concepts), seed=request.seed, unseen=drawable_unseen_words(world)
+        )
+        return probes, ToyJudge(load_toyworld_classifier())
+
+    return judge
 
 
 BUILTINS: dict[str, BuiltinModel] = {
     entry.name: entry
     for entry in (
         BuiltinModel("tiny", "a randomly initialised SD-shaped pipeline for tests (draws noise)", _load_tiny),
-        BuiltinModel("toyworld", "the toy world's trained model (the embedded default)", _load_toyworld, _toyworld_judge),
+        BuiltinModel(
+            "toyworld", "the toy world, a frozen pretrained MiniLM encoder (the embedded default)",
+            _load_toyworld, _toyworld_judge("minilm"),
+        ),
+        BuiltinModel(
+            "toyworld-clip", "the toy world, a small causal CLIP encoder trained with the UNet",
+            _load_toyworld_clip, _toyworld_judge("clip"),
+        ),
     )
 }
 DEFAULT_MODEL = BUILTIN_PREFIX + "toyworld"

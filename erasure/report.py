@@ -49,7 +49,8 @@ def write_report(evaluation, path: Path, title: str, details: dict | None = None
     sections = []
     for group_title, groups, _role in (
         ("Erased concepts: their names (top row before, bottom row after)", ("erased",), "erased"),
-        ("Erased concepts: synonyms and paraphrases", ("synonym",), "erased"),
+        ("Erased concepts: trained synonyms and paraphrases", ("synonym",), "erased"),
+        ("Erased concepts: words never seen in training", ("unseen",), "erased"),
         ("Retained concepts", ("retained",), "retained"),
     ):
         concepts = list(dict.fromkeys(p.concept for p in probes if p.group in groups))
@@ -68,13 +69,13 @@ def write_report(evaluation, path: Path, title: str, details: dict | None = None
         if blocks:
             sections.append(f"<h2>{group_title}</h2>" + "".join(blocks))
 
-    names = ("acc_e", "acc_g", "acc_s", "h_o")
+    names = ("acc_e", "acc_g", "acc_g_unseen", "acc_s", "h_o")
     summary = "<tr><th></th>" + "".join(f"<th>{n}</th>" for n in names) + "</tr>"
     summary += "<tr><td>base</td>" + "".join(f"<td>{_fmt(evaluation.base_metrics[n])}</td>" for n in names) + "</tr>"
     summary += "<tr><td>erased</td>" + "".join(f"<td>{_fmt(evaluation.metrics[n])}</td>" for n in names) + "</tr>"
     rows = "".join(
         f"<tr><td>{html.escape(r['concept'])}</td><td>{r['role']}</td>"
-        + "".join(f"<td>{_fmt(r.get(f'base_{k}', float('nan')))} → {_fmt(r.get(k, float('nan')))}</td>" for k in ("acc_e", "acc_g", "acc_s"))
+        + "".join(f"<td>{_fmt(r.get(f'base_{k}', float('nan')))} → {_fmt(r.get(k, float('nan')))}</td>" for k in ("acc_e", "acc_g", "acc_g_unseen", "acc_s"))
         + "</tr>"
         for r in evaluation.concepts
     )
@@ -87,10 +88,11 @@ def write_report(evaluation, path: Path, title: str, details: dict | None = None
 A green frame: the judge sees the concept the prompt names; red: it does not.</p>
 {''.join(sections)}
 <h2>Numbers (accuracies in %)</h2><table>{summary}</table>
-<p>acc_e: erased concepts drawn from their names (lower is better); acc_g: from synonyms and paraphrases (lower is better);
+<p>acc_e: erased concepts drawn from their names (lower is better); acc_g: from trained synonyms and paraphrases (lower is better);
+acc_g_unseen: from real synonyms the model never saw in training but draws (lower is better; – when the world has none);
 acc_s: retained concepts drawn correctly (higher is better); h_o = 3 / (1/(1-acc_e) + 1/acc_s + 1/(1-acc_g)).
 Pixel drift of retained prompts: {evaluation.metrics['pixel_drift']:.4f}; unconditional prediction drift: {evaluation.metrics['unconditional_drift']:.4f}.</p>
-<h2>Per concept (base → erased, %)</h2><table><tr><th>concept</th><th>role</th><th>acc_e</th><th>acc_g</th><th>acc_s</th></tr>{rows}</table>
+<h2>Per concept (base → erased, %)</h2><table><tr><th>concept</th><th>role</th><th>acc_e</th><th>acc_g</th><th>acc_g_unseen</th><th>acc_s</th></tr>{rows}</table>
 <ul>{extra}</ul></body></html>"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,11 @@ from tasks.stages import (
 )
 
 
+class BaseModelChanged(ValueError):
+    """A takedown or restore whose parent was erased from another base model than the one its
+    request names today: fusing its concepts onto this model would be meaningless."""
+
+
 @dataclass
 class Lineage:
     """What a new version is built from, decided under the model's lock."""
@@ -35,7 +40,7 @@ class Lineage:
 
 def run_erasure(
     request: ErasureRequest, name: str, workers: int, flow_label: str, parent_version: str | None,
-    rebase: Callable[[], Lineage] | None = None,
+    rebase: Callable[[], Lineage] | None = None, parent_base: str | None = None,
 ) -> dict:
     """The shared DAG of erase, takedown and restore (they differ only in the concept set and lineage).
 
@@ -46,6 +51,13 @@ def run_erasure(
     concept set); concepts are content addressed, so those another flow published are reused.
     """
     logger = get_run_logger()
+    base = worker_pool(request.model, workers).fingerprint
+    if parent_base and parent_base != base:
+        raise BaseModelChanged(
+            f"{name} version {parent_version} was erased from {request.model} with fingerprint {parent_base[:12]}..., "
+            f"but {request.model} now loads {base[:12]}... (a different model: e.g. builtin:toyworld became the "
+            "MiniLM world; the CLIP world is builtin:toyworld-clip); erase the concepts anew from the intended model"
+        )
     first = _concept_stages(request, workers)
     with model_lock(name) as lock:
         lineage = rebase() if rebase is not None else Lineage(request, parent_version)

@@ -40,5 +40,6 @@ def restore_flow(model: str, concepts: list[str], workers: int = 1) -> dict:
     request = remove_concepts(parent, ErasureRequest.model_validate_json(version_request(parent)), concepts)
     return run_erasure(
         request, parent.name, workers, "restore", parent_version=parent.version,
+        parent_base=parent.tags.get("base_fingerprint"),
         rebase=lambda: under_lock(reference, parent, request, lambda current, base: remove_concepts(current, base, concepts)),
     )

@@ -79,5 +79,6 @@ def takedown_flow(model: str, concepts: list[dict], workers: int = 1) -> dict:
     request = add_concepts(parent, ErasureRequest.model_validate_json(version_request(parent)), new)
     return run_erasure(
         request, parent.name, workers, "takedown", parent_version=parent.version,
+        parent_base=parent.tags.get("base_fingerprint"),
         rebase=lambda: under_lock(reference, parent, request, lambda current, base: add_concepts(current, base, new)),
     )

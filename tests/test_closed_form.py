@@ -162,3 +162,17 @@ def test_prior_statistics_add_up_exactly():
     expected = (gram(base_states) * 15 + concepts[0].anchor_gram * 10 + concepts[1].anchor_gram * 10) / 35
     assert torch.allclose(combined.gram(), expected)
     assert prior.count == 15  # with_anchors leaves the base prior as it was
+
+
+def test_capacity_is_zero_inside_the_retained_span_and_one_orthogonal_to_it():
+    from erasure.capacity import capacity
+
+    generator = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(16, 16, generator=generator, dtype=torch.float64))[0]
+    retained = torch.randn(40, 4, generator=generator, dtype=torch.float64) @ basis[:, :4].T  # a 4-dim subspace
+    inside = torch.randn(5, 4, generator=generator, dtype=torch.float64) @ basis[:, :4].T
+    outside = torch.randn(5, 4, generator=generator, dtype=torch.float64) @ basis[:, 8:12].T
+    assert capacity(inside, retained).rho < 1e-6 and capacity(inside, retained).rank == 4
+    assert abs(capacity(outside, retained).rho - 1) < 1e-6
+    half = inside + outside * (inside.norm(dim=1, keepdim=True) / outside.norm(dim=1, keepdim=True))
+    assert abs(capacity(half, retained).rho - 2**-0.5) < 1e-6

@@ -153,9 +153,10 @@ def test_builtin_models_come_from_one_registry():
     from erasure.builtins import builtin_names
     from erasure.evaluate import has_judge
 
-    assert builtin_names() == ["builtin:tiny", "builtin:toyworld"]
-    assert has_judge("builtin:toyworld") and not has_judge("builtin:tiny") and not has_judge("/some/folder")
-    with pytest.raises(RequestError, match="valid: builtin:tiny, builtin:toyworld"):
+    assert builtin_names() == ["builtin:tiny", "builtin:toyworld", "builtin:toyworld-clip"]
+    assert has_judge("builtin:toyworld") and has_judge("builtin:toyworld-clip")
+    assert not has_judge("builtin:tiny") and not has_judge("/some/folder")
+    with pytest.raises(RequestError, match="valid: builtin:tiny, builtin:toyworld, builtin:toyworld-clip"):
         parse_request(with_(model="builtin:nope"))
 
 

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from erasure.models import fingerprint, load_components
@@ -40,9 +41,12 @@ def test_captions_use_synonyms_and_every_word_is_one_token():
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
 
 
-def test_trainer_lowers_the_loss_and_resumes(tmp_path):
+@pytest.mark.parametrize("world", ["minilm", "clip"])
+def test_trainer_lowers_the_loss_and_resumes(tmp_path, world):
     torch.manual_seed(0)
-    folder, losses = train_toyworld(tmp_path, steps=40, batch=8, lr=2e-3, warmup=1, checkpoint_every=20, log=lambda _: None)
+    folder, losses = train_toyworld(
+        tmp_path, steps=40, batch=8, lr=2e-3, warmup=1, checkpoint_every=20, world=world, log=lambda _: None
+    )
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5])
     model = load_components(str(folder))
     assert model.vae is None and model.unet.config.sample_size == 16
@@ -50,37 +54,50 @@ def test_trainer_lowers_the_loss_and_resumes(tmp_path):
 
     assert model.defaults == SAMPLING.model_dump()  # a retrained model keeps its sampling settings
     # a finished run resumes from its checkpoint and has nothing left to do
-    _, more = train_toyworld(tmp_path, steps=40, batch=8, lr=2e-3, warmup=1, log=lambda _: None)
+    _, more = train_toyworld(tmp_path, steps=40, batch=8, lr=2e-3, warmup=1, world=world, log=lambda _: None)
     assert more == []
     assert fingerprint(load_components(str(folder))) == fingerprint(model)
 
 
-def test_committed_model_and_classifier_load_offline():
-    from erasure.toyworld.model import CLASSIFIER_FILE, MODEL_DIR, load_toyworld_classifier
+@pytest.mark.parametrize("world", ["minilm", "clip"])
+def test_committed_models_and_classifier_load_offline(world):
+    from erasure.toyworld.model import CLASSIFIER_FILE, MODEL_DIRS, load_toyworld_classifier
     from erasure.toyworld.settings import SAMPLING
 
-    model = load_components("builtin:toyworld")
+    model = load_components({"minilm": "builtin:toyworld", "clip": "builtin:toyworld-clip"}[world])
     assert model.vae is None and model.defaults == SAMPLING.model_dump()  # one home: settings.SAMPLING
-    assert load_components(str(MODEL_DIR)).unet.config == model.unet.config
+    assert load_components(str(MODEL_DIRS[world])).unet.config == model.unet.config
+    assert type(model.text_encoder).__name__ == {"minilm": "BertModel", "clip": "CLIPTextModel"}[world]
+    assert model.unet.config.cross_attention_dim == {"minilm": 384, "clip": 64}[world]
+    committed = sum(f.stat().st_size for f in MODEL_DIRS[world].rglob("*") if f.is_file())
+    assert committed < 25_000_000  # the frozen encoder is installed, not committed
     classifier = load_toyworld_classifier()
     assert CLASSIFIER_FILE.stat().st_size < 2_000_000 and classifier is not None
 
 
-def test_erasing_a_colour_lowers_its_accuracy_and_keeps_the_others(tmp_path):
-    """A fast end-to-end check on the committed toy model (few images and steps)."""
-    from erasure.erase import erase
-    from erasure.evaluate import evaluate_request
-    from erasure.spec import parse_request
+def test_the_frozen_encoder_keeps_synonyms_apart():
+    """The reason for the MiniLM world: its synonyms are separate directions, while the CLIP
+    world's encoder, trained with the UNet, collapses them onto their word."""
+    from erasure.capacity import concept_states
 
-    request = parse_request({
-        "concepts": [{"name": "red", "anchor": "white"}],
-        "preserve": {"concepts": ["green", "blue", "yellow", "purple", "orange", "cyan", "white"], "lam1": 5, "lam2": 5},
-        "method": {"images_per_concept": 4, "lora_steps": 30},
-    })
-    erase(request, tmp_path / "out")
-    result = evaluate_request(tmp_path / "out" / "model", request)
-    base, erased = result.base_metrics, result.metrics
-    assert base["acc_e"] >= 0.75  # the base model does draw red when asked
-    assert erased["acc_e"] <= base["acc_e"] - 0.5  # erased: far below the base model
-    assert erased["acc_g"] <= base["acc_g"] - 0.4  # synonyms too ("crimson", "scarlet")
-    assert erased["acc_s"] >= base["acc_s"] - 0.1  # the other colours (the prior) still draw
+    cosines = {}
+    for model in ("builtin:toyworld", "builtin:toyworld-clip"):
+        components = load_components(model)
+        red, crimson = concept_states(components, ["red"]), concept_states(components, ["crimson"])
+        n = min(len(red), len(crimson))
+        cosines[model] = float(torch.nn.functional.cosine_similarity(red[:n], crimson[:n], dim=1).mean())
+    assert cosines["builtin:toyworld"] < 0.9 < cosines["builtin:toyworld-clip"], cosines
+
+
+def test_unseen_probes_say_a_concept_only_with_held_out_words_never_in_training():
+    from erasure.toyworld.judge import erasure_probes
+    from erasure.toyworld.world import CAPTION_TEMPLATES, HELD_OUT
+
+    with_unseen = erasure_probes(["red", "circle"], ["blue"], unseen={"red": ("rose",), "circle": ("ring",)})
+    without = erasure_probes(["red", "circle"], ["blue"])
+    unseen = [p for p in with_unseen if p.group == "unseen"]
+    assert unseen and all(("rose" in p.prompt) != ("ring" in p.prompt) for p in unseen)
+    assert all("red" not in p.prompt.split() for p in unseen if "rose" in p.prompt)
+    assert with_unseen[: len(without)] == without  # appended: no other probe's prompt or seed moves
+    training_words = set(vocabulary()) | {w for t in CAPTION_TEMPLATES for w in t.replace("{}", " ").split()}
+    assert not training_words & {w for words in HELD_OUT.values() for w in words}

@@ -7,7 +7,7 @@ import torch
 
 from erasure.sampling import sample
 from erasure.toyworld.settings import SAMPLING
-from erasure.toyworld.world import COLOURS, SHAPES, STYLES, SYNONYMS
+from erasure.toyworld.world import COLOURS, HELD_OUT, SHAPES, STYLES, SYNONYMS
 
 
 def attribute_accuracy(
@@ -99,3 +99,38 @@ def concept_accuracy_table(
         for attribute, values in (("shape", SHAPES), ("colour", COLOURS), ("style", STYLES))
     }
     return table
+
+
+DRAWABLE = 0.8  # a held-out word the base model draws this often becomes an unseen-word probe
+
+
+def unseen_word_accuracy(
+    components, classifier, guidance_scale: float, per_word: int = 16, steps: int = SAMPLING.sampler_steps
+) -> dict:
+    """Accuracy of every held-out word (``HELD_OUT``: never in a training caption) in the place
+    of its attribute's name ("a striped rose star" for red), the other words by name.
+
+    Returns {"accuracy": {value: {word: acc}}, "drawable": {value: [words >= DRAWABLE]}, "threshold"}.
+    """
+    prompts, expected, labels = [], [], []
+    for attribute, values in (("shape", SHAPES), ("colour", COLOURS)):
+        for value in values:
+            for word in HELD_OUT.get(value, ()):
+                for i in range(per_word):
+                    scene = {"shape": SHAPES[(i + 3 * values.index(value)) % 8], "colour": COLOURS[(5 * i + 1) % 8],
+                             "style": STYLES[i % 3]} | {attribute: value}
+                    words = [scene["style"], scene["colour"], scene["shape"]]
+                    words[("style", "colour", "shape").index(attribute)] = word
+                    prompts.append("a " + " ".join(words))
+                    expected.append((attribute, value))
+                    labels.append((value, word))
+    images, _ = sample(components, prompts, list(range(len(prompts))), steps=steps, guidance_scale=guidance_scale, batch_size=64)
+    predicted = classifier.predict(images)
+    hits: dict = {}
+    for i, ((attribute, value), label) in enumerate(zip(expected, labels)):
+        hits.setdefault(label, []).append(predicted[attribute][i] == value)
+    accuracy: dict = {}
+    for (value, word), values in hits.items():
+        accuracy.setdefault(value, {})[word] = round(float(np.mean(values)), 4)
+    drawable = {value: [w for w, a in words.items() if a >= DRAWABLE] for value, words in accuracy.items()}
+    return {"accuracy": accuracy, "drawable": drawable, "threshold": DRAWABLE}

@@ -26,7 +26,7 @@ PARAPHRASE_TEMPLATES = ("an image of a {}", "the {} in the middle of the picture
 
 @dataclass(frozen=True)
 class Probe:
-    group: str  # "erased" | "synonym" | "retained"
+    group: str  # "erased" | "synonym" | "unseen" | "retained"
     concept: str  # the concept this prompt tests
     prompt: str
     expected: dict  # attribute -> value the image must show to count as showing the concept
@@ -75,12 +75,20 @@ def _fillers(attributes: dict[str, str], count: int) -> list[dict[str, str]]:
 
 
 def erasure_probes(
-    erased: list[str], preserve: list[str], per_concept: int | None = None, retained_limit: int = 32, seed: int = 0
+    erased: list[str],
+    preserve: list[str],
+    per_concept: int | None = None,
+    retained_limit: int = 32,
+    seed: int = 0,
+    unseen: dict[str, tuple[str, ...]] | None = None,
 ) -> list[Probe]:
-    """All probes of an evaluation: erased names, synonyms/paraphrases, retained neighbours.
+    """All probes of an evaluation: erased names, trained synonyms/paraphrases, unseen words,
+    retained neighbours.
 
     ``per_concept`` name prompts and as many synonym prompts per erased concept
-    (default 8, or 4 beyond 4 concepts to bound the cost of mass erasure).
+    (default 8, or 4 beyond 4 concepts to bound the cost of mass erasure). ``unseen``: the
+    held-out words the base model draws (``world.HELD_OUT`` filtered by its accuracy): for
+    each erased concept with such a word, half as many prompts that say it only that way.
     """
     rng = np.random.default_rng(seed)
     per_concept = per_concept or (8 if len(erased) <= 4 else 4)
@@ -99,6 +107,16 @@ def erasure_probes(
         name = concept_name(attributes)
         for i, full in enumerate(_fillers(attributes, per_kept)):
             probes.append(Probe("retained", name, fill(NAME_TEMPLATES[i % len(NAME_TEMPLATES)], _phrase(full)), attributes, 0))
+    # unseen-word probes last: adding them never shifts the seeds of the others
+    for name, attributes in zip(erased, erased_attrs):
+        words = [(kind, w) for kind, value in attributes.items() for w in (unseen or {}).get(value, ())]
+        if not words:
+            continue
+        for i, full in enumerate(_fillers(attributes, max(2, per_concept // 2))):
+            kind, word = words[i % len(words)]
+            phrase = " ".join(word if k == kind else full[k] for k in ORDER if k in full)
+            template = PARAPHRASE_TEMPLATES[i % len(PARAPHRASE_TEMPLATES)]
+            probes.append(Probe("unseen", name, fill(template, phrase), attributes, 0))
     return [Probe(p.group, p.concept, p.prompt, p.expected, 10_000 + i) for i, p in enumerate(probes)]
 
 

@@ -1,4 +1,5 @@
-"""Training the toy world's text-to-image model (UNet and text encoder jointly).
+"""Training a toy world's text-to-image model (the CLIP world: UNet and text encoder jointly;
+the MiniLM world: the UNet alone, on the frozen pretrained encoder).
 
 Epsilon prediction with Min-SNR-5 loss weighting, AdamW with warm-up and cosine
 decay, 10 % caption dropout (for classifier-free guidance), EMA weights saved.
@@ -20,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from erasure.models import save_components
-from erasure.text import encoder_states, tokenize
-from erasure.toyworld.model import IMAGE_SIZE, build_toyworld_components
+from erasure.text import encode, encoder_states, tokenize
+from erasure.toyworld.model import IMAGE_SIZE, build_toyworld_components, trains_text_encoder
 from erasure.toyworld.settings import TRAINING
 from erasure.toyworld.world import sample_batch
 
@@ -51,6 +52,7 @@ def train_toyworld(
     batch: int = TRAINING.batch,
     lr: float = TRAINING.lr,
     seed: int = TRAINING.seed,
+    world: str = "minilm",
     checkpoint_every: int = TRAINING.checkpoint_every,
     eval_every: int = TRAINING.eval_every,
     warmup: int = TRAINING.warmup,
@@ -65,20 +67,30 @@ def train_toyworld(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / "checkpoint.pt"
-    components = build_toyworld_components(seed)
+    components = build_toyworld_components(seed, world)
     unet, text_encoder, tokenizer, scheduler = (
         components.unet, components.text_encoder, components.tokenizer, components.scheduler,
     )
-    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
-    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    joint = trains_text_encoder(components)
+    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+    ema_text = copy.deepcopy(text_encoder).requires_grad_(False) if joint else text_encoder
+    parameters = list(unet.parameters()) + (list(text_encoder.parameters()) if joint else [])
+    if not joint:  # frozen and pretrained: only the UNet learns, the encoder runs without dropout
+        text_encoder.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
     start = 0
     if checkpoint_path.exists():
         state = torch.load(checkpoint_path, weights_only=True)  # tensors and numbers only: never unpickle code
+        if state.get("world", "clip") != world:  # checkpoints before the MiniLM world were all CLIP
+            raise ValueError(
+                f"{checkpoint_path} is a checkpoint of the {state.get('world', 'clip')!r} world, not {world!r}; "
+                f"pass --world {state.get('world', 'clip')} or another --out"
+            )
         unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
         ema_unet.load_state_dict(state["ema_unet"])
-        ema_text.load_state_dict(state["ema_text"])
+        if joint:
+            text_encoder.load_state_dict(state["text_encoder"])
+            ema_text.load_state_dict(state["ema_text"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
         log(f"resumed from step {start}")
@@ -87,7 +99,8 @@ def train_toyworld(
     snr = alphas / (1 - alphas)
     weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr  # Min-SNR-gamma for epsilon prediction
     unet.train()
-    text_encoder.train()
+    if joint:
+        text_encoder.train()
     started, history = time.time(), []
     for step in range(start, steps):
         rng = np.random.default_rng([seed, step])
@@ -95,11 +108,14 @@ def train_toyworld(
         images, captions, _ = sample_batch(rng, batch, IMAGE_SIZE)
         captions = ["" if rng.random() < CAPTION_DROPOUT else c for c in captions]
         x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-        ids, _ = tokenize(tokenizer, captions)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         noisy = scheduler.add_noise(x0, noise, t)
-        states = encoder_states(text_encoder, ids)
+        if joint:
+            states = encoder_states(text_encoder, tokenize(tokenizer, captions)[0])
+        else:
+            # encoded each step (a few % of a step): the 87,087 possible captions would take ~2.7 GB cached
+            states = encode(text_encoder, tokenize(tokenizer, captions)[0])
         prediction = unet(noisy, t, encoder_hidden_states=states).sample
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean()
@@ -110,7 +126,8 @@ def train_toyworld(
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         _ema_update(ema_unet, unet, EMA_DECAY if step > 1000 else 0.99)
-        _ema_update(ema_text, text_encoder, EMA_DECAY if step > 1000 else 0.99)
+        if joint:
+            _ema_update(ema_text, text_encoder, EMA_DECAY if step > 1000 else 0.99)
         history.append(loss.item())
         done = step + 1
         if done % 100 == 0:
@@ -118,10 +135,11 @@ def train_toyworld(
             log(f"step {done}/{steps} loss {np.mean(history[-100:]):.4f} ({rate:.2f}s/step, eta {rate * (steps - done) / 60:.0f} min)")
         if done % checkpoint_every == 0 or done == steps:
             state = {
-                "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                "optimizer": optimizer.state_dict(), "step": done,
+                "unet": unet.state_dict(), "ema_unet": ema_unet.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": done, "world": world,
             }
+            if joint:
+                state |= {"text_encoder": text_encoder.state_dict(), "ema_text": ema_text.state_dict()}
             torch.save(state, checkpoint_path.with_suffix(".tmp"))
             checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
         if evaluate is not None and (done % eval_every == 0 or done == steps):

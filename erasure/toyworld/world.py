@@ -40,6 +40,31 @@ SYNONYMS = {
     "outlined": ("hollow",),
 }
 
+# Held-out words: real synonyms or paraphrases that never appear in a training caption. A
+# model draws them only as far as its text encoder puts them near a trained word; for the
+# frozen MiniLM encoder they were chosen by the cosine of their states to the name's
+# ("a WORD on a dark background": rose-red 0.36, lime-green 0.36, ring-circle 0.45,
+# gem-diamond 0.51, lunar-moon 0.90, ...). The evaluation keeps those the base model
+# draws (>= 80 %) as a second generality probe: unseen words.
+HELD_OUT = {
+    "red": ("rose", "cherry"),
+    "green": ("lime", "olive"),
+    "blue": ("navy",),
+    "yellow": ("lemon",),
+    "purple": ("lavender", "lilac"),
+    "orange": ("peach", "apricot"),
+    "cyan": ("teal", "aqua"),
+    "white": ("snow",),
+    "circle": ("ring", "round"),
+    "square": ("cube", "tile"),
+    "triangle": ("trigon",),
+    "diamond": ("gem",),
+    "cross": ("cruciform",),
+    "star": ("pentagram",),
+    "moon": ("lunar",),
+    "heart": ("love",),
+}
+
 RGB = {
     "red": (220, 30, 30),
     "green": (30, 180, 40),

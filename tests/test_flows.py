@@ -1,0 +1,23 @@
+"""Flow logic that needs no services."""
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+
+from erasure.spec import parse_request
+
+
+def test_a_takedown_refuses_a_parent_erased_from_another_base_model(monkeypatch):
+    """builtin:toyworld changed from the CLIP world to the MiniLM world: a version erased from the
+    old one must not be rebuilt silently on the new one."""
+    import flows.erase as module
+
+    ran = []
+    monkeypatch.setattr(module, "get_run_logger", lambda: logging.getLogger("test"))
+    monkeypatch.setattr(module, "worker_pool", lambda model, workers: SimpleNamespace(fingerprint="b" * 64))
+    monkeypatch.setattr(module, "_concept_stages", lambda *args: ran.append(args))
+    request = parse_request({"model": "builtin:tiny", "concepts": [{"name": "cat", "anchor": "dog"}]})
+    with pytest.raises(module.BaseModelChanged, match="builtin:toyworld-clip"):
+        module.run_erasure(request, "m", 1, "takedown", "3", parent_base="a" * 64)
+    assert ran == []  # refused before any work
