@@ -120,7 +120,10 @@ def run_scale(label: str, concepts: list[dict], method: dict, preserve: dict, de
     naive = naive_merge_weights(base, results, prior_gram, lam1, ridge)
 
     base_eval = evaluate(base, base, probes, judge, steps, guidance)
-    rows = [{"scale": label, "method": "base model", **base_eval.base_metrics, "seconds": 0.0, "capacity": str(room)}]
+    rows = [{
+        "scale": label, "method": "base model", **base_eval.base_metrics, "seconds": 0.0,
+        "capacity": str(room), "capacity_rho": room.rho, "capacity_rank": room.rank,
+    }]
     for method_name, weights, seconds in (
         ("CFR only (UCE-like)", cfr, t_prior + t_text + t_cfr),
         ("CFR + naive LoRA merge", naive, t_prior + t_text + t_cfr + t_rest),

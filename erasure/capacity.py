@@ -25,8 +25,9 @@ TEMPLATES = ("a {}", "a picture of a {}", "an image of a {}", "the {}", "one {}"
 
 
 def concept_states(components, concepts: list[str], anchor: str = "thing", templates=TEMPLATES) -> torch.Tensor:
-    """(n, d) float64: per concept and template, the states a concept leaves for cross-attention to
-    read: its last token and every real token after it (EOS included)."""
+    """(n, d) float64: per concept and template, its last token's state and every real token's
+    after it (EOS included): where a causal encoder (CLIP) carries the concept to the UNet, and
+    the states a bidirectional one changes most (there the prefix and padding see it too)."""
     rows = []
     for concept in concepts:
         prompts = [fill(t, concept) for t in templates]
@@ -38,6 +39,8 @@ def concept_states(components, concepts: list[str], anchor: str = "thing", templ
             span = align_tokens(ids[i].tolist(), int(lengths[i]), anchor_ids[i].tolist(), int(anchor_lengths[i])).concept_span
             if span:
                 rows.append(states[i, span[-1] : int(lengths[i])])
+    if not rows:
+        raise ValueError(f"no state of {concepts!r} survived tokenisation: every prompt was truncated before it")
     return torch.cat(rows).double()
 
 

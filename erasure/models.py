@@ -30,6 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     T5EncoderModel,
 )
+from transformers.utils import logging as hf_logging
 
 from erasure.builtins import find_builtin
 from erasure.prompts import template_words
@@ -193,9 +194,15 @@ def load_text_encoder(
         raise RequestError(
             f"text encoder {class_name!r} (model_index.json) is not supported; supported: {', '.join(TEXT_ENCODERS)}"
         )
-    # the UNet reads the last hidden states only: BERT's pooler is not part of the model
+    # the UNet reads the last hidden states only: BERT's pooler is not part of the model (and its
+    # weights in a checkpoint are expected leftovers, not worth transformers' load report)
     extra = {"add_pooling_layer": False} if class_name == "BertModel" else {}
-    text_encoder = TEXT_ENCODERS[class_name].from_pretrained(encoder_folder, local_files_only=True, **extra)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        text_encoder = TEXT_ENCODERS[class_name].from_pretrained(encoder_folder, local_files_only=True, **extra)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if class_name == "CLIPTextModel":
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
     else:
@@ -380,6 +387,8 @@ def small_bidirectional_encoder(tokenizer, kind: str, width: int, layers: int = 
     """A randomly initialised BERT-like or T5 encoder over ``tokenizer`` (tests of non-CLIP encoders)."""
     from transformers import BertConfig, T5Config
 
+    if kind not in ("bert", "t5"):
+        raise ValueError(f"kind must be 'bert' or 't5', not {kind!r}")
     if kind == "bert":
         return BertModel(
             BertConfig(

@@ -1,3 +1,6 @@
+import pytest
+import torch
+
 from erasure.text import align_tokens, tokenize
 
 
@@ -53,9 +56,6 @@ def test_tokenizer_words_are_single_tokens_and_unknown_words_still_tokenise(tiny
     assert tok.decode(ids).replace(" ", "") == "zyx"
 
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
 
 @pytest.fixture(scope="module", params=["bert", "t5"])
 def bidirectional(request):
@@ -91,7 +91,7 @@ def test_bidirectional_states_ignore_padding_and_prefix_states_see_the_concept(b
     shorter = tok(["a photo of the cat"], padding="max_length", max_length=12, return_tensors="pt")["input_ids"]
     n = int(lengths[0])
     assert torch.allclose(encode(encoder, shorter)[0, :n], states[0, :n], atol=1e-5)
-    assert not torch.allclose(states[0, 1], states[1, 1], atol=1e-4)  # "a" saw "cat" vs "dog"
+    assert not torch.allclose(states[0, 1], states[1, 1], atol=1e-4)  # a prefix token saw "cat" vs "dog"
 
 
 def test_clip_prefix_states_are_identical_as_before(tiny):

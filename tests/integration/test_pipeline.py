@@ -287,7 +287,10 @@ def test_audit_passes_on_the_erased_model_and_names_the_leak_on_the_base_model()
     from flows.erase import erase_flow
 
     spec = parse_request({
-        "concepts": [{"name": "red", "anchor": "white"}],  # the toy world: a model with a judge
+        # a model with a judge, where this small erasure (4 images, 30 LoRA steps) reaches acc_e 0: the
+        # CLIP world (on the MiniLM world it leaves acc_e 0.375, see bench/toyworld.py)
+        "model": "builtin:toyworld-clip",
+        "concepts": [{"name": "red", "anchor": "white"}],
         "preserve": {"concepts": ["green", "blue", "yellow", "purple", "orange", "cyan", "white"], "lam1": 5, "lam2": 5},
         "method": {"images_per_concept": 4, "lora_steps": 30},
         "audit": {"max_acc_e": 0.25, "max_acc_g": 0.35},
@@ -297,4 +300,4 @@ def test_audit_passes_on_the_erased_model_and_names_the_leak_on_the_base_model()
     passed = audit_flow("toy-audit@candidate")
     assert passed["passed"] and passed["metrics"]["acc_e"] <= 0.25
     with pytest.raises(ConceptLeak, match=r"1 concept\(s\) leaked.*red \(acc_e"):
-        audit_flow("builtin:toyworld", spec)
+        audit_flow("builtin:toyworld-clip", spec)
