@@ -105,6 +105,8 @@ def test_an_interrupted_registration_stays_invisible_and_the_rerun_completes_it(
     def outage(self, *args, **kwargs):
         raise MlflowException("API request to http://mlflow.example/api/2.0/... failed with exception: connection refused")
 
+    # (patches are put back one by one: monkeypatch.undo() would also drop the fixture's MLflow and store)
+    complete, move_alias = MlflowClient.set_model_version_tag, MlflowClient.set_registered_model_alias
     # interrupted before the version is complete: nothing sees it, no alias names it
     monkeypatch.setattr(MlflowClient, "set_model_version_tag", outage)
     with pytest.raises(RegistryError, match="MLflow at sqlite:.*registering a version of 'm'"):
@@ -115,7 +117,7 @@ def test_an_interrupted_registration_stays_invisible_and_the_rerun_completes_it(
         resolve("m")  # lookups skip it
     with pytest.raises(LookupError, match="incomplete"):
         resolve("m/1")
-    monkeypatch.undo()
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", complete)
     done = register(reference)
     assert done.version == "1" and [str(v.version) for v in versions()] == ["1"]
     assert versions()[0].tags[STATUS_TAG] == "ready" and resolve("m").version == "1" and alias_version("m") == "1"
@@ -125,7 +127,7 @@ def test_an_interrupted_registration_stays_invisible_and_the_rerun_completes_it(
     with pytest.raises(RegistryError):
         register(reference, concepts=("cat", "boat"), flow="takedown", parent="1")
     assert alias_version("m") == "1"  # still the parent: nothing points at the new version yet
-    monkeypatch.undo()
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", move_alias)
     finished = register(reference, concepts=("cat", "boat"), flow="takedown", parent="1")
     assert finished.version == "2" and finished.reused and finished.candidate and alias_version("m") == "2"
 
