@@ -41,9 +41,10 @@ from erasure.erase import (  # noqa: E402
     with_weights,
 )
 from erasure.evaluate import evaluate, probes_and_judge  # noqa: E402
+from erasure.metrics import percent  # noqa: E402
 from erasure.models import load_components  # noqa: E402
 from erasure.spec import parse_request  # noqa: E402
-from erasure.toyworld.world import COLOURS, SHAPES, STYLES  # noqa: E402
+from erasure.toyworld.world import COLOURS, SHAPES, STYLES, WORLD_TEMPLATES  # noqa: E402
 
 ANCHOR_COLOURS = ("white", "blue", "green")
 
@@ -102,7 +103,8 @@ def run_scale(label: str, concepts: list[dict], method: dict, preserve: dict, de
     request = parse_request({"model": model, "concepts": concepts, "method": method, "preserve": preserve, "seed": 0})
     base = load_components(request.model, device)
     room = capacity(
-        concept_states(base, [c.name for c in request.concepts]), concept_states(base, list(request.preserve.concepts))
+        concept_states(base, [c.name for c in request.concepts], WORLD_TEMPLATES),
+        concept_states(base, list(request.preserve.concepts), WORLD_TEMPLATES),
     )
     stages = run_stages(base, request)  # the MACE row's own stages; the baselines reuse its concepts
     request, prior, results, fused = stages.request, stages.prior, stages.concepts, stages.weights
@@ -133,10 +135,6 @@ def run_scale(label: str, concepts: list[dict], method: dict, preserve: dict, de
         result = evaluate(variant, base, probes, judge, steps, guidance, base_images=base_eval.base_images)
         rows.append({"scale": label, "method": method_name, **result.metrics, "seconds": seconds, "capacity": ""})
     return rows
-
-
-def percent(value: float) -> str:
-    return "–" if value != value else f"{100 * value:.1f}"  # nan: no probe of that kind
 
 
 def main() -> None:

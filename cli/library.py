@@ -106,6 +106,7 @@ def evaluate(
     import json
 
     from erasure.evaluate import evaluate_request, evaluation_json
+    from erasure.metrics import percent
     from erasure.report import write_report
     from erasure.spec import RequestError, load_request
 
@@ -127,8 +128,7 @@ def evaluate(
     for column in ("model", "acc_e ↓", "acc_g ↓", "acc_g unseen ↓", "acc_s ↑", "h_o ↑"):
         table.add_column(column)
     for label, values in (("base", result.base_metrics), ("erased", result.metrics)):
-        cells = ("–" if values[k] != values[k] else f"{100 * values[k]:.1f}" for k in ("acc_e", "acc_g", "acc_g_unseen", "acc_s", "h_o"))
-        table.add_row(label, *cells)
+        table.add_row(label, *(percent(values[k]) for k in ("acc_e", "acc_g", "acc_g_unseen", "acc_s", "h_o")))
     Console().print(table)
     Console().print(f"metrics: {json_out}\nreport:  {report_path}")
 

@@ -35,16 +35,13 @@ def _load_tiny() -> Components:
     return build_tiny_components()
 
 
-def _load_toyworld() -> Components:
-    from erasure.toyworld.model import load_toyworld_components
+def _toyworld_loader(world: str) -> Callable[[], Components]:
+    def load() -> Components:
+        from erasure.toyworld.model import load_toyworld_components
 
-    return load_toyworld_components("minilm")
+        return load_toyworld_components(world)
 
-
-def _load_toyworld_clip() -> Components:
-    from erasure.toyworld.model import load_toyworld_components
-
-    return load_toyworld_components("clip")
+    return load
 
 
 def _toyworld_judge(world: str) -> Callable[[ErasureRequest], tuple[list, object]]:
@@ -67,11 +64,11 @@ BUILTINS: dict[str, BuiltinModel] = {
         BuiltinModel("tiny", "a randomly initialised SD-shaped pipeline for tests (draws noise)", _load_tiny),
         BuiltinModel(
             "toyworld", "the toy world, a frozen pretrained MiniLM encoder (the embedded default)",
-            _load_toyworld, _toyworld_judge("minilm"),
+            _toyworld_loader("minilm"), _toyworld_judge("minilm"),
         ),
         BuiltinModel(
             "toyworld-clip", "the toy world, a small causal CLIP encoder trained with the UNet",
-            _load_toyworld_clip, _toyworld_judge("clip"),
+            _toyworld_loader("clip"), _toyworld_judge("clip"),
         ),
     )
 }

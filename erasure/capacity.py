@@ -21,11 +21,9 @@ import torch
 from erasure.prompts import fill
 from erasure.text import align_tokens, encode, tokenize
 
-TEMPLATES = ("a {}", "a picture of a {}", "an image of a {}", "the {}", "one {}", "a {} on a dark background")
 
-
-def concept_states(components, concepts: list[str], anchor: str = "thing", templates=TEMPLATES) -> torch.Tensor:
-    """(n, d) float64: per concept and template, its last token's state and every real token's
+def concept_states(components, concepts: list[str], templates: tuple[str, ...], anchor: str = "thing") -> torch.Tensor:
+    """(n, d) float64: per concept and template (``"a photo of {}"``, the world's own), its last token's state and every real token's
     after it (EOS included): where a causal encoder (CLIP) carries the concept to the UNet, and
     the states a bidirectional one changes most (there the prefix and padding see it too)."""
     rows = []

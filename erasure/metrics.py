@@ -9,6 +9,11 @@ from __future__ import annotations
 import torch
 
 
+def percent(value) -> str:
+    """A fraction as a percentage for tables and reports; "–" for NaN (no probe of that kind)."""
+    return "–" if value is None or value != value else f"{100 * value:.1f}"
+
+
 def harmonic_o(acc_e: float, acc_s: float, acc_g: float) -> float:
     """Overall harmonic mean of MACE's object benchmark:
 

