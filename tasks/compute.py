@@ -145,7 +145,7 @@ class _Slot:
 class WorkerPool:
     """``size`` actors holding ``model``; each stage goes to an idle actor."""
 
-    def __init__(self, model: str, size: int, device: str | None = None, worker_class: type | None = None):
+    def __init__(self, model: str, size: int, device: str | None = None):
         ensure_ray()
         self.model, self.size = model, size
         self.device = resolve_device(device)
@@ -160,7 +160,7 @@ class WorkerPool:
             )
         self.store_url, self.endpoint = store_settings()
         # the pool replaces dead actors itself, so Ray neither restarts them nor retries their tasks
-        self._worker = ray.remote(max_restarts=0, max_task_retries=0)(worker_class or ConceptWorker)
+        self._worker = ray.remote(max_restarts=0, max_task_retries=0)(ConceptWorker)
         self._closed = False
         self._ready = threading.Condition()
         self._slots: list[_Slot] = []

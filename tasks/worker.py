@@ -41,9 +41,6 @@ class ConceptWorker:
         self.base_fingerprint = fingerprint(self.components)
         self.store = store_from_url(store_url, s3_endpoint)
 
-    def fingerprint(self) -> str:
-        return self.base_fingerprint
-
     def info(self) -> dict:
         """What the pool checks before giving this worker work: the base model it holds, and where."""
         return {"fingerprint": self.base_fingerprint, "host": socket.gethostname(), "pid": os.getpid(), "device": self.device}

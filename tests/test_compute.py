@@ -29,9 +29,6 @@ class FakeWorker:
     def info(self):
         return {"fingerprint": self.base, "host": "fake", "pid": os.getpid(), "device": self.device}
 
-    def fingerprint(self):
-        return self.base
-
     def _stage(self, key, **extra):
         if key.startswith("sleep:"):
             time.sleep(float(key.split(":")[1]))
@@ -199,7 +196,7 @@ def test_worker_stages_take_a_typed_request(tmp_path):
     from tasks.worker import ConceptWorker
 
     worker = ConceptWorker("builtin:tiny", str(tmp_path / "store"), device="cpu", threads=1)
-    assert worker.info()["fingerprint"] == worker.fingerprint()
+    assert worker.info()["fingerprint"] == worker.base_fingerprint
     request = parse_request({"model": "builtin:tiny", "concepts": [{"name": "cat", "anchor": "dog"}]})
     assert worker.prior(request, "priors/typed") == {"key": "priors/typed", "reused": False, "seconds": pytest.approx(0, abs=60)}
     with pytest.raises(TypeError, match="ErasureRequest"):
