@@ -34,16 +34,18 @@ from rich.table import Table  # noqa: E402
 
 from erasure.capacity import capacity, concept_states  # noqa: E402
 from erasure.erase import (  # noqa: E402
+    base_prior,
     cfr_only_weights,
-    fusion_prior,
+    erase_concept,
     naive_merge_weights,
-    run_stages,
+    prepare_request,
     with_weights,
 )
 from erasure.evaluate import evaluate, probes_and_judge  # noqa: E402
+from erasure.fusion import fuse, fusion_prior  # noqa: E402
 from erasure.metrics import percent  # noqa: E402
 from erasure.models import load_components  # noqa: E402
-from erasure.spec import parse_request  # noqa: E402
+from erasure.spec import RequestError, parse_request  # noqa: E402
 from erasure.toyworld.world import COLOURS, SHAPES, STYLES, WORLD_TEMPLATES  # noqa: E402
 
 ANCHOR_COLOURS = ("white", "blue", "green")
@@ -98,42 +100,94 @@ def retained(concepts: list[dict]) -> list[str]:
     return [concept_name(a) for a in retained_neighbours(attributes, 32, np.random.default_rng(0))]
 
 
-def run_scale(label: str, concepts: list[dict], method: dict, preserve: dict, device: str, model: str) -> list[dict]:
+# Every method row: its per-concept settings (``method``) and its solve (``fusion``). Rows with
+# the same per-concept settings share one set of per-concept results; every objective reuses the
+# same images and masks (they depend on neither). Small scales only for the two ablations.
+ROWS = [
+    ("MACE (reference)", {}, {"method": "mace"}),
+    ("CFR only (UCE-like)", {}, {"method": "cfr-only"}),
+    ("CFR + naive LoRA merge", {}, {"method": "naive"}),
+    ("constrained K+V", {}, {"method": "constrained"}),
+    ("constrained V only", {}, {"method": "constrained", "projections": "v"}),
+    ("constrained + RECE x2", {}, {"method": "constrained", "adversarial_rounds": 2}),
+    ("span tokens + constrained", {"edit_tokens": "span"}, {"method": "constrained"}),
+    ("last token + constrained", {"edit_tokens": "last"}, {"method": "constrained"}),
+    ("mining + constrained", {"mining": {"vocabulary_words": 8}}, {"method": "constrained"}),
+    ("span + mining + constrained + RECE x2", {"edit_tokens": "span", "mining": {"vocabulary_words": 8}},
+     {"method": "constrained", "adversarial_rounds": 2}),
+    ("SepME", {"objective": "separable"}, {"method": "separable"}),
+    ("All-but-One + MACE fusion", {"objective": "alternative", "lora_lr": 1e-3}, {"method": "mace"}),
+    ("All-but-One + constrained", {"objective": "alternative", "lora_lr": 1e-3}, {"method": "constrained"}),
+]
+ABLATIONS = {"CFR only (UCE-like)", "CFR + naive LoRA merge"}
+SMALL_SCALES = {"shape", "colour", "style", "8 pairs"}
+
+
+def run_scale(
+    label: str, concepts: list[dict], method: dict, preserve: dict, device: str, model: str, only: list[str] | None = None
+) -> list[dict]:
     preserve = preserve | {"concepts": retained(concepts)}
-    request = parse_request({"model": model, "concepts": concepts, "method": method, "preserve": preserve, "seed": 0})
+    make = lambda m, f: parse_request(  # noqa: E731
+        {"model": model, "concepts": concepts, "method": method | m, "preserve": preserve, "seed": 0, "fusion": f}
+    )
+    request = prepare_request(make({}, {}), load_components(model, device))
     base = load_components(request.model, device)
     room = capacity(
         concept_states(base, [c.name for c in request.concepts], WORLD_TEMPLATES),
         concept_states(base, list(request.preserve.concepts), WORLD_TEMPLATES),
     )
-    stages = run_stages(base, request)  # the MACE row's own stages; the baselines reuse its concepts
-    request, prior, results, fused = stages.request, stages.prior, stages.concepts, stages.weights
+    timer = time.perf_counter()
+    prior = base_prior(base, request)
+    t_prior = time.perf_counter() - timer
     probes, judge = probes_and_judge(request)
     steps, guidance = request.method.sampler_steps, request.method.guidance_scale
-    t_prior, t_fusion = stages.seconds["prior"], stages.seconds["fusion"]
-    t_text = sum(r.seconds["text"] for r in results)
-    t_rest = sum(r.seconds["data"] + r.seconds["lora"] for r in results)
-
-    lam1, ridge = request.preserve.lam1, request.preserve.ridge
-    prior_gram = fusion_prior(prior, results)
-    timer = time.perf_counter()
-    cfr = cfr_only_weights(base, results, prior_gram, lam1, ridge)
-    t_cfr = time.perf_counter() - timer
-    naive = naive_merge_weights(base, results, prior_gram, lam1, ridge)
-
     base_eval = evaluate(base, base, probes, judge, steps, guidance)
     rows = [{
         "scale": label, "method": "base model", **base_eval.base_metrics, "seconds": 0.0,
-        "capacity": str(room), "capacity_rho": room.rho, "capacity_rank": room.rank,
+        "unconditional_drift": 0.0, "capacity": str(room), "capacity_rho": room.rho, "capacity_rank": room.rank,
     }]
-    for method_name, weights, seconds in (
-        ("CFR only (UCE-like)", cfr, t_prior + t_text + t_cfr),
-        ("CFR + naive LoRA merge", naive, t_prior + t_text + t_cfr + t_rest),
-        ("MACE (CFR + LoRA + fusion)", fused, t_prior + t_text + t_rest + t_fusion),
-    ):
+    data: dict[str, object] = {}  # concept name -> images and masks, drawn once
+    data_seconds: dict[str, float] = {}
+    groups: dict[str, tuple[list, float]] = {}  # per-concept settings -> (results, seconds)
+    for name, per_concept, fusion in ROWS:
+        if (only and name not in only) or (name in ABLATIONS and label not in SMALL_SCALES):
+            continue
+        key = json.dumps(per_concept, sort_keys=True)
+        row_request = make(per_concept, fusion if fusion["method"] in ("mace", "constrained", "separable") else {})
+        row_request = prepare_request(row_request, base)
+        if key not in groups:
+            results = []
+            for concept in row_request.concepts:
+                fresh = concept.name not in data
+                result = erase_concept(base, concept, row_request, prior, data=data.get(concept.name))
+                if fresh:
+                    data[concept.name] = result.data
+                    data_seconds[concept.name] = result.seconds["data"]
+                results.append(result)
+            # what a run of this method alone would take: its own text and training, and the images
+            seconds = sum(r.seconds["text"] + r.seconds["lora"] + data_seconds[r.concept.name] for r in results)
+            groups[key] = (results, seconds)
+        results, t_concepts = groups[key]
+        timer = time.perf_counter()
+        try:
+            if fusion["method"] == "cfr-only":
+                weights = cfr_only_weights(base, results, fusion_prior(prior, results), row_request.preserve.lam1, row_request.preserve.ridge)
+            elif fusion["method"] == "naive":
+                weights = naive_merge_weights(base, results, fusion_prior(prior, results), row_request.preserve.lam1, row_request.preserve.ridge)
+            else:
+                weights = fuse(base, results, prior, row_request.preserve, row_request.fusion)
+        except RequestError as error:  # a method's own limit (SepME's capacity): a row that says so
+            rows.append({"scale": label, "method": name, "seconds": float("nan"), "capacity": "", "error": str(error)})
+            print(f"  {label} / {name}: {error}", flush=True)
+            continue
+        t_fusion = time.perf_counter() - timer
         variant = with_weights(base, weights)
         result = evaluate(variant, base, probes, judge, steps, guidance, base_images=base_eval.base_images)
-        rows.append({"scale": label, "method": method_name, **result.metrics, "seconds": seconds, "capacity": ""})
+        rows.append({
+            "scale": label, "method": name, **result.metrics, "seconds": t_prior + t_concepts + t_fusion,
+            "fusion_seconds": t_fusion, "capacity": "",
+        })
+        print(f"  {label} / {name}: " + " ".join(f"{k} {percent(result.metrics[k])}" for k in ("acc_e", "acc_g", "acc_s", "h_o")), flush=True)
     return rows
 
 
@@ -141,12 +195,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", default="toyworld", choices=["toyworld", "toyworld-clip"])
     parser.add_argument("--scales", nargs="*", default=list(SCALES), choices=list(SCALES))
+    parser.add_argument("--rows", nargs="*", choices=[name for name, _, _ in ROWS], help="only these methods")
     parser.add_argument("--lora-steps", type=int, default=50)
     parser.add_argument("--lora-lr", type=float, default=1e-4)
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--lam1", type=float, default=5.0)
     parser.add_argument("--lam2", type=float, default=5.0)
-    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--json", help="also write the rows to this file (after every scale)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -154,23 +209,27 @@ def main() -> None:
     preserve = {"lam1": args.lam1, "lam2": args.lam2}
     rows = []
     for label in args.scales:
-        rows.extend(run_scale(label, SCALES[label], method, preserve, "cpu", f"builtin:{args.world}"))
+        rows.extend(run_scale(label, SCALES[label], method, preserve, "cpu", f"builtin:{args.world}", args.rows))
         print(f"done: {label}", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
     table = Table(
         title=f"{args.world} erasure benchmark (%; lora {args.lora_steps} steps lr {args.lora_lr}, lam1 {args.lam1}, lam2 {args.lam2})"
     )
-    for column in ("scale", "method", "acc_e ↓", "acc_g ↓", "acc_g unseen ↓", "acc_s ↑", "h_o ↑", "wall s", "capacity"):
+    columns = ("acc_e ↓", "acc_g ↓", "phrasing ↓", "unseen ↓", "acc_s ↑", "h_o ↑", "uncond drift", "wall s", "capacity / note")
+    for column in ("scale", "method", *columns):
         table.add_column(column)
     for row in rows:
+        if "error" in row:
+            table.add_row(row["scale"], row["method"], *["–"] * 8, row["error"][:60])
+            continue
         table.add_row(
             row["scale"], row["method"],
-            *(percent(row[k]) for k in ("acc_e", "acc_g", "acc_g_unseen", "acc_s", "h_o")), f"{row['seconds']:.1f}",
-            row["capacity"],
+            *(percent(row.get(k)) for k in ("acc_e", "acc_g", "acc_g_phrasing", "acc_g_unseen", "acc_s", "h_o")),
+            f"{row.get('unconditional_drift', float('nan')):.3f}", f"{row['seconds']:.1f}", row["capacity"],
         )
-    Console(width=140).print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":

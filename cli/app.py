@@ -37,6 +37,12 @@ def setting(settings: BaseModel, field: str):
     return typer.Option(getattr(settings, field), help=type(settings).model_fields[field].description)
 
 
+def warn(messages: list[str]) -> None:
+    """Print a request's warnings (the work still runs: they are judgement calls, not errors)."""
+    for message in messages:
+        console.print(f"[bold yellow]warning:[/] {escape(message)}", soft_wrap=True, highlight=False)
+
+
 def fail(message: str) -> None:
     console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code=2)

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cli.app import Bars, app, console, device_or_default, fail, progress_bars, setting, toyworld_app
+from cli.app import Bars, app, console, device_or_default, fail, progress_bars, setting, toyworld_app, warn
 from erasure.builtins import DEFAULT_MODEL, builtin_names
 from erasure.spec import SamplingSettings
 from erasure.toyworld.settings import SAMPLING as TOY_SAMPLING
@@ -40,6 +40,7 @@ def erase(
 
     try:
         spec = load_request(request)
+        warn(spec.specificity_warnings())
         with progress_bars() as progress:
             summary = run_erase(spec, out, device=device_or_default(device), progress=Bars(progress), overwrite=overwrite)
     except RequestError as error:

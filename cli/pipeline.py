@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cli.app import app, console, fail, services_app
+from cli.app import app, console, fail, services_app, warn
 from erasure.spec import CONCEPT_KINDS
 
 out = Console()
@@ -78,6 +78,7 @@ def run(
         check_model_name(name or request.stem)
     except RequestError as error:
         fail(str(error))
+    warn(spec.specificity_warnings())
     from flows.erase import erase_flow
 
     result = _run_flow(lambda: erase_flow(json.loads(spec.model_dump_json()), name or request.stem, workers))

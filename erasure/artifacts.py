@@ -59,6 +59,7 @@ def save_concept(result, folder: Path) -> dict:
         "synonyms": list(result.concept.synonyms),
         "generation_prompt": result.data.prompt,
         "augmented_prompts": len(result.text.prompts),
+        "mined_words": [[word, round(cosine, 4)] for word, cosine in result.text.mined_words],
         "mask_coverage": round(float(result.data.masks.float().mean()), 4),
         "lora_loss_first": round(result.losses[0], 6) if result.losses else None,
         "lora_loss_last": round(result.losses[-1], 6) if result.losses else None,

@@ -183,6 +183,13 @@ class FusionAccumulator:
     def remove(self, stats: ConceptStatistics, text_map: torch.Tensor, deltas: dict) -> None:
         self._update(-1.0, stats, text_map, deltas)
 
+    def residual(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``S = sum_k (W M_k + dW_k - W) G_k`` of one projection: what the concepts' targets ask
+        of the edit (MACE's fusion is ``W + S (G_E + lam2 G_p + r I)^-1``; the constrained one
+        confines it)."""
+        w = weight.to(DTYPE)
+        return w @ (self.mapped_gram_sum - self.gram_sum) + self.lora_terms[name]
+
     def fuse(self, weights: dict[str, torch.Tensor], prior_gram: torch.Tensor, lam2: float, ridge: float) -> dict[str, torch.Tensor]:
         """Fused weights W* for every projection in ``weights`` (the base model's W)."""
         dim = prior_gram.shape[0]

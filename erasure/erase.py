@@ -25,33 +25,35 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
 from erasure import __version__
+from erasure.alternative import train_alternative_lora
 from erasure.artifacts import PRIOR_FILE, save_concept, save_prior
 from erasure.attention import cross_attention_projections
 from erasure.closed_form import (
     ConceptStatistics,
-    FusionAccumulator,
     PriorStatistics,
     apply_text_map,
     concept_statistics,
     refinement_map,
 )
 from erasure.data import ConceptData, generate_concept_data
+from erasure.fusion import FusableConcept, fuse, fusion_prior  # noqa: F401 (FusableConcept: re-exported)
 from erasure.lora import train_concept_lora
+from erasure.mining import candidate_words, states_at_cosine, text_neighbours
 from erasure.models import Components, fingerprint, load_components, sampling_defaults, save_components
-from erasure.prompts import augmented_pairs, preserve_prompts
+from erasure.prompts import TEMPLATES, augmented_pairs, fill, preserve_prompts
+from erasure.separable import train_separable_increment
 from erasure.spec import (
     CONCEPT_KINDS,
     ConceptSpec,
     ErasureRequest,
-    PreserveSpec,
+    MiningSettings,
     RequestError,
     normalise,
     read_captions,
@@ -127,9 +129,19 @@ class ConceptText:
     statistics: ConceptStatistics
     prompts: list[str]  # augmented concept prompts
     spans: list[tuple[int, ...]]  # the concept's token positions in each
+    anchor_prompts: list[str] = field(default_factory=list)  # the same prompts with the anchor instead
+    mined_words: list[tuple[str, float]] = field(default_factory=list)  # text neighbours mined, with their cosine
 
 
-def concept_text(components: Components, concept: ConceptSpec, prompt_count: int, seed: int) -> ConceptText:
+def concept_text(
+    components: Components,
+    concept: ConceptSpec,
+    prompt_count: int,
+    seed: int,
+    edit_tokens: str = "after",
+    mining: MiningSettings | None = None,
+    exclude: frozenset[str] = frozenset(),
+) -> ConceptText:
     pairs = augmented_pairs(concept.kind, concept.variants, concept.anchor, prompt_count, concept.prompts, seed)
     concept_ids, concept_lens = tokenize(components.tokenizer, [c for c, _ in pairs])
     anchor_ids, anchor_lens = tokenize(components.tokenizer, [a for _, a in pairs])
@@ -137,13 +149,81 @@ def concept_text(components: Components, concept: ConceptSpec, prompt_count: int
         align_tokens(concept_ids[i].tolist(), int(concept_lens[i]), anchor_ids[i].tolist(), int(anchor_lens[i]))
         for i in range(len(pairs))
     ]
+    concept_states = encode(components.text_encoder, concept_ids)
     statistics = concept_statistics(
-        encode(components.text_encoder, concept_ids), encode(components.text_encoder, anchor_ids), alignments
+        concept_states,
+        encode(components.text_encoder, anchor_ids),
+        [a.with_concept_tokens(edit_tokens) for a in alignments],
     )
     kept = [i for i, a in enumerate(alignments) if a.concept_span]
     if not kept:
         raise RequestError(f"concept {concept.name!r}: every prompt was truncated before the concept")
-    return ConceptText(statistics, [pairs[i][0] for i in kept], [alignments[i].concept_span for i in kept])
+    mined: list[tuple[str, float]] = []
+    if mining is not None:
+        span_states = torch.cat([concept_states[i, list(alignments[i].concept_span)] for i in kept])
+        statistics, mined = mined_statistics(components, concept, statistics, span_states, mining, prompt_count, seed, exclude)
+    return ConceptText(
+        statistics, [pairs[i][0] for i in kept], [alignments[i].concept_span for i in kept], [pairs[i][1] for i in kept],
+        mined,
+    )
+
+
+def mined_statistics(
+    components: Components,
+    concept: ConceptSpec,
+    statistics: ConceptStatistics,
+    span_states: torch.Tensor,
+    mining: MiningSettings,
+    prompt_count: int,
+    seed: int,
+    exclude: frozenset[str],
+) -> tuple[ConceptStatistics, list[tuple[str, float]]]:
+    """RealEra's mining (``erasure.mining``) folded into the concept's statistics: perturbed
+    and text-neighbour states join its states, beyond-concept states its prior share."""
+    low, high = mining.band
+    generator = torch.Generator().manual_seed(seed)
+    near = states_at_cosine(span_states, low, high, mining.perturbed_per_state, generator)
+    beyond = states_at_cosine(span_states, 0.0, low * 0.999, mining.beyond_per_state, generator)
+    words: list[tuple[str, float]] = []
+    extra = [near.double()]
+    if mining.vocabulary_words:
+        template = TEMPLATES[concept.kind][0]
+        ids, lengths = tokenize(components.tokenizer, [fill(template, concept.name)])
+        alignment = align_tokens(ids[0].tolist(), int(lengths[0]), *_anchor_ids(components, template, concept.anchor))
+        concept_state = encode(components.text_encoder, ids)[0, alignment.concept_span[-1]] if alignment.concept_span else None
+        if concept_state is not None:
+            words = text_neighbours(
+                components, template, concept_state, mining.band, mining.vocabulary_words, set(exclude),
+                candidate_words(components.tokenizer),
+            )
+        if words:
+            neighbour_pairs = augmented_pairs(concept.kind, tuple(w for w, _ in words), concept.anchor, prompt_count, (), seed)
+            neighbour_ids, _ = tokenize(components.tokenizer, [c for c, _ in neighbour_pairs])
+            extra.append(encode(components.text_encoder, neighbour_ids).reshape(-1, span_states.shape[1]).double())
+    added = torch.cat(extra)
+    count = statistics.anchor_count  # the concept's own prompts have as many states as its anchors'
+    gram_total = statistics.gram * count + added.T @ added
+    anchor_total = statistics.anchor_gram * statistics.anchor_count + beyond.double().T @ beyond.double()
+    return dataclasses.replace(
+        statistics,
+        gram=gram_total / (count + len(added)),
+        anchor_gram=anchor_total / (statistics.anchor_count + len(beyond)),
+        anchor_count=statistics.anchor_count + len(beyond),
+    ), words
+
+
+def _anchor_ids(components: Components, template: str, anchor: str) -> tuple[list[int], int]:
+    ids, lengths = tokenize(components.tokenizer, [fill(template, anchor)])
+    return ids[0].tolist(), int(lengths[0])
+
+
+def never_mined(request: ErasureRequest) -> frozenset[str]:
+    """Words mining must never erase: every word of a retained concept, an anchor, a template."""
+    words = {w for kept in request.preserve.concepts for w in normalise(kept).split()}
+    words |= {w for c in request.concepts for w in normalise(c.anchor).split()}
+    words |= {w for c in request.concepts for v in c.variants for w in normalise(v).split()}
+    words |= {w for templates in TEMPLATES.values() for t in templates for w in normalise(t.replace("{}", " ")).split()}
+    return frozenset(words)
 
 
 @dataclass
@@ -168,78 +248,55 @@ def erase_concept(
     request: ErasureRequest,
     base_prior: PriorStatistics,
     progress: Progress | None = None,
+    data: ConceptData | None = None,
 ) -> ConceptResult:
     """Every per-concept stage: text statistics, CFR map, images + masks, LoRA.
 
     Depends on nothing but the base model, this concept, the preserve settings and
-    the method settings: the same inputs always give the same result.
+    the method settings: the same inputs always give the same result. ``data``: images
+    and masks already generated with the same settings (a benchmark comparing objectives
+    draws them once).
     """
     settings, seed = request.method, concept_seed(request.seed, concept)
     timer = time.perf_counter()
-    text = concept_text(components, concept, settings.prompts_per_concept, seed)
+    text = concept_text(
+        components, concept, settings.prompts_per_concept, seed, settings.edit_tokens, settings.mining, never_mined(request)
+    )
     prior = base_prior.with_anchors([text.statistics]).gram()
     text_map = refinement_map([text.statistics], prior, request.preserve.lam1, request.preserve.ridge)
     seconds = {"text": time.perf_counter() - timer}
 
     timer = time.perf_counter()
-    data = generate_concept_data(components, concept, settings, seed)
+    data = data or generate_concept_data(components, concept, settings, seed)
     seconds["data"] = time.perf_counter() - timer
 
     timer = time.perf_counter()
     on_step = (lambda done, total: progress(f"LoRA {concept.name}", done, total)) if progress else None
-    factors, lora_state, losses = train_concept_lora(
-        components,
-        text_map,
-        data.images,
-        data.masks,
-        text.prompts,
-        text.spans,
-        rank=settings.lora_rank,
-        lr=settings.lora_lr,
-        steps=settings.lora_steps,
-        importance_sampling=settings.importance_sampling and concept.kind != "explicit",
-        seed=seed,
-        on_step=on_step,
-    )
+    importance_sampling = settings.importance_sampling and concept.kind != "explicit"
+    if settings.objective == "attention":
+        factors, lora_state, losses = train_concept_lora(
+            components, text_map, data.images, data.masks, text.prompts, text.spans,
+            rank=settings.lora_rank, lr=settings.lora_lr, steps=settings.lora_steps,
+            importance_sampling=importance_sampling, seed=seed, on_step=on_step,
+        )
+    elif settings.objective == "alternative":
+        factors, lora_state, losses = train_alternative_lora(
+            components, text_map, data.images, text.prompts, text.anchor_prompts,
+            rank=settings.lora_rank, lr=settings.lora_lr, steps=settings.lora_steps,
+            drift_weight=settings.alternative_drift_weight, importance_sampling=importance_sampling,
+            seed=seed, on_step=on_step,
+        )
+    else:  # separable: SepME's increment acts on the base model's states; no CFR
+        text_map = torch.eye(text_map.shape[0], dtype=text_map.dtype)
+        factors, lora_state, losses = train_separable_increment(
+            components, data.images, text.prompts, steps=settings.lora_steps,
+            importance_sampling=importance_sampling, seed=seed, on_step=on_step,
+        )
     seconds["lora"] = time.perf_counter() - timer
     return ConceptResult(concept, text, text_map, data, factors, lora_state, losses, seconds)
 
 
 # --------------------------------------------------------------------------- stage 3: fusion
-
-
-class FusableConcept(Protocol):
-    """What fusion needs of one concept: a fresh ``ConceptResult`` or a ``ConceptArtifact``
-    read back from storage both are one."""
-
-    @property
-    def statistics(self) -> ConceptStatistics: ...
-    @property
-    def text_map(self) -> torch.Tensor: ...  # (d, d), the concept's own CFR map M_k
-    @property
-    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]: ...  # projection -> (up, down) of its LoRA
-
-
-def fuse(
-    components: Components, concepts: Sequence[FusableConcept], prior: PriorStatistics, preserve: PreserveSpec
-) -> dict[str, torch.Tensor]:
-    """Stage 3: the erased K/V weights of a concept set, in closed form from per-concept statistics."""
-    return fused_weights(components, concepts, fusion_prior(prior, concepts), preserve.lam2, preserve.ridge)
-
-
-def fusion_prior(base_prior: PriorStatistics, concepts: Sequence[FusableConcept]) -> torch.Tensor:
-    """The prior Gram of a concept set: the base prior plus every concept's anchor states."""
-    return base_prior.with_anchors([c.statistics for c in concepts]).gram()
-
-
-def fused_weights(
-    components: Components, concepts: Sequence[FusableConcept], prior: torch.Tensor, lam2: float, ridge: float
-) -> dict[str, torch.Tensor]:
-    projections = cross_attention_projections(components.unet)
-    accumulator = FusionAccumulator(prior.shape[0], {n: tuple(p.weight.shape) for n, p in projections.items()})
-    for concept in concepts:
-        accumulator.add(concept.statistics, concept.text_map, concept.factors)
-    return accumulator.fuse({n: p.weight.data for n, p in projections.items()}, prior, lam2, ridge)
 
 
 def cfr_only_weights(
@@ -305,7 +362,7 @@ def run_stages(components: Components, request: ErasureRequest, progress: Progre
     seconds["concepts"] = time.perf_counter() - timer
 
     timer = time.perf_counter()
-    weights = fuse(components, results, prior, request.preserve)
+    weights = fuse(components, results, prior, request.preserve, request.fusion)
     seconds["fusion"] = time.perf_counter() - timer
     return StageOutputs(request, prior, results, weights, seconds)
 

@@ -29,13 +29,19 @@ class Evaluation:
 
 
 def _accuracies(probes, verdicts) -> dict[str, float]:
-    by_group: dict[str, list[bool]] = {"erased": [], "synonym": [], "unseen": [], "retained": []}
+    by_group: dict[str, list[bool]] = {"erased": [], "synonym": [], "unseen": [], "phrasing": [], "retained": []}
     for probe, verdict in zip(probes, verdicts):
         by_group[probe.group].append(verdict)
     mean = lambda values: float(np.mean(values)) if values else float("nan")  # noqa: E731
-    acc = {"acc_e": mean(by_group["erased"]), "acc_g": mean(by_group["synonym"]), "acc_s": mean(by_group["retained"])}
+    acc = {
+        "acc_e": mean(by_group["erased"]),
+        # generality: synonyms and paraphrases, and a compound concept's words in other orders
+        "acc_g": mean(by_group["synonym"] + by_group["phrasing"]),
+        "acc_s": mean(by_group["retained"]),
+    }
     acc["h_o"] = harmonic_o(acc["acc_e"], acc["acc_s"], acc["acc_g"]) if by_group["retained"] else float("nan")
     acc["acc_g_unseen"] = mean(by_group["unseen"])  # words never in training: nan when the world has none
+    acc["acc_g_phrasing"] = mean(by_group["phrasing"])  # nan without compound concepts
     return acc
 
 
@@ -48,7 +54,9 @@ def _rows(probes, base_verdicts, erased_verdicts) -> list[dict]:
     out = []
     for row in rows.values():
         for group, pairs in row.pop("_").items():
-            key = {"erased": "acc_e", "synonym": "acc_g", "unseen": "acc_g_unseen", "retained": "acc_s"}[group]
+            key = {
+                "erased": "acc_e", "synonym": "acc_g", "unseen": "acc_g_unseen", "phrasing": "acc_g_phrasing", "retained": "acc_s",
+            }[group]
             row[key] = float(np.mean([after for _, after in pairs]))
             row[f"base_{key}"] = float(np.mean([before for before, _ in pairs]))
         out.append(row)
@@ -134,7 +142,7 @@ def evaluation_json(evaluation: Evaluation) -> dict:
         return None if isinstance(value, float) and value != value else value
 
     return {
-        **{k: plain(evaluation.metrics[k]) for k in ("acc_e", "acc_g", "acc_s", "h_o", "acc_g_unseen")},
+        **{k: plain(evaluation.metrics[k]) for k in ("acc_e", "acc_g", "acc_s", "h_o", "acc_g_unseen", "acc_g_phrasing")},
         "pixel_drift": evaluation.metrics["pixel_drift"],
         "unconditional_drift": evaluation.metrics["unconditional_drift"],
         "base": {k: plain(v) for k, v in evaluation.base_metrics.items()},

@@ -82,11 +82,7 @@ def train_concept_lora(
     device = components.device
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    unet = refined_unet(components.unet, text_map).train()
-    unet.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGET_MODULES)
-    torch.manual_seed(seed)  # peft's gaussian init of the down projection
-    unet.add_adapter(config)
+    unet = lora_unet(components.unet, text_map, rank, seed)
     parameters = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr)
 
@@ -94,8 +90,7 @@ def train_concept_lora(
     states = encode(components.text_encoder, ids).to(device, unet.dtype)
     latents = encode_images(components, images).to(unet.dtype)
     scheduler = components.scheduler
-    num_t = scheduler.config.num_train_timesteps
-    t_weights = focal_timestep_weights(num_t) if importance_sampling else torch.full((num_t,), 1.0 / num_t)
+    t_weights = timestep_weights(scheduler.config.num_train_timesteps, importance_sampling)
 
     losses = []
     with probing(unet) as probe:
@@ -119,10 +114,33 @@ def train_concept_lora(
                 on_step(step + 1, steps)
         recorded.clear()
 
+    factors, state = exported_lora(unet)
+    return factors, state, losses
+
+
+def lora_unet(unet, text_map: torch.Tensor, rank: int, seed: int):
+    """The refined copy of ``unet`` (``refined_unet``) with a fresh rank-``rank`` peft LoRA on every
+    cross-attention K/V, in training mode; the LoRA's parameters are the only trainable ones."""
+    refined = refined_unet(unet, text_map).train()
+    refined.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGET_MODULES)
+    torch.manual_seed(seed)  # peft's gaussian init of the down projection
+    refined.add_adapter(config)
+    return refined
+
+
+def exported_lora(unet) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(factors {projection: (up, down)}, the diffusers-format state dict) of ``lora_unet``'s adapter."""
     peft_state = get_peft_model_state_dict(unet)
-    factors = lora_factors(peft_state)
     diffusers_state = convert_state_dict_to_diffusers(peft_state)
-    return factors, {k: v.detach().cpu().contiguous() for k, v in diffusers_state.items()}, losses
+    return lora_factors(peft_state), {k: v.detach().cpu().contiguous() for k, v in diffusers_state.items()}
+
+
+def timestep_weights(num_train_timesteps: int, importance_sampling: bool) -> torch.Tensor:
+    """The training timesteps' density: concept-focal, or uniform."""
+    if importance_sampling:
+        return focal_timestep_weights(num_train_timesteps)
+    return torch.full((num_train_timesteps,), 1.0 / num_train_timesteps)
 
 
 def lora_factors(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

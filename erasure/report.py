@@ -48,6 +48,7 @@ def write_report(evaluation, path: Path, title: str, details: dict | None = None
     for group_title, groups, _role in (
         ("Erased concepts: their names (top row before, bottom row after)", ("erased",), "erased"),
         ("Erased concepts: trained synonyms and paraphrases", ("synonym",), "erased"),
+        ("Erased compound concepts: their words in another order or apart", ("phrasing",), "erased"),
         ("Erased concepts: words never seen in training", ("unseen",), "erased"),
         ("Retained concepts", ("retained",), "retained"),
     ):
@@ -86,7 +87,8 @@ def write_report(evaluation, path: Path, title: str, details: dict | None = None
 A green frame: the judge sees the concept the prompt names; red: it does not.</p>
 {''.join(sections)}
 <h2>Numbers (accuracies in %)</h2><table>{summary}</table>
-<p>acc_e: erased concepts drawn from their names (lower is better); acc_g: from trained synonyms and paraphrases (lower is better);
+<p>acc_e: erased concepts drawn from their names (lower is better); acc_g: from trained synonyms and paraphrases, and
+compound concepts' words in other orders (lower is better);
 acc_g_unseen: from real synonyms the model never saw in training but draws (lower is better; – when the world has none);
 acc_s: retained concepts drawn correctly (higher is better); h_o = 3 / (1/(1-acc_e) + 1/acc_s + 1/(1-acc_g)).
 Pixel drift of retained prompts: {evaluation.metrics['pixel_drift']:.4f}; unconditional prediction drift: {evaluation.metrics['unconditional_drift']:.4f}.</p>

@@ -156,6 +156,26 @@ class SamplingSettings(_Strict):
     guidance_scale: float = Field(default=7.5, ge=1.0, le=100.0, description="classifier-free guidance scale")
 
 
+class MiningSettings(_Strict):
+    """RealEra's neighbour mining (docs/method.md, "Neighbour mining"): states near a concept's
+    (cosine in ``band``) are erased with it; states beyond it (cosine below the band) join the
+    prior; words of the tokenizer's vocabulary whose prompt states fall in the band join the
+    concept's prompts."""
+
+    band: tuple[float, float] = (0.5, 0.9)
+    perturbed_per_state: int = Field(default=4, ge=0, le=64)
+    beyond_per_state: int = Field(default=1, ge=0, le=64)
+    vocabulary_words: int = Field(default=0, ge=0, le=100)  # text neighbours per concept; 0: perturbations only
+
+    @field_validator("band")
+    @classmethod
+    def _band(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0.0 < low < high < 1.0:
+            raise ValueError(f"band {list(value)}: give [low, high] with 0 < low < high < 1 (cosine to the concept's state)")
+        return value
+
+
 class MethodSettings(_Strict):
     """MACE hyperparameters; defaults are the paper's (docs/method.md, "Data per concept" and "LoRA on attention")."""
 
@@ -170,6 +190,33 @@ class MethodSettings(_Strict):
     mask_mode: Literal["attention", "none"] = "attention"
     mask_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
     prompts_per_concept: int = Field(default=30, ge=1, le=1000)  # MACE: ~30 augmented prompts
+    # what each concept trains: MACE's masked attention LoRA, All-but-One's guidance move to the
+    # anchor with the unconditional prediction held still, or SepME's separable increment
+    objective: Literal["attention", "alternative", "separable"] = "attention"
+    alternative_drift_weight: float = Field(default=1.0, ge=0.0, le=1e6)  # All-but-One's lambda
+    # which of a concept prompt's states CFR maps to the anchor prompt's: MACE's tokens *after* the
+    # concept (its own left to the LoRA), or also its last token, or its whole span
+    edit_tokens: Literal["after", "last", "span"] = "after"
+    mining: MiningSettings | None = None  # RealEra's neighbour mining; None: off
+
+
+class FusionSettings(_Strict):
+    """How the concepts' per-concept terms become one model (docs/method.md, "Fusion methods").
+
+    ``mace``: MACE's least squares, the prior weighted by ``preserve.lam2``; ``constrained``: the
+    edit confined to the directions the prior's states hardly use (eigenvalues below
+    ``threshold`` times the largest), the empty prompt's states held exactly, ridge ``alpha``
+    relative to the erased states' mean eigenvalue; ``separable``: SepME's increments, each in
+    the null space of the empty prompt and the other concepts (needs ``method.objective:
+    separable``). ``adversarial_rounds``: RECE's closed-form adversarial embeddings erased too.
+    """
+
+    method: Literal["mace", "constrained", "separable"] = "mace"
+    projections: Literal["kv", "v"] = "kv"
+    threshold: float = Field(default=1e-3, gt=0.0, lt=1.0)
+    alpha: float = Field(default=1e-4, gt=0.0, le=1e3)
+    adversarial_rounds: int = Field(default=0, ge=0, le=3)
+    adversarial_ridge: float = Field(default=1e-3, gt=0.0, le=1e3)
 
 
 class AuditSpec(_Strict):
@@ -187,6 +234,7 @@ class ErasureRequest(_Strict):
     concepts: tuple[ConceptSpec, ...] = Field(max_length=MAX_CONCEPTS)
     preserve: PreserveSpec = PreserveSpec()
     method: MethodSettings = MethodSettings()
+    fusion: FusionSettings = FusionSettings()
     audit: AuditSpec = AuditSpec()
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
@@ -206,6 +254,12 @@ class ErasureRequest(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ErasureRequest:
+        separable = (self.method.objective == "separable", self.fusion.method == "separable")
+        if any(separable) and not all(separable):
+            raise ValueError(
+                "SepME's increments are fused only by the separable fusion and need nothing else: set both "
+                "'method.objective: separable' and 'fusion.method: separable', or neither"
+            )
         erased = {normalise(v): v for c in self.concepts for v in c.variants}
         for kept in self.preserve.concepts:
             if normalise(kept) in erased:
@@ -256,9 +310,56 @@ class ErasureRequest(_Strict):
                         "use the words a prompt would use"
                     )
 
+    def specificity_warnings(self) -> list[str]:
+        """What in this request is likely to damage retained concepts: said before the work starts."""
+        warnings = []
+        count, fusion = len(self.concepts), self.fusion
+        if fusion.method == "mace" and count > 1 and self.preserve.lam2 < 4 * count:
+            warnings.append(
+                f"fusion.method mace with {count} concepts and preserve.lam2 {self.preserve.lam2:g}: the erased concepts "
+                f"outweigh everything kept, so retained concepts will change (MACE's reference scales lam2 with the "
+                f"concept count, about 8e3 per concept on SD). Use fusion.method: constrained (the default), or raise "
+                f"preserve.lam2 to at least {4 * count}"
+            )
+        if not self.preserve.concepts and self.preserve.captions is None and count > 1:
+            warnings.append(
+                "preserve lists no concepts and no captions: only the empty prompt and the anchors are held still; "
+                "list the neighbours that must survive (e.g. other styles of the same kind) in preserve.concepts"
+            )
+        if fusion.method == "constrained" and fusion.threshold > 0.05:
+            warnings.append(
+                f"fusion.threshold {fusion.threshold:g}: directions the retained states use up to {fusion.threshold:.0%} "
+                "of their strongest are editable; retained concepts may change (the default is 0.001)"
+            )
+        if fusion.adversarial_rounds and fusion.method == "mace":
+            warnings.append(
+                "fusion.adversarial_rounds with fusion.method mace: RECE's adversarial terms are not constrained and cost "
+                "specificity at scale; combine them with fusion.method: constrained"
+            )
+        return warnings
+
     def fingerprint_dict(self) -> dict:
         """Plain data of the request, for manifests and hashes."""
         return json.loads(self.model_dump_json())
+
+
+# What a request registered before a setting existed was made with. A registered version is
+# re-fused (takedown, restore) exactly as it was made, whatever today's defaults are; and its
+# per-concept artifacts keep their keys (``tasks.keys``), so they are reused, not redone.
+LEGACY_SETTINGS = {
+    "method": {"objective": "attention", "edit_tokens": "after", "mining": None},
+    "fusion": {"method": "mace"},
+}
+
+
+def registered_request(text: str) -> ErasureRequest:
+    """A registered version's ``request.json``, with settings it predates filled in as it was made."""
+    data = json.loads(text)
+    for section, values in LEGACY_SETTINGS.items():
+        target = data.setdefault(section, {})
+        for key, value in values.items():
+            target.setdefault(key, value)
+    return ErasureRequest.model_validate(data)
 
 
 INPUT_ROOT_VARIABLE = "ERASURE_INPUT_ROOT"

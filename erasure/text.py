@@ -16,6 +16,7 @@ middle (possibly to a different number of tokens). CFR needs, for every token
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,24 @@ class TokenAlignment:
 
     concept_span: tuple[int, ...]
     pairs: tuple[tuple[int, int], ...]
+    anchor_span: tuple[int, ...] = ()  # the anchor's own positions in the anchor prompt
+
+    def with_concept_tokens(self, which: str) -> TokenAlignment:
+        """The alignment with the concept's own tokens paired with the anchor's too: ``"after"``
+        none (MACE: left to the LoRA), ``"last"`` its last token with the anchor's last, ``"span"``
+        every token with the anchor token at the same relative place. In a causal encoder the
+        earlier tokens of a compound concept are shared with every prompt that starts the same
+        way, so editing them moves those prompts too."""
+        if which == "after" or not self.concept_span or not self.anchor_span:
+            return self
+        if which == "last":
+            extra = [(self.concept_span[-1], self.anchor_span[-1])]
+        elif which == "span":
+            n, m = len(self.concept_span), len(self.anchor_span)
+            extra = [(p, self.anchor_span[min(i * m // n, m - 1)]) for i, p in enumerate(self.concept_span)]
+        else:
+            raise ValueError(f"edit_tokens {which!r}: use 'after', 'last' or 'span'")
+        return dataclasses.replace(self, pairs=tuple(sorted(set(self.pairs) | set(extra))))
 
 
 def tokenize(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +82,7 @@ def align_tokens(concept_ids: list[int], concept_len: int, anchor_ids: list[int]
     pairs += [(concept_len - suffix + k, anchor_len - suffix + k) for k in range(suffix)]
     pads = min(length - concept_len, length - anchor_len)
     pairs += [(length - pads + k, length - pads + k) for k in range(pads)]
-    return TokenAlignment(concept_span=span, pairs=tuple(pairs))
+    return TokenAlignment(concept_span=span, pairs=tuple(pairs), anchor_span=tuple(range(prefix, anchor_len - suffix)))
 
 
 def encoder_states(text_encoder, ids: torch.Tensor) -> torch.Tensor:

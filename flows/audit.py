@@ -7,7 +7,7 @@ import json
 from prefect import flow, get_run_logger
 
 from erasure.evaluate import NoJudgeError
-from erasure.spec import ErasureRequest, parse_request
+from erasure.spec import parse_request, registered_request
 from tasks.registry import log_audit, resolve, version_request
 from tasks.stages import stage_evaluate
 
@@ -24,7 +24,7 @@ def audit_flow(model: str, request: dict | None = None, workers: int = 1) -> dic
     logger = get_run_logger()
     if request is None:
         version = resolve(model)
-        spec = ErasureRequest.model_validate_json(version_request(version))
+        spec = registered_request(version_request(version))
         model_key, name = version.tags["model_key"], version.name
     else:
         version, spec, model_key = None, parse_request(request), None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from erasure.spec import ErasureRequest, normalise
+from erasure.spec import ErasureRequest, normalise, registered_request
 from flows.erase import run_erasure
 from flows.takedown import ConceptStateError, parent_reference, under_lock
 from tasks.registry import RegisteredVersion, resolve, version_request
@@ -37,7 +37,7 @@ def restore_flow(model: str, concepts: list[str], workers: int = 1) -> dict:
     ``concepts``: names to restore."""
     reference = parent_reference(model)
     parent = resolve(reference)
-    request = remove_concepts(parent, ErasureRequest.model_validate_json(version_request(parent)), concepts)
+    request = remove_concepts(parent, registered_request(version_request(parent)), concepts)
     return run_erasure(
         request, parent.name, workers, "restore", parent_version=parent.version,
         parent_base=parent.tags.get("base_fingerprint"),

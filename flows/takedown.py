@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from prefect import flow
 
-from erasure.spec import ConceptSpec, ErasureRequest, normalise
+from erasure.spec import ConceptSpec, ErasureRequest, normalise, registered_request
 from flows.erase import Lineage, run_erasure
 from tasks.registry import CANDIDATE, RegisteredVersion, alias_version, is_explicit, resolve, version_request
 
@@ -43,7 +43,7 @@ def under_lock(
     current = parent if is_explicit(reference) else resolve(reference)
     note = ""
     if current.version != parent.version:
-        request = build(current, ErasureRequest.model_validate_json(version_request(current)))
+        request = build(current, registered_request(version_request(current)))
         note = f"rebased on version {current.version}: {reference} moved from version {parent.version} while this ran"
     candidate = alias_version(parent.name, CANDIDATE)
     if candidate not in (None, current.version):
@@ -76,7 +76,7 @@ def takedown_flow(model: str, concepts: list[dict], workers: int = 1) -> dict:
     reference = parent_reference(model)
     parent = resolve(reference)
     new = [ConceptSpec.model_validate(c) for c in concepts]
-    request = add_concepts(parent, ErasureRequest.model_validate_json(version_request(parent)), new)
+    request = add_concepts(parent, registered_request(version_request(parent)), new)
     return run_erasure(
         request, parent.name, workers, "takedown", parent_version=parent.version,
         parent_base=parent.tags.get("base_fingerprint"),

@@ -10,9 +10,9 @@ import hashlib
 import json
 
 from erasure.erase import slug
-from erasure.spec import ConceptSpec, ErasureRequest, RequestError, normalise
+from erasure.spec import LEGACY_SETTINGS, ConceptSpec, ErasureRequest, RequestError, normalise
 
-STAGE_VERSIONS = {"prior": 1, "concept": 1, "model": 1}
+STAGE_VERSIONS = {"prior": 1, "concept": 1, "model": 2}
 
 
 def _digest(payload: dict) -> str:
@@ -36,13 +36,25 @@ def prior_key(base_fingerprint: str, request: ErasureRequest) -> str:
     return f"priors/{_digest(payload)}"
 
 
+def _method_inputs(request: ErasureRequest) -> dict:
+    """The method settings that made a concept's artifacts. Settings added later are left out at
+    the value every earlier artifact was made with, so those artifacts keep their keys."""
+    method = json.loads(request.method.model_dump_json())
+    for key, value in LEGACY_SETTINGS["method"].items():
+        if method.get(key) == value:
+            method.pop(key)
+    if request.method.objective != "alternative":
+        method.pop("alternative_drift_weight")  # read only by that objective
+    return method
+
+
 def concept_key(base_fingerprint: str, concept: ConceptSpec, request: ErasureRequest) -> str:
     payload = {
         "stage": "concept",
         "v": STAGE_VERSIONS["concept"],
         "base": base_fingerprint,
         "concept": json.loads(concept.model_dump_json()),
-        "method": json.loads(request.method.model_dump_json()),
+        "method": _method_inputs(request),
         "preserve": _preserve_inputs(request) | {"lam1": request.preserve.lam1, "ridge": request.preserve.ridge},
         "seed": request.seed,
     }
@@ -57,6 +69,7 @@ def model_key(base_fingerprint: str, concept_keys: list[str], request: ErasureRe
         "concepts": sorted(concept_keys),
         "lam2": request.preserve.lam2,
         "ridge": request.preserve.ridge,
+        "fusion": json.loads(request.fusion.model_dump_json()),
     }
     return f"models/{_digest(payload)}"
 

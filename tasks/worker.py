@@ -92,7 +92,7 @@ class ConceptWorker:
             folder = Path(folder)
             prior = load_prior(self.store.fetch(prior_key, folder / "prior") / PRIOR_FILE)
             concepts = [load_concept(self.store.fetch(k, folder / f"c{i}")) for i, k in enumerate(concept_keys)]
-            weights = fuse(self.components, concepts, prior, request.preserve)
+            weights = fuse(self.components, concepts, prior, request.preserve, request.fusion)
             save_components(with_weights(self.components, weights), folder / "model")  # the base stays the base
             self.store.publish(key, folder / "model")
         return {"key": key, "reused": False, "seconds": time.perf_counter() - started}

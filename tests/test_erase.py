@@ -105,14 +105,14 @@ def test_a_crash_while_writing_leaves_no_output(tmp_path, monkeypatch):
 def test_the_erased_model_is_rebuilt_exactly_from_its_stored_artifacts(tmp_path, tiny):
     """Fusion needs only the stored per-concept artifacts and prior: what takedown and restore use."""
     from erasure.artifacts import PRIOR_FILE, load_concept, load_prior
-    from erasure.erase import fused_weights, fusion_prior
+    from erasure.fusion import fused_weights, fusion_prior
 
     request = parse_request(REQUEST | {"concepts": REQUEST["concepts"][:2]})
     erase_module.erase(request, tmp_path / "out")
     concepts = [load_concept(tmp_path / "out" / "concepts" / erase_module.slug(name)) for name in ("cat", "van gogh")]
     assert [c.concept.name for c in concepts] == ["cat", "van gogh"]
     prior = fusion_prior(load_prior(tmp_path / "out" / PRIOR_FILE), concepts)
-    rebuilt = fused_weights(tiny, concepts, prior, request.preserve.lam2, request.preserve.ridge)
+    rebuilt = fused_weights(tiny, concepts, prior, request.preserve, request.fusion)
     saved = cross_attention_projections(UNet2DConditionModel.from_pretrained(tmp_path / "out" / "model", subfolder="unet"))
     for name, weight in rebuilt.items():
         assert torch.allclose(weight, saved[name].weight, atol=1e-6), name

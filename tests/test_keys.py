@@ -41,6 +41,12 @@ def test_concept_keys_of_look_alike_names_differ(tmp_path):
         {"method": {"guidance_scale": 3.0}},
         {"method": {"mask_mode": "none"}},
         {"method": {"prompts_per_concept": 10}},
+        {"method": {"objective": "alternative"}},
+        {"method": {"objective": "separable"}, "fusion": {"method": "separable"}},
+        {"method": {"edit_tokens": "span"}},
+        {"method": {"edit_tokens": "last"}},
+        {"method": {"mining": {}}},
+        {"method": {"mining": {"band": [0.4, 0.8]}}},
         {"preserve": {"lam1": 2.0}},
         {"preserve": {"ridge": 1e-2}},
         {"preserve": {"concepts": ["tree"]}},
@@ -61,3 +67,40 @@ def test_lam2_changes_the_model_key_not_the_concept_key():
     base, changed = parse_request(BASE), parse_request(BASE | {"preserve": {"lam2": 9.0}})
     assert concept_key("fp", base.concepts[0], base) == concept_key("fp", changed.concepts[0], changed)
     assert model_key("fp", ["concepts/a"], base) != model_key("fp", ["concepts/a"], changed)
+
+
+@pytest.mark.parametrize("change", [{"method": "constrained"}, {"projections": "v"}, {"adversarial_rounds": 2}, {"alpha": 1e-2}])
+def test_fusion_settings_change_the_model_key_not_the_concept_key(change):
+    from tasks.keys import model_key
+
+    base, changed = parse_request(BASE), parse_request(BASE | {"fusion": change})
+    assert concept_key("fp", base.concepts[0], base) == concept_key("fp", changed.concepts[0], changed)
+    assert model_key("fp", ["concepts/a"], base) != model_key("fp", ["concepts/a"], changed)
+
+
+def test_artifacts_made_before_the_new_method_settings_keep_their_keys():
+    """A takedown on a version registered before objectives, token choice and mining existed
+    must find that version's per-concept artifacts under the keys they were stored with."""
+    import hashlib
+    import json
+
+    from erasure.erase import slug
+    from erasure.spec import registered_request
+    from tasks.keys import STAGE_VERSIONS
+
+    request = parse_request(BASE)
+    old_method = {k: v for k, v in json.loads(request.method.model_dump_json()).items()
+                  if k not in ("objective", "alternative_drift_weight", "edit_tokens", "mining")}
+    payload = {
+        "stage": "concept", "v": STAGE_VERSIONS["concept"], "base": "fp",
+        "concept": json.loads(request.concepts[0].model_dump_json()), "method": old_method,
+        "preserve": {"concepts": [], "captions_sha256": None, "lam1": 1.0, "ridge": 1e-3}, "seed": 0,
+    }
+    old_key = f"concepts/{slug('cat')}-" + hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    old_json = json.loads(request.model_dump_json())
+    old_json.pop("fusion")
+    for key in ("objective", "alternative_drift_weight", "edit_tokens", "mining"):
+        old_json["method"].pop(key)
+    registered = registered_request(json.dumps(old_json))
+    assert registered.fusion.method == "mace" and registered.method.edit_tokens == "after"
+    assert concept_key("fp", registered.concepts[0], registered) == old_key

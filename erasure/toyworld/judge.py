@@ -26,7 +26,7 @@ PARAPHRASE_TEMPLATES = ("an image of a {}", "the {} in the middle of the picture
 
 @dataclass(frozen=True)
 class Probe:
-    group: str  # "erased" | "synonym" | "unseen" | "retained"
+    group: str  # "erased" | "synonym" | "unseen" | "phrasing" | "retained"
     concept: str  # the concept this prompt tests
     prompt: str
     expected: dict  # attribute -> value the image must show to count as showing the concept
@@ -117,7 +117,29 @@ def erasure_probes(
             phrase = " ".join(word if k == kind else full[k] for k in ORDER if k in full)
             template = PARAPHRASE_TEMPLATES[i % len(PARAPHRASE_TEMPLATES)]
             probes.append(Probe("unseen", name, fill(template, phrase), attributes, 0))
+    # other phrasings of compound concepts last of all, for the same reason
+    for name, attributes in zip(erased, erased_attrs):
+        if len(attributes) < 2:
+            continue
+        for i, full in enumerate(_fillers(attributes, max(2, per_concept // 2))):
+            probes.append(Probe("phrasing", name, other_phrasing(full, i), attributes, 0))
     return [Probe(p.group, p.concept, p.prompt, p.expected, 10_000 + i) for i, p in enumerate(probes)]
+
+
+# A compound concept's words in another order, or split across the prompt: erasing "blue star"
+# must not leave "a star that is blue" drawing one.
+PHRASINGS = (
+    "a {shape} that is {rest}",
+    "a {shape} , {rest}",
+    "{rest} : a {shape}",
+    "a picture of a {shape} , all {rest}",
+)
+
+
+def other_phrasing(full: dict[str, str], index: int) -> str:
+    """The scene with its shape first and its other words after it (or before it, apart)."""
+    rest = " and ".join(full[k] for k in ORDER if k in full and k != "shape")
+    return PHRASINGS[index % len(PHRASINGS)].format(shape=full["shape"], rest=rest)
 
 
 def _phrase_mixed(full: dict[str, str], concept: dict[str, str], rng) -> str:

@@ -1,0 +1,141 @@
+"""All-but-One: a per-concept LoRA that moves the concept's guidance direction onto its alternative's.
+
+Classifier-free guidance steers sampling along ``eps(x, c) - eps(x, "")``. Instead of
+silencing the concept tokens' attention (MACE, ``erasure.lora``), this objective asks the
+erased model to steer, for a concept prompt ``c_j``, the way the *base* model steers for the
+same prompt with the alternative (the concept's anchor) in its place, ``a_j``:
+
+    loss = mean || [eps'(x_t, c_j) - eps'(x_t, "")] - [eps(x_t, a_j) - eps(x_t, "")] ||^2
+         + drift_weight * mean || eps'(x_t, "") - eps(x_t, "") ||^2
+
+``eps'`` is the LoRA'd model refined by the concept's CFR map (the same rank-r peft LoRA
+on every ``attn2.to_k``/``to_v`` as MACE's), ``eps`` the frozen base model. Matching only
+the guidance *difference* leaves the unconditional prediction free to wander, and every
+prompt's guided sample is built on it; the drift term holds it still (All-but-One's
+lambda). ``unconditional_drift`` measures that wander for any erased model, so the
+benchmark can report it for every method.
+
+Predictions are compared as noise (epsilon) whatever the model predicts (``v`` or the
+sample), so one ``drift_weight`` means the same on every model.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from erasure.lora import exported_lora, lora_unet, timestep_weights
+from erasure.sampling import encode_images
+from erasure.text import encode, tokenize
+
+
+def predicted_noise(scheduler, output: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The UNet's ``output`` at ``noisy`` (timestep ``t``) as the noise it implies."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return output
+    alpha_bar = scheduler.alphas_cumprod.to(output.device)[t].to(output.dtype).reshape(-1, *[1] * (output.ndim - 1))
+    if kind == "v_prediction":
+        return alpha_bar.sqrt() * output + (1 - alpha_bar).sqrt() * noisy
+    if kind == "sample":
+        return (noisy - alpha_bar.sqrt() * output) / (1 - alpha_bar).sqrt()
+    raise ValueError(f"unknown prediction_type {kind!r}")
+
+
+def empty_states(components, dtype: torch.dtype) -> torch.Tensor:
+    """(1, L, d): the text states of "", which the unconditional prediction reads."""
+    ids, _ = tokenize(components.tokenizer, [""])
+    return encode(components.text_encoder, ids).to(components.device, dtype)
+
+
+def train_alternative_lora(
+    components,
+    text_map: torch.Tensor,
+    images: torch.Tensor,
+    prompts: list[str],
+    alternative_prompts: list[str],
+    rank: int,
+    lr: float,
+    steps: int,
+    drift_weight: float,
+    importance_sampling: bool,
+    seed: int,
+    on_step=None,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor], list[float]]:
+    """Train one concept's All-but-One LoRA on the model refined by its CFR map ``text_map``.
+
+    ``prompts[j]``: a concept prompt; ``alternative_prompts[j]``: the same prompt with the
+    alternative instead. Returns what ``erasure.lora.train_concept_lora`` does: (factors
+    {projection: (up, down)}, the LoRA state dict in diffusers format, the loss per step).
+    """
+    if len(prompts) != len(alternative_prompts):
+        raise ValueError(f"{len(prompts)} concept prompts but {len(alternative_prompts)} alternative prompts")
+    device = components.device
+    generator = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    unet = lora_unet(components.unet, text_map, rank, seed)
+    base = components.unet
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=lr)
+
+    states = encode(components.text_encoder, tokenize(components.tokenizer, prompts)[0]).to(device, unet.dtype)
+    alternatives = encode(components.text_encoder, tokenize(components.tokenizer, alternative_prompts)[0])
+    alternatives = alternatives.to(device, unet.dtype)
+    empty = empty_states(components, unet.dtype)
+    latents = encode_images(components, images).to(unet.dtype)
+    scheduler = components.scheduler
+    t_weights = timestep_weights(scheduler.config.num_train_timesteps, importance_sampling)
+
+    losses = []
+    for step in range(steps):
+        i = rng.randrange(len(latents))
+        j = rng.randrange(len(prompts))
+        t = torch.multinomial(t_weights, 1, generator=generator).to(device)
+        noise = torch.randn(latents[i : i + 1].shape, generator=generator).to(device, unet.dtype)
+        noisy = scheduler.add_noise(latents[i : i + 1], noise, t)
+        pair = torch.cat([noisy, noisy])  # the conditional and the unconditional prediction in one call
+        new = unet(pair, t, encoder_hidden_states=torch.cat([states[j : j + 1], empty])).sample
+        new_cond, new_uncond = predicted_noise(scheduler, new, pair, t).chunk(2)
+        with torch.no_grad():
+            old = base(pair, t, encoder_hidden_states=torch.cat([alternatives[j : j + 1], empty])).sample
+            old_alt, old_uncond = predicted_noise(scheduler, old, pair, t).chunk(2)
+        guidance = ((new_cond - new_uncond) - (old_alt - old_uncond)).pow(2).mean()
+        drift = (new_uncond - old_uncond).pow(2).mean()
+        loss = guidance + drift_weight * drift
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1, steps)
+
+    factors, state = exported_lora(unet)
+    return factors, state, losses
+
+
+@torch.no_grad()
+def unconditional_drift(unet, base_unet, components, latents: torch.Tensor, timesteps, seed: int) -> float:
+    """Mean over ``latents`` x ``timesteps`` of ``||eps(x_t, "") - eps_base(x_t, "")||^2 / ||eps_base(x_t, "")||^2``.
+
+    How far an erased ``unet`` has moved the unconditional prediction, relative to its size:
+    0 when it is untouched. ``latents``: (n, c, h, w) clean samples in model space (as
+    ``erasure.sampling.encode_images`` gives); the noise of each (latent, timestep) pair is
+    drawn from ``seed``, so two models compared with the same seed see the same ``x_t``.
+    """
+    device, dtype = components.device, base_unet.dtype
+    generator = torch.Generator().manual_seed(seed)
+    latents = latents.to(device, dtype)
+    context = empty_states(components, dtype).expand(len(latents), -1, -1)
+    ratios = []
+    for timestep in timesteps:
+        t = torch.full((len(latents),), int(timestep), dtype=torch.long, device=device)
+        noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
+        noisy = components.scheduler.add_noise(latents, noise, t)
+        ours = predicted_noise(components.scheduler, unet(noisy, t, encoder_hidden_states=context).sample, noisy, t)
+        theirs = predicted_noise(components.scheduler, base_unet(noisy, t, encoder_hidden_states=context).sample, noisy, t)
+        moved = (ours - theirs).float().pow(2).flatten(1).sum(1)
+        size = theirs.float().pow(2).flatten(1).sum(1).clamp_min(1e-20)
+        ratios.append(moved / size)
+    if not ratios:
+        raise ValueError("give at least one timestep")
+    return float(torch.cat(ratios).mean())

@@ -1,0 +1,203 @@
+"""The fusion methods' defining properties: constrained, adversarial rounds, separable, token choice."""
+
+import pytest
+import torch
+
+from erasure.closed_form import DTYPE, ConceptStatistics, FusionAccumulator, gram
+from erasure.constrained import constrained_text_side, null_space_dimension, null_space_projector
+from erasure.fusion import adversarial_terms, separable_weights
+from erasure.spec import RequestError
+from erasure.text import align_tokens
+
+D, D_OUT = 16, 9
+
+
+def _concept(states: torch.Tensor, factors=None, text_map=None):
+    class Concept:
+        pass
+
+    concept, dim = Concept(), states.shape[1]
+    concept.statistics = ConceptStatistics(
+        aligned_gram=gram(states[None]), aligned_cross=gram(states[None]), gram=gram(states[None]),
+        anchor_gram=torch.zeros(dim, dim, dtype=DTYPE), anchor_count=0,
+    )
+    concept.text_map = torch.eye(dim, dtype=DTYPE) if text_map is None else text_map
+    concept.factors = factors or {}
+    return concept
+
+
+def _setup(seed=0, retained_rank=6, concepts=3):
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(D, D, generator=gen, dtype=DTYPE))[0]
+    retained = torch.randn(40, retained_rank, generator=gen, dtype=DTYPE) @ basis[:, :retained_rank].T
+    invariants = torch.randn(2, D, generator=gen, dtype=DTYPE)
+    w = torch.randn(D_OUT, D, generator=gen, dtype=DTYPE)
+    erased = []
+    for _ in range(concepts):
+        states = torch.randn(5, D, generator=gen, dtype=DTYPE)
+        factors = {"layer": (torch.randn(D_OUT, 1, generator=gen, dtype=DTYPE), torch.randn(1, D, generator=gen, dtype=DTYPE))}
+        erased.append((states, _concept(states, factors)))
+    return w, retained, invariants, erased
+
+
+def _constrained(w, retained, invariants, erased, alpha=1e-6, threshold=1e-3):
+    accumulator = FusionAccumulator(D, {"layer": (D_OUT, D)})
+    for _, concept in erased:
+        accumulator.add(concept.statistics, concept.text_map, concept.factors)
+    projector = null_space_projector(gram(retained[None]), threshold, invariants)
+    text_side = constrained_text_side(accumulator.gram_sum, projector, alpha)
+    return w + accumulator.residual("layer", w) @ text_side, projector
+
+
+def test_the_constrained_edit_leaves_retained_states_and_invariants_unchanged():
+    w, retained, invariants, erased = _setup()
+    fused, projector = _constrained(w, retained, invariants, erased)
+    scale = (w @ retained.T).abs().max()
+    assert ((fused - w) @ retained.T).abs().max() / scale < 1e-6
+    assert ((fused - w) @ invariants.T).abs().max() / scale < 1e-6
+    # the edit is real: 16 - 6 retained - 2 invariant directions are left, and the concepts move
+    assert null_space_dimension(projector) == D - 6 - 2
+    assert ((fused - w) @ erased[0][0].T).abs().max() / scale > 1e-2
+
+
+def test_the_constrained_edit_meets_targets_inside_the_null_space():
+    """Concept states with no retained component get exactly their targets (alpha -> 0)."""
+    w, retained, _, _ = _setup()
+    projector = null_space_projector(gram(retained[None]), 1e-3)
+    gen = torch.Generator().manual_seed(5)
+    states = torch.randn(3, D, generator=gen, dtype=DTYPE) @ projector  # inside the null space
+    factors = {"layer": (torch.randn(D_OUT, 1, generator=gen, dtype=DTYPE), torch.randn(1, D, generator=gen, dtype=DTYPE))}
+    fused, _ = _constrained(w, retained, None, [(states, _concept(states, factors))], alpha=1e-9)
+    up, down = factors["layer"]
+    assert torch.allclose(fused @ states.T, (w + up @ down) @ states.T, atol=1e-6)
+
+
+def test_a_threshold_that_leaves_no_null_space_is_a_clear_error(tiny):
+    from erasure.fusion import fused_weights
+    from erasure.spec import FusionSettings, PreserveSpec
+
+    gen = torch.Generator().manual_seed(0)
+    dim = tiny.text_encoder.config.hidden_size
+    full_prior = gram(torch.randn(1, 4 * dim, dim, generator=gen, dtype=DTYPE))  # every direction used
+    concept = _concept(torch.randn(4, dim, generator=gen, dtype=DTYPE))
+    with pytest.raises(RequestError, match="raise fusion.threshold"):
+        fused_weights(tiny, [concept], full_prior, PreserveSpec(), FusionSettings(method="constrained", threshold=1e-6))
+
+
+def test_value_only_fusion_keeps_every_key_projection(tiny):
+    from erasure.attention import cross_attention_projections
+    from erasure.fusion import fused_weights
+    from erasure.spec import FusionSettings, PreserveSpec
+
+    gen = torch.Generator().manual_seed(1)
+    dim = tiny.text_encoder.config.hidden_size
+    base = {n: p.weight.data.clone() for n, p in cross_attention_projections(tiny.unet).items()}
+    factors = {n: (torch.randn(w.shape[0], 1, generator=gen), torch.randn(1, dim, generator=gen)) for n, w in base.items()}
+    concept = _concept(torch.randn(4, dim, generator=gen, dtype=DTYPE), factors)
+    prior = gram(torch.randn(1, 8, dim, generator=gen, dtype=DTYPE))
+    for method in ("mace", "constrained"):
+        weights = fused_weights(tiny, [concept], prior, PreserveSpec(), FusionSettings(method=method, projections="v"))
+        assert all(torch.equal(weights[n], base[n]) for n in base if n.endswith("to_k")), method
+        assert any(not torch.allclose(weights[n], base[n]) for n in base if n.endswith("to_v")), method
+
+
+def test_adversarial_map_is_the_least_squares_embedding_of_the_original_outputs():
+    """RECE: c_adv = A c minimises sum_l ||W*_l c' - W_l c||^2 + lam ||c'||^2: its gradient is zero."""
+    gen = torch.Generator().manual_seed(2)
+    base = {f"l{i}": torch.randn(D_OUT, D, generator=gen, dtype=DTYPE) for i in range(3)}
+    fused = {n: w + 0.3 * torch.randn(D_OUT, D, generator=gen, dtype=DTYPE) for n, w in base.items()}
+    c = torch.randn(D, 1, generator=gen, dtype=DTYPE)
+    terms = adversarial_terms(base, fused, c @ c.T, ridge=1e-2)
+    # with G = c c^T the adversarial Gram is (A c)(A c)^T: recover A c from its cross term
+    c_adv = torch.linalg.lstsq(fused["l0"] @ c, terms.cross["l0"]).solution.T  # (D, 1)
+    assert torch.allclose(terms.gram, c_adv @ c_adv.T, atol=1e-8)
+    normal = sum(fused[n].T @ fused[n] for n in base)
+    lam = 1e-2 * float(torch.trace(normal)) / D
+    gradient = sum(fused[n].T @ (fused[n] @ c_adv - base[n] @ c) for n in base) + lam * c_adv
+    assert gradient.abs().max() < 1e-8
+
+
+def test_an_adversarial_round_leaves_less_of_the_concept_to_find():
+    """After a RECE round, the best embedding for the concept's original outputs (over every
+    layer at once, as RECE finds it) reproduces them worse, and retained states still do not move."""
+    gen = torch.Generator().manual_seed(3)
+    layers = [f"l{i}" for i in range(4)]  # 4 x 9 outputs > 16 inputs: an embedding cannot fake any output
+    basis = torch.linalg.qr(torch.randn(D, D, generator=gen, dtype=DTYPE))[0]
+    retained = torch.randn(40, 4, generator=gen, dtype=DTYPE) @ basis[:, :4].T
+    base = {n: torch.randn(D_OUT, D, generator=gen, dtype=DTYPE) for n in layers}
+    states = torch.randn(6, D, generator=gen, dtype=DTYPE)
+    factors = {n: (torch.randn(D_OUT, 1, generator=gen, dtype=DTYPE), torch.randn(1, D, generator=gen, dtype=DTYPE)) for n in layers}
+    concept = _concept(states, factors)
+    accumulator = FusionAccumulator(D, {n: (D_OUT, D) for n in layers})
+    accumulator.add(concept.statistics, concept.text_map, concept.factors)
+    projector = null_space_projector(gram(retained[None]), 1e-3)
+
+    def solve(extra=None):
+        gram_sum = accumulator.gram_sum + (extra.gram if extra else 0)
+        text_side = constrained_text_side(gram_sum, projector, 1e-4)
+        out = {}
+        for n, w in base.items():
+            residual = accumulator.residual(n, w) + ((extra.cross[n] - w @ extra.gram) if extra else 0)
+            out[n] = w + residual @ text_side
+        return out
+
+    def leak(fused):
+        stacked, original = torch.cat([fused[n] for n in layers]), torch.cat([base[n] for n in layers]) @ states.T
+        adv = torch.linalg.lstsq(stacked, original).solution
+        return float((stacked @ adv - original).norm() / original.norm())
+
+    first = solve()
+    second = solve(adversarial_terms(base, first, accumulator.gram_sum, 1e-3))
+    assert leak(second) > leak(first) * 1.05
+    for n in layers:
+        assert ((second[n] - base[n]) @ retained.T).abs().max() < 1e-6 * (base[n] @ retained.T).abs().max()
+
+
+def test_separable_increments_are_zero_on_the_other_concepts_and_the_empty_prompt():
+    from erasure.fusion import separable_projectors
+
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(D_OUT, D, generator=gen, dtype=DTYPE)
+    invariants = torch.randn(2, D, generator=gen, dtype=DTYPE)
+    concepts = []
+    for _ in range(3):
+        states = torch.randn(3, D, generator=gen, dtype=DTYPE)
+        factors = {"layer": (torch.randn(D_OUT, 2, generator=gen, dtype=DTYPE), torch.randn(2, D, generator=gen, dtype=DTYPE))}
+        concepts.append((states, _concept(states, factors)))
+    projectors = separable_projectors([c for _, c in concepts], invariants, 1e-6)
+    scale = (w @ invariants.T).abs().max()
+    for i, (_, concept) in enumerate(concepts):
+        up, down = concept.factors["layer"]
+        increment = up @ down @ projectors[i]
+        assert (increment @ invariants.T).abs().max() / scale < 1e-6
+        for j, (states, _) in enumerate(concepts):
+            moved = (increment @ states.T).abs().max() / scale
+            assert moved < 1e-6 if j != i else moved > 1e-2, (i, j)
+    fused = separable_weights({"layer": w}, [c for _, c in concepts], invariants, 1e-6)["layer"]
+    expected = w + sum(c.factors["layer"][0] @ c.factors["layer"][1] @ p for (_, c), p in zip(concepts, projectors))
+    assert torch.allclose(fused, expected, atol=1e-10)
+
+
+def test_separable_capacity_running_out_is_an_error_not_silent_damage():
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(D_OUT, D, generator=gen, dtype=DTYPE)
+    concepts = []
+    for _ in range(4):  # 4 x 8 states fill a 16-wide space: no room for anyone
+        states = torch.randn(8, D, generator=gen, dtype=DTYPE)
+        factors = {"layer": (torch.randn(D_OUT, 1, generator=gen, dtype=DTYPE), torch.randn(1, D, generator=gen, dtype=DTYPE))}
+        concepts.append(_concept(states, factors))
+    with pytest.raises(RequestError, match="capacity is exhausted"):
+        separable_weights({"layer": w}, concepts, torch.randn(1, D, generator=gen, dtype=DTYPE), 1e-6)
+
+
+@pytest.mark.parametrize(
+    ("which", "extra"),
+    [("after", set()), ("last", {(5, 3)}), ("span", {(3, 3), (4, 3), (5, 3)})],
+)
+def test_edit_tokens_pair_the_concepts_own_tokens_with_the_anchors(which, extra):
+    # [BOS a photo] [x y z] [EOS] pad...  vs  [BOS a photo] [w] [EOS] pad...
+    concept = [0, 1, 2, 10, 11, 12, 9, 8, 8, 8]
+    anchor = [0, 1, 2, 20, 9, 8, 8, 8, 8, 8]
+    alignment = align_tokens(concept, 7, anchor, 5)
+    assert alignment.concept_span == (3, 4, 5) and alignment.anchor_span == (3,)
+    assert set(alignment.with_concept_tokens(which).pairs) - set(alignment.pairs) == extra
