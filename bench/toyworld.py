@@ -1,21 +1,25 @@
 """The toy-world erasure benchmark: one table, one run, the same seeds for every method.
 
-Retained concepts are the erased ones' neighbours (other colours; pairs that share
-a word), given to every method as its prior (MACE's "retained concepts of the same
-domain") and measured for acc_s. Methods: the base model; CFR only (UCE-like); CFR + LoRAs merged naively; full
-MACE (CFR + LoRA + closed-form fusion). Scales: 1 shape, 1 colour, 1 style, 8 and
-32 colour-shape pairs, and 64 concepts (a colour, a shape, a style and 61 styled
-pairs). Per-concept work (text statistics, images, masks, LoRAs) is done once per
-scale and shared by the methods that use it; the wall time of a method counts the
-stages it needs. Beside every scale: the capacity figure (``erasure.capacity``), the
-mean fraction of the erased states' norm outside the retained states' dominant
-subspace: near 0, no linear K/V edit can separate them, whatever the method.
-acc_g is measured on trained synonyms and paraphrases, acc_g_unseen on the held-out
-words the base model draws (none in a world whose encoder cannot place them).
+Retained concepts are the erased ones' neighbours (other colours; pairs that share a word),
+given to every method as its prior (MACE's "retained concepts of the same domain") and
+measured for acc_s. Rows (``ROWS``): the base model; MACE as the reference (CFR + LoRA +
+closed-form fusion) and its two ablations (CFR only, UCE-like; LoRAs merged naively); the
+constrained fusion (K+V, V only); which tokens CFR edits (MACE's tokens after the concept,
+the last token, the whole span); RECE's adversarial rounds; RealEra's mining; SepME; and
+All-but-One's objective. Scales: 1 shape, 1 colour, 1 style, 8 and 32 colour-shape pairs,
+and 64 concepts (a colour, a shape, a style and 61 styled pairs); at 32 and 64 only the rows
+that scale (``AT_SCALE``). Per-concept work is done once per distinct per-concept setting
+and scale, images and masks once per concept; a row's wall time counts what a run of that
+method alone would do. Beside every scale: the capacity figure (``erasure.capacity``), the
+mean fraction of the erased states' norm outside the retained states' dominant subspace:
+near 0, no linear K/V edit can separate them, whatever the method. acc_g covers trained
+synonyms, paraphrases and (for compound concepts) other word orders; the unseen column the
+held-out words the base model draws; uncond drift the relative change of the unconditional
+prediction.
 
     python bench/toyworld.py --world toyworld        # the whole table on the default world
     python bench/toyworld.py --world toyworld-clip   # the CLIP world
-    python bench/toyworld.py --scales colour         # one scale
+    python bench/toyworld.py --scales colour --rows "MACE (reference)" "span + constrained"
 """
 
 from __future__ import annotations
@@ -100,27 +104,40 @@ def retained(concepts: list[dict]) -> list[str]:
     return [concept_name(a) for a in retained_neighbours(attributes, 32, np.random.default_rng(0))]
 
 
-# Every method row: its per-concept settings (``method``) and its solve (``fusion``). Rows with
-# the same per-concept settings share one set of per-concept results; every objective reuses the
-# same images and masks (they depend on neither). Small scales only for the two ablations.
+# Every method row: its per-concept settings (``method``) and its solve (``fusion``), each
+# explicit, so a change of the request's defaults never changes a row. Rows with the same
+# per-concept settings share one set of per-concept results; every objective reuses the same
+# images and masks (they depend on neither). At 32 and 64 concepts only the rows that scale are
+# run (the CPU budget of one run per world); ablations and per-concept variants run up to 8.
+MACE_CONCEPT = {"objective": "attention", "edit_tokens": "after"}
+SPAN = {"objective": "attention", "edit_tokens": "span"}
+MINED = {"vocabulary_words": 8}
 ROWS = [
-    ("MACE (reference)", {}, {"method": "mace"}),
-    ("CFR only (UCE-like)", {}, {"method": "cfr-only"}),
-    ("CFR + naive LoRA merge", {}, {"method": "naive"}),
-    ("constrained K+V", {}, {"method": "constrained"}),
-    ("constrained V only", {}, {"method": "constrained", "projections": "v"}),
-    ("constrained + RECE x2", {}, {"method": "constrained", "adversarial_rounds": 2}),
-    ("span tokens + constrained", {"edit_tokens": "span"}, {"method": "constrained"}),
-    ("last token + constrained", {"edit_tokens": "last"}, {"method": "constrained"}),
-    ("mining + constrained", {"mining": {"vocabulary_words": 8}}, {"method": "constrained"}),
-    ("span + mining + constrained + RECE x2", {"edit_tokens": "span", "mining": {"vocabulary_words": 8}},
-     {"method": "constrained", "adversarial_rounds": 2}),
-    ("SepME", {"objective": "separable"}, {"method": "separable"}),
-    ("All-but-One + MACE fusion", {"objective": "alternative", "lora_lr": 1e-3}, {"method": "mace"}),
-    ("All-but-One + constrained", {"objective": "alternative", "lora_lr": 1e-3}, {"method": "constrained"}),
+    ("MACE (reference)", MACE_CONCEPT, {"method": "mace"}),
+    ("CFR only (UCE-like)", MACE_CONCEPT, {"method": "cfr-only"}),
+    ("CFR + naive LoRA merge", MACE_CONCEPT, {"method": "naive"}),
+    ("constrained K+V", MACE_CONCEPT, {"method": "constrained"}),
+    ("constrained V only", MACE_CONCEPT, {"method": "constrained", "projections": "v"}),
+    ("last token + constrained", MACE_CONCEPT | {"edit_tokens": "last"}, {"method": "constrained"}),
+    ("span + constrained", SPAN, {"method": "constrained"}),
+    ("span + constrained V only", SPAN, {"method": "constrained", "projections": "v"}),
+    ("span + constrained, threshold 1e-4", SPAN, {"method": "constrained", "threshold": 1e-4}),
+    ("span + constrained + RECE x2", SPAN, {"method": "constrained", "adversarial_rounds": 2}),
+    ("span + mining + constrained", SPAN | {"mining": MINED}, {"method": "constrained"}),
+    ("span + mining + constrained + RECE x2", SPAN | {"mining": MINED}, {"method": "constrained", "adversarial_rounds": 2}),
+    ("SepME", {"objective": "separable", "edit_tokens": "after"}, {"method": "separable"}),
+    ("All-but-One + MACE fusion", {"objective": "alternative", "edit_tokens": "after", "lora_lr": 1e-3}, {"method": "mace"}),
+    ("All-but-One + span + constrained", {"objective": "alternative", "edit_tokens": "span", "lora_lr": 1e-3},
+     {"method": "constrained"}),
 ]
-ABLATIONS = {"CFR only (UCE-like)", "CFR + naive LoRA merge"}
-SMALL_SCALES = {"shape", "colour", "style", "8 pairs"}
+AT_SCALE = {
+    "32 pairs": {"MACE (reference)", "constrained K+V", "span + constrained", "span + constrained V only",
+                 "span + constrained, threshold 1e-4",
+                 "span + constrained + RECE x2", "span + mining + constrained", "span + mining + constrained + RECE x2", "SepME"},
+    "64 mixed": {"MACE (reference)", "constrained K+V", "span + constrained", "span + constrained, threshold 1e-4",
+                 "span + mining + constrained",
+                 "span + mining + constrained + RECE x2", "SepME"},
+}
 
 
 def run_scale(
@@ -130,8 +147,8 @@ def run_scale(
     make = lambda m, f: parse_request(  # noqa: E731
         {"model": model, "concepts": concepts, "method": method | m, "preserve": preserve, "seed": 0, "fusion": f}
     )
-    request = prepare_request(make({}, {}), load_components(model, device))
-    base = load_components(request.model, device)
+    base = load_components(model, device)
+    request = prepare_request(make(MACE_CONCEPT, {"method": "mace"}), base)
     room = capacity(
         concept_states(base, [c.name for c in request.concepts], WORLD_TEMPLATES),
         concept_states(base, list(request.preserve.concepts), WORLD_TEMPLATES),
@@ -150,7 +167,7 @@ def run_scale(
     data_seconds: dict[str, float] = {}
     groups: dict[str, tuple[list, float]] = {}  # per-concept settings -> (results, seconds)
     for name, per_concept, fusion in ROWS:
-        if (only and name not in only) or (name in ABLATIONS and label not in SMALL_SCALES):
+        if (only and name not in only) or (label in AT_SCALE and name not in AT_SCALE[label]):
             continue
         key = json.dumps(per_concept, sort_keys=True)
         row_request = make(per_concept, fusion if fusion["method"] in ("mace", "constrained", "separable") else {})

@@ -12,8 +12,8 @@ same prompt with the alternative (the concept's anchor) in its place, ``a_j``:
 on every ``attn2.to_k``/``to_v`` as MACE's), ``eps`` the frozen base model. Matching only
 the guidance *difference* leaves the unconditional prediction free to wander, and every
 prompt's guided sample is built on it; the drift term holds it still (All-but-One's
-lambda). ``unconditional_drift`` measures that wander for any erased model, so the
-benchmark can report it for every method.
+lambda). ``erasure.metrics.unconditional_drift`` measures that wander for any erased model,
+so the benchmark reports it for every method.
 
 Predictions are compared as noise (epsilon) whatever the model predicts (``v`` or the
 sample), so one ``drift_weight`` means the same on every model.
@@ -26,27 +26,8 @@ import random
 import torch
 
 from erasure.lora import exported_lora, lora_unet, timestep_weights
-from erasure.sampling import encode_images
-from erasure.text import encode, tokenize
-
-
-def predicted_noise(scheduler, output: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The UNet's ``output`` at ``noisy`` (timestep ``t``) as the noise it implies."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return output
-    alpha_bar = scheduler.alphas_cumprod.to(output.device)[t].to(output.dtype).reshape(-1, *[1] * (output.ndim - 1))
-    if kind == "v_prediction":
-        return alpha_bar.sqrt() * output + (1 - alpha_bar).sqrt() * noisy
-    if kind == "sample":
-        return (noisy - alpha_bar.sqrt() * output) / (1 - alpha_bar).sqrt()
-    raise ValueError(f"unknown prediction_type {kind!r}")
-
-
-def empty_states(components, dtype: torch.dtype) -> torch.Tensor:
-    """(1, L, d): the text states of "", which the unconditional prediction reads."""
-    ids, _ = tokenize(components.tokenizer, [""])
-    return encode(components.text_encoder, ids).to(components.device, dtype)
+from erasure.sampling import encode_images, predicted_noise
+from erasure.text import empty_prompt_states, encode, tokenize
 
 
 def train_alternative_lora(
@@ -81,7 +62,7 @@ def train_alternative_lora(
     states = encode(components.text_encoder, tokenize(components.tokenizer, prompts)[0]).to(device, unet.dtype)
     alternatives = encode(components.text_encoder, tokenize(components.tokenizer, alternative_prompts)[0])
     alternatives = alternatives.to(device, unet.dtype)
-    empty = empty_states(components, unet.dtype)
+    empty = empty_prompt_states(components)[None].to(components.device, unet.dtype)
     latents = encode_images(components, images).to(unet.dtype)
     scheduler = components.scheduler
     t_weights = timestep_weights(scheduler.config.num_train_timesteps, importance_sampling)
@@ -111,31 +92,3 @@ def train_alternative_lora(
 
     factors, state = exported_lora(unet)
     return factors, state, losses
-
-
-@torch.no_grad()
-def unconditional_drift(unet, base_unet, components, latents: torch.Tensor, timesteps, seed: int) -> float:
-    """Mean over ``latents`` x ``timesteps`` of ``||eps(x_t, "") - eps_base(x_t, "")||^2 / ||eps_base(x_t, "")||^2``.
-
-    How far an erased ``unet`` has moved the unconditional prediction, relative to its size:
-    0 when it is untouched. ``latents``: (n, c, h, w) clean samples in model space (as
-    ``erasure.sampling.encode_images`` gives); the noise of each (latent, timestep) pair is
-    drawn from ``seed``, so two models compared with the same seed see the same ``x_t``.
-    """
-    device, dtype = components.device, base_unet.dtype
-    generator = torch.Generator().manual_seed(seed)
-    latents = latents.to(device, dtype)
-    context = empty_states(components, dtype).expand(len(latents), -1, -1)
-    ratios = []
-    for timestep in timesteps:
-        t = torch.full((len(latents),), int(timestep), dtype=torch.long, device=device)
-        noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
-        noisy = components.scheduler.add_noise(latents, noise, t)
-        ours = predicted_noise(components.scheduler, unet(noisy, t, encoder_hidden_states=context).sample, noisy, t)
-        theirs = predicted_noise(components.scheduler, base_unet(noisy, t, encoder_hidden_states=context).sample, noisy, t)
-        moved = (ours - theirs).float().pow(2).flatten(1).sum(1)
-        size = theirs.float().pow(2).flatten(1).sum(1).clamp_min(1e-20)
-        ratios.append(moved / size)
-    if not ratios:
-        raise ValueError("give at least one timestep")
-    return float(torch.cat(ratios).mean())

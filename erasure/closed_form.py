@@ -154,6 +154,19 @@ def apply_text_map(weight: torch.Tensor, text_map: torch.Tensor) -> torch.Tensor
     return (weight.to(DTYPE) @ text_map).to(weight.dtype)
 
 
+@dataclass
+class ExtraTerms:
+    """More (state x -> target y) pairs for a fusion solve, as statistics: ``gram`` = sum x x^T
+    (text side, shared by every projection) and, per projection, ``cross`` = sum y x^T. RECE's
+    adversarial states join the concepts' this way (``erasure.fusion.adversarial_terms``)."""
+
+    gram: torch.Tensor
+    cross: dict[str, torch.Tensor]
+
+    def __add__(self, other: ExtraTerms) -> ExtraTerms:
+        return ExtraTerms(self.gram + other.gram, {n: c + other.cross[n] for n, c in self.cross.items()})
+
+
 class FusionAccumulator:
     """Sufficient statistics of the fusion: memory independent of the number of concepts.
 
@@ -183,18 +196,25 @@ class FusionAccumulator:
     def remove(self, stats: ConceptStatistics, text_map: torch.Tensor, deltas: dict) -> None:
         self._update(-1.0, stats, text_map, deltas)
 
-    def residual(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """``S = sum_k (W M_k + dW_k - W) G_k`` of one projection: what the concepts' targets ask
-        of the edit (MACE's fusion is ``W + S (G_E + lam2 G_p + r I)^-1``; the constrained one
-        confines it)."""
+    def residual(self, name: str, weight: torch.Tensor, extra: ExtraTerms | None = None) -> torch.Tensor:
+        """``S = sum_k (W M_k + dW_k - W) G_k`` of one projection (plus ``extra``'s ``sum (y - W x) x^T``):
+        what the targets ask of the edit. MACE's fusion is ``W + S (G_E + lam2 G_p + r I)^-1``;
+        the constrained one confines it."""
         w = weight.to(DTYPE)
-        return w @ (self.mapped_gram_sum - self.gram_sum) + self.lora_terms[name]
+        residual = w @ (self.mapped_gram_sum - self.gram_sum) + self.lora_terms[name]
+        if extra is not None:
+            residual = residual + extra.cross[name] - w @ extra.gram
+        return residual
 
-    def fuse(self, weights: dict[str, torch.Tensor], prior_gram: torch.Tensor, lam2: float, ridge: float) -> dict[str, torch.Tensor]:
-        """Fused weights W* for every projection in ``weights`` (the base model's W)."""
+    def fuse(
+        self, weights: dict[str, torch.Tensor], prior_gram: torch.Tensor, lam2: float, ridge: float,
+        extra: ExtraTerms | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """MACE's fused weights W* for every projection in ``weights`` (the base model's W), with
+        ``extra`` (state, target) pairs joining the concepts' when given."""
         dim = prior_gram.shape[0]
         eye = torch.eye(dim, dtype=DTYPE)
-        denominator = self.gram_sum + lam2 * prior_gram
+        denominator = self.gram_sum + (extra.gram if extra is not None else 0) + lam2 * prior_gram
         r = ridge_value(denominator, ridge)
         denominator = denominator + r * eye
         factor = torch.linalg.cholesky(denominator)
@@ -203,5 +223,7 @@ class FusionAccumulator:
         for name, weight in weights.items():
             w = weight.to(DTYPE)
             numerator = w @ text_side + self.lora_terms[name]
+            if extra is not None:
+                numerator = numerator + extra.cross[name]
             fused[name] = torch.cholesky_solve(numerator.T.contiguous(), factor).T.to(weight.dtype)
         return fused

@@ -2,7 +2,7 @@
 
 MACE's fusion (``closed_form``) trades erasure against preservation in one least-squares
 problem: with many concepts, both cannot be met. The constrained fusion (SPEED-style;
-docs/method.md, "Constrained fusion") instead *forbids* the edit to touch the retained states:
+docs/method.md, "Constrained fusion (SPEED-style)") instead *forbids* the edit to touch the retained states:
 
     W* = W + Delta,   Delta = S P (P G_E P + a I)^-1
 

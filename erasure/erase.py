@@ -45,9 +45,9 @@ from erasure.closed_form import (
 from erasure.data import ConceptData, generate_concept_data
 from erasure.fusion import FusableConcept, fuse, fusion_prior  # noqa: F401 (FusableConcept: re-exported)
 from erasure.lora import train_concept_lora
-from erasure.mining import candidate_words, states_at_cosine, text_neighbours
+from erasure.mining import mined_statistics, never_mined
 from erasure.models import Components, fingerprint, load_components, sampling_defaults, save_components
-from erasure.prompts import TEMPLATES, augmented_pairs, fill, preserve_prompts
+from erasure.prompts import augmented_pairs, preserve_prompts
 from erasure.separable import train_separable_increment
 from erasure.spec import (
     CONCEPT_KINDS,
@@ -168,64 +168,6 @@ def concept_text(
     )
 
 
-def mined_statistics(
-    components: Components,
-    concept: ConceptSpec,
-    statistics: ConceptStatistics,
-    span_states: torch.Tensor,
-    mining: MiningSettings,
-    prompt_count: int,
-    seed: int,
-    exclude: frozenset[str],
-) -> tuple[ConceptStatistics, list[tuple[str, float]]]:
-    """RealEra's mining (``erasure.mining``) folded into the concept's statistics: perturbed
-    and text-neighbour states join its states, beyond-concept states its prior share."""
-    low, high = mining.band
-    generator = torch.Generator().manual_seed(seed)
-    near = states_at_cosine(span_states, low, high, mining.perturbed_per_state, generator)
-    beyond = states_at_cosine(span_states, 0.0, low * 0.999, mining.beyond_per_state, generator)
-    words: list[tuple[str, float]] = []
-    extra = [near.double()]
-    if mining.vocabulary_words:
-        template = TEMPLATES[concept.kind][0]
-        ids, lengths = tokenize(components.tokenizer, [fill(template, concept.name)])
-        alignment = align_tokens(ids[0].tolist(), int(lengths[0]), *_anchor_ids(components, template, concept.anchor))
-        concept_state = encode(components.text_encoder, ids)[0, alignment.concept_span[-1]] if alignment.concept_span else None
-        if concept_state is not None:
-            words = text_neighbours(
-                components, template, concept_state, mining.band, mining.vocabulary_words, set(exclude),
-                candidate_words(components.tokenizer),
-            )
-        if words:
-            neighbour_pairs = augmented_pairs(concept.kind, tuple(w for w, _ in words), concept.anchor, prompt_count, (), seed)
-            neighbour_ids, _ = tokenize(components.tokenizer, [c for c, _ in neighbour_pairs])
-            extra.append(encode(components.text_encoder, neighbour_ids).reshape(-1, span_states.shape[1]).double())
-    added = torch.cat(extra)
-    count = statistics.anchor_count  # the concept's own prompts have as many states as its anchors'
-    gram_total = statistics.gram * count + added.T @ added
-    anchor_total = statistics.anchor_gram * statistics.anchor_count + beyond.double().T @ beyond.double()
-    return dataclasses.replace(
-        statistics,
-        gram=gram_total / (count + len(added)),
-        anchor_gram=anchor_total / (statistics.anchor_count + len(beyond)),
-        anchor_count=statistics.anchor_count + len(beyond),
-    ), words
-
-
-def _anchor_ids(components: Components, template: str, anchor: str) -> tuple[list[int], int]:
-    ids, lengths = tokenize(components.tokenizer, [fill(template, anchor)])
-    return ids[0].tolist(), int(lengths[0])
-
-
-def never_mined(request: ErasureRequest) -> frozenset[str]:
-    """Words mining must never erase: every word of a retained concept, an anchor, a template."""
-    words = {w for kept in request.preserve.concepts for w in normalise(kept).split()}
-    words |= {w for c in request.concepts for w in normalise(c.anchor).split()}
-    words |= {w for c in request.concepts for v in c.variants for w in normalise(v).split()}
-    words |= {w for templates in TEMPLATES.values() for t in templates for w in normalise(t.replace("{}", " ")).split()}
-    return frozenset(words)
-
-
 @dataclass
 class ConceptResult:
     concept: ConceptSpec
@@ -260,7 +202,8 @@ def erase_concept(
     settings, seed = request.method, concept_seed(request.seed, concept)
     timer = time.perf_counter()
     text = concept_text(
-        components, concept, settings.prompts_per_concept, seed, settings.edit_tokens, settings.mining, never_mined(request)
+        components, concept, settings.prompts_per_concept, seed, settings.edit_tokens, settings.mining,
+        never_mined(concept, request.preserve.concepts),
     )
     prior = base_prior.with_anchors([text.statistics]).gram()
     text_map = refinement_map([text.statistics], prior, request.preserve.lam1, request.preserve.ridge)

@@ -48,9 +48,10 @@ def unconditional_drift(erased_components, base_components, samples: int = 16, s
 
     ``|| eps_erased(x_t, "") - eps_base(x_t, "") || / || eps_base(x_t, "") ||``
 
-    over random x_t at timesteps spread over the schedule.
+    over random x_t at timesteps spread over the schedule, predictions compared as noise whatever
+    the model predicts.
     """
-    from erasure.sampling import initial_noise
+    from erasure.sampling import initial_noise, predicted_noise
     from erasure.text import encode_prompts
 
     num_t = base_components.scheduler.config.num_train_timesteps
@@ -59,6 +60,7 @@ def unconditional_drift(erased_components, base_components, samples: int = 16, s
     device = base_components.device
     empty_base = encode_prompts(base_components, [""]).to(device).expand(samples, -1, -1)
     empty_erased = encode_prompts(erased_components, [""]).to(device).expand(samples, -1, -1)
-    eps_base = base_components.unet(x, t.to(device), encoder_hidden_states=empty_base).sample
-    eps_erased = erased_components.unet(x, t.to(device), encoder_hidden_states=empty_erased).sample
+    scheduler, t = base_components.scheduler, t.to(device)
+    eps_base = predicted_noise(scheduler, base_components.unet(x, t, encoder_hidden_states=empty_base).sample, x, t)
+    eps_erased = predicted_noise(scheduler, erased_components.unet(x, t, encoder_hidden_states=empty_erased).sample, x, t)
     return float((eps_erased - eps_base).norm() / eps_base.norm())

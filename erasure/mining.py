@@ -2,14 +2,18 @@
 
 "Concept residue": after an erasure, inputs *near* the concept (a synonym the request did
 not list, a paraphrase) still evoke it. Mining adds, per concept (docs/method.md,
-"Neighbour mining"):
+"Neighbour mining (RealEra)"):
 
 - perturbed states ``e' = |e| (cos t e/|e| + sin t u)``, ``u`` a random unit direction
   orthogonal to ``e`` and ``cos t`` uniform in the band ``[low, high]``: the same norm, a
   chosen angle. They join the concept's states, so the fusion maps them as it maps the
   concept's (its CFR map and LoRA);
 - beyond-concept states, built the same way with ``cos t`` uniform in ``[0, low)``: they
-  join the prior, so the edit must keep them, and the neighbourhood stays a neighbourhood;
+  join the prior, so the edit must keep them, and the neighbourhood stays a neighbourhood.
+  Off by default: they still hold up to half of the concept's own direction, and under the
+  constrained fusion the prior's directions are not editable, so they shrink what can erase
+  the concept (measured on the MiniLM world, red and circle: the editable share of the
+  concept's own states fell from 0.67 to about 0.4);
 - text neighbours: words of the tokenizer's vocabulary whose state, in the concept's own
   prompt, has a cosine to the concept's state inside the band. Their prompts join the
   concept's. Retained concepts, anchors and the template's own words are never mined.
@@ -20,11 +24,16 @@ bidirectional encoder and a causal one both carry the concept in.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 
 import torch
 
-from erasure.text import encode, tokenize
+from erasure.closed_form import ConceptStatistics
+from erasure.prompts import TEMPLATES, augmented_pairs, fill
+from erasure.spec import ConceptSpec, MiningSettings, normalise
+from erasure.text import align_tokens, encode, tokenize
 
 
 def states_at_cosine(states: torch.Tensor, low: float, high: float, per_state: int, generator: torch.Generator) -> torch.Tensor:
@@ -42,23 +51,50 @@ def states_at_cosine(states: torch.Tensor, low: float, high: float, per_state: i
     return (origin.norm(dim=1, keepdim=True) * (cosine * unit + sine * orthogonal)).to(states.dtype)
 
 
-def candidate_words(tokenizer, limit: int = 4000) -> list[str]:
-    """Whole alphabetic words of the tokenizer's vocabulary (no sub-word pieces, no special
-    tokens), in vocabulary order, at most ``limit``: where text neighbours are looked for.
-    A BPE vocabulary (CLIP) marks a word's end with ``</w>``; WordPiece marks a piece with ``##``."""
+@functools.lru_cache(maxsize=2)  # one tokenizer's vocabulary is scanned once, not per concept
+def candidate_words(tokenizer, limit: int = 4000) -> tuple[str, ...]:
+    """Whole alphabetic words that the tokenizer writes as one token of its own, in vocabulary
+    order, at most ``limit``: where text neighbours are looked for. A word piece ("agazine",
+    "##ing", a SentencePiece continuation) is not a word a prompt would use, so a candidate
+    must tokenise back to exactly one token."""
     vocabulary = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    word_end = any(token.endswith("</w>") for token, _ in vocabulary)
     special = set(tokenizer.all_special_tokens)
-    words = []
+    words: list[str] = []
+    seen: set[str] = set()
     for token, _ in vocabulary:
-        if token in special or token.startswith("##") or (word_end and not token.endswith("</w>")):
+        if token in special:
             continue
-        word = token.removesuffix("</w>")
-        if re.fullmatch(r"[a-z]{3,}", word):
+        word = token.removesuffix("</w>").removeprefix("\u2581").removeprefix("##")
+        if not re.fullmatch(r"[a-z]{3,}", word) or word in seen:
+            continue
+        seen.add(word)
+        if len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1:
             words.append(word)
             if len(words) >= limit:
                 break
-    return words
+    return tuple(words)
+
+
+def word_position(tokenizer, template: str) -> int:
+    """Where a one-token word put in ``template`` sits in the tokenised prompt: after the
+    template's prefix (and BOS, for tokenizers that add one)."""
+    prefix = tokenizer(template.split("{}")[0].strip(), add_special_tokens=True)["input_ids"]
+    return len(prefix) - 1  # the prefix's closing special token (EOS) is where the word goes
+
+
+# (text encoder, template, candidates) -> (words, their states): every concept of a kind
+# looks for neighbours among the same candidates in the same template
+_CANDIDATE_STATES: dict[tuple, tuple[list[str], torch.Tensor]] = {}
+
+
+def candidate_states(components, template: str, candidates: list[str]) -> torch.Tensor:
+    key = (id(components.text_encoder), template, tuple(candidates))
+    if key not in _CANDIDATE_STATES:
+        _CANDIDATE_STATES.clear()  # one at a time: a model's candidates, not every model's
+        ids, _ = tokenize(components.tokenizer, [template.replace("{}", w) for w in candidates])
+        states = encode(components.text_encoder, ids)[:, word_position(components.tokenizer, template)]
+        _CANDIDATE_STATES[key] = (list(candidates), states)
+    return _CANDIDATE_STATES[key][1]
 
 
 def text_neighbours(
@@ -70,16 +106,72 @@ def text_neighbours(
     exclude: set[str],
     candidates: list[str],
 ) -> list[tuple[str, float]]:
-    """The ``count`` candidate words whose state in ``template`` (the word at its end, as the
-    concept's) lies in the cosine band of ``concept_state``, closest first, with their cosine."""
-    words = [w for w in candidates if w not in exclude]
-    if not words or count == 0:
+    """The ``count`` candidate words (one token each) whose state in ``template`` lies in the
+    cosine band of ``concept_state``, closest first, with their cosine."""
+    if not candidates or count == 0:
         return []
-    prompts = [template.replace("{}", w) for w in words]
-    ids, lengths = tokenize(components.tokenizer, prompts)
-    states = encode(components.text_encoder, ids)
-    last = states[torch.arange(len(words)), (lengths - 2).clamp_min(0)]  # the word's last token, before EOS
-    cosine = torch.nn.functional.cosine_similarity(last.double(), concept_state.double()[None], dim=1)
-    inside = [(words[i], float(cosine[i])) for i in torch.argsort(cosine, descending=True).tolist()
-              if band[0] <= float(cosine[i]) <= band[1]]
+    states = candidate_states(components, template, candidates)
+    cosine = torch.nn.functional.cosine_similarity(states.double(), concept_state.double()[None], dim=1)
+    inside = [(candidates[i], float(cosine[i])) for i in torch.argsort(cosine, descending=True).tolist()
+              if band[0] <= float(cosine[i]) <= band[1] and candidates[i] not in exclude]
     return inside[:count]
+
+
+def never_mined(concept: ConceptSpec, retained: tuple[str, ...]) -> frozenset[str]:
+    """Words mining must never erase: every word of a retained concept, of the concept's own name,
+    synonyms and anchor, and of the templates. Only this concept's words: its artifact must not
+    depend on the other concepts erased with it (takedown reuses it under the same key)."""
+    words = {w for kept in retained for w in normalise(kept).split()}
+    words |= {w for phrase in (*concept.variants, concept.anchor) for w in normalise(phrase).split()}
+    words |= {w for templates in TEMPLATES.values() for t in templates for w in normalise(t.replace("{}", " ")).split()}
+    return frozenset(words)
+
+
+def mined_statistics(
+    components,
+    concept: ConceptSpec,
+    statistics: ConceptStatistics,
+    span_states: torch.Tensor,
+    mining: MiningSettings,
+    prompt_count: int,
+    seed: int,
+    exclude: frozenset[str],
+) -> tuple[ConceptStatistics, list[tuple[str, float]]]:
+    """RealEra's mining (``erasure.mining``) folded into the concept's statistics: perturbed
+    and text-neighbour states join its states, beyond-concept states its prior share."""
+    low, high = mining.band
+    generator = torch.Generator().manual_seed(seed)
+    near = states_at_cosine(span_states, low, high, mining.perturbed_per_state, generator)
+    beyond = states_at_cosine(span_states, 0.0, low * 0.999, mining.beyond_per_state, generator)
+    words: list[tuple[str, float]] = []
+    extra = [near.double()]
+    if mining.vocabulary_words:
+        template = TEMPLATES[concept.kind][0]
+        ids, lengths = tokenize(components.tokenizer, [fill(template, concept.name)])
+        alignment = align_tokens(ids[0].tolist(), int(lengths[0]), *_anchor_ids(components, template, concept.anchor))
+        concept_state = encode(components.text_encoder, ids)[0, alignment.concept_span[-1]] if alignment.concept_span else None
+        if concept_state is not None:
+            words = text_neighbours(
+                components, template, concept_state, mining.band, mining.vocabulary_words, set(exclude),
+                list(candidate_words(components.tokenizer)),
+            )
+        if words:
+            neighbour_pairs = augmented_pairs(concept.kind, tuple(w for w, _ in words), concept.anchor, prompt_count, (), seed)
+            neighbour_ids, _ = tokenize(components.tokenizer, [c for c, _ in neighbour_pairs])
+            extra.append(encode(components.text_encoder, neighbour_ids).reshape(-1, span_states.shape[1]).double())
+    added = torch.cat(extra)
+    # the concept's prompts and its anchor prompts are paired one to one and padded alike
+    count = statistics.anchor_count
+    gram_total = statistics.gram * count + added.T @ added
+    anchor_total = statistics.anchor_gram * statistics.anchor_count + beyond.double().T @ beyond.double()
+    return dataclasses.replace(
+        statistics,
+        gram=gram_total / (count + len(added)),
+        anchor_gram=anchor_total / (statistics.anchor_count + len(beyond)),
+        anchor_count=statistics.anchor_count + len(beyond),
+    ), words
+
+
+def _anchor_ids(components, template: str, anchor: str) -> tuple[list[int], int]:
+    ids, lengths = tokenize(components.tokenizer, [fill(template, anchor)])
+    return ids[0].tolist(), int(lengths[0])

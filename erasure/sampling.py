@@ -19,6 +19,19 @@ from erasure.attention import AttentionMapAccumulator, probing
 from erasure.text import encode, tokenize
 
 
+def predicted_noise(scheduler, output: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The UNet's ``output`` at ``noisy`` (timestep ``t``) as the noise it implies."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return output
+    alpha_bar = scheduler.alphas_cumprod.to(output.device)[t].to(output.dtype).reshape(-1, *[1] * (output.ndim - 1))
+    if kind == "v_prediction":
+        return alpha_bar.sqrt() * output + (1 - alpha_bar).sqrt() * noisy
+    if kind == "sample":
+        return (noisy - alpha_bar.sqrt() * output) / (1 - alpha_bar).sqrt()
+    raise ValueError(f"unknown prediction_type {kind!r}")
+
+
 def image_size(components) -> int:
     size = components.unet.config.sample_size
     size = size if isinstance(size, int) else size[0]

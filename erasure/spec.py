@@ -157,15 +157,17 @@ class SamplingSettings(_Strict):
 
 
 class MiningSettings(_Strict):
-    """RealEra's neighbour mining (docs/method.md, "Neighbour mining"): states near a concept's
-    (cosine in ``band``) are erased with it; states beyond it (cosine below the band) join the
-    prior; words of the tokenizer's vocabulary whose prompt states fall in the band join the
-    concept's prompts."""
+    """RealEra's neighbour mining (docs/method.md, "Neighbour mining (RealEra)"): states near a
+    concept's (cosine in ``band``) are erased with it; states beyond it (cosine below the band)
+    join the prior; words of the tokenizer's vocabulary whose prompt states fall in the band join
+    the concept's prompts."""
 
-    band: tuple[float, float] = (0.5, 0.9)
-    perturbed_per_state: int = Field(default=4, ge=0, le=64)
-    beyond_per_state: int = Field(default=1, ge=0, le=64)
-    vocabulary_words: int = Field(default=0, ge=0, le=100)  # text neighbours per concept; 0: perturbations only
+    band: tuple[float, float] = Field(default=(0.5, 0.9), description="cosine to the concept's state: [low, high]")
+    perturbed_per_state: int = Field(default=4, ge=0, le=16, description="perturbed copies per concept token state")
+    beyond_per_state: int = Field(
+        default=0, ge=0, le=8, description="beyond-concept copies per state (into the prior; see erasure.mining)"
+    )
+    vocabulary_words: int = Field(default=0, ge=0, le=100, description="text neighbours mined per concept; 0: none")
 
     @field_validator("band")
     @classmethod
@@ -196,27 +198,34 @@ class MethodSettings(_Strict):
     alternative_drift_weight: float = Field(default=1.0, ge=0.0, le=1e6)  # All-but-One's lambda
     # which of a concept prompt's states CFR maps to the anchor prompt's: MACE's tokens *after* the
     # concept (its own left to the LoRA), or also its last token, or its whole span
-    edit_tokens: Literal["after", "last", "span"] = "after"
+    edit_tokens: Literal["after", "last", "span"] = "span"
     mining: MiningSettings | None = None  # RealEra's neighbour mining; None: off
 
 
 class FusionSettings(_Strict):
-    """How the concepts' per-concept terms become one model (docs/method.md, "Fusion methods").
+    """How the concepts' per-concept terms become one model (docs/method.md, "Beyond MACE").
 
-    ``mace``: MACE's least squares, the prior weighted by ``preserve.lam2``; ``constrained``: the
-    edit confined to the directions the prior's states hardly use (eigenvalues below
-    ``threshold`` times the largest), the empty prompt's states held exactly, ridge ``alpha``
-    relative to the erased states' mean eigenvalue; ``separable``: SepME's increments, each in
-    the null space of the empty prompt and the other concepts (needs ``method.objective:
-    separable``). ``adversarial_rounds``: RECE's closed-form adversarial embeddings erased too.
+    ``mace``: MACE's least squares, the prior weighted by ``preserve.lam2``. ``constrained``:
+    the edit confined to the directions the prior's states hardly use, the empty prompt's
+    states held exactly (``lam2`` plays no part: the prior is a constraint, not a weight).
+    ``separable``: SepME's increments, each in the null space of the prior, the empty prompt
+    and the other concepts (needs ``method.objective: separable``).
     """
 
-    method: Literal["mace", "constrained", "separable"] = "mace"
-    projections: Literal["kv", "v"] = "kv"
-    threshold: float = Field(default=1e-3, gt=0.0, lt=1.0)
-    alpha: float = Field(default=1e-4, gt=0.0, le=1e3)
-    adversarial_rounds: int = Field(default=0, ge=0, le=3)
-    adversarial_ridge: float = Field(default=1e-3, gt=0.0, le=1e3)
+    method: Literal["mace", "constrained", "separable"] = Field(default="constrained", description="the solve")
+    projections: Literal["kv", "v"] = Field(default="kv", description="edit keys and values, or values only")
+    threshold: float = Field(
+        default=1e-3, gt=0.0, lt=1.0,
+        description="constrained and separable: a direction is free to edit when the Gram of the states it must "
+        "keep (the prior; for separable also the other concepts) has an eigenvalue below threshold x its largest there",
+    )
+    alpha: float = Field(
+        default=1e-4, gt=0.0, le=1e3, description="constrained: ridge, relative to the erased states' mean eigenvalue"
+    )
+    adversarial_rounds: int = Field(default=0, ge=0, le=3, description="RECE rounds after the solve")
+    adversarial_ridge: float = Field(
+        default=1e-3, gt=0.0, le=1e3, description="RECE's lam, relative to the mean eigenvalue of sum W*^T W*"
+    )
 
 
 class AuditSpec(_Strict):
@@ -259,6 +268,12 @@ class ErasureRequest(_Strict):
             raise ValueError(
                 "SepME's increments are fused only by the separable fusion and need nothing else: set both "
                 "'method.objective: separable' and 'fusion.method: separable', or neither"
+            )
+        if all(separable) and (self.fusion.projections != "kv" or self.fusion.adversarial_rounds):
+            raise ValueError(
+                "fusion.method separable fuses SepME's increments on keys and values as they were trained, without "
+                "adversarial rounds: remove fusion.projections and fusion.adversarial_rounds, or use fusion.method: "
+                "constrained"
             )
         erased = {normalise(v): v for c in self.concepts for v in c.variants}
         for kept in self.preserve.concepts:

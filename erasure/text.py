@@ -33,7 +33,7 @@ class TokenAlignment:
 
     concept_span: tuple[int, ...]
     pairs: tuple[tuple[int, int], ...]
-    anchor_span: tuple[int, ...] = ()  # the anchor's own positions in the anchor prompt
+    anchor_span: tuple[int, ...] = ()  # the anchor's own positions in the anchor prompt (see align_tokens)
 
     def with_concept_tokens(self, which: str) -> TokenAlignment:
         """The alignment with the concept's own tokens paired with the anchor's too: ``"after"``
@@ -82,7 +82,10 @@ def align_tokens(concept_ids: list[int], concept_len: int, anchor_ids: list[int]
     pairs += [(concept_len - suffix + k, anchor_len - suffix + k) for k in range(suffix)]
     pads = min(length - concept_len, length - anchor_len)
     pairs += [(length - pads + k, length - pads + k) for k in range(pads)]
-    return TokenAlignment(concept_span=span, pairs=tuple(pairs), anchor_span=tuple(range(prefix, anchor_len - suffix)))
+    # an anchor that is the concept's last words ("car" for "white car") has no span of its own:
+    # the concept's words then pair with the first of them, the anchor's head
+    anchor_span = tuple(range(prefix, anchor_len - suffix)) or ((prefix,) if prefix < anchor_len else ())
+    return TokenAlignment(concept_span=span, pairs=tuple(pairs), anchor_span=anchor_span)
 
 
 def encoder_states(text_encoder, ids: torch.Tensor) -> torch.Tensor:
@@ -109,3 +112,8 @@ def encode(text_encoder, ids: torch.Tensor, batch_size: int = 64) -> torch.Tenso
 def encode_prompts(components, prompts: list[str]) -> torch.Tensor:
     ids, _ = tokenize(components.tokenizer, prompts)
     return encode(components.text_encoder, ids)
+
+
+def empty_prompt_states(components) -> torch.Tensor:
+    """(L, d) float64: the states of "", which the unconditional prediction reads."""
+    return encode_prompts(components, [""])[0].double()

@@ -45,6 +45,9 @@ def _method_inputs(request: ErasureRequest) -> dict:
             method.pop(key)
     if request.method.objective != "alternative":
         method.pop("alternative_drift_weight")  # read only by that objective
+    if request.method.objective == "separable":
+        for unused in ("lora_rank", "lora_lr"):  # SepME trains no LoRA: its increment has its own settings
+            method.pop(unused)
     return method
 
 

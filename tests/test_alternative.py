@@ -1,11 +1,14 @@
+import dataclasses
+
 import torch
 from diffusers import DDIMScheduler
 
-from erasure.alternative import predicted_noise, train_alternative_lora, unconditional_drift
+from erasure.alternative import train_alternative_lora
 from erasure.attention import cross_attention_projections
 from erasure.closed_form import DTYPE
 from erasure.lora import refined_unet
-from erasure.sampling import encode_images
+from erasure.metrics import unconditional_drift
+from erasure.sampling import predicted_noise
 
 PROMPTS = ["a photo of the cat", "a painting of the cat", "the cat", "a cat"]
 ALTERNATIVES = [p.replace("cat", "dog") for p in PROMPTS]
@@ -31,9 +34,7 @@ def with_factors(components, factors):
 def test_drift_weight_holds_the_unconditional_prediction(tiny):
     """Same seed and steps, drift_weight 0 vs 100: the guidance term alone lets the unconditional
     prediction wander (the LoRA acts on "" too); the drift term, if it is differentiated, holds it."""
-    latents = encode_images(tiny, images())
-    timesteps = [100, 300, 500, 700, 900]
-    assert unconditional_drift(tiny.unet, tiny.unet, tiny, latents, timesteps, seed=5) == 0.0
+    assert unconditional_drift(tiny, tiny) == 0.0
 
     drifts = {}
     for weight in (0.0, 100.0):
@@ -43,10 +44,10 @@ def test_drift_weight_holds_the_unconditional_prediction(tiny):
         )
         assert len(losses) == 30
         assert set(factors) == set(cross_attention_projections(tiny.unet))
-        drifts[weight] = unconditional_drift(with_factors(tiny, factors), tiny.unet, tiny, latents, timesteps, seed=5)
-    # measured: 6.1e-3 without the drift term, 2.2e-4 with it
-    assert drifts[0.0] > 1e-3
-    assert drifts[100.0] < 0.2 * drifts[0.0]
+        drifts[weight] = unconditional_drift(dataclasses.replace(tiny, unet=with_factors(tiny, factors)), tiny)
+    # measured (norm ratio on pure noise at 16 timesteps): 0.074 without the drift term, 0.013 with it
+    assert drifts[0.0] > 1e-2
+    assert drifts[100.0] < 0.5 * drifts[0.0]
 
 
 def test_factors_and_state_reproduce_the_trained_lora(tiny):

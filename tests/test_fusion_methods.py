@@ -5,11 +5,13 @@ import torch
 
 from erasure.closed_form import DTYPE, ConceptStatistics, FusionAccumulator, gram
 from erasure.constrained import constrained_text_side, null_space_dimension, null_space_projector
-from erasure.fusion import adversarial_terms, separable_weights
+from erasure.fusion import adversarial_terms
+from erasure.separable import separable_projectors, separable_weights
 from erasure.spec import RequestError
 from erasure.text import align_tokens
 
 D, D_OUT = 16, 9
+NO_PRIOR = torch.zeros(D, D, dtype=DTYPE)
 
 
 def _concept(states: torch.Tensor, factors=None, text_map=None):
@@ -154,8 +156,6 @@ def test_an_adversarial_round_leaves_less_of_the_concept_to_find():
 
 
 def test_separable_increments_are_zero_on_the_other_concepts_and_the_empty_prompt():
-    from erasure.fusion import separable_projectors
-
     gen = torch.Generator().manual_seed(4)
     w = torch.randn(D_OUT, D, generator=gen, dtype=DTYPE)
     invariants = torch.randn(2, D, generator=gen, dtype=DTYPE)
@@ -164,7 +164,7 @@ def test_separable_increments_are_zero_on_the_other_concepts_and_the_empty_promp
         states = torch.randn(3, D, generator=gen, dtype=DTYPE)
         factors = {"layer": (torch.randn(D_OUT, 2, generator=gen, dtype=DTYPE), torch.randn(2, D, generator=gen, dtype=DTYPE))}
         concepts.append((states, _concept(states, factors)))
-    projectors = separable_projectors([c for _, c in concepts], invariants, 1e-6)
+    projectors = separable_projectors([c for _, c in concepts], NO_PRIOR, invariants, 1e-6)
     scale = (w @ invariants.T).abs().max()
     for i, (_, concept) in enumerate(concepts):
         up, down = concept.factors["layer"]
@@ -173,7 +173,7 @@ def test_separable_increments_are_zero_on_the_other_concepts_and_the_empty_promp
         for j, (states, _) in enumerate(concepts):
             moved = (increment @ states.T).abs().max() / scale
             assert moved < 1e-6 if j != i else moved > 1e-2, (i, j)
-    fused = separable_weights({"layer": w}, [c for _, c in concepts], invariants, 1e-6)["layer"]
+    fused = separable_weights({"layer": w}, [c for _, c in concepts], NO_PRIOR, invariants, 1e-6)["layer"]
     expected = w + sum(c.factors["layer"][0] @ c.factors["layer"][1] @ p for (_, c), p in zip(concepts, projectors))
     assert torch.allclose(fused, expected, atol=1e-10)
 
@@ -187,7 +187,7 @@ def test_separable_capacity_running_out_is_an_error_not_silent_damage():
         factors = {"layer": (torch.randn(D_OUT, 1, generator=gen, dtype=DTYPE), torch.randn(1, D, generator=gen, dtype=DTYPE))}
         concepts.append(_concept(states, factors))
     with pytest.raises(RequestError, match="capacity is exhausted"):
-        separable_weights({"layer": w}, concepts, torch.randn(1, D, generator=gen, dtype=DTYPE), 1e-6)
+        separable_weights({"layer": w}, concepts, NO_PRIOR, torch.randn(1, D, generator=gen, dtype=DTYPE), 1e-6)
 
 
 @pytest.mark.parametrize(
@@ -201,3 +201,66 @@ def test_edit_tokens_pair_the_concepts_own_tokens_with_the_anchors(which, extra)
     alignment = align_tokens(concept, 7, anchor, 5)
     assert alignment.concept_span == (3, 4, 5) and alignment.anchor_span == (3,)
     assert set(alignment.with_concept_tokens(which).pairs) - set(alignment.pairs) == extra
+
+
+def test_an_anchor_that_is_the_concepts_head_word_pairs_with_the_concepts_words():
+    # "a photo white car" vs "a photo car": the anchor has no span of its own; "white" pairs with "car"
+    concept, anchor = [0, 1, 2, 30, 31, 9, 8, 8], [0, 1, 2, 31, 9, 8, 8, 8]
+    alignment = align_tokens(concept, 6, anchor, 5)
+    assert alignment.concept_span == (3,) and alignment.anchor_span == (3,)
+    assert set(alignment.with_concept_tokens("span").pairs) - set(alignment.pairs) == {(3, 3)}
+
+
+def test_adversarial_rounds_accumulate(tiny):
+    """Round 2 erases round 1's adversarial states *and* its own: the terms add up."""
+    from erasure.attention import cross_attention_projections
+    from erasure.closed_form import FusionAccumulator
+    from erasure.fusion import constrained_weights, fused_weights
+    from erasure.spec import FusionSettings, PreserveSpec
+    from erasure.text import empty_prompt_states
+
+    gen = torch.Generator().manual_seed(7)
+    dim = tiny.text_encoder.config.hidden_size
+    base = {n: p.weight.data.clone() for n, p in cross_attention_projections(tiny.unet).items()}
+    factors = {n: (torch.randn(w.shape[0], 1, generator=gen), torch.randn(1, dim, generator=gen)) for n, w in base.items()}
+    concept = _concept(torch.randn(6, dim, generator=gen, dtype=DTYPE), factors)
+    prior = gram(torch.randn(1, 8, dim, generator=gen, dtype=DTYPE))
+    settings = FusionSettings(method="constrained", adversarial_rounds=2)
+    fused = fused_weights(tiny, [concept], prior, PreserveSpec(), settings)
+
+    accumulator = FusionAccumulator(dim, {n: tuple(w.shape) for n, w in base.items()})
+    accumulator.add(concept.statistics, concept.text_map, concept.factors)
+    projector = null_space_projector(prior, settings.threshold, empty_prompt_states(tiny))
+    first = constrained_weights(accumulator, base, projector, settings.alpha)
+    found_1 = adversarial_terms(base, first, accumulator.gram_sum, settings.adversarial_ridge)
+    second = constrained_weights(accumulator, base, projector, settings.alpha, found_1)
+    found_2 = adversarial_terms(base, second, accumulator.gram_sum, settings.adversarial_ridge)
+    both = constrained_weights(accumulator, base, projector, settings.alpha, found_1 + found_2)
+    only_last = constrained_weights(accumulator, base, projector, settings.alpha, found_2)
+    for name in base:
+        torch.testing.assert_close(fused[name], both[name], rtol=0, atol=1e-6)
+    assert max(float((only_last[n] - both[n]).abs().max()) for n in base) > 1e-4
+
+
+def test_separable_fusion_refuses_settings_it_would_ignore():
+    from erasure.spec import parse_request
+
+    request = {"concepts": [{"name": "red", "anchor": "white"}], "method": {"objective": "separable"}}
+    for fusion in ({"method": "separable", "projections": "v"}, {"method": "separable", "adversarial_rounds": 1}):
+        with pytest.raises(RequestError, match="fusion.method separable fuses"):
+            parse_request(request | {"fusion": fusion})
+    with pytest.raises(RequestError, match="set both"):
+        parse_request(request | {"fusion": {"method": "constrained"}})
+
+
+def test_requests_likely_to_damage_retained_concepts_are_warned_about():
+    from erasure.spec import parse_request
+
+    many = [{"name": f"thing{i}", "anchor": "object"} for i in range(8)]
+    keep = {"concepts": ["tree"]}
+    warned = parse_request({"concepts": many, "preserve": keep | {"lam2": 1.0}, "fusion": {"method": "mace"}})
+    assert any("preserve.lam2" in w for w in warned.specificity_warnings())
+    assert not parse_request({"concepts": many, "preserve": keep | {"lam2": 64.0}, "fusion": {"method": "mace"}}).specificity_warnings()
+    assert not parse_request({"concepts": many, "preserve": keep, "fusion": {"method": "constrained"}}).specificity_warnings()
+    bare = parse_request({"concepts": many, "fusion": {"method": "constrained"}})
+    assert any("preserve lists no concepts" in w for w in bare.specificity_warnings())

@@ -43,7 +43,7 @@ def test_concept_keys_of_look_alike_names_differ(tmp_path):
         {"method": {"prompts_per_concept": 10}},
         {"method": {"objective": "alternative"}},
         {"method": {"objective": "separable"}, "fusion": {"method": "separable"}},
-        {"method": {"edit_tokens": "span"}},
+        {"method": {"edit_tokens": "after"}},
         {"method": {"edit_tokens": "last"}},
         {"method": {"mining": {}}},
         {"method": {"mining": {"band": [0.4, 0.8]}}},
@@ -69,7 +69,7 @@ def test_lam2_changes_the_model_key_not_the_concept_key():
     assert model_key("fp", ["concepts/a"], base) != model_key("fp", ["concepts/a"], changed)
 
 
-@pytest.mark.parametrize("change", [{"method": "constrained"}, {"projections": "v"}, {"adversarial_rounds": 2}, {"alpha": 1e-2}])
+@pytest.mark.parametrize("change", [{"method": "mace"}, {"projections": "v"}, {"adversarial_rounds": 2}, {"alpha": 1e-2}])
 def test_fusion_settings_change_the_model_key_not_the_concept_key(change):
     from tasks.keys import model_key
 
