@@ -47,6 +47,9 @@ def test_concept_keys_of_look_alike_names_differ(tmp_path):
         {"method": {"edit_tokens": "last"}},
         {"method": {"mining": {}}},
         {"method": {"mining": {"band": [0.4, 0.8]}}},
+        {"method": {"mining": {"perturbed_per_state": 2}}},
+        {"method": {"mining": {"beyond_per_state": 1}}},
+        {"method": {"objective": "alternative", "alternative_drift_weight": 3.0}},
         {"preserve": {"lam1": 2.0}},
         {"preserve": {"ridge": 1e-2}},
         {"preserve": {"concepts": ["tree"]}},
@@ -104,3 +107,14 @@ def test_artifacts_made_before_the_new_method_settings_keep_their_keys():
     registered = registered_request(json.dumps(old_json))
     assert registered.fusion.method == "mace" and registered.method.edit_tokens == "after"
     assert concept_key("fp", registered.concepts[0], registered) == old_key
+
+
+def test_settings_an_objective_does_not_read_leave_its_key_alone():
+    def key(method, fusion=None):
+        request = parse_request(BASE | {"method": method} | ({"fusion": fusion} if fusion else {}))
+        return concept_key("fp", request.concepts[0], request)
+
+    assert key({"alternative_drift_weight": 5.0}) == key({})  # read only by the alternative objective
+    assert key({"objective": "alternative", "alternative_drift_weight": 5.0}) != key({"objective": "alternative"})
+    separable = {"method": "separable"}
+    assert key({"objective": "separable", "lora_lr": 1e-2}, separable) == key({"objective": "separable"}, separable)
