@@ -25,7 +25,7 @@ import random
 
 import torch
 
-from erasure.lora import exported_lora, lora_unet, timestep_weights
+from erasure.lora import exported_lora, lora_unet, noisy_sample, timestep_weights
 from erasure.sampling import encode_images, predicted_noise
 from erasure.text import empty_prompt_states, encode, tokenize
 
@@ -69,11 +69,7 @@ def train_alternative_lora(
 
     losses = []
     for step in range(steps):
-        i = rng.randrange(len(latents))
-        j = rng.randrange(len(prompts))
-        t = torch.multinomial(t_weights, 1, generator=generator).to(device)
-        noise = torch.randn(latents[i : i + 1].shape, generator=generator).to(device, unet.dtype)
-        noisy = scheduler.add_noise(latents[i : i + 1], noise, t)
+        _, j, t, noisy = noisy_sample(latents, len(prompts), t_weights, scheduler, rng, generator)
         pair = torch.cat([noisy, noisy])  # the conditional and the unconditional prediction in one call
         new = unet(pair, t, encoder_hidden_states=torch.cat([states[j : j + 1], empty])).sample
         new_cond, new_uncond = predicted_noise(scheduler, new, pair, t).chunk(2)

@@ -59,6 +59,16 @@ def masked_attention_loss(layer_probs: list[tuple[str, torch.Tensor]], masks: to
     return total
 
 
+def noisy_sample(latents: torch.Tensor, prompt_count: int, t_weights: torch.Tensor, scheduler, rng, generator):
+    """One training draw, the same in every trainer: an image latent ``i``, a prompt ``j``, a
+    timestep ``t`` and the latent noised to it."""
+    i = rng.randrange(len(latents))
+    j = rng.randrange(prompt_count)
+    t = torch.multinomial(t_weights, 1, generator=generator).to(latents.device)
+    noise = torch.randn(latents[i : i + 1].shape, generator=generator).to(latents.device, latents.dtype)
+    return i, j, t, scheduler.add_noise(latents[i : i + 1], noise, t)
+
+
 def train_concept_lora(
     components,
     text_map: torch.Tensor,
@@ -97,11 +107,7 @@ def train_concept_lora(
         recorded: list[tuple[str, torch.Tensor]] = []
         probe.listener = lambda name, probs: recorded.append((name, probs))
         for step in range(steps):
-            i = rng.randrange(len(latents))
-            j = rng.randrange(len(prompts))
-            t = torch.multinomial(t_weights, 1, generator=generator).to(device)
-            noise = torch.randn(latents[i : i + 1].shape, generator=generator).to(device, unet.dtype)
-            noisy = scheduler.add_noise(latents[i : i + 1], noise, t)
+            i, j, t, noisy = noisy_sample(latents, len(prompts), t_weights, scheduler, rng, generator)
             probe.token_index = torch.tensor([spans[j]])
             recorded.clear()
             unet(noisy, t, encoder_hidden_states=states[j : j + 1])

@@ -52,7 +52,7 @@ from torch.func import functional_call
 from erasure.attention import cross_attention_projections
 from erasure.closed_form import DTYPE
 from erasure.constrained import null_space_dimension, null_space_projector
-from erasure.lora import timestep_weights
+from erasure.lora import noisy_sample, timestep_weights
 from erasure.sampling import encode_images, predicted_noise
 from erasure.spec import RequestError
 from erasure.text import empty_prompt_states, encode, tokenize
@@ -126,11 +126,7 @@ def train_separable_increment(
     losses: list[float] = []
     average = None
     for step in range(steps):
-        i = rng.randrange(len(latents))
-        j = rng.randrange(len(prompts))
-        t = torch.multinomial(t_weights, 1, generator=generator).to(device)
-        noise = torch.randn(latents[i : i + 1].shape, generator=generator).to(device, unet.dtype)
-        noisy = scheduler.add_noise(latents[i : i + 1], noise, t)
+        _, j, t, noisy = noisy_sample(latents, len(prompts), t_weights, scheduler, rng, generator)
         with torch.no_grad():
             pair = torch.cat([noisy, noisy])
             base = unet(pair, t, encoder_hidden_states=torch.cat([states[j : j + 1], empty])).sample
