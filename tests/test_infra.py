@@ -1,6 +1,7 @@
 """Deployment definitions parse and point at flows and entry points that exist."""
 
 import importlib
+import os
 from pathlib import Path
 
 import yaml
@@ -131,3 +132,19 @@ def test_console_entry_point_exists():
     app = getattr(importlib.import_module(module), attribute)
     names = {c.name or c.callback.__name__ for c in app.registered_commands}
     assert {"erase", "generate", "evaluate", "run", "takedown", "restore", "audit", "promote"} <= names
+
+
+def test_prefect_is_told_not_to_phone_home_and_to_wait_for_its_server(tmp_path):
+    """Set before prefect is imported (it reads settings on import); an operator's own value wins."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, flows.erase, prefect.settings as s; c = s.get_current_settings(); "
+        "print(os.environ['DO_NOT_TRACK'], c.server.analytics_enabled, c.server.ephemeral.startup_timeout_seconds)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("DO_NOT_TRACK", "PREFECT_SERVER_ANALYTICS_ENABLED")}
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "240"
+    env["PREFECT_HOME"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["1", "False", "240"]
