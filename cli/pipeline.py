@@ -95,9 +95,16 @@ def takedown(
     workers: int = typer.Option(1, min=1, max=1024, help="Ray workers."),
 ) -> None:
     """Add concepts to a registered model: a new version; only the new concepts' work runs."""
+    from erasure.spec import RequestError, parse_concepts
+
+    specs = _concepts(concepts, kind, anchor, synonym)
+    try:  # bad input is said before any server or worker starts
+        parse_concepts(specs)
+    except RequestError as error:
+        fail(str(error))
     from flows.takedown import takedown_flow
 
-    result = _run_flow(lambda: takedown_flow(model, _concepts(concepts, kind, anchor, synonym), workers))
+    result = _run_flow(lambda: takedown_flow(model, specs, workers))
     _print_version(result)
 
 

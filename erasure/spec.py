@@ -434,6 +434,19 @@ def _format_validation_error(error: ValidationError) -> str:
     return "invalid request:\n  " + "\n  ".join(lines)
 
 
+def parse_concepts(data: list[dict]) -> list[ConceptSpec]:
+    """Concept specs on their own (a takedown's new concepts), checked before any work starts."""
+    concepts = []
+    for index, item in enumerate(data):
+        try:
+            concepts.append(ConceptSpec.model_validate(item))
+        except ValidationError as error:
+            message = _format_validation_error(error).replace("invalid request:\n  ", "", 1)
+            name = item.get("name") if isinstance(item, dict) else None
+            raise RequestError(f"invalid concept {name!r} (concepts.{index}): {message}") from None
+    return concepts
+
+
 def parse_request(data: dict, base_dir: Path | str = ".") -> ErasureRequest:
     """Validate plain data (already loaded from YAML/JSON) into a request."""
     if not isinstance(data, dict):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from prefect import flow
 
-from erasure.spec import ConceptSpec, ErasureRequest, normalise, registered_request
+from erasure.spec import ConceptSpec, ErasureRequest, normalise, parse_concepts, registered_request
 from flows.erase import Lineage, run_erasure
 from tasks.registry import CANDIDATE, RegisteredVersion, alias_version, is_explicit, resolve, version_request
 
@@ -56,6 +56,8 @@ def under_lock(
 
 
 def add_concepts(parent: RegisteredVersion, request: ErasureRequest, new: list[ConceptSpec]) -> ErasureRequest:
+    """The parent's request with ``new`` erased too. A concept the parent preserved moves from
+    ``preserve.concepts`` to the erased ones (a takedown of a formerly protected concept)."""
     erased = {normalise(v): c.name for c in request.concepts for v in c.variants}
     for concept in new:
         for variant in concept.variants:
@@ -64,9 +66,17 @@ def add_concepts(parent: RegisteredVersion, request: ErasureRequest, new: list[C
                     f"{variant!r} is already erased in {parent.name} version {parent.version} "
                     f"(as {erased[normalise(variant)]!r}); nothing to take down"
                 )
-    return ErasureRequest.model_validate(
-        request.model_dump(mode="json") | {"concepts": [c.model_dump(mode="json") for c in (*request.concepts, *new)]}
-    )
+    taken = {normalise(v) for c in new for v in c.variants}
+    data = request.model_dump(mode="json")
+    data["concepts"] = [c.model_dump(mode="json") for c in (*request.concepts, *new)]
+    data["preserve"]["concepts"] = [p for p in request.preserve.concepts if normalise(p) not in taken]
+    return ErasureRequest.model_validate(data)
+
+
+def no_longer_preserved(request: ErasureRequest, new: list[ConceptSpec]) -> list[str]:
+    """The parent's preserved concepts that ``new`` takes down."""
+    taken = {normalise(v) for c in new for v in c.variants}
+    return [p for p in request.preserve.concepts if normalise(p) in taken]
 
 
 @flow(name="takedown")
@@ -75,10 +85,16 @@ def takedown_flow(model: str, concepts: list[dict], workers: int = 1) -> dict:
     ``concepts``: concept specs to add."""
     reference = parent_reference(model)
     parent = resolve(reference)
-    new = [ConceptSpec.model_validate(c) for c in concepts]
-    request = add_concepts(parent, registered_request(version_request(parent)), new)
-    return run_erasure(
+    new = parse_concepts(concepts)
+    parent_request = registered_request(version_request(parent))
+    request = add_concepts(parent, parent_request, new)
+    result = run_erasure(
         request, parent.name, workers, "takedown", parent_version=parent.version,
         parent_base=parent.tags.get("base_fingerprint"),
         rebase=lambda: under_lock(reference, parent, request, lambda current, base: add_concepts(current, base, new)),
     )
+    moved = no_longer_preserved(parent_request, new)
+    if moved:
+        said = f"no longer preserved, now erased: {', '.join(moved)}"
+        result["note"] = f"{said}; {result['note']}" if result.get("note") else said
+    return result

@@ -25,3 +25,29 @@ def test_a_takedown_refuses_a_parent_erased_from_another_base_model(monkeypatch)
     with pytest.raises(module.BaseModelChanged, match="builtin:toyworld-clip"):
         module.run_erasure(request, "m", 1, "takedown", "3", parent_base="a" * 64)
     assert ran == []  # refused before any work
+
+
+def test_a_takedown_of_a_preserved_concept_moves_it_from_preserve_to_erased():
+    from erasure.spec import parse_concepts
+    from flows.takedown import add_concepts, no_longer_preserved
+
+    parent = SimpleNamespace(name="m", version="2")
+    request = parse_request({"concepts": [{"name": "red", "anchor": "white"}], "preserve": {"concepts": ["blue", "green"]}})
+    new = parse_concepts([{"name": "Blue", "anchor": "white"}])
+    changed = add_concepts(parent, request, new)
+    assert [c.name for c in changed.concepts] == ["red", "Blue"]
+    assert changed.preserve.concepts == ("green",)
+    assert no_longer_preserved(request, new) == ["blue"]
+
+
+def test_bad_takedown_input_is_refused_before_any_flow_starts(monkeypatch):
+    from typer.testing import CliRunner
+
+    import flows.takedown
+    from cli.main import app
+
+    started = []
+    monkeypatch.setattr(flows.takedown, "takedown_flow", lambda *args: started.append(args))
+    result = CliRunner().invoke(app, ["takedown", "demo@candidate", "blue"])  # an object needs an anchor
+    assert result.exit_code == 2 and started == []
+    assert "invalid concept 'blue'" in result.output and "anchor" in result.output
