@@ -1,0 +1,159 @@
+"""Per-concept cost at Stable Diffusion 1.x size on one GPU: seconds per stage, peak memory.
+
+An SD-1.4-sized UNet (860M parameters) and a CLIP-L-sized text encoder (123M) built from
+their configurations with random weights (nothing is downloaded; random weights cost what
+trained ones cost), bf16 autocast. 10 concepts x (8 images x 30 sampler steps, 50 LoRA
+steps) + CFR + fusion, then a takedown of one more concept (its stages and one fusion).
+Printed: seconds per concept per stage, peak GPU memory, and the fusion's memory with the
+statistics of 10 and 100 concepts (sufficient statistics: it must not grow).
+
+    python bench/gpu.py            # needs a CUDA GPU; says so and stops at once without one
+    python bench/gpu.py --tiny     # the same path on the CPU with the tiny test model (the test suite runs it)
+    python bench/gpu.py --json gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+CONCEPTS = ("cat", "dog", "car", "tree", "house", "truck", "horse", "bird", "boat", "plane", "ship")  # the last is the takedown
+
+
+def sd14_components(device: str):
+    """SD 1.4's UNet, VAE and text encoder shapes, random weights, a small CLIP BPE vocabulary
+    (the embedding table keeps CLIP-L's 49,408 rows: the memory is the real one)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from erasure.models import TINY_EXTRA_WORDS, Components
+    from erasure.prompts import template_words
+    from erasure.tokenizer import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(template_words() + TINY_EXTRA_WORDS, model_max_length=77)
+    encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+    return Components(unet, encoder, tokenizer, scheduler, vae).to(device).eval()
+
+
+def fusion_memory(components, concepts: int) -> int:
+    """Bytes the fusion holds with ``concepts`` concepts' statistics (synthetic, the right shapes)."""
+    from erasure.attention import cross_attention_projections
+    from erasure.closed_form import DTYPE, ConceptStatistics, FusionAccumulator
+
+    projections = cross_attention_projections(components.unet)
+    dim = components.text_encoder.config.hidden_size
+    accumulator = FusionAccumulator(dim, {n: tuple(p.weight.shape) for n, p in projections.items()})
+    eye = torch.eye(dim, dtype=DTYPE)
+    stats = ConceptStatistics(eye, eye, eye, eye, 1)
+    factors = {n: (torch.zeros(p.weight.shape[0], 1), torch.zeros(1, dim)) for n, p in projections.items()}
+    for _ in range(concepts):  # added one at a time, as stored artifacts are read
+        accumulator.add(stats, eye, factors)
+    held = [accumulator.gram_sum, accumulator.mapped_gram_sum, *accumulator.lora_terms.values()]
+    return sum(t.numel() * t.element_size() for t in held)
+
+
+def run(tiny: bool, json_path: str | None) -> dict:
+    from erasure.erase import base_prior, erase_concept, prepare_request
+    from erasure.fusion import fuse
+    from erasure.models import build_tiny_components
+    from erasure.spec import parse_request
+
+    if tiny:
+        device, count, method = "cpu", 2, {"images_per_concept": 2, "sampler_steps": 3, "lora_steps": 3, "prompts_per_concept": 4}
+        components = build_tiny_components().eval()
+        fusion = {"method": "mace"}  # the tiny model's random 32-wide encoder leaves no null space to constrain to
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("bench/gpu.py needs a CUDA GPU (none is visible to torch); run it with --tiny to check it on the CPU")
+        device, count, method = "cuda", 10, {"images_per_concept": 8, "sampler_steps": 30, "lora_steps": 50}
+        components = sd14_components(device)
+        fusion = {}
+        torch.cuda.reset_peak_memory_stats()
+    names = CONCEPTS[:count] + CONCEPTS[-1:]
+    request = parse_request({
+        "model": "builtin:tiny", "concepts": [{"name": n, "anchor": "church"} for n in names[:-1]],
+        "method": method, "fusion": fusion, "seed": 0,
+    })
+    request = prepare_request(request, components)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    with autocast:
+        timer = time.perf_counter()
+        prior = base_prior(components, request)
+        seconds = {"prior": time.perf_counter() - timer}
+        results = []
+        for concept in request.concepts:
+            results.append(erase_concept(components, concept, request, prior))
+            sync()
+        timer = time.perf_counter()
+        fuse(components, results, prior, request.preserve, request.fusion)
+        sync()
+        seconds["fusion"] = time.perf_counter() - timer
+        new = parse_request({"model": "builtin:tiny", "concepts": [{"name": names[-1], "anchor": "church"}],
+                             "method": method, "fusion": fusion, "seed": 0}).concepts[0]
+        timer = time.perf_counter()
+        added = erase_concept(components, new, request, prior)
+        fuse(components, [*results, added], prior, request.preserve, request.fusion)
+        sync()
+        seconds["takedown"] = time.perf_counter() - timer
+
+    per_stage = {stage: sum(r.seconds[stage] for r in results) / len(results) for stage in ("text", "data", "lora")}
+    report = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (--tiny)",
+        "concepts": len(results),
+        "seconds_per_concept": {k: round(v, 3) for k, v in per_stage.items()} | {"total": round(sum(per_stage.values()), 3)},
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+        "fusion_memory_mib": {n: round(fusion_memory(components, n) / 2**20, 2) for n in (10, 100)},
+    }
+    print(f"{report['device']}: {report['concepts']} concepts")
+    print("seconds per concept: " + ", ".join(f"{k} {v}" for k, v in report["seconds_per_concept"].items()))
+    print("seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))
+    print(f"peak GPU memory: {report['peak_gpu_memory_gib']} GiB")
+    print("fusion memory (MiB) at 10 / 100 concepts: " + " / ".join(str(v) for v in report["fusion_memory_mib"].values()))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: checks the script end to end")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(1 if args.tiny else torch.get_num_threads())
+    run(args.tiny, args.json)
+
+
+if __name__ == "__main__":
+    main()
