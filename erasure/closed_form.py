@@ -49,18 +49,28 @@ class ConceptStatistics:
     gram: torch.Tensor
     anchor_gram: torch.Tensor
     anchor_count: int
+    # mean s x^T over the fused states x and the state s whose target each takes: x itself for
+    # the concept's own prompts, the concept state it was mined from for a perturbed neighbour
+    # (RealEra: a neighbour is erased *as the concept*). None: every state is its own source.
+    target_cross: torch.Tensor | None = None
+
+    @property
+    def source_cross(self) -> torch.Tensor:
+        return self.gram if self.target_cross is None else self.target_cross
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {
+        tensors = {
             "aligned_gram": self.aligned_gram, "aligned_cross": self.aligned_cross, "gram": self.gram,
             "anchor_gram": self.anchor_gram, "anchor_count": torch.tensor([self.anchor_count]),
         }
+        return tensors | ({"target_cross": self.target_cross} if self.target_cross is not None else {})
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ConceptStatistics:
         return cls(
             **{k: tensors[k].to(DTYPE) for k in ("aligned_gram", "aligned_cross", "gram", "anchor_gram")},
             anchor_count=int(tensors["anchor_count"][0]),
+            target_cross=tensors["target_cross"].to(DTYPE) if "target_cross" in tensors else None,
         )
 
 
@@ -170,9 +180,11 @@ class ExtraTerms:
 class FusionAccumulator:
     """Sufficient statistics of the fusion: memory independent of the number of concepts.
 
-    Holds ``sum_k G_k``, ``sum_k M_k G_k`` (d x d) and, per projection,
-    ``sum_k dW_k G_k`` (d_out x d). ``add`` and ``remove`` of a concept are exact
-    inverses (up to float64 rounding), which is what takedown and restore use.
+    Holds ``sum_k G_k``, ``sum_k M_k C_k`` (d x d) and, per projection,
+    ``sum_k dW_k C_k`` (d_out x d), with ``C_k = G_k`` unless mining gave the concept
+    neighbours that take the concept's own targets (``ConceptStatistics.target_cross``).
+    ``add`` and ``remove`` of a concept are exact inverses (up to float64 rounding), which is
+    what takedown and restore use.
     """
 
     def __init__(self, dim: int, projection_shapes: dict[str, tuple[int, int]]):
@@ -182,11 +194,13 @@ class FusionAccumulator:
         self.concepts = 0
 
     def _update(self, sign: float, stats: ConceptStatistics, text_map: torch.Tensor, deltas: dict) -> None:
+        # targets (W M_k + dW_k) s of states x: the text side sums x x^T, the targets' side s x^T
+        cross = stats.source_cross
         self.gram_sum += sign * stats.gram
-        self.mapped_gram_sum += sign * (text_map @ stats.gram)
+        self.mapped_gram_sum += sign * (text_map @ cross)
         for name, (up, down) in deltas.items():
-            # dW G = up (down G): rank-r, never forms the d_out x d product twice
-            self.lora_terms[name] += sign * (up.to(DTYPE) @ (down.to(DTYPE) @ stats.gram))
+            # dW C = up (down C): rank-r, never forms the d_out x d product twice
+            self.lora_terms[name] += sign * (up.to(DTYPE) @ (down.to(DTYPE) @ cross))
         self.concepts += int(sign)
 
     def add(self, stats: ConceptStatistics, text_map: torch.Tensor, deltas: dict) -> None:

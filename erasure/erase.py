@@ -45,7 +45,7 @@ from erasure.closed_form import (
 from erasure.data import ConceptData, generate_concept_data
 from erasure.fusion import FusableConcept, fuse, fusion_prior  # noqa: F401 (FusableConcept: re-exported)
 from erasure.lora import train_concept_lora
-from erasure.mining import mined_statistics, never_mined
+from erasure.mining import mined_words, never_mined, with_perturbed_neighbours
 from erasure.models import Components, fingerprint, load_components, sampling_defaults, save_components
 from erasure.prompts import augmented_pairs, preserve_prompts
 from erasure.separable import train_separable_increment
@@ -142,7 +142,10 @@ def concept_text(
     mining: MiningSettings | None = None,
     exclude: frozenset[str] = frozenset(),
 ) -> ConceptText:
-    pairs = augmented_pairs(concept.kind, concept.variants, concept.anchor, prompt_count, concept.prompts, seed)
+    mined = mined_words(components, concept, mining, exclude) if mining is not None else []
+    variants = (*concept.variants, *(word for word, _ in mined))
+    count = prompt_count * len(variants) // len(concept.variants)  # the concept's own words keep their share
+    pairs = augmented_pairs(concept.kind, variants, concept.anchor, count, concept.prompts, seed)
     concept_ids, concept_lens = tokenize(components.tokenizer, [c for c, _ in pairs])
     anchor_ids, anchor_lens = tokenize(components.tokenizer, [a for _, a in pairs])
     alignments = [
@@ -158,10 +161,9 @@ def concept_text(
     kept = [i for i, a in enumerate(alignments) if a.concept_span]
     if not kept:
         raise RequestError(f"concept {concept.name!r}: every prompt was truncated before the concept")
-    mined: list[tuple[str, float]] = []
-    if mining is not None:
+    if mining is not None and mining.perturbed_per_state + mining.beyond_per_state:
         span_states = torch.cat([concept_states[i, list(alignments[i].concept_span)] for i in kept])
-        statistics, mined = mined_statistics(components, concept, statistics, span_states, mining, prompt_count, seed, exclude)
+        statistics = with_perturbed_neighbours(statistics, span_states, mining, seed)
     return ConceptText(
         statistics, [pairs[i][0] for i in kept], [alignments[i].concept_span for i in kept], [pairs[i][1] for i in kept],
         mined,

@@ -6,8 +6,8 @@ not list, a paraphrase) still evoke it. Mining adds, per concept (docs/method.md
 
 - perturbed states ``e' = |e| (cos t e/|e| + sin t u)``, ``u`` a random unit direction
   orthogonal to ``e`` and ``cos t`` uniform in the band ``[low, high]``: the same norm, a
-  chosen angle. They join the concept's states, so the fusion maps them as it maps the
-  concept's (its CFR map and LoRA);
+  chosen angle. They join the fused states with the target of the state they came from:
+  the fusion erases them as it erases the concept;
 - beyond-concept states, built the same way with ``cos t`` uniform in ``[0, low)``: they
   join the prior, so the edit must keep them, and the neighbourhood stays a neighbourhood.
   Off by default: they still hold up to half of the concept's own direction, and under the
@@ -15,8 +15,9 @@ not list, a paraphrase) still evoke it. Mining adds, per concept (docs/method.md
   the concept (measured on the MiniLM world, red and circle: the editable share of the
   concept's own states fell from 0.67 to about 0.4);
 - text neighbours: words of the tokenizer's vocabulary whose state, in the concept's own
-  prompt, has a cosine to the concept's state inside the band. Their prompts join the
-  concept's. Retained concepts, anchors and the template's own words are never mined.
+  prompt, has a cosine to the concept's state inside the band. They join the concept as
+  synonyms (its CFR pairs, its fused states, its LoRA's prompts). Retained concepts, the
+  concept's own words and anchor, and the template's words are never mined.
 
 Perturbations act on the concept's own token states (its span in each prompt), the states a
 bidirectional encoder and a causal one both carry the concept in.
@@ -31,7 +32,7 @@ import re
 import torch
 
 from erasure.closed_form import ConceptStatistics
-from erasure.prompts import TEMPLATES, augmented_pairs, fill
+from erasure.prompts import TEMPLATES, fill
 from erasure.spec import ConceptSpec, MiningSettings, normalise
 from erasure.text import align_tokens, encode, tokenize
 
@@ -127,49 +128,48 @@ def never_mined(concept: ConceptSpec, retained: tuple[str, ...]) -> frozenset[st
     return frozenset(words)
 
 
-def mined_statistics(
-    components,
-    concept: ConceptSpec,
-    statistics: ConceptStatistics,
-    span_states: torch.Tensor,
-    mining: MiningSettings,
-    prompt_count: int,
-    seed: int,
-    exclude: frozenset[str],
-) -> tuple[ConceptStatistics, list[tuple[str, float]]]:
-    """RealEra's mining (``erasure.mining``) folded into the concept's statistics: perturbed
-    and text-neighbour states join its states, beyond-concept states its prior share."""
+def mined_words(
+    components, concept: ConceptSpec, mining: MiningSettings, exclude: frozenset[str]
+) -> list[tuple[str, float]]:
+    """The concept's text neighbours: words whose state, in the concept's first template, lies in
+    the band around the concept's own last token's state. They join the concept as synonyms."""
+    if not mining.vocabulary_words:
+        return []
+    template = TEMPLATES[concept.kind][0]
+    ids, lengths = tokenize(components.tokenizer, [fill(template, concept.name)])
+    alignment = align_tokens(ids[0].tolist(), int(lengths[0]), *_anchor_ids(components, template, concept.anchor))
+    if not alignment.concept_span:
+        return []
+    concept_state = encode(components.text_encoder, ids)[0, alignment.concept_span[-1]]
+    return text_neighbours(
+        components, template, concept_state, mining.band, mining.vocabulary_words, set(exclude),
+        list(candidate_words(components.tokenizer)),
+    )
+
+
+def with_perturbed_neighbours(
+    statistics: ConceptStatistics, span_states: torch.Tensor, mining: MiningSettings, seed: int
+) -> ConceptStatistics:
+    """The concept's statistics with RealEra's perturbed neighbours: each state ``x`` near a
+    concept state ``s`` joins the fused states and takes ``s``'s target (it is erased *as the
+    concept*; mapping it through the concept's maps instead would pin the edit to zero on every
+    random direction it adds). Beyond-concept states join the concept's share of the prior."""
     low, high = mining.band
     generator = torch.Generator().manual_seed(seed)
-    near = states_at_cosine(span_states, low, high, mining.perturbed_per_state, generator)
-    beyond = states_at_cosine(span_states, 0.0, low * 0.999, mining.beyond_per_state, generator)
-    words: list[tuple[str, float]] = []
-    extra = [near.double()]
-    if mining.vocabulary_words:
-        template = TEMPLATES[concept.kind][0]
-        ids, lengths = tokenize(components.tokenizer, [fill(template, concept.name)])
-        alignment = align_tokens(ids[0].tolist(), int(lengths[0]), *_anchor_ids(components, template, concept.anchor))
-        concept_state = encode(components.text_encoder, ids)[0, alignment.concept_span[-1]] if alignment.concept_span else None
-        if concept_state is not None:
-            words = text_neighbours(
-                components, template, concept_state, mining.band, mining.vocabulary_words, set(exclude),
-                list(candidate_words(components.tokenizer)),
-            )
-        if words:
-            neighbour_pairs = augmented_pairs(concept.kind, tuple(w for w, _ in words), concept.anchor, prompt_count, (), seed)
-            neighbour_ids, _ = tokenize(components.tokenizer, [c for c, _ in neighbour_pairs])
-            extra.append(encode(components.text_encoder, neighbour_ids).reshape(-1, span_states.shape[1]).double())
-    added = torch.cat(extra)
+    near = states_at_cosine(span_states, low, high, mining.perturbed_per_state, generator).double()
+    sources = span_states.double().repeat_interleave(mining.perturbed_per_state, dim=0)
+    beyond = states_at_cosine(span_states, 0.0, low * 0.999, mining.beyond_per_state, generator).double()
     # the concept's prompts and its anchor prompts are paired one to one and padded alike
     count = statistics.anchor_count
-    gram_total = statistics.gram * count + added.T @ added
-    anchor_total = statistics.anchor_gram * statistics.anchor_count + beyond.double().T @ beyond.double()
+    total = count + len(near)
+    anchors = statistics.anchor_count + len(beyond)
     return dataclasses.replace(
         statistics,
-        gram=gram_total / (count + len(added)),
-        anchor_gram=anchor_total / (statistics.anchor_count + len(beyond)),
-        anchor_count=statistics.anchor_count + len(beyond),
-    ), words
+        gram=(statistics.gram * count + near.T @ near) / total,
+        target_cross=(statistics.source_cross * count + sources.T @ near) / total,
+        anchor_gram=(statistics.anchor_gram * statistics.anchor_count + beyond.T @ beyond) / anchors,
+        anchor_count=anchors,
+    )
 
 
 def _anchor_ids(components, template: str, anchor: str) -> tuple[list[int], int]:

@@ -37,3 +37,27 @@ def test_text_neighbours_are_inside_the_band_and_never_excluded_words(tiny):
     assert [c for _, c in found] == sorted((c for _, c in found), reverse=True)
     narrow = text_neighbours(tiny, template, concept_state, (0.2, 0.3), 50, set(), words)
     assert all(0.2 <= c <= 0.3 for _, c in narrow)
+
+
+def test_a_perturbed_neighbour_is_erased_as_the_concept_it_came_from():
+    """The fusion maps a mined neighbour to its source's target, not through the concept's maps
+    (which would pin the edit to zero on every direction the neighbours add)."""
+    from erasure.closed_form import DTYPE, ConceptStatistics, FusionAccumulator, gram
+    from erasure.mining import with_perturbed_neighbours
+    from erasure.spec import MiningSettings
+
+    dim, out = 16, 5
+    gen = torch.Generator().manual_seed(1)
+    span = torch.randn(3, dim, generator=gen, dtype=DTYPE)
+    stats = ConceptStatistics(gram(span[None]), gram(span[None]), gram(span[None]), torch.zeros(dim, dim, dtype=DTYPE), 3)
+    mining = MiningSettings(perturbed_per_state=2)
+    mined = with_perturbed_neighbours(stats, span, mining, seed=7)
+    near = states_at_cosine(span, *mining.band, 2, torch.Generator().manual_seed(7))
+    w = torch.randn(out, dim, generator=gen, dtype=DTYPE)
+    up, down = torch.randn(out, 1, generator=gen, dtype=DTYPE), torch.randn(1, dim, generator=gen, dtype=DTYPE)
+    accumulator = FusionAccumulator(dim, {"layer": (out, dim)})
+    accumulator.add(mined, torch.eye(dim, dtype=DTYPE), {"layer": (up, down)})
+    fused = accumulator.fuse({"layer": w}, torch.zeros(dim, dim, dtype=DTYPE), lam2=0.0, ridge=1e-12)["layer"]
+    target = (w + up @ down) @ span.T  # the concept states' own targets
+    assert torch.allclose(fused @ span.T, target, atol=1e-6)
+    assert torch.allclose(fused @ near.T, target.repeat_interleave(2, dim=1), atol=1e-6)
