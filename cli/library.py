@@ -125,11 +125,11 @@ def evaluate(
         result, report or json_out.with_suffix(".html"), title=f"Erasure report: {model}",
         details={"request": str(request), "base model": base or spec.model, "probes": len(result.probes)},
     )
-    table = Table(title="erasure metrics (%; acc_g: trained synonyms and paraphrases, unseen: words never in training)")
-    for column in ("model", "acc_e ↓", "acc_g ↓", "acc_g unseen ↓", "acc_s ↑", "h_o ↑"):
+    table = Table(title="erasure metrics (%; acc_g: trained synonyms, paraphrases and other word orders; unseen: words never in training)")
+    for column in ("model", "acc_e ↓", "acc_g ↓", "of which phrasing ↓", "acc_g unseen ↓", "acc_s ↑", "h_o ↑"):
         table.add_column(column)
     for label, values in (("base", result.base_metrics), ("erased", result.metrics)):
-        table.add_row(label, *(percent(values[k]) for k in ("acc_e", "acc_g", "acc_g_unseen", "acc_s", "h_o")))
+        table.add_row(label, *(percent(values.get(k)) for k in ("acc_e", "acc_g", "acc_g_phrasing", "acc_g_unseen", "acc_s", "h_o")))
     Console().print(table)
     Console().print(f"metrics: {json_out}\nreport:  {report_path}")
 
