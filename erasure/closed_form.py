@@ -160,8 +160,9 @@ def refinement_map(
 
 
 def apply_text_map(weight: torch.Tensor, text_map: torch.Tensor) -> torch.Tensor:
-    """W M in float64, returned in the weight's dtype."""
-    return (weight.to(DTYPE) @ text_map).to(weight.dtype)
+    """W M in float64, returned in the weight's dtype and on its device (the statistics live on
+    the CPU; the weights on the worker's GPU)."""
+    return (weight.to(DTYPE) @ text_map.to(weight.device, DTYPE)).to(weight.dtype)
 
 
 @dataclass

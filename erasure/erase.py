@@ -144,8 +144,12 @@ def concept_text(
 ) -> ConceptText:
     mined = mined_words(components, concept, mining, exclude) if mining is not None else []
     variants = (*concept.variants, *(word for word, _ in mined))
-    count = prompt_count * len(variants) // len(concept.variants)  # the concept's own words keep their share
-    pairs = augmented_pairs(concept.kind, variants, concept.anchor, count, concept.prompts, seed)
+    # the concept's own words keep their share, up to 4x the prompts (memory grows with them)
+    count = min(prompt_count * len(variants) // len(concept.variants), 4 * prompt_count)
+    pairs = augmented_pairs(concept.kind, variants, concept.anchor, count, (), seed)
+    # the user's own prompts are matched with the concept's own words only: a mined word could
+    # sit inside another word of the prompt
+    pairs += augmented_pairs(concept.kind, concept.variants, concept.anchor, 0, concept.prompts, seed)
     concept_ids, concept_lens = tokenize(components.tokenizer, [c for c, _ in pairs])
     anchor_ids, anchor_lens = tokenize(components.tokenizer, [a for _, a in pairs])
     alignments = [

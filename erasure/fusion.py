@@ -60,7 +60,8 @@ def fuse(
 def fused_weights(
     components, concepts: Sequence[FusableConcept], prior_gram: torch.Tensor, preserve: PreserveSpec, fusion: FusionSettings
 ) -> dict[str, torch.Tensor]:
-    base = {n: p.weight.data for n, p in cross_attention_projections(components.unet).items()}
+    # solved on the CPU in float64 where the statistics are; apply_weights copies back to the UNet's device
+    base = {n: p.weight.data.detach().cpu() for n, p in cross_attention_projections(components.unet).items()}
     if fusion.method == "separable":  # SepME's increments were trained on K and V together: both are fused
         return base | separable_weights(base, concepts, prior_gram, empty_prompt_states(components), fusion.threshold)
     edited = {n: w for n, w in base.items() if fusion.projections == "kv" or n.endswith("to_v")}

@@ -93,7 +93,7 @@ def candidate_states(components, template: str, candidates: list[str]) -> torch.
     if key not in _CANDIDATE_STATES:
         _CANDIDATE_STATES.clear()  # one at a time: a model's candidates, not every model's
         ids, _ = tokenize(components.tokenizer, [template.replace("{}", w) for w in candidates])
-        states = encode(components.text_encoder, ids)[:, word_position(components.tokenizer, template)]
+        states = encode(components.text_encoder, ids)[:, word_position(components.tokenizer, template)].clone()
         _CANDIDATE_STATES[key] = (list(candidates), states)
     return _CANDIDATE_STATES[key][1]
 

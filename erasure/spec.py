@@ -269,6 +269,12 @@ class ErasureRequest(_Strict):
                 "SepME's increments are fused only by the separable fusion and need nothing else: set both "
                 "'method.objective: separable' and 'fusion.method: separable', or neither"
             )
+        if all(separable) and self.method.mining is not None:
+            raise ValueError(
+                "method.mining with SepME: its neighbours would only widen the other concepts' protected "
+                "subspace (the separable fusion has no targets for them); remove method.mining, or use "
+                "fusion.method: constrained"
+            )
         if all(separable) and (self.fusion.projections != "kv" or self.fusion.adversarial_rounds):
             raise ValueError(
                 "fusion.method separable fuses SepME's increments on keys and values as they were trained, without "

@@ -18,4 +18,5 @@ RUN pip install --no-cache-dir -e ".[pipeline]"
 # Requests may name local files (caption corpora, model folders) only under this folder:
 # never the runner's own files (service-account tokens, credentials).
 ENV HF_HUB_OFFLINE=0 OMP_WAIT_POLICY=PASSIVE ERASURE_ALLOWED_MODELS=${ERASURE_ALLOWED_MODELS} \
-    ERASURE_INPUT_ROOT=/data/inputs
+    ERASURE_INPUT_ROOT=/data/inputs \
+    DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false

@@ -45,6 +45,10 @@ def _method_inputs(request: ErasureRequest) -> dict:
             method.pop(key)
     if request.method.objective != "alternative":
         method.pop("alternative_drift_weight")  # read only by that objective
+    if request.method.mining is not None:
+        # mined neighbours changed meaning (they take their source's target; words join as
+        # synonyms): artifacts mined before that must not be reused
+        method["mining_version"] = 2
     if request.method.objective == "separable":
         for unused in ("lora_rank", "lora_lr"):  # SepME trains no LoRA: its increment has its own settings
             method.pop(unused)

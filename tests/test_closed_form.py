@@ -1,5 +1,6 @@
 """The mathematics of CFR and fusion, checked against their definitions."""
 
+import pytest
 import torch
 
 from erasure.closed_form import (
@@ -176,3 +177,12 @@ def test_capacity_is_zero_inside_the_retained_span_and_one_orthogonal_to_it():
     assert abs(capacity(outside, retained).rho - 1) < 1e-6
     half = inside + outside * (inside.norm(dim=1, keepdim=True) / outside.norm(dim=1, keepdim=True))
     assert abs(capacity(half, retained).rho - 2**-0.5) < 1e-6
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_text_maps_and_fusion_follow_the_weights_device():
+    """Statistics live on the CPU, weights on the worker's GPU."""
+    weight = torch.randn(D_OUT, D, device="cuda")
+    refined = apply_text_map(weight, torch.eye(D, dtype=DTYPE))
+    assert refined.device.type == "cuda" and torch.allclose(refined, weight)
