@@ -86,17 +86,23 @@ def test_a_threshold_that_leaves_no_null_space_is_a_clear_error(tiny):
         fused_weights(tiny, [concept], full_prior, PreserveSpec(), FusionSettings(method="constrained", threshold=1e-6))
 
 
-def test_value_only_fusion_keeps_every_key_projection(tiny):
+def _tiny_concept(tiny, seed: int, states: int):
+    """The tiny model's K/V weights, one random concept with a rank-1 LoRA on each, a random prior."""
     from erasure.attention import cross_attention_projections
-    from erasure.fusion import fused_weights
-    from erasure.spec import FusionSettings, PreserveSpec
 
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     dim = tiny.text_encoder.config.hidden_size
     base = {n: p.weight.data.clone() for n, p in cross_attention_projections(tiny.unet).items()}
     factors = {n: (torch.randn(w.shape[0], 1, generator=gen), torch.randn(1, dim, generator=gen)) for n, w in base.items()}
-    concept = _concept(torch.randn(4, dim, generator=gen, dtype=DTYPE), factors)
-    prior = gram(torch.randn(1, 8, dim, generator=gen, dtype=DTYPE))
+    concept = _concept(torch.randn(states, dim, generator=gen, dtype=DTYPE), factors)
+    return base, concept, gram(torch.randn(1, 8, dim, generator=gen, dtype=DTYPE))
+
+
+def test_value_only_fusion_keeps_every_key_projection(tiny):
+    from erasure.fusion import fused_weights
+    from erasure.spec import FusionSettings, PreserveSpec
+
+    base, concept, prior = _tiny_concept(tiny, seed=1, states=4)
     for method in ("mace", "constrained"):
         weights = fused_weights(tiny, [concept], prior, PreserveSpec(), FusionSettings(method=method, projections="v"))
         assert all(torch.equal(weights[n], base[n]) for n in base if n.endswith("to_k")), method
@@ -213,18 +219,13 @@ def test_an_anchor_that_is_the_concepts_head_word_pairs_with_the_concepts_words(
 
 def test_adversarial_rounds_accumulate(tiny):
     """Round 2 erases round 1's adversarial states *and* its own: the terms add up."""
-    from erasure.attention import cross_attention_projections
     from erasure.closed_form import FusionAccumulator
     from erasure.fusion import constrained_weights, fused_weights
     from erasure.spec import FusionSettings, PreserveSpec
     from erasure.text import empty_prompt_states
 
-    gen = torch.Generator().manual_seed(7)
+    base, concept, prior = _tiny_concept(tiny, seed=7, states=6)
     dim = tiny.text_encoder.config.hidden_size
-    base = {n: p.weight.data.clone() for n, p in cross_attention_projections(tiny.unet).items()}
-    factors = {n: (torch.randn(w.shape[0], 1, generator=gen), torch.randn(1, dim, generator=gen)) for n, w in base.items()}
-    concept = _concept(torch.randn(6, dim, generator=gen, dtype=DTYPE), factors)
-    prior = gram(torch.randn(1, 8, dim, generator=gen, dtype=DTYPE))
     settings = FusionSettings(method="constrained", adversarial_rounds=2)
     fused = fused_weights(tiny, [concept], prior, PreserveSpec(), settings)
 
