@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from cli.app import app, console, fail, services_app, warn
 from erasure.spec import CONCEPT_KINDS
@@ -29,7 +30,6 @@ def _run_flow(call):
 
     from erasure.evaluate import NoJudgeError
     from erasure.spec import RequestError
-    from flows.audit import ConceptLeak
     from flows.erase import BaseModelChanged
     from flows.takedown import ConceptStateError
     from tasks.locks import LockError
@@ -45,9 +45,6 @@ def _run_flow(call):
         fail(str(error))
     except (RegistryError, ArtifactError, LockError) as error:  # a service down, a corrupt artifact: say which
         fail(str(error))
-    except ConceptLeak as error:
-        console.print(f"[bold red]audit failed:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
-        raise typer.Exit(code=1) from None
 
 
 def _print_version(result: dict) -> None:
@@ -121,25 +118,89 @@ def restore(
     _print_version(result)
 
 
+POLICY_VARIABLE = "ERASURE_AUDIT_POLICY"
+
+
+def _policy(path: Path | None):
+    """The deployment's policy: --policy, else the file $ERASURE_AUDIT_POLICY names, else the default."""
+    import os
+
+    from erasure.policy import load_policy
+    from erasure.spec import RequestError
+
+    path = path or (Path(os.environ[POLICY_VARIABLE]) if os.environ.get(POLICY_VARIABLE) else None)
+    try:
+        return load_policy(path)
+    except RequestError as error:
+        fail(str(error))
+
+
+def _print_audit(result: dict) -> None:
+    from erasure.metrics import percent
+
+    summary = result.get("summary") or {}
+    table = Table(title=f"audit (seed {result['seed']}; %, base -> audited model, [95 % interval], n prompts)")
+    for column in ("concept", "role", "acc_e", "acc_g (held-out)", "unseen", "phrasing", "acc_s"):
+        table.add_column(column)
+
+    def cell(entry):
+        if not entry:
+            return "-"
+        low, high = entry["ci95"]
+        return f"{percent(entry['base'])} -> {percent(entry['value'])} [{percent(low)}, {percent(high)}] n={entry['n']}"
+
+    for row in summary.get("concepts", []):
+        table.add_row(
+            escape(row["concept"]), row["role"],
+            *(cell(row.get(k)) for k in ("acc_e", "acc_g", "acc_g_unseen", "acc_g_phrasing", "acc_s")),
+        )
+    if summary.get("concepts"):
+        out.print(table)
+    for row in summary.get("attacks", []):
+        out.print(
+            f"attack {row['attack']} on {escape(row['concept'])}: success {percent(row['asr'])} % "
+            f"(base model, the control: {percent(row['base_asr'])} %)", highlight=False,
+        )
+    for kind, report in (summary.get("calibration") or {}).items():
+        out.print(f"{kind} judge calibration: {json.dumps(report)}", highlight=False)
+    out.print(f"MLflow run {result['run_id']}; rerun these probes with --seed {result['seed']}")
+
+
 @app.command()
 def audit(
-    model: str = typer.Argument(..., help="NAME, NAME@ALIAS (e.g. models@production) or NAME/VERSION; or a model with --request."),
-    request: Path = typer.Option(None, help="Audit any model (folder, builtin:...) against this request."),
+    model: str = typer.Argument(..., help="NAME, NAME@ALIAS (e.g. models@production) or NAME/VERSION; or a model folder with --request."),
+    request: Path = typer.Option(None, help="Audit a model folder (or builtin:...) against this request instead."),
+    policy: Path = typer.Option(None, help=f"The deployment's audit policy (YAML); default: ${POLICY_VARIABLE}, else the built-in one."),
+    attacks: bool = typer.Option(False, "--attacks", help="Also run the policy's attacks (prefix search, concept inversion, Ring-A-Bell)."),
+    seed: int = typer.Option(None, min=0, max=2**31 - 2, help="Rerun an earlier audit's probes (default: new ones, recorded)."),
     workers: int = typer.Option(1, min=1, max=1024, help="Ray workers."),
 ) -> None:
-    """Compliance check: fails (exit 1), naming the concepts, when an erased concept is still drawn;
-    exit 3 when the model has no judge (nothing was judged)."""
+    """Compliance check under the deployment's policy: exit 0 passed, 1 failed (every reason named),
+    3 inconclusive or no judge (nothing was proved)."""
     from erasure.spec import RequestError, load_request
-    from flows.audit import audit_flow
+    from flows.audit import AuditInconclusive, ConceptLeak, audit_flow
 
+    chosen = _policy(policy)
     spec = None
     if request is not None:
         try:
-            spec = json.loads(load_request(request).model_dump_json()) | {"model": model}
+            spec = json.loads(load_request(request).model_dump_json())
         except RequestError as error:
             fail(str(error))
-    result = _run_flow(lambda: audit_flow(model, spec, workers))
-    out.print(f"audit passed: {json.dumps(result['metrics'])}")
+        if model != spec["model"] and not Path(model).is_dir():
+            fail(f"{model!r} is not a model folder (with --request, audit a folder or the request's own model)")
+    arguments = json.loads(chosen.model_dump_json())
+    try:
+        result = _run_flow(lambda: audit_flow(model, arguments, workers, attacks, seed, spec))
+    except (ConceptLeak, AuditInconclusive) as error:
+        if getattr(error, "result", None):
+            _print_audit(error.result)
+        inconclusive = isinstance(error, AuditInconclusive)
+        label = "[bold yellow]audit inconclusive:[/]" if inconclusive else "[bold red]audit failed:[/]"
+        console.print(f"{label} {escape(str(error))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(code=NO_JUDGE_EXIT if inconclusive else 1) from None
+    _print_audit(result)
+    out.print("[bold green]audit passed[/]")
 
 
 @app.command()
@@ -147,12 +208,21 @@ def promote(
     model: str = typer.Argument(..., help="Registered model name."),
     version: str = typer.Argument(..., help="Version to promote."),
     alias: str = typer.Option("production", help="Alias to move."),
+    policy: Path = typer.Option(None, help=f"The audit policy the version must have passed (default: ${POLICY_VARIABLE}, else the built-in one)."),
+    override_audit: str = typer.Option(None, help="Promote without a passing audit; the reason is logged in MLflow."),
 ) -> None:
-    """Point an alias (default: production) at a version."""
+    """Point an alias (default: production) at a version that passed its audit under the policy."""
+    from tasks.registry import PromotionRefused
     from tasks.registry import promote as set_alias
 
-    _run_flow(lambda: set_alias(model, version, alias))
-    out.print(f"{escape(model)}@{escape(alias)} -> version {escape(version)}", highlight=False)
+    chosen = _policy(policy)
+    if override_audit is not None and not override_audit.strip():
+        fail("--override-audit needs a reason")
+    try:
+        how = _run_flow(lambda: set_alias(model, version, alias, chosen, override_audit))
+    except PromotionRefused as error:
+        fail(str(error))
+    out.print(f"{escape(model)}@{escape(alias)} -> version {escape(version)} ({escape(how)})", highlight=False)
 
 
 @services_app.command("up")

@@ -27,6 +27,8 @@ class BuiltinModel:
     load: Callable[[], Components]
     # request -> (probes, judge); None when the model's world has no judge
     judge: Callable[[ErasureRequest], tuple[list, object]] | None = None
+    # (request, audit policy, seed) -> (held-out probes, judge) of a compliance audit
+    audit: Callable[[ErasureRequest, object, int], tuple[list, object]] | None = None
 
 
 def _load_tiny() -> Components:
@@ -58,17 +60,31 @@ def _toyworld_judge(world: str) -> Callable[[ErasureRequest], tuple[list, object
     return judge
 
 
+def _toyworld_audit(world: str) -> Callable[[ErasureRequest, object, int], tuple[list, object]]:
+    def audit(request: ErasureRequest, policy, seed: int) -> tuple[list, object]:
+        from erasure.toyworld.judge import ToyJudge, audit_probes
+        from erasure.toyworld.model import drawable_unseen_words, load_toyworld_classifier
+
+        probes = audit_probes(
+            [(c.name, c.synonyms) for c in request.concepts], list(request.preserve.concepts),
+            policy.probes_per_concept, policy.retained_limit, seed, unseen=drawable_unseen_words(world),
+        )
+        return probes, ToyJudge(load_toyworld_classifier())
+
+    return audit
+
+
 BUILTINS: dict[str, BuiltinModel] = {
     entry.name: entry
     for entry in (
         BuiltinModel("tiny", "a randomly initialised SD-shaped pipeline for tests (draws noise)", _load_tiny),
         BuiltinModel(
             "toyworld", "the toy world, a frozen pretrained MiniLM encoder (the embedded default)",
-            _toyworld_loader("minilm"), _toyworld_judge("minilm"),
+            _toyworld_loader("minilm"), _toyworld_judge("minilm"), _toyworld_audit("minilm"),
         ),
         BuiltinModel(
             "toyworld-clip", "the toy world, a small causal CLIP encoder trained with the UNet",
-            _toyworld_loader("clip"), _toyworld_judge("clip"),
+            _toyworld_loader("clip"), _toyworld_judge("clip"), _toyworld_audit("clip"),
         ),
     )
 }

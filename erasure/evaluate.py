@@ -26,6 +26,7 @@ class Evaluation:
     erased_images: torch.Tensor
     base_verdicts: list[bool]
     erased_verdicts: list[bool]
+    calibration: dict | None = None  # what judges that calibrate on the base model's images report
 
 
 def _accuracies(probes, verdicts) -> dict[str, float]:
@@ -59,6 +60,7 @@ def _rows(probes, base_verdicts, erased_verdicts) -> list[dict]:
             }[group]
             row[key] = float(np.mean([after for _, after in pairs]))
             row[f"base_{key}"] = float(np.mean([before for before, _ in pairs]))
+            row[f"n_{key}"] = len(pairs)
         out.append(row)
     return out
 
@@ -71,6 +73,11 @@ def evaluate(
     if base_images is None:
         base_images, _ = sample(base_components, prompts, seeds, steps=steps, guidance_scale=guidance_scale, batch_size=64)
     erased_images, _ = sample(erased_components, prompts, seeds, steps=steps, guidance_scale=guidance_scale, batch_size=64)
+    # a judge with a decision threshold (CLIP) sets it on the base model's own images first
+    calibration = judge.calibrate(base_images, probes) if hasattr(judge, "calibrate") else None
+    if calibration is not None:  # {kind: calibration} from a judge per kind, or one judge's own
+        reports = calibration if isinstance(calibration, dict) else {"all": calibration}
+        calibration = {kind: c.as_dict() if hasattr(c, "as_dict") else c for kind, c in reports.items()}
     base_verdicts = judge.verdicts(base_images, probes)
     erased_verdicts = judge.verdicts(erased_images, probes)
     retained = [i for i, p in enumerate(probes) if p.group == "retained"]
@@ -86,6 +93,7 @@ def evaluate(
         erased_images=erased_images,
         base_verdicts=base_verdicts,
         erased_verdicts=erased_verdicts,
+        calibration=calibration,
     )
 
 

@@ -41,8 +41,25 @@ def _fmt(value) -> str:
     return percent(value) if isinstance(value, float) else html.escape(str(value))
 
 
-def write_report(evaluation, path: Path, title: str, details: dict | None = None) -> Path:
-    """Write a self-contained HTML file (images embedded)."""
+def _attack_section(attacks: dict) -> str:
+    """Per concept and attack: what the attack draws from the base model (the control, top row)
+    and from the erased model (bottom row)."""
+    blocks = []
+    for (concept, attack), shown in attacks.items():
+        grid = image_grid(
+            [list(shown["base_images"]), list(shown["erased_images"])],
+            [list(shown["base_verdicts"]), list(shown["erased_verdicts"])],
+        )
+        blocks.append(
+            f'<div class="concept"><h3>{html.escape(concept)}: {html.escape(attack)}</h3><img src="{_png_data(grid)}">'
+            f'<p class="prompts">{html.escape(shown.get("prompt", ""))}</p></div>'
+        )
+    return "<h2>Attacks (top row: the base model attacked, the control; bottom row: the erased model attacked)</h2>" + "".join(blocks)
+
+
+def write_report(evaluation, path: Path, title: str, details: dict | None = None, attacks: dict | None = None) -> Path:
+    """Write a self-contained HTML file (images embedded); ``attacks``: (concept, attack) ->
+    {base_images, erased_images, base_verdicts, erased_verdicts, prompt}."""
     probes = evaluation.probes
     sections = []
     for group_title, groups, _role in (
@@ -67,6 +84,8 @@ def write_report(evaluation, path: Path, title: str, details: dict | None = None
             )
         if blocks:
             sections.append(f"<h2>{group_title}</h2>" + "".join(blocks))
+    if attacks:
+        sections.append(_attack_section(attacks))
 
     names = ("acc_e", "acc_g", "acc_g_unseen", "acc_s", "h_o")
     summary = "<tr><th></th>" + "".join(f"<th>{n}</th>" for n in names) + "</tr>"

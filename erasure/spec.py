@@ -228,13 +228,6 @@ class FusionSettings(_Strict):
     )
 
 
-class AuditSpec(_Strict):
-    """What a compliance audit tolerates: above these, a concept has leaked."""
-
-    max_acc_e: float = Field(default=0.25, ge=0.0, le=1.0)  # the concept drawn from its name
-    max_acc_g: float = Field(default=0.35, ge=0.0, le=1.0)  # ... from synonyms and paraphrases
-
-
 class ErasureRequest(_Strict):
     """A whole erasure job. ``model`` is a local diffusers folder, a hub id, or a
     built-in model (``erasure.builtins``; ``builtin:toyworld`` is the default)."""
@@ -244,8 +237,18 @@ class ErasureRequest(_Strict):
     preserve: PreserveSpec = PreserveSpec()
     method: MethodSettings = MethodSettings()
     fusion: FusionSettings = FusionSettings()
-    audit: AuditSpec = AuditSpec()
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_audit_thresholds(cls, data):
+        if isinstance(data, dict) and "audit" in data:
+            raise ValueError(
+                "audit: a request cannot set its own audit thresholds; they belong to the deployment's audit "
+                "policy (`erasure audit --policy FILE`, or the audit deployment's parameters in prefect.yaml). "
+                "Remove the `audit` section"
+            )
+        return data
 
     @field_validator("concepts")
     @classmethod
@@ -376,6 +379,7 @@ LEGACY_SETTINGS = {
 def registered_request(text: str) -> ErasureRequest:
     """A registered version's ``request.json``, with settings it predates filled in as it was made."""
     data = json.loads(text)
+    data.pop("audit", None)  # thresholds once kept in the request; the deployment's policy decides now
     for section, values in LEGACY_SETTINGS.items():
         target = data.setdefault(section, {})
         for key, value in values.items():

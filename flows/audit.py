@@ -1,53 +1,94 @@
-"""audit: a scheduled compliance check. Can the model still draw what it must not?"""
+"""audit: a scheduled compliance check. Can the served model still draw what it must not?
+
+The deployment's policy decides (``erasure.policy``), never the audited request.
+A registered version is audited on the artifact it serves (the reference inside
+its logged pyfunc, checked against its recorded digest), not on what its editable
+tags say. Every audit is an MLflow run, passed or not.
+"""
 
 from __future__ import annotations
 
 import json
+import secrets
 
 from prefect import flow, get_run_logger
 
 from erasure.evaluate import NoJudgeError
-from erasure.spec import parse_request, registered_request
-from tasks.registry import log_audit, resolve, version_request
-from tasks.stages import stage_evaluate
+from erasure.policy import AuditPolicy, judge_verdict, load_policy, parse_policy
+from erasure.spec import RequestError, parse_request, registered_request
+from tasks.registry import log_audit, resolve, served_reference, version_request
+from tasks.stages import stage_audit
+from tasks.store import ArtifactError
 
 
 class ConceptLeak(RuntimeError):
-    """An audited model still draws concepts it must not."""
+    """The audited model breaks the policy (a concept leaked, specificity lost, an attack succeeded,
+    or the artifact is not the one registered)."""
+
+
+class AuditInconclusive(RuntimeError):
+    """Nothing could be proved: a judge cannot see a concept on the base model, or an attack fails
+    even there. Never a pass."""
 
 
 @flow(name="audit")
-def audit_flow(model: str, request: dict | None = None, workers: int = 1) -> dict:
+def audit_flow(
+    model: str, policy: dict | None = None, workers: int = 1, attacks: bool = False, seed: int | None = None,
+    request: dict | None = None, policy_file: str | None = None,
+) -> dict:
     """Audit a registered model (NAME, NAME@ALIAS, NAME/VERSION) against the request it was erased
-    with, or any model (a folder or builtin) against ``request``. Fails, naming the concepts, when a
-    concept's acc_e or acc_g is above the request's ``audit`` thresholds."""
+    with, or any model folder against ``request``, under ``policy`` or the ``policy_file`` it names
+    (the deployment's; default: the built-in policy, which ``audit-policy.yaml`` spells out).
+    ``seed`` reruns an earlier audit's probes (default: a new one, recorded). Raises ``ConceptLeak``
+    naming every failure, or ``AuditInconclusive``."""
     logger = get_run_logger()
+    if policy is not None and policy_file is not None:
+        raise RequestError("give the audit policy as settings or as a file, not both")
+    policy = load_policy(policy_file) if policy_file is not None else parse_policy(policy, "audit policy")
+    seed = secrets.randbelow(2**31 - 1) if seed is None else int(seed)
+    version, failures = None, []
     if request is None:
         version = resolve(model)
         spec = registered_request(version_request(version))
-        model_key, name = version.tags["model_key"], version.name
+        reference = served_reference(version)
+        name, served_sha256 = version.name, reference["sha256"]
+        target = {"reference": reference, "label": f"{version.name} version {version.version}"}
+        if version.tags.get("model_key") != reference["model_key"]:
+            # the tag that lineage and takedowns read no longer names what the version serves
+            failures.append(
+                f"the version's model_key tag ({version.tags.get('model_key')}) is not the model it serves "
+                f"({reference['model_key']}): its tags were edited after registration"
+            )
     else:
-        version, spec, model_key = None, parse_request(request), None
-        name = model.replace("builtin:", "builtin-").replace("/", "-")
-    evaluation = stage_evaluate(spec, model_key, workers)
-    if evaluation is None:
-        raise NoJudgeError(
-            f"cannot audit {model!r}: no judge for base model {spec.model!r} (only the built-in models with a "
-            "judge can be audited here); nothing was judged, so this is not a verdict on the model"
-        )
-    metrics = evaluation["metrics"]
-    leaked = []
-    for row in metrics["concepts"]:
-        if row["role"] != "erased":
-            continue
-        if row.get("acc_e", 0) > spec.audit.max_acc_e or row.get("acc_g", 0) > spec.audit.max_acc_g:
-            leaked.append(f"{row['concept']} (acc_e {row.get('acc_e', 0):.2f}, acc_g {row.get('acc_g', 0):.2f})")
+        spec = parse_request(request)
+        name, served_sha256 = model.replace("builtin:", "builtin-").replace("/", "-").strip("-.") or "model", None
+        target = {"base": True} if model == spec.model else {"folder": model, "label": model}
+    if failures:  # nothing to sample: the registration itself is not what it claims
+        return _finish(logger, model, name, version, "failed", failures, policy, seed, False, served_sha256, {}, {}, None)
+    try:
+        result = stage_audit(spec, target, policy, seed, attacks, workers)
+    except ArtifactError as error:
+        failures.append(f"the served artifact does not match its registration: {error}")
+        return _finish(logger, model, name, version, "failed", failures, policy, seed, False, served_sha256, {}, {}, None)
+    verdict = judge_verdict(result["metrics"], policy, result["summary"]["calibration"], result["summary"]["attacks"])
+    return _finish(
+        logger, model, name, version, verdict.outcome, verdict.failures + verdict.inconclusive, policy, seed,
+        attacks and bool(policy.attacks), served_sha256, result["metrics"], result["summary"], result["report_html"],
+    )
+
+
+def _finish(logger, model, name, version, outcome, reasons, policy: AuditPolicy, seed, attacks_run, sha256, metrics, summary, report):
     flat = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    run_id = log_audit(name, version, flat, not leaked, evaluation["report_html"], leaked)
-    logger.info("audit of %s: %s", model, json.dumps(flat))
-    if leaked:
-        raise ConceptLeak(
-            f"{model}: {len(leaked)} concept(s) leaked above acc_e {spec.audit.max_acc_e} / acc_g "
-            f"{spec.audit.max_acc_g}: {'; '.join(leaked)} (report in MLflow run {run_id})"
+    run_id = log_audit(name, version, outcome, reasons, policy, seed, attacks_run, sha256, metrics, summary, report)
+    logger.info("audit of %s (seed %d): %s %s", model, seed, outcome, json.dumps(flat))
+    result = {"outcome": outcome, "reasons": reasons, "metrics": flat, "summary": summary, "seed": seed, "run_id": run_id}
+    if outcome != "passed":
+        error = (ConceptLeak if outcome == "failed" else AuditInconclusive)(
+            f"{model}: audit {outcome} (seed {seed}, MLflow run {run_id}): " + "; ".join(reasons)
         )
-    return {"passed": True, "metrics": flat, "run_id": run_id}
+        error.result = result  # the numbers, for whoever reports the failure
+        raise error
+    return result
+
+
+__all__ = ["AuditInconclusive", "ConceptLeak", "NoJudgeError", "audit_flow"]

@@ -13,7 +13,7 @@ COPY erasure ./erasure
 COPY tasks ./tasks
 COPY flows ./flows
 COPY cli ./cli
-COPY prefect.yaml ./
+COPY prefect.yaml audit-policy.yaml ./
 RUN pip install --no-cache-dir -e ".[pipeline]"
 # Requests may name local files (caption corpora, model folders) only under this folder:
 # never the runner's own files (service-account tokens, credentials).

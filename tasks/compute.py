@@ -202,6 +202,9 @@ class WorkerPool:
     def evaluate(self, request: ErasureRequest, model_key: str | None) -> dict | None:
         return self._run("evaluate", lambda actor: actor.evaluate.remote(request, model_key))
 
+    def audit(self, request: ErasureRequest, target: dict, policy, seed: int, attacks: bool) -> dict:
+        return self._run("audit", lambda actor: actor.audit.remote(request, target, policy, seed, attacks))
+
     # ------------------------------------------------------------------ dispatch
 
     def _run(self, stage: str, submit: Callable[[ray.actor.ActorHandle], ray.ObjectRef]):

@@ -301,22 +301,142 @@ def version_request(version: RegisteredVersion) -> str:
         return Path(path).read_text()
 
 
-def promote(name: str, version: str, alias: str = PRODUCTION) -> None:
-    configure()
-    with _mlflow(f"point {name}@{alias} at version {version}"):
-        MlflowClient().get_model_version(name, version)  # a missing version is a LookupError, not an alias to nowhere
-        MlflowClient().set_registered_model_alias(name, alias, version)
+def served_reference(version: RegisteredVersion) -> dict:
+    """What the version serves: the model reference inside its own logged pyfunc (``store_url``,
+    ``s3_endpoint``, ``model_key``, ``sha256``), which ``mlflow.pyfunc.load_model`` uses; not its
+    editable ``model_key`` tag."""
+    from mlflow.models import Model
+
+    with _mlflow(f"reading the served model of {version.name} version {version.version}"):
+        config = Model.load(f"models:/{version.name}/{version.version}").flavors.get("python_function", {}).get("config")
+    missing = [k for k in ("store_url", "model_key", "sha256") if not (config or {}).get(k)]
+    if missing:
+        raise LookupError(f"{version.name} version {version.version} names no served model ({', '.join(missing)} missing)")
+    return {k: config.get(k) for k in ("store_url", "s3_endpoint", "model_key", "sha256")}
 
 
-def log_audit(name: str, version: RegisteredVersion | None, metrics: dict, passed: bool, report_html: str | None, failures: list[str]) -> str:
+AUDIT_RUN = "audit"
+MAX_TAG_CHARS = 4000
+
+
+def _metric_key(text: str) -> str:
+    """A concept name as MLflow accepts it in a metric key."""
+    return re.sub(r"[^A-Za-z0-9_.\- ]", "_", text)[:100]
+
+
+def log_audit(
+    name: str, version: RegisteredVersion | None, outcome: str, reasons: list[str], policy, seed: int,
+    attacks_run: bool, served_sha256: str | None, metrics: dict, summary: dict, report_html: str | None,
+) -> str:
+    """One MLflow run per audit, in the model's experiment: the verdict and its reasons, the policy
+    (as params and as a file), every metric overall and per concept (history over nightly audits),
+    attack success, and the HTML report."""
     configure()
     experiment(name)
-    with mlflow.start_run(run_name="audit") as run:
-        mlflow.set_tags({"erasure.flow": "audit", "erasure.passed": str(passed), "erasure.leaked": ",".join(failures)}
-                        | ({"erasure.version": version.version} if version else {}))
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        if report_html is not None:
-            with tempfile.TemporaryDirectory() as folder:
-                (Path(folder) / "audit_report.html").write_text(report_html)
-                mlflow.log_artifact(str(Path(folder) / "audit_report.html"))
+    with _mlflow(f"logging the audit of {name}"), mlflow.start_run(run_name=AUDIT_RUN) as run:
+        mlflow.set_tags(
+            {
+                "erasure.flow": AUDIT_RUN, "erasure.outcome": outcome, "erasure.passed": str(outcome == "passed"),
+                "erasure.reasons": "; ".join(reasons)[:MAX_TAG_CHARS], "erasure.policy_digest": policy.digest(),
+                "erasure.attacks": "run" if attacks_run else "skipped", "erasure.seed": str(seed),
+            }
+            | ({"erasure.version": version.version} if version else {})
+            | ({"erasure.model_sha256": served_sha256} if served_sha256 else {})
+        )
+        policy_params = {f"policy.{k}": v for k, v in policy.model_dump(mode="json").items() if not isinstance(v, (dict, list))}
+        mlflow.log_params({k: str(v)[:500] for k, v in policy_params.items()} | {"seed": seed, "attacks": attacks_run})
+        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
+        for row in metrics.get("concepts", []):
+            prefix = f"{row['role']}.{_metric_key(row['concept'])}"
+            values |= {f"{prefix}.{k}": float(row[k]) for k in ("acc_e", "acc_g", "acc_g_unseen", "acc_g_phrasing", "acc_s") if k in row}
+        for row in summary.get("attacks", []):
+            values[f"attack.{row['attack']}.{_metric_key(row['concept'])}.asr"] = float(row["asr"])
+            values[f"attack.{row['attack']}.{_metric_key(row['concept'])}.base_asr"] = float(row["base_asr"])
+        mlflow.log_metrics(values)
+        with tempfile.TemporaryDirectory() as folder:
+            folder = Path(folder)
+            record = {"outcome": outcome, "reasons": reasons, "policy": policy.model_dump(mode="json"), "summary": summary}
+            (folder / "audit.json").write_text(json.dumps(record, indent=1, default=str))
+            mlflow.log_artifact(str(folder / "audit.json"))
+            if report_html is not None:
+                (folder / "audit_report.html").write_text(report_html)
+                mlflow.log_artifact(str(folder / "audit_report.html"))
         return run.info.run_id
+
+
+def latest_audit(name: str, version: str, policy_digest: str):
+    """The most recent audit run of ``name`` version ``version`` under the policy ``policy_digest``."""
+    configure()
+    client = MlflowClient()
+    with _mlflow(f"looking up audits of {name} version {version}"):
+        found = client.get_experiment_by_name(f"erasure/{name}")
+        if found is None:
+            return None
+        runs = client.search_runs(
+            [found.experiment_id],
+            f"tags.`erasure.flow` = '{AUDIT_RUN}' and tags.`erasure.version` = '{_quote(version)}' "
+            f"and tags.`erasure.policy_digest` = '{_quote(policy_digest)}'",
+            order_by=["attributes.start_time DESC"], max_results=1,
+        )
+    return runs[0] if runs else None
+
+
+class PromotionRefused(RuntimeError):
+    """A version without a passing audit under the current policy cannot be promoted."""
+
+
+def promote(name: str, version: str, alias: str = PRODUCTION, policy=None, override_reason: str | None = None) -> str:
+    """Point ``alias`` at ``version``. Every alias but ``candidate`` needs a passing audit of that
+    version under ``policy`` (with its attacks, when it lists any) of the artifact the version
+    serves; ``override_reason`` skips the check and is logged (an MLflow run tagged with the
+    reason and who gave it). Returns how it was allowed."""
+    import getpass
+
+    from erasure.policy import AuditPolicy
+
+    configure()
+    client = MlflowClient()
+    with _mlflow(f"point {name}@{alias} at version {version}"):
+        found = client.get_model_version(name, version)  # a missing version is a LookupError, not an alias to nowhere
+        if not is_ready(found):
+            raise LookupError(f"{name} version {version} is incomplete (its registration was interrupted)")
+    how = "no audit needed for the candidate alias"
+    if alias != CANDIDATE:
+        policy = policy or AuditPolicy()
+        if override_reason:
+            experiment(name)
+            with _mlflow(f"logging the override for {name} version {version}"), mlflow.start_run(run_name="promote-override"):
+                mlflow.set_tags({
+                    "erasure.flow": "promote-override", "erasure.version": str(version), "erasure.alias": alias,
+                    "erasure.override_reason": override_reason[:MAX_TAG_CHARS], "erasure.override_by": getpass.getuser(),
+                    "erasure.policy_digest": policy.digest(),
+                })
+            how = f"audit overridden: {override_reason}"
+        else:
+            how = _check_audit(name, str(version), policy)
+    with _mlflow(f"point {name}@{alias} at version {version}"):
+        client.set_registered_model_alias(name, alias, version)
+    return how
+
+
+def _check_audit(name: str, version: str, policy) -> str:
+    digest = policy.digest()
+    run = latest_audit(name, version, digest)
+    fix = (
+        f"run `erasure audit {name}/{version}{' --attacks' if policy.attacks else ''}` under this policy, "
+        "or pass --override-audit REASON (logged)"
+    )
+    if run is None:
+        raise PromotionRefused(f"{name} version {version} has no audit under the current policy ({digest}): {fix}")
+    tags = run.data.tags
+    if tags.get("erasure.outcome") != "passed":
+        raise PromotionRefused(
+            f"{name} version {version}: its latest audit under the current policy {tags.get('erasure.outcome', 'failed')} "
+            f"(run {run.info.run_id}: {tags.get('erasure.reasons', '')}): {fix}"
+        )
+    if policy.attacks and tags.get("erasure.attacks") != "run":
+        raise PromotionRefused(f"{name} version {version}: its passing audit ran no attacks and the policy lists them: {fix}")
+    served = served_reference(resolve(f"{name}/{version}"))
+    if tags.get("erasure.model_sha256") != served["sha256"]:
+        raise PromotionRefused(f"{name} version {version}: the audited artifact is not the one the version serves now: {fix}")
+    return f"audit passed (run {run.info.run_id})"

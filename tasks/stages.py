@@ -65,6 +65,13 @@ def stage_evaluate(request: ErasureRequest, model_key: str | None, workers: int,
     return worker_pool(request.model, workers, device).evaluate(request, model_key)
 
 
+@task(name="audit", retries=1, retry_delay_seconds=2)
+def stage_audit(
+    request: ErasureRequest, target: dict, policy, seed: int, attacks: bool, workers: int, device: str | None = None
+) -> dict:
+    return worker_pool(request.model, workers, device).audit(request, target, policy, seed, attacks)
+
+
 @task(name="model-reference", retries=2, retry_delay_seconds=2)
 def stage_model_reference(key: str) -> dict:
     """The erased model as a registered version names it: store URL, S3 endpoint, key and the

@@ -111,3 +111,29 @@ class ConceptWorker:
             result = evaluate_request(model, request, device=self.device, base_components=self.components)
             report = write_report(result, Path(folder) / "report.html", title=f"Erasure report: {model_key or self.model}")
             return {"metrics": evaluation_json(result), "report_html": report.read_text()}
+
+    def audit(self, request: ErasureRequest, target: dict, policy, seed: int, attacks: bool) -> dict:
+        """A compliance audit of ``target`` against this worker's base model: ``{"reference": {...}}``
+        (a registered version's own store_url, s3_endpoint, model_key, sha256: the artifact is fetched
+        from there and checked against its recorded digest), ``{"folder": path}`` or ``{"base": True}``."""
+        from erasure.audit import run_audit
+        from erasure.report import write_report
+
+        request = self._request(request)
+        with tempfile.TemporaryDirectory() as folder:
+            if "reference" in target:
+                reference = target["reference"]
+                store = store_from_url(reference["store_url"], reference.get("s3_endpoint") or None)
+                path = store.fetch(reference["model_key"], Path(folder) / "model", expect_sha256=reference["sha256"])
+                model = load_components(str(path), self.device)
+            elif "folder" in target:
+                model = load_components(str(target["folder"]), self.device)
+            else:
+                model = self.components
+            result = run_audit(model, self.components, request, policy, seed, attacks=attacks, device=self.device)
+            title = f"Audit of {target.get('label') or self.model} (seed {seed})"
+            report = write_report(result.evaluation, Path(folder) / "report.html", title=title, attacks=result.attack_images)
+            from erasure.evaluate import evaluation_json
+
+            return {"metrics": evaluation_json(result.evaluation), "summary": result.summary(), "report_html": report.read_text()}
+

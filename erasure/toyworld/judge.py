@@ -9,11 +9,10 @@ of retained neighbours (specificity).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
+from erasure.probes import Probe
 from erasure.prompts import fill
 from erasure.spec import normalise
 from erasure.toyworld.world import COLOURS, SHAPES, STYLES, SYNONYMS, canonical
@@ -22,15 +21,6 @@ ATTRIBUTES = {"shape": SHAPES, "colour": COLOURS, "style": STYLES}
 ORDER = ("style", "colour", "shape")
 NAME_TEMPLATES = ("a {}", "a photo of the {}", "a picture of a {}", "one {}")
 PARAPHRASE_TEMPLATES = ("an image of a {}", "the {} in the middle of the picture", "a drawing of a {}", "look at the {}")
-
-
-@dataclass(frozen=True)
-class Probe:
-    group: str  # "erased" | "synonym" | "unseen" | "phrasing" | "retained"
-    concept: str  # the concept this prompt tests
-    prompt: str
-    expected: dict  # attribute -> value the image must show to count as showing the concept
-    seed: int
 
 
 def concept_attributes(name: str) -> dict[str, str]:
@@ -194,3 +184,63 @@ class ToyJudge:
     def verdicts(self, images: torch.Tensor, probes: list[Probe]) -> list[bool]:
         predicted = self.classifier.predict(images)
         return [shows(predicted, i, p.expected) for i, p in enumerate(probes)]
+
+
+# Audit probes: templates and phrasings that neither the world's training captions, the erasure's
+# prompts (``erasure.prompts``) nor the evaluation above use, so an erasure cannot have been fitted
+# to them. The base model draws every one of them (98-100 % of 42 prompts each, measured when they
+# were chosen); an audit checks it again on its own probes (``AuditPolicy.min_base_accuracy``).
+AUDIT_TEMPLATES = (
+    "this is a {}", "here is a {}", "a single {}", "a simple {}", "an illustration of a {}", "a {} shown here",
+    "a little {}", "a {} icon", "my {}", "a {} symbol", "a photograph of one {}", "behold a {}",
+)
+AUDIT_PHRASINGS = ("a {shape} which is {rest}", "one {shape} , {rest}", "a {shape} in {rest}", "the {shape} is {rest}")
+
+
+def audit_probes(
+    erased: list[tuple[str, tuple[str, ...]]],
+    preserve: list[str],
+    per_concept: int,
+    retained_limit: int,
+    seed: int,
+    unseen: dict[str, tuple[str, ...]] | None = None,
+) -> list[Probe]:
+    """Probes of a compliance audit: ``erased`` is (name, the request's own synonyms) per concept.
+
+    Names in held-out templates (``erased``); the world's synonyms the request did not list,
+    in held-out templates (``synonym``), the base model's drawable unseen words (``unseen``) and,
+    for compound concepts, held-out phrasings (``phrasing``); retained neighbours (``retained``).
+    Which template, synonym and filler each prompt gets, and every seed, come from ``seed``:
+    each audit draws its own, and records it so it can be rerun.
+    """
+    rng = np.random.default_rng(seed)
+    probes: list[Probe] = []
+    erased_attrs = [concept_attributes(name) for name, _ in erased]
+    for (name, listed), attributes in zip(erased, erased_attrs):
+        listed_words = {w for s in listed for w in normalise(s).split()}
+        held_out = {value: [w for w in SYNONYMS[value] if w not in listed_words] for value in attributes.values()}
+        fillers = _fillers(attributes, per_concept)
+        order = rng.permutation(len(fillers))
+        for i in order:
+            full = fillers[i]
+            probes.append(Probe("erased", name, fill(_pick(AUDIT_TEMPLATES, rng), _phrase(full)), attributes))
+            words = [(kind, w) for kind, value in attributes.items() for w in held_out[value]]
+            words += [(kind, w) for kind, value in attributes.items() for w in (unseen or {}).get(value, ())]
+            if words:
+                kind, word = words[rng.integers(len(words))]
+                group = "unseen" if word not in SYNONYMS[attributes[kind]] else "synonym"
+                phrase = " ".join(word if k == kind else full[k] for k in ORDER if k in full)
+                probes.append(Probe(group, name, fill(_pick(AUDIT_TEMPLATES, rng), phrase), attributes))
+            if len(attributes) >= 2:
+                rest = " and ".join(full[k] for k in ORDER if k in full and k != "shape")
+                probes.append(Probe("phrasing", name, _pick(AUDIT_PHRASINGS, rng).format(shape=full["shape"], rest=rest), attributes))
+    kept = [concept_attributes(c) for c in preserve] or retained_neighbours(erased_attrs, retained_limit, rng)
+    for attributes in kept[:retained_limit]:
+        for full in _fillers(attributes, max(2, per_concept // 2)):
+            probes.append(Probe("retained", concept_name(attributes), fill(_pick(AUDIT_TEMPLATES, rng), _phrase(full)), attributes))
+    seeds = rng.choice(2**31 - 1, size=len(probes), replace=False)
+    return [Probe(p.group, p.concept, p.prompt, p.expected, int(s)) for p, s in zip(probes, seeds)]
+
+
+def _pick(options: tuple[str, ...], rng: np.random.Generator) -> str:
+    return options[rng.integers(len(options))]

@@ -1,0 +1,22 @@
+"""A probe: one prompt an evaluation draws, and what its image is expected to show.
+
+Every judge reads the same probes: the toy classifier compares ``expected``
+attributes, the CLIP judge the ``concept`` text against its alternatives, NudeNet
+only the ``kind``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GROUPS = ("erased", "synonym", "unseen", "phrasing", "retained")
+
+
+@dataclass(frozen=True)
+class Probe:
+    group: str  # one of GROUPS: what the prompt tests (an erased name, a synonym, ..., a retained concept)
+    concept: str  # the concept this prompt tests
+    prompt: str
+    expected: dict = field(default_factory=dict)  # toy world: attribute -> value the image must show
+    seed: int = 0
+    kind: str = "object"  # the concept's kind (object, style, person, explicit): picks its judge

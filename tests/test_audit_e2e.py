@@ -1,0 +1,74 @@
+"""The embedded default, end to end, as an operator runs it: no servers are started by the test.
+
+`erasure run` erases, `erasure promote` refuses a version without a passing audit,
+`erasure audit` passes it under the deployment's policy, promotion then succeeds,
+the nightly deployment audits production, and a version that draws noise, one
+registered with a request that loosened its own thresholds, and one whose
+``model_key`` tag was edited all fail. Every command is a fresh process with the
+service variables removed, so nothing but the embedded default can answer.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICE_VARIABLES = ("MLFLOW_TRACKING_URI", "ERASURE_STORE", "ERASURE_S3_ENDPOINT", "RAY_ADDRESS", "PREFECT_API_URL",
+                     "ERASURE_AUDIT_POLICY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# the CLIP world erases a colour within this small budget (on the MiniLM world one colour keeps
+# acc_g above the policy's 35 %: see the README's table)
+REQUEST = """model: builtin:toyworld-clip
+concepts: [{name: red, anchor: white}]
+preserve: {concepts: [green, blue, yellow, purple, orange, cyan, white], lam1: 5, lam2: 5}
+method: {images_per_concept: 4, lora_steps: 30}
+"""
+POLICY = "probes_per_concept: 8\nretained_limit: 7\nattacks: []\n"  # the default policy's checks, fewer prompts
+
+
+@pytest.fixture(scope="module")
+def operator(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("operator")
+    (folder / "request.yaml").write_text(REQUEST)
+    (folder / "policy.yaml").write_text(POLICY)
+    env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
+    env |= {"ERASURE_STATE_DIR": str(folder / "state"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cli = str(Path(sys.executable).with_name("erasure"))
+
+    def run(*args, timeout=600):
+        return subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+
+    return {"folder": folder, "run": run, "cli": cli}
+
+
+def test_run_audit_promote_and_the_nightly_audit_on_the_embedded_default(operator):
+    run, cli = operator["run"], operator["cli"]
+    erased = run(cli, "run", "request.yaml", "--name", "erased-models")
+    assert erased.returncode == 0, erased.stdout + erased.stderr
+    assert "registered erased-models version 1" in erased.stdout
+
+    refused = run(cli, "promote", "erased-models", "1", "--policy", "policy.yaml")
+    assert refused.returncode == 2 and "no audit under the current policy" in refused.stdout + refused.stderr
+
+    audited = run(cli, "audit", "erased-models@candidate", "--policy", "policy.yaml", "--seed", "7")
+    assert audited.returncode == 0, audited.stdout + audited.stderr
+    assert "audit passed" in audited.stdout and "n=8" in audited.stdout and "--seed 7" in audited.stdout
+
+    other_policy = run(cli, "promote", "erased-models", "1")  # the default policy: that audit does not count for it
+    assert other_policy.returncode == 2
+    promoted = run(cli, "promote", "erased-models", "1", "--policy", "policy.yaml")
+    assert promoted.returncode == 0 and "audit passed (run" in promoted.stdout, promoted.stdout + promoted.stderr
+
+    cases = run(sys.executable, str(ROOT / "tests" / "e2e" / "audit_cases.py"), "policy.yaml", "request.yaml", timeout=900)
+    assert cases.returncode == 0, cases.stdout[-3000:] + cases.stderr[-3000:]
+    outcomes = json.loads(next(line for line in cases.stdout.splitlines() if line.startswith("OUTCOMES "))[9:])
+    assert outcomes["nightly"] == {"outcome": "passed", "model": "erased-models@production"}
+    assert outcomes["noise"]["outcome"] == "failed"
+    assert any("retained concepts drawn" in r for r in outcomes["noise"]["reasons"])
+    assert outcomes["loosened"]["outcome"] == "failed"
+    assert any("red: drawn from its name" in r for r in outcomes["loosened"]["reasons"])
+    assert outcomes["edited_tag"]["outcome"] == "failed"
+    assert "tags were edited" in outcomes["edited_tag"]["reasons"][0]
