@@ -90,17 +90,35 @@ def sample(
     for start in range(0, len(prompts), batch_size):
         part = slice(start, start + batch_size)
         tokens = None if record_tokens is None else record_tokens[part]
-        image, attention = _sample_batch(components, prompts[part], seeds[part], steps, guidance_scale, tokens)
+        ids, _ = tokenize(components.tokenizer, prompts[part])
+        states = encode(components.text_encoder, ids)
+        image, attention = _sample_batch(components, states, seeds[part], steps, guidance_scale, tokens)
         images.append(image)
         maps.append(attention)
     return torch.cat(images), (torch.cat(maps) if record_tokens is not None else None)
 
 
-def _sample_batch(components, prompts, seeds, steps, guidance_scale, record_tokens):
-    n = len(prompts)
+@torch.no_grad()
+def sample_from_states(
+    components, states: torch.Tensor, seeds: list[int], steps: int, guidance_scale: float, batch_size: int = 16
+) -> torch.Tensor:
+    """Generate one image per text-encoder state sequence ``states`` (n, L, d), (n, 3, H, W) in
+    [0, 1]: what ``sample`` draws for a prompt, given its states instead of its words (a learned
+    embedding has no words). The unconditional half still reads the states of ""."""
+    if len(states) != len(seeds):
+        raise ValueError("give one seed per state sequence")
+    images = [
+        _sample_batch(components, states[start : start + batch_size], seeds[start : start + batch_size],
+                      steps, guidance_scale, None)[0]
+        for start in range(0, len(states), batch_size)
+    ]
+    return torch.cat(images)
+
+
+def _sample_batch(components, states, seeds, steps, guidance_scale, record_tokens):
+    n = len(states)
     unet = components.unet
-    ids, _ = tokenize(components.tokenizer, prompts)
-    cond = encode(components.text_encoder, ids).to(components.device, unet.dtype)
+    cond = states.to(components.device, unet.dtype)
     guided = guidance_scale != 1.0
     if guided:
         empty_ids, _ = tokenize(components.tokenizer, [""])
