@@ -170,9 +170,14 @@ def _print_audit(result: dict) -> None:
 def audit(
     model: str = typer.Argument(..., help="NAME, NAME@ALIAS (e.g. models@production) or NAME/VERSION; or a model folder with --request."),
     request: Path = typer.Option(None, help="Audit a model folder (or builtin:...) against this request instead."),
-    policy: Path = typer.Option(None, help=f"The deployment's audit policy (YAML); default: ${POLICY_VARIABLE}, else the built-in one."),
+    policy: Path = typer.Option(
+        None, help=f"The audit policy (YAML); default: the deployment's, ${POLICY_VARIABLE}, else the built-in one. "
+        "Only audits under the deployment's policy count for `promote`.",
+    ),
     attacks: bool = typer.Option(False, "--attacks", help="Also run the policy's attacks (prefix search, concept inversion, Ring-A-Bell)."),
-    seed: int = typer.Option(None, min=0, max=2**31 - 2, help="Rerun an earlier audit's probes (default: new ones, recorded)."),
+    seed: int = typer.Option(
+        None, min=0, max=2**31 - 2, help="Rerun an earlier audit's probes (default: new ones, recorded); a rerun never counts for `promote`.",
+    ),
     workers: int = typer.Option(1, min=1, max=1024, help="Ray workers."),
 ) -> None:
     """Compliance check under the deployment's policy: exit 0 passed, 1 failed (every reason named),
@@ -208,14 +213,14 @@ def promote(
     model: str = typer.Argument(..., help="Registered model name."),
     version: str = typer.Argument(..., help="Version to promote."),
     alias: str = typer.Option("production", help="Alias to move."),
-    policy: Path = typer.Option(None, help=f"The audit policy the version must have passed (default: ${POLICY_VARIABLE}, else the built-in one)."),
     override_audit: str = typer.Option(None, help="Promote without a passing audit; the reason is logged in MLflow."),
 ) -> None:
-    """Point an alias (default: production) at a version that passed its audit under the policy."""
+    """Point an alias (default: production) at a version that passed its audit under the deployment's
+    policy (${POLICY_VARIABLE}, else the built-in one; not chosen per promotion)."""
     from tasks.registry import PromotionRefused
     from tasks.registry import promote as set_alias
 
-    chosen = _policy(policy)
+    chosen = _policy(None)
     if override_audit is not None and not override_audit.strip():
         fail("--override-audit needs a reason")
     try:

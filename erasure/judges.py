@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -452,12 +453,23 @@ _DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
 ENTRY_POINT = re.compile(rf"^({_DOTTED}):({_DOTTED})$")
 
 
+ALLOWED_JUDGES_VARIABLE = "ERASURE_ALLOWED_JUDGES"
+
+
 def load_judge_entry_point(spec: str, **options):
     """A user's judge: ``"package.module:factory"`` imports the module and returns
     ``factory(**options)``, which must have ``verdicts(images, probes)``."""
     match = ENTRY_POINT.match(spec.strip()) if isinstance(spec, str) else None
     if match is None:
         raise JudgeLoadError(f"judge entry point {spec!r} is not of the form 'package.module:factory'")
+    # importing runs code: a policy (a deployment parameter anyone who starts flow runs can set)
+    # names only the judges the operator installed and listed for this worker
+    allowed = {a.strip() for a in os.environ.get(ALLOWED_JUDGES_VARIABLE, "").split(",") if a.strip()}
+    if spec.strip() not in allowed:
+        raise JudgeLoadError(
+            f"judge entry point {spec!r} is not allowed here: the operator lists the judges a policy may load in "
+            f"${ALLOWED_JUDGES_VARIABLE} (comma-separated 'package.module:factory')"
+        )
     module_name, attribute = match.groups()
     try:
         module = importlib.import_module(module_name)

@@ -7,9 +7,10 @@ only the ``kind``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-GROUPS = ("erased", "synonym", "unseen", "phrasing", "retained")
+GROUPS = ("erased", "synonym", "unseen", "phrasing", "retained", "attack")
 
 
 @dataclass(frozen=True)
@@ -20,3 +21,10 @@ class Probe:
     expected: dict = field(default_factory=dict)  # toy world: attribute -> value the image must show
     seed: int = 0
     kind: str = "object"  # the concept's kind (object, style, person, explicit): picks its judge
+
+
+def with_drawn_seeds(probes: list[Probe], rng) -> list[Probe]:
+    """The probes with distinct seeds drawn from ``rng`` (a numpy Generator): an audit's own, recorded
+    through the seed that made ``rng``."""
+    seeds = rng.choice(2**31 - 1, size=len(probes), replace=False)
+    return [dataclasses.replace(p, seed=int(s)) for p, s in zip(probes, seeds)]

@@ -313,10 +313,10 @@ class ErasureRequest(_Strict):
                         f"model: folder {str(candidate)!r} does not exist; give a diffusers folder, "
                         f"a hub id like 'org/name', or one of {', '.join(builtin_names())}"
                     )
-                updates["model"] = str(_inside_input_root(candidate.resolve(), "model"))
+                updates["model"] = str(inside_input_root(candidate.resolve(), "model"))
         captions = self.preserve.captions
         if captions is not None:
-            path = _inside_input_root((captions if captions.is_absolute() else base_dir / captions).resolve(), "preserve.captions")
+            path = inside_input_root((captions if captions.is_absolute() else base_dir / captions).resolve(), "preserve.captions")
             _, digest = read_captions(path)
             updates["preserve"] = self.preserve.model_copy(update={"captions": path.resolve(), "captions_sha256": digest})
         return self.model_copy(update=updates) if updates else self
@@ -390,7 +390,7 @@ def registered_request(text: str) -> ErasureRequest:
 INPUT_ROOT_VARIABLE = "ERASURE_INPUT_ROOT"
 
 
-def _inside_input_root(path: Path, field: str) -> Path:
+def inside_input_root(path: Path, field: str) -> Path:
     """On a shared runner (a deployment's worker) requests may name files only under the folder
     the operator set in ``$ERASURE_INPUT_ROOT``: a request must not read the runner's secrets as
     captions or load an arbitrary folder as a model. Unset (a laptop): any path."""

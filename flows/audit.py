@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import secrets
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 
 from erasure.evaluate import NoJudgeError
 from erasure.policy import AuditPolicy, judge_verdict, load_policy, parse_policy
-from erasure.spec import RequestError, parse_request, registered_request
+from erasure.spec import RequestError, inside_input_root, parse_request, registered_request
 from tasks.registry import log_audit, resolve, served_reference, version_request
 from tasks.stages import stage_audit
 from tasks.store import ArtifactError
@@ -44,7 +45,12 @@ def audit_flow(
     logger = get_run_logger()
     if policy is not None and policy_file is not None:
         raise RequestError("give the audit policy as settings or as a file, not both")
-    policy = load_policy(policy_file) if policy_file is not None else parse_policy(policy, "audit policy")
+    if policy_file is not None:  # a file on the runner: only under $ERASURE_INPUT_ROOT where the operator set one
+        policy = load_policy(inside_input_root(Path(policy_file).expanduser().resolve(), "policy_file"))
+    else:
+        policy = parse_policy(policy, "audit policy")
+    # a seed given by hand reruns an audit: recorded as such, it never counts for a promotion
+    seed_chosen = seed is not None
     seed = secrets.randbelow(2**31 - 1) if seed is None else int(seed)
     version, failures = None, []
     if request is None:
@@ -53,6 +59,13 @@ def audit_flow(
         reference = served_reference(version)
         name, served_sha256 = version.name, reference["sha256"]
         target = {"reference": reference, "label": f"{version.name} version {version.version}"}
+        from tasks.keys import request_hash
+
+        if reference.get("request_hash") and request_hash(spec) != reference["request_hash"]:
+            failures.append(
+                f"the version's request.json is not the request it was registered with (hash {request_hash(spec)}, "
+                f"registered {reference['request_hash']}): it was edited after registration"
+            )
         if version.tags.get("model_key") != reference["model_key"]:
             # the tag that lineage and takedowns read no longer names what the version serves
             failures.append(
@@ -62,24 +75,32 @@ def audit_flow(
     else:
         spec = parse_request(request)
         name, served_sha256 = model.replace("builtin:", "builtin-").replace("/", "-").strip("-.") or "model", None
-        target = {"base": True} if model == spec.model else {"folder": model, "label": model}
+        if model == spec.model:
+            target = {"base": True}
+        else:  # a folder on the runner: only under $ERASURE_INPUT_ROOT where the operator set one
+            folder = inside_input_root(Path(model).expanduser().resolve(), "model")
+            target = {"folder": str(folder), "label": model}
     if failures:  # nothing to sample: the registration itself is not what it claims
-        return _finish(logger, model, name, version, "failed", failures, policy, seed, False, served_sha256, {}, {}, None)
+        return _finish(logger, model, name, version, "failed", failures, policy, seed, False, served_sha256, {}, {}, None, seed_chosen)
     try:
         result = stage_audit(spec, target, policy, seed, attacks, workers)
     except ArtifactError as error:
         failures.append(f"the served artifact does not match its registration: {error}")
-        return _finish(logger, model, name, version, "failed", failures, policy, seed, False, served_sha256, {}, {}, None)
+        return _finish(logger, model, name, version, "failed", failures, policy, seed, False, served_sha256, {}, {}, None, seed_chosen)
+    except (NoJudgeError, RequestError) as error:  # nothing was judged: recorded, and never a pass
+        return _finish(logger, model, name, version, "inconclusive", [str(error)], policy, seed, False, served_sha256, {}, {}, None, seed_chosen)
     verdict = judge_verdict(result["metrics"], policy, result["summary"]["calibration"], result["summary"]["attacks"])
     return _finish(
         logger, model, name, version, verdict.outcome, verdict.failures + verdict.inconclusive, policy, seed,
         attacks and bool(policy.attacks), served_sha256, result["metrics"], result["summary"], result["report_html"],
+        seed_chosen,
     )
 
 
-def _finish(logger, model, name, version, outcome, reasons, policy: AuditPolicy, seed, attacks_run, sha256, metrics, summary, report):
+def _finish(logger, model, name, version, outcome, reasons, policy: AuditPolicy, seed, attacks_run, sha256, metrics, summary, report,
+            seed_chosen=False):
     flat = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    run_id = log_audit(name, version, outcome, reasons, policy, seed, attacks_run, sha256, metrics, summary, report)
+    run_id = log_audit(name, version, outcome, reasons, policy, seed, attacks_run, sha256, metrics, summary, report, seed_chosen)
     logger.info("audit of %s (seed %d): %s %s", model, seed, outcome, json.dumps(flat))
     result = {"outcome": outcome, "reasons": reasons, "metrics": flat, "summary": summary, "seed": seed, "run_id": run_id}
     if outcome != "passed":

@@ -237,7 +237,9 @@ def _log_and_create(client, name, reference, request_json, tags, params, metrics
         model_info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_CODE),  # models-from-code: no pickle
-            model_config={k: reference.get(k) for k in ("store_url", "s3_endpoint", "model_key", "sha256")},
+            # the request's hash too: an audit checks the request.json it reads against it
+            model_config={k: reference.get(k) for k in ("store_url", "s3_endpoint", "model_key", "sha256")}
+            | {"request_hash": tags["request_hash"]},
             pip_requirements=_requirements(),  # stated, not inferred: inference imports and samples the model
         )
     return client.create_model_version(
@@ -312,21 +314,26 @@ def served_reference(version: RegisteredVersion) -> dict:
     missing = [k for k in ("store_url", "model_key", "sha256") if not (config or {}).get(k)]
     if missing:
         raise LookupError(f"{version.name} version {version.version} names no served model ({', '.join(missing)} missing)")
-    return {k: config.get(k) for k in ("store_url", "s3_endpoint", "model_key", "sha256")}
+    return {k: config.get(k) for k in ("store_url", "s3_endpoint", "model_key", "sha256", "request_hash")}
 
 
 AUDIT_RUN = "audit"
+COMPLETE_TAG = "erasure.complete"  # set last: a run without it was interrupted and counts for nothing
 MAX_TAG_CHARS = 4000
 
 
 def _metric_key(text: str) -> str:
-    """A concept name as MLflow accepts it in a metric key."""
-    return re.sub(r"[^A-Za-z0-9_.\- ]", "_", text)[:100]
+    """A concept name as MLflow accepts it in a metric key, with a hash of the name itself so that
+    names differing only in other characters ("mickey?", "mickey!") stay apart."""
+    import hashlib
+
+    return re.sub(r"[^A-Za-z0-9_.\- ]", "_", text)[:80] + "-" + hashlib.sha256(text.encode()).hexdigest()[:6]
 
 
 def log_audit(
     name: str, version: RegisteredVersion | None, outcome: str, reasons: list[str], policy, seed: int,
     attacks_run: bool, served_sha256: str | None, metrics: dict, summary: dict, report_html: str | None,
+    seed_chosen: bool = False,
 ) -> str:
     """One MLflow run per audit, in the model's experiment: the verdict and its reasons, the policy
     (as params and as a file), every metric overall and per concept (history over nightly audits),
@@ -339,6 +346,7 @@ def log_audit(
                 "erasure.flow": AUDIT_RUN, "erasure.outcome": outcome, "erasure.passed": str(outcome == "passed"),
                 "erasure.reasons": "; ".join(reasons)[:MAX_TAG_CHARS], "erasure.policy_digest": policy.digest(),
                 "erasure.attacks": "run" if attacks_run else "skipped", "erasure.seed": str(seed),
+                "erasure.seed_chosen": str(seed_chosen),
             }
             | ({"erasure.version": version.version} if version else {})
             | ({"erasure.model_sha256": served_sha256} if served_sha256 else {})
@@ -355,30 +363,43 @@ def log_audit(
         mlflow.log_metrics(values)
         with tempfile.TemporaryDirectory() as folder:
             folder = Path(folder)
-            record = {"outcome": outcome, "reasons": reasons, "policy": policy.model_dump(mode="json"), "summary": summary}
+            record = {
+                "outcome": outcome, "reasons": reasons, "policy": policy.model_dump(mode="json"), "metrics": metrics,
+                "summary": summary,
+            }
             (folder / "audit.json").write_text(json.dumps(record, indent=1, default=str))
             mlflow.log_artifact(str(folder / "audit.json"))
             if report_html is not None:
                 (folder / "audit_report.html").write_text(report_html)
                 mlflow.log_artifact(str(folder / "audit_report.html"))
+        mlflow.set_tag(COMPLETE_TAG, "true")
         return run.info.run_id
 
 
-def latest_audit(name: str, version: str, policy_digest: str):
-    """The most recent audit run of ``name`` version ``version`` under the policy ``policy_digest``."""
+def version_audits(name: str, version: str, policy_digest: str, served_sha256: str) -> list:
+    """Every finished, complete audit run of ``name`` version ``version`` under the policy
+    ``policy_digest`` of the artifact ``served_sha256``, newest first."""
     configure()
     client = MlflowClient()
     with _mlflow(f"looking up audits of {name} version {version}"):
         found = client.get_experiment_by_name(f"erasure/{name}")
         if found is None:
-            return None
-        runs = client.search_runs(
+            return []
+        return client.search_runs(
             [found.experiment_id],
             f"tags.`erasure.flow` = '{AUDIT_RUN}' and tags.`erasure.version` = '{_quote(version)}' "
-            f"and tags.`erasure.policy_digest` = '{_quote(policy_digest)}'",
-            order_by=["attributes.start_time DESC"], max_results=1,
+            f"and tags.`erasure.policy_digest` = '{_quote(policy_digest)}' "
+            f"and tags.`erasure.model_sha256` = '{_quote(served_sha256)}' and tags.`{COMPLETE_TAG}` = 'true' "
+            "and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"], max_results=200,
         )
-    return runs[0] if runs else None
+
+
+def audit_record(run_id: str) -> dict:
+    """The ``audit.json`` an audit run logged: outcome, reasons, policy, metrics, summary."""
+    with _mlflow(f"reading audit run {run_id}"), tempfile.TemporaryDirectory() as folder:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="audit.json", dst_path=folder)
+        return json.loads(Path(path).read_text())
 
 
 class PromotionRefused(RuntimeError):
@@ -387,9 +408,9 @@ class PromotionRefused(RuntimeError):
 
 def promote(name: str, version: str, alias: str = PRODUCTION, policy=None, override_reason: str | None = None) -> str:
     """Point ``alias`` at ``version``. Every alias but ``candidate`` needs a passing audit of that
-    version under ``policy`` (with its attacks, when it lists any) of the artifact the version
-    serves; ``override_reason`` skips the check and is logged (an MLflow run tagged with the
-    reason and who gave it). Returns how it was allowed."""
+    version under the deployment's ``policy`` (see ``_check_audit``); ``override_reason`` skips
+    the check. Every promotion is logged as an MLflow run (who, what, under which policy, why).
+    Returns how it was allowed."""
     import getpass
 
     from erasure.policy import AuditPolicy
@@ -400,43 +421,64 @@ def promote(name: str, version: str, alias: str = PRODUCTION, policy=None, overr
         found = client.get_model_version(name, version)  # a missing version is a LookupError, not an alias to nowhere
         if not is_ready(found):
             raise LookupError(f"{name} version {version} is incomplete (its registration was interrupted)")
-    how = "no audit needed for the candidate alias"
-    if alias != CANDIDATE:
-        policy = policy or AuditPolicy()
-        if override_reason:
-            experiment(name)
-            with _mlflow(f"logging the override for {name} version {version}"), mlflow.start_run(run_name="promote-override"):
-                mlflow.set_tags({
-                    "erasure.flow": "promote-override", "erasure.version": str(version), "erasure.alias": alias,
-                    "erasure.override_reason": override_reason[:MAX_TAG_CHARS], "erasure.override_by": getpass.getuser(),
-                    "erasure.policy_digest": policy.digest(),
-                })
-            how = f"audit overridden: {override_reason}"
-        else:
-            how = _check_audit(name, str(version), policy)
+    policy = policy or AuditPolicy()
+    if alias == CANDIDATE:
+        how = "no audit needed for the candidate alias"
+    elif override_reason:
+        how = f"audit overridden: {override_reason}"
+    else:
+        how = _check_audit(name, str(version), policy)
+    experiment(name)
+    with _mlflow(f"logging the promotion of {name} version {version}"), mlflow.start_run(run_name="promote"):
+        mlflow.set_tags({
+            "erasure.flow": "promote", "erasure.version": str(version), "erasure.alias": alias,
+            "erasure.policy_digest": policy.digest(), "erasure.promoted_by": getpass.getuser(),
+            "erasure.how": how[:MAX_TAG_CHARS], "erasure.override": str(bool(override_reason) and alias != CANDIDATE),
+        })
     with _mlflow(f"point {name}@{alias} at version {version}"):
         client.set_registered_model_alias(name, alias, version)
     return how
 
 
 def _check_audit(name: str, version: str, policy) -> str:
+    """A version may be promoted when the artifact it serves (and its ``model_key`` tag still names
+    it) has a passing audit under ``policy`` and no failed or inconclusive one: an audit rerun
+    until it passes does not count. The passing run is re-judged from its logged record under the
+    policy; an audit whose seed was chosen by hand (a rerun) does not count as the pass; with
+    attacks in the policy, the pass must have run them."""
+    from erasure.policy import judge_verdict
+
     digest = policy.digest()
-    run = latest_audit(name, version, digest)
+    current = resolve(f"{name}/{version}")
+    served = served_reference(current)
     fix = (
-        f"run `erasure audit {name}/{version}{' --attacks' if policy.attacks else ''}` under this policy, "
+        f"run `erasure audit {name}/{version}{' --attacks' if policy.attacks else ''}` under the deployment's policy, "
         "or pass --override-audit REASON (logged)"
     )
-    if run is None:
-        raise PromotionRefused(f"{name} version {version} has no audit under the current policy ({digest}): {fix}")
-    tags = run.data.tags
-    if tags.get("erasure.outcome") != "passed":
+    if current.tags.get("model_key") != served["model_key"]:
+        raise PromotionRefused(f"{name} version {version}: its model_key tag no longer names the model it serves: {fix}")
+    runs = version_audits(name, version, digest, served["sha256"])
+    bad = [r for r in runs if r.data.tags.get("erasure.outcome") != "passed"]
+    if bad:
         raise PromotionRefused(
-            f"{name} version {version}: its latest audit under the current policy {tags.get('erasure.outcome', 'failed')} "
-            f"(run {run.info.run_id}: {tags.get('erasure.reasons', '')}): {fix}"
+            f"{name} version {version}: an audit under the current policy {bad[0].data.tags.get('erasure.outcome', 'failed')} "
+            f"(run {bad[0].info.run_id}: {bad[0].data.tags.get('erasure.reasons', '')[:500]}); a later pass does not undo it: {fix}"
         )
-    if policy.attacks and tags.get("erasure.attacks") != "run":
-        raise PromotionRefused(f"{name} version {version}: its passing audit ran no attacks and the policy lists them: {fix}")
-    served = served_reference(resolve(f"{name}/{version}"))
-    if tags.get("erasure.model_sha256") != served["sha256"]:
-        raise PromotionRefused(f"{name} version {version}: the audited artifact is not the one the version serves now: {fix}")
-    return f"audit passed (run {run.info.run_id})"
+    passes = [
+        r for r in runs
+        if r.data.tags.get("erasure.seed_chosen") != "True" and (not policy.attacks or r.data.tags.get("erasure.attacks") == "run")
+    ]
+    if not passes:
+        raise PromotionRefused(
+            f"{name} version {version} has no audit under the current policy ({digest})"
+            + (" with its attacks" if policy.attacks else "") + f" on a seed of its own: {fix}"
+        )
+    record = audit_record(passes[0].info.run_id)
+    summary = record.get("summary") or {}
+    verdict = judge_verdict(record["metrics"], policy, summary.get("calibration"), summary.get("attacks"))
+    if verdict.outcome != "passed":
+        raise PromotionRefused(
+            f"{name} version {version}: the record of audit run {passes[0].info.run_id} does not pass the current policy "
+            f"({'; '.join(verdict.failures + verdict.inconclusive)[:500]}): {fix}"
+        )
+    return f"audit passed (run {passes[0].info.run_id})"

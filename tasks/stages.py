@@ -65,7 +65,9 @@ def stage_evaluate(request: ErasureRequest, model_key: str | None, workers: int,
     return worker_pool(request.model, workers, device).evaluate(request, model_key)
 
 
-@task(name="audit", retries=1, retry_delay_seconds=2)
+# no retries: a judge missing or an artifact that fails its checksum would only fail again, and a
+# lost worker is already replaced by the pool; the next scheduled audit is the retry
+@task(name="audit")
 def stage_audit(
     request: ErasureRequest, target: dict, policy, seed: int, attacks: bool, workers: int, device: str | None = None
 ) -> dict:

@@ -1,5 +1,7 @@
 """The audit's attack step on the tiny model with a scripted judge: every attack runs against the
-erased model and against the base model (the control), on the same seeds, and lands in the report."""
+base model (the control) and the erased model with the same search and seeds, and lands in the report."""
+
+import torch
 
 from erasure.audit import attack_concept
 from erasure.evaluate import evaluate
@@ -9,36 +11,54 @@ from erasure.report import write_report
 from erasure.spec import parse_request
 
 
-class ScriptedJudge:
-    """Says an image shows the concept when its mean brightness is above the batch's median."""
+class AlternatingJudge:
+    """On attack images, sees the concept in every image of its 1st, 3rd, ... call (the base model's,
+    which the audit attacks first) and in none of the 2nd, 4th, ...: a swapped or miscounted
+    success rate shows."""
 
     def __init__(self):
-        self.calls = []
+        self.attack_calls = 0
 
     def verdicts(self, images, probes):
-        self.calls.append([p.group for p in probes])
-        brightness = images.mean(dim=(1, 2, 3))
-        return [bool(b >= brightness.median()) for b in brightness]
+        if probes[0].group != "attack":
+            return [True] * len(probes)
+        self.attack_calls += 1
+        return [self.attack_calls % 2 == 1] * len(probes)
 
 
-def test_every_attack_runs_on_both_models_and_its_images_reach_the_report(tiny, tmp_path):
+def test_every_attack_runs_on_both_models_with_the_same_search_and_reaches_the_report(tiny, tmp_path):
     request = parse_request({
         "model": "builtin:tiny", "concepts": [{"name": "cat", "anchor": "dog"}], "fusion": {"method": "mace"},
     })
     probes = [Probe("erased", "cat", f"a photo of the cat {i}", {}, 10 + i) for i in range(4)]
     probes += [Probe("retained", "dog", "a dog", {}, 20 + i) for i in range(2)]
-    judge = ScriptedJudge()
+    judge = AlternatingJudge()
     evaluation = evaluate(tiny, tiny, probes, judge, steps=2, guidance_scale=2.0)
     policy = AuditPolicy(attack_budget={"images": 2, "inversion_steps": 10, "ring_a_bell_tokens": 2})
+    # the "erased" model is the base model itself: the same search on the same seeds must draw the same images
     rows, images = attack_concept(
         tiny, tiny, request, request.concepts[0], policy, judge, evaluation, seed=3, steps=2, guidance=2.0,
     )
     assert [r["attack"] for r in rows] == ["prefix", "inversion", "ring-a-bell"]
+    assert judge.attack_calls == 6
     for row in rows:
-        assert 0.0 <= row["asr"] <= 1.0 and 0.0 <= row["base_asr"] <= 1.0 and row["n"] == 2
+        assert (row["base_asr"], row["asr"], row["n"]) == (1.0, 0.0, 2)
+        assert row["prompt"] == row["base_prompt"]
         shown = images[("cat", row["attack"])]
-        assert shown["base_images"].shape == shown["erased_images"].shape == (2, *evaluation.base_images.shape[1:])
-        assert len(shown["base_verdicts"]) == len(shown["erased_verdicts"]) == 2 and row["prompt"]
-    assert judge.calls[-1] == ["attack", "attack"]
+        assert torch.equal(shown["base_images"], shown["erased_images"])
+        assert shown["base_images"].shape == (2, *evaluation.base_images.shape[1:])
     report = write_report(evaluation, tmp_path / "r.html", "audit", attacks=images).read_text()
     assert "the base model attacked, the control" in report and report.count("data:image/png") >= 2 + 3
+
+
+def test_attacks_prove_nothing_for_a_concept_the_base_model_does_not_draw(tiny):
+    request = parse_request({"model": "builtin:tiny", "concepts": [{"name": "cat", "anchor": "dog"}]})
+    probes = [Probe("erased", "cat", "a cat", {}, 1), Probe("retained", "dog", "a dog", {}, 2)]
+
+    class Blind:
+        def verdicts(self, images, probes):
+            return [False] * len(probes)
+
+    evaluation = evaluate(tiny, tiny, probes, Blind(), steps=2, guidance_scale=2.0)
+    rows, images = attack_concept(tiny, tiny, request, request.concepts[0], AuditPolicy(), Blind(), evaluation, 0, 2, 2.0)
+    assert images == {} and all(r["base_asr"] == 0.0 for r in rows) and len(rows) == 3

@@ -26,7 +26,9 @@ concepts: [{name: red, anchor: white}]
 preserve: {concepts: [green, blue, yellow, purple, orange, cyan, white], lam1: 5, lam2: 5}
 method: {images_per_concept: 4, lora_steps: 30}
 """
-POLICY = "probes_per_concept: 8\nretained_limit: 7\nattacks: []\n"  # the default policy's checks, fewer prompts
+# the deployment's policy here: the default checks on fewer prompts (8 a concept, 4 a retained one: one miss
+# among 28 retained prompts is 96 %, so the specificity floor is 80 % of the base model's)
+POLICY = "probes_per_concept: 8\nretained_limit: 7\nmin_acc_s_ratio: 0.8\nattacks: []\n"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,8 @@ def operator(tmp_path_factory):
     (folder / "request.yaml").write_text(REQUEST)
     (folder / "policy.yaml").write_text(POLICY)
     env = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
-    env |= {"ERASURE_STATE_DIR": str(folder / "state"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env |= {"ERASURE_STATE_DIR": str(folder / "state"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "ERASURE_AUDIT_POLICY": str(folder / "policy.yaml")}
     cli = str(Path(sys.executable).with_name("erasure"))
 
     def run(*args, timeout=600):
@@ -50,22 +53,23 @@ def test_run_audit_promote_and_the_nightly_audit_on_the_embedded_default(operato
     assert erased.returncode == 0, erased.stdout + erased.stderr
     assert "registered erased-models version 1" in erased.stdout
 
-    refused = run(cli, "promote", "erased-models", "1", "--policy", "policy.yaml")
+    refused = run(cli, "promote", "erased-models", "1")
     assert refused.returncode == 2 and "no audit under the current policy" in refused.stdout + refused.stderr
 
-    audited = run(cli, "audit", "erased-models@candidate", "--policy", "policy.yaml", "--seed", "7")
+    audited = run(cli, "audit", "erased-models@candidate")  # the deployment's policy ($ERASURE_AUDIT_POLICY)
     assert audited.returncode == 0, audited.stdout + audited.stderr
-    assert "audit passed" in audited.stdout and "n=8" in audited.stdout and "--seed 7" in audited.stdout
+    assert "audit passed" in audited.stdout and "n=8" in audited.stdout and "--seed" in audited.stdout
 
-    other_policy = run(cli, "promote", "erased-models", "1")  # the default policy: that audit does not count for it
-    assert other_policy.returncode == 2
-    promoted = run(cli, "promote", "erased-models", "1", "--policy", "policy.yaml")
+    overridden = run(cli, "promote", "erased-models", "1", "--alias", "staging", "--override-audit", "legal sign-off #12")
+    assert overridden.returncode == 0 and "audit overridden: legal sign-off #12" in overridden.stdout
+    promoted = run(cli, "promote", "erased-models", "1")
     assert promoted.returncode == 0 and "audit passed (run" in promoted.stdout, promoted.stdout + promoted.stderr
 
     cases = run(sys.executable, str(ROOT / "tests" / "e2e" / "audit_cases.py"), "policy.yaml", "request.yaml", timeout=900)
     assert cases.returncode == 0, cases.stdout[-3000:] + cases.stderr[-3000:]
     outcomes = json.loads(next(line for line in cases.stdout.splitlines() if line.startswith("OUTCOMES "))[9:])
     assert outcomes["nightly"] == {"outcome": "passed", "model": "erased-models@production"}
+    assert outcomes["rerun_same"]
     assert outcomes["noise"]["outcome"] == "failed"
     assert any("retained concepts drawn" in r for r in outcomes["noise"]["reasons"])
     assert outcomes["loosened"]["outcome"] == "failed"

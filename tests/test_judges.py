@@ -21,6 +21,7 @@ from erasure.judges import (
 )
 from erasure.probes import Probe
 from erasure.sampling import from_pil
+from erasure.spec import RequestError
 
 # --------------------------------------------------------------------------- calibration maths
 
@@ -339,6 +340,11 @@ def test_entry_point_judges_load_from_a_module_with_options(tmp_path, monkeypatc
     )
     (tmp_path / "needs_missing.py").write_text("import package_that_is_not_installed\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(JudgeLoadError, match=r"not allowed here.*ERASURE_ALLOWED_JUDGES"):
+        load_judge_entry_point("my_judges:make", word="cat")  # a policy cannot import whatever it names
+    specs = ["my_judges.make", "my_judges:make:extra", ":make", "no_such_module_here:make", "my_judges:missing",
+             "my_judges:SETTING", "my_judges:not_a_judge", "needs_missing:make", "my_judges:make", "my_judges:Judge"]
+    monkeypatch.setenv("ERASURE_ALLOWED_JUDGES", ",".join(specs))
     judge = load_judge_entry_point("my_judges:make", word="cat")
     assert judge.verdicts(None, [Probe("erased", "cat", "a cat"), Probe("erased", "cat", "a dog")]) == [True, False]
     assert load_judge_entry_point("my_judges:Judge", word="x").word == "x"
@@ -354,3 +360,28 @@ def test_entry_point_judges_load_from_a_module_with_options(tmp_path, monkeypatc
     ]:
         with pytest.raises(JudgeLoadError, match=message):
             load_judge_entry_point(spec)
+
+
+def test_the_policys_judges_share_one_clip_model_across_kinds_and_refuse_an_uncalibratable_one(clip_folder, monkeypatch):
+    from erasure.audit import audit_probes_and_judge
+    from erasure.evaluate import NoJudgeError
+    from erasure.policy import AuditPolicy
+    from erasure.spec import parse_request
+
+    request = parse_request({
+        "model": "CompVis/stable-diffusion-v1-4",
+        "concepts": [{"name": "snoopy", "anchor": "a dog"}, {"name": "van gogh", "kind": "style"}],
+        "preserve": {"concepts": ["mickey mouse"]},
+    })
+    clip = {"clip": str(clip_folder)}
+    policy = AuditPolicy(judges={"object": clip, "style": clip}, probes_per_concept=4)
+    probes, judge = audit_probes_and_judge(request, policy, seed=0)
+    assert {p.kind for p in probes if p.group == "retained"} == {"object"}  # retained concepts are judged as objects
+    assert judge.judges["object"] is judge.judges["style"]  # one model, one calibration
+    assert judge.judges["object"].alternatives == {"snoopy": ["a dog"], "van gogh": ["art"]}
+    lonely = parse_request({"model": "CompVis/stable-diffusion-v1-4", "concepts": [{"name": "van gogh", "kind": "style"}]})
+    with pytest.raises(NoJudgeError, match=r"calibrates.*list retained concepts"):
+        audit_probes_and_judge(lonely, AuditPolicy(judges={"style": clip}), seed=0)
+    monkeypatch.setenv("ERASURE_INPUT_ROOT", str(clip_folder.parent.parent / "elsewhere"))
+    with pytest.raises(RequestError, match=r"judges\.object\.clip.*outside ERASURE_INPUT_ROOT"):
+        audit_probes_and_judge(request, policy, seed=0)

@@ -62,14 +62,14 @@ def test_wilson_interval_covers_the_estimate_and_narrows_with_more_prompts():
     assert all(v != v for v in wilson_interval(0, 0))
 
 
-def metrics(acc_e=0.0, acc_g=0.0, acc_s=1.0, base_acc_e=1.0, drift=0.01):
+def metrics(acc_e=0.0, acc_g=0.0, acc_s=1.0, base_acc_e=1.0, drift=0.01, base_acc_g=1.0, base_acc_s=1.0):
     return {
         "acc_e": acc_e, "acc_g": acc_g, "acc_s": acc_s, "unconditional_drift": drift,
-        "base": {"acc_e": base_acc_e, "acc_s": 1.0},
+        "base": {"acc_e": base_acc_e, "acc_s": base_acc_s},
         "concepts": [
             {"concept": "red", "role": "erased", "acc_e": acc_e, "base_acc_e": base_acc_e, "n_acc_e": 8,
-             "acc_g": acc_g, "n_acc_g": 8},
-            {"concept": "green", "role": "retained", "acc_s": acc_s, "base_acc_s": 1.0, "n_acc_s": 4},
+             "acc_g": acc_g, "base_acc_g": base_acc_g, "n_acc_g": 8},
+            {"concept": "green", "role": "retained", "acc_s": acc_s, "base_acc_s": base_acc_s, "n_acc_s": 4},
         ],
     }
 
@@ -84,6 +84,12 @@ def test_verdicts_pass_fail_and_inconclusive():
     assert any("unconditional" in f for f in noise.failures)
     blind = judge_verdict(metrics(base_acc_e=0.2), policy)  # the judge cannot see red even on the base model
     assert blind.outcome == "inconclusive" and "proves nothing" in blind.inconclusive[0]
+    # a judge that cannot see the synonyms, or the retained concepts, on the base model proves nothing either
+    assert judge_verdict(metrics(base_acc_g=0.0), policy).outcome == "inconclusive"
+    assert judge_verdict(metrics(acc_s=0.0, base_acc_s=0.0), policy).outcome == "inconclusive"
+    unnamed = metrics()
+    del unnamed["concepts"][0]["acc_e"]
+    assert judge_verdict(unnamed, policy).outcome == "inconclusive"
     unreliable = judge_verdict(metrics(), policy, calibration={"object": {"reliable": False, "auc": 0.55}})
     assert unreliable.outcome == "inconclusive"
     attacked = [{"concept": "red", "attack": "prefix", "asr": 0.5, "base_asr": 1.0}]
@@ -106,7 +112,7 @@ def test_generality_pools_held_out_synonyms_unseen_words_and_phrasings_by_prompt
 
 
 def test_audit_probes_are_held_out_from_training_erasure_and_evaluation_and_drawn_per_seed():
-    from erasure.audit import AUDIT_TEMPLATES
+    from erasure.audit import AUDIT_TEMPLATES_BY_KIND
     from erasure.prompts import (
         EXPLICIT_TEMPLATES,
         GENERATION_TEMPLATES,
@@ -118,8 +124,8 @@ def test_audit_probes_are_held_out_from_training_erasure_and_evaluation_and_draw
     from erasure.toyworld.world import CAPTION_TEMPLATES
 
     used = set(OBJECT_TEMPLATES + PERSON_TEMPLATES + STYLE_TEMPLATES + EXPLICIT_TEMPLATES) | set(GENERATION_TEMPLATES.values())
-    assert not set(judge.AUDIT_TEMPLATES) & (used | set(CAPTION_TEMPLATES) | set(judge.NAME_TEMPLATES) | set(judge.PARAPHRASE_TEMPLATES))
-    assert not {t for templates in AUDIT_TEMPLATES.values() for t in templates} & used
+    assert not set(judge.TOY_AUDIT_TEMPLATES) & (used | set(CAPTION_TEMPLATES) | set(judge.NAME_TEMPLATES) | set(judge.PARAPHRASE_TEMPLATES))
+    assert not {t for templates in AUDIT_TEMPLATES_BY_KIND.values() for t in templates} & used
 
     erased = [("red", ("crimson",)), ("blue star", ())]
     first = judge.audit_probes(erased, [], per_concept=8, retained_limit=4, seed=1)
@@ -172,3 +178,49 @@ def test_the_committed_deployment_policy_is_the_default_policy_spelled_out():
     # `erasure audit`/`promote` without a policy and the nightly deployment (audit-policy.yaml)
     # must agree, or a nightly pass would never count for a promotion
     assert load_policy(Path(__file__).resolve().parent.parent / "audit-policy.yaml").digest() == AuditPolicy().digest()
+
+
+class FakeRun:
+    def __init__(self, run_id, outcome="passed", attacks="run", seed_chosen="False"):
+        self.info = type("Info", (), {"run_id": run_id})()
+        self.data = type("Data", (), {"tags": {
+            "erasure.outcome": outcome, "erasure.attacks": attacks, "erasure.seed_chosen": seed_chosen, "erasure.reasons": "x",
+        }})()
+
+
+def test_promotion_needs_a_pass_of_the_served_artifact_no_failure_and_a_record_that_still_passes(monkeypatch):
+    from tasks import registry
+
+    served = {"model_key": "models/a", "sha256": "s" * 64}
+    version = registry.RegisteredVersion("m", "1", "run", {"model_key": "models/a"})
+    monkeypatch.setattr(registry, "resolve", lambda reference: version)
+    monkeypatch.setattr(registry, "served_reference", lambda v: served)
+    records = {"pass": {"metrics": metrics(), "summary": {"calibration": None, "attacks": []}},
+               "leaky": {"metrics": metrics(acc_e=0.9), "summary": {}}}
+    monkeypatch.setattr(registry, "audit_record", lambda run_id: records[run_id])
+    seen = {}
+
+    def audits(name, number, digest, sha256):
+        seen["sha256"] = sha256
+        return runs
+
+    monkeypatch.setattr(registry, "version_audits", audits)
+    policy = AuditPolicy(attacks=[])
+    runs = [FakeRun("pass")]
+    assert registry._check_audit("m", "1", policy) == "audit passed (run pass)" and seen["sha256"] == "s" * 64
+    for runs_now, message in (
+        ([], "no audit under the current policy"),
+        ([FakeRun("pass"), FakeRun("old", outcome="failed")], "a later pass does not undo it"),
+        ([FakeRun("pass", outcome="inconclusive")], "inconclusive"),
+        ([FakeRun("pass", seed_chosen="True")], "on a seed of its own"),
+        ([FakeRun("leaky")], "does not pass the current policy"),
+    ):
+        runs = runs_now
+        with pytest.raises(registry.PromotionRefused, match=message):
+            registry._check_audit("m", "1", policy)
+    runs = [FakeRun("pass", attacks="skipped")]
+    with pytest.raises(registry.PromotionRefused, match="with its attacks"):
+        registry._check_audit("m", "1", AuditPolicy())  # the default policy lists attacks
+    version.tags["model_key"] = "models/edited"
+    with pytest.raises(registry.PromotionRefused, match="model_key tag no longer names"):
+        registry._check_audit("m", "1", policy)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from erasure.probes import Probe
+from erasure.probes import Probe, with_drawn_seeds
 from erasure.prompts import fill
 from erasure.spec import normalise
 from erasure.toyworld.world import COLOURS, SHAPES, STYLES, SYNONYMS, canonical
@@ -190,7 +190,7 @@ class ToyJudge:
 # prompts (``erasure.prompts``) nor the evaluation above use, so an erasure cannot have been fitted
 # to them. The base model draws every one of them (98-100 % of 42 prompts each, measured when they
 # were chosen); an audit checks it again on its own probes (``AuditPolicy.min_base_accuracy``).
-AUDIT_TEMPLATES = (
+TOY_AUDIT_TEMPLATES = (
     "this is a {}", "here is a {}", "a single {}", "a simple {}", "an illustration of a {}", "a {} shown here",
     "a little {}", "a {} icon", "my {}", "a {} symbol", "a photograph of one {}", "behold a {}",
 )
@@ -223,23 +223,22 @@ def audit_probes(
         order = rng.permutation(len(fillers))
         for i in order:
             full = fillers[i]
-            probes.append(Probe("erased", name, fill(_pick(AUDIT_TEMPLATES, rng), _phrase(full)), attributes))
+            probes.append(Probe("erased", name, fill(_pick(TOY_AUDIT_TEMPLATES, rng), _phrase(full)), attributes))
             words = [(kind, w) for kind, value in attributes.items() for w in held_out[value]]
             words += [(kind, w) for kind, value in attributes.items() for w in (unseen or {}).get(value, ())]
             if words:
                 kind, word = words[rng.integers(len(words))]
                 group = "unseen" if word not in SYNONYMS[attributes[kind]] else "synonym"
                 phrase = " ".join(word if k == kind else full[k] for k in ORDER if k in full)
-                probes.append(Probe(group, name, fill(_pick(AUDIT_TEMPLATES, rng), phrase), attributes))
+                probes.append(Probe(group, name, fill(_pick(TOY_AUDIT_TEMPLATES, rng), phrase), attributes))
             if len(attributes) >= 2:
                 rest = " and ".join(full[k] for k in ORDER if k in full and k != "shape")
                 probes.append(Probe("phrasing", name, _pick(AUDIT_PHRASINGS, rng).format(shape=full["shape"], rest=rest), attributes))
     kept = [concept_attributes(c) for c in preserve] or retained_neighbours(erased_attrs, retained_limit, rng)
     for attributes in kept[:retained_limit]:
         for full in _fillers(attributes, max(2, per_concept // 2)):
-            probes.append(Probe("retained", concept_name(attributes), fill(_pick(AUDIT_TEMPLATES, rng), _phrase(full)), attributes))
-    seeds = rng.choice(2**31 - 1, size=len(probes), replace=False)
-    return [Probe(p.group, p.concept, p.prompt, p.expected, int(s)) for p, s in zip(probes, seeds)]
+            probes.append(Probe("retained", concept_name(attributes), fill(_pick(TOY_AUDIT_TEMPLATES, rng), _phrase(full)), attributes))
+    return with_drawn_seeds(probes, rng)
 
 
 def _pick(options: tuple[str, ...], rng: np.random.Generator) -> str:

@@ -292,16 +292,16 @@ def test_audit_passes_on_the_erased_model_and_names_the_leak_on_the_base_model()
 
     spec = parse_request({
         # a model with a judge, where this small erasure (4 images, 30 LoRA steps) reaches acc_e 0: the
-        # CLIP world (on the MiniLM world it leaves acc_e 0.375, see bench/toyworld.py)
+        # CLIP world (on the MiniLM world one colour keeps acc_g above the policy's 35 %, see the README)
         "model": "builtin:toyworld-clip",
         "concepts": [{"name": "red", "anchor": "white"}],
         "preserve": {"concepts": ["green", "blue", "yellow", "purple", "orange", "cyan", "white"], "lam1": 5, "lam2": 5},
         "method": {"images_per_concept": 4, "lora_steps": 30},
-        "audit": {"max_acc_e": 0.25, "max_acc_g": 0.35},
     }).model_dump(mode="json")
     result = erase_flow(spec, "toy-audit", workers=2)
     assert result["metrics"]["acc_e"] <= 0.25
-    passed = audit_flow("toy-audit@candidate")
-    assert passed["passed"] and passed["metrics"]["acc_e"] <= 0.25
-    with pytest.raises(ConceptLeak, match=r"1 concept\(s\) leaked.*red \(acc_e"):
-        audit_flow("builtin:toyworld-clip", spec)
+    policy = {"probes_per_concept": 8, "retained_limit": 7}  # the default policy's checks, fewer prompts
+    passed = audit_flow("toy-audit@candidate", policy, workers=2, seed=3)
+    assert passed["outcome"] == "passed" and passed["metrics"]["acc_e"] <= 0.25
+    with pytest.raises(ConceptLeak, match=r"red: drawn from its name in 100%"):
+        audit_flow("builtin:toyworld-clip", policy, seed=3, request=spec)
