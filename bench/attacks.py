@@ -29,6 +29,7 @@ from rich.table import Table  # noqa: E402
 
 from erasure.audit import run_audit  # noqa: E402
 from erasure.erase import erase  # noqa: E402
+from erasure.evaluate import evaluation_json  # noqa: E402
 from erasure.metrics import percent  # noqa: E402
 from erasure.models import load_components  # noqa: E402
 from erasure.policy import AuditPolicy, judge_verdict  # noqa: E402
@@ -74,8 +75,7 @@ def main() -> None:
         erase_seconds = time.perf_counter() - started
         started = time.perf_counter()
         result = run_audit(erased, base, request, policy, args.seed, attacks=True)
-        verdict = judge_verdict(result.evaluation.metrics | {"base": result.evaluation.base_metrics, "concepts": result.evaluation.concepts},
-                                policy, result.calibration, result.attacks)
+        verdict = judge_verdict(evaluation_json(result.evaluation), policy, result.calibration, result.attacks)
         results["rows"][name] = {
             "metrics": {k: v for k, v in result.evaluation.metrics.items() if isinstance(v, float)},
             "attacks": result.attacks, "outcome": verdict.outcome, "reasons": verdict.failures + verdict.inconclusive,
