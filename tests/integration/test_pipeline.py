@@ -113,10 +113,12 @@ def test_registered_model_generates_through_pyfunc():
     import mlflow
 
     from flows.erase import erase_flow
-    from tasks.registry import promote
+    from tasks.registry import PromotionRefused, promote
 
     result = erase_flow(request(CONCEPTS[:1]), "pyfunc", workers=2)
-    promote("pyfunc", result["version"])
+    with pytest.raises(PromotionRefused, match="no audit under the current policy"):
+        promote("pyfunc", result["version"])  # production needs a passing audit
+    promote("pyfunc", result["version"], override_reason="the tiny model has no judge; this tests the pyfunc")
     assert "model_code_path" in mlflow.models.get_model_info("models:/pyfunc@production").flavors["python_function"]
     model = mlflow.pyfunc.load_model("models:/pyfunc@production")
     images = model.predict(["a photo of the cat", "a tree"])
