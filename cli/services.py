@@ -189,7 +189,11 @@ def _pid_file(name: str) -> Path:
 
 
 def _record(name: str, pid: int, **extra) -> None:
-    identity = _identity(pid)
+    # right after Popen the new program may not be in place yet (/proc shows no command line while
+    # a large binary loads): a record made then never matches the server, and `stop` would refuse it
+    deadline = time.time() + 5
+    while (identity := _identity(pid)) is not None and not identity[1] and time.time() < deadline:
+        time.sleep(0.02)
     if identity is None:
         return
     start_time, cmdline, _ = identity

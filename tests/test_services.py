@@ -206,3 +206,32 @@ def test_two_services_up_at_once_start_one_server(tmp_path, monkeypatch):
         assert svc._recorded("fake")[0] is not None  # and the running one is still stoppable
     finally:
         assert svc.stop("fake")
+
+
+def test_a_server_is_recorded_by_its_command_line_even_when_read_before_it_has_one(tmp_path, monkeypatch):
+    """Right after Popen, /proc/<pid>/cmdline can still be empty (a large binary such as weed is
+    still being loaded): recorded so, the server's real command line never matched its record,
+    `stop` refused to signal it and left it running."""
+    from cli import services as svc
+
+    monkeypatch.setenv("ERASURE_STATE_DIR", str(tmp_path / "state"))
+    real_identity = svc._identity
+    calls = []
+
+    def identity_read_too_early(pid):
+        found = real_identity(pid)
+        calls.append(pid)
+        if found is not None and len(calls) == 1:
+            return found[0], [], found[2]  # what /proc shows before the new program is in place
+        return found
+
+    monkeypatch.setattr(svc, "_identity", identity_read_too_early)
+    svc._start("fake", [sys.executable, "-c", "import time; time.sleep(30)"], {}, lambda: True, 10, 1)
+    record, problem = svc._recorded("fake")
+    assert problem is None and record["cmdline"][-1] == "import time; time.sleep(30)"
+    pid = record["pid"]
+    assert svc.stop("fake")
+    deadline = time.time() + 5
+    while real_identity(pid) not in (None,) and real_identity(pid)[2] != "Z" and time.time() < deadline:
+        time.sleep(0.1)
+    assert real_identity(pid) is None or real_identity(pid)[2] == "Z"  # signalled, not orphaned
