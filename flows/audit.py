@@ -43,12 +43,7 @@ def audit_flow(
     ``seed`` reruns an earlier audit's probes (default: a new one, recorded). Raises ``ConceptLeak``
     naming every failure, or ``AuditInconclusive``."""
     logger = get_run_logger()
-    if policy is not None and policy_file is not None:
-        raise RequestError("give the audit policy as settings or as a file, not both")
-    if policy_file is not None:  # a file on the runner: only under $ERASURE_INPUT_ROOT where the operator set one
-        policy = load_policy(inside_input_root(Path(policy_file).expanduser().resolve(), "policy_file"))
-    else:
-        policy = parse_policy(policy, "audit policy")
+    policy = audit_policy(policy, policy_file)
     # a seed given by hand reruns an audit: recorded as such, it never counts for a promotion
     seed_chosen = seed is not None
     seed = secrets.randbelow(2**31 - 1) if seed is None else int(seed)
@@ -95,6 +90,22 @@ def audit_flow(
         attacks and bool(policy.attacks), served_sha256, result["metrics"], result["summary"], result["report_html"],
         seed_chosen,
     )
+
+
+BUNDLED_POLICY = Path(__file__).resolve().parents[1] / "audit-policy.yaml"  # the deployment's, shipped with it
+
+
+def audit_policy(settings: dict | None, policy_file: str | None) -> AuditPolicy:
+    """The policy from its settings or its file. A file is the deployment's own (``audit-policy.yaml``
+    beside the flows) or lies under $ERASURE_INPUT_ROOT where the operator set one: a run parameter
+    must not make the worker read its other files."""
+    if settings is not None and policy_file is not None:
+        raise RequestError("give the audit policy as settings or as a file, not both")
+    if policy_file is None:
+        return parse_policy(settings, "audit policy")
+    path = Path(policy_file).expanduser()
+    path = (path if path.is_absolute() else Path.cwd() / path).resolve()
+    return load_policy(path if path == BUNDLED_POLICY else inside_input_root(path, "policy_file"))
 
 
 def _finish(logger, model, name, version, outcome, reasons, policy: AuditPolicy, seed, attacks_run, sha256, metrics, summary, report,

@@ -224,3 +224,17 @@ def test_promotion_needs_a_pass_of_the_served_artifact_no_failure_and_a_record_t
     version.tags["model_key"] = "models/edited"
     with pytest.raises(registry.PromotionRefused, match="model_key tag no longer names"):
         registry._check_audit("m", "1", policy)
+
+
+def test_the_deployment_reads_its_bundled_policy_and_other_files_only_under_the_input_root(tmp_path, monkeypatch):
+    from flows.audit import BUNDLED_POLICY, audit_policy
+
+    monkeypatch.setenv("ERASURE_INPUT_ROOT", str(tmp_path / "inputs"))  # as the worker image sets it
+    monkeypatch.chdir(BUNDLED_POLICY.parent)  # the deployment's working directory
+    assert audit_policy(None, "audit-policy.yaml").digest() == AuditPolicy().digest()
+    (tmp_path / "loose.yaml").write_text("max_acc_e: 0.5\n")
+    with pytest.raises(RequestError, match="policy_file.*outside ERASURE_INPUT_ROOT"):
+        audit_policy(None, str(tmp_path / "loose.yaml"))
+    with pytest.raises(RequestError, match="not both"):
+        audit_policy({"max_acc_e": 0.1}, "audit-policy.yaml")
+    assert audit_policy({"max_acc_e": 0.1}, None).max_acc_e == 0.1
