@@ -90,6 +90,7 @@ def takedown(
     anchor: str = typer.Option(None, help="Anchor of the new concepts (needed for objects)."),
     synonym: list[str] = typer.Option([], help="Synonyms of the new concept (repeatable)."),
     workers: int = typer.Option(1, min=1, max=1024, help="Ray workers."),
+    evaluate: bool = typer.Option(True, help="Evaluate the new version (about 40 s on the toy world); the audit judges it before any promotion either way."),
 ) -> None:
     """Add concepts to a registered model: a new version; only the new concepts' work runs."""
     from erasure.spec import RequestError, parse_concepts
@@ -101,7 +102,7 @@ def takedown(
         fail(str(error))
     from flows.takedown import takedown_flow
 
-    result = _run_flow(lambda: takedown_flow(model, specs, workers))
+    result = _run_flow(lambda: takedown_flow(model, specs, workers, evaluate))
     _print_version(result)
 
 
@@ -110,11 +111,12 @@ def restore(
     model: str = typer.Argument(..., help="Registered model: NAME, NAME@ALIAS or NAME/VERSION."),
     concepts: list[str] = typer.Argument(..., help="Erased concept names to give back."),
     workers: int = typer.Option(1, min=1, max=1024, help="Ray workers."),
+    evaluate: bool = typer.Option(True, help="Evaluate the new version; the audit judges it before any promotion either way."),
 ) -> None:
     """Remove concepts from a registered model's erasure: a new version, fused without them."""
     from flows.restore import restore_flow
 
-    result = _run_flow(lambda: restore_flow(model, list(concepts), workers))
+    result = _run_flow(lambda: restore_flow(model, list(concepts), workers, evaluate))
     _print_version(result)
 
 

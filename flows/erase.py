@@ -40,7 +40,7 @@ class Lineage:
 
 def run_erasure(
     request: ErasureRequest, name: str, workers: int, flow_label: str, parent_version: str | None,
-    rebase: Callable[[], Lineage] | None = None, parent_base: str | None = None,
+    rebase: Callable[[], Lineage] | None = None, parent_base: str | None = None, evaluate: bool = True,
 ) -> dict:
     """The shared DAG of erase, takedown and restore (they differ only in the concept set and lineage).
 
@@ -62,7 +62,7 @@ def run_erasure(
     with model_lock(name) as lock:
         lineage = rebase() if rebase is not None else Lineage(request, parent_version)
         stages = first if lineage.request == request else _concept_stages(lineage.request, workers)
-        version = _fuse_and_register(lineage, name, workers, flow_label, stages, lock)
+        version = _fuse_and_register(lineage, name, workers, flow_label, stages, lock, evaluate)
     if lineage.note:
         logger.info(lineage.note)
     ran = [k for k in stages["keys"] if k in first["ran"] or k in stages["ran"]]
@@ -87,12 +87,15 @@ def _concept_stages(request: ErasureRequest, workers: int) -> dict:
     return {"base": base, "prior_key": p_key, "keys": keys, "ran": ran}
 
 
-def _fuse_and_register(lineage: Lineage, name: str, workers: int, flow_label: str, stages: dict, lock) -> dict:
-    """Fusion, evaluation, registration (under the model's lock)."""
+def _fuse_and_register(
+    lineage: Lineage, name: str, workers: int, flow_label: str, stages: dict, lock, evaluate: bool = True
+) -> dict:
+    """Fusion, evaluation (unless ``evaluate`` is False: a takedown in a hurry; the audit judges the
+    version before any promotion anyway), registration (under the model's lock)."""
     request, base, p_key, keys = lineage.request, stages["base"], stages["prior_key"], stages["keys"]
     m_key = model_key(base, keys, request)
     stage_fuse(request, keys, p_key, m_key, workers)
-    evaluation = stage_evaluate(request, m_key, workers)
+    evaluation = stage_evaluate(request, m_key, workers) if evaluate else None
     metrics = {k: v for k, v in (evaluation or {}).get("metrics", {}).items() if isinstance(v, float)}
 
     tags = {
@@ -109,7 +112,7 @@ def _fuse_and_register(lineage: Lineage, name: str, workers: int, flow_label: st
         "concepts": len(request.concepts), "lam1": request.preserve.lam1, "lam2": request.preserve.lam2,
         "ridge": request.preserve.ridge, "lora_steps": request.method.lora_steps, "lora_lr": request.method.lora_lr,
         "lora_rank": request.method.lora_rank, "images_per_concept": request.method.images_per_concept,
-        "workers": workers, "seed": request.seed,
+        "workers": workers, "seed": request.seed, "evaluated": evaluate,
     }
     reference = stage_model_reference(m_key)  # the version names its weights in the store; no copy in MLflow
     lock.ensure()  # the alias moves only while this flow holds the model's lock

@@ -32,9 +32,9 @@ def remove_concepts(parent: RegisteredVersion, request: ErasureRequest, concepts
 
 
 @flow(name="restore")
-def restore_flow(model: str, concepts: list[str], workers: int = 1) -> dict:
+def restore_flow(model: str, concepts: list[str], workers: int = 1, evaluate: bool = True) -> dict:
     """``model``: NAME, NAME@ALIAS or NAME/VERSION of the parent (see ``flows.takedown``);
-    ``concepts``: names to restore."""
+    ``concepts``: names to restore; ``evaluate`` False skips the new version's evaluation."""
     reference = parent_reference(model)
     parent = resolve(reference)
     request = remove_concepts(parent, registered_request(version_request(parent)), concepts)
@@ -42,4 +42,5 @@ def restore_flow(model: str, concepts: list[str], workers: int = 1) -> dict:
         request, parent.name, workers, "restore", parent_version=parent.version,
         parent_base=parent.tags.get("base_fingerprint"),
         rebase=lambda: under_lock(reference, parent, request, lambda current, base: remove_concepts(current, base, concepts)),
+        evaluate=evaluate,
     )

@@ -80,9 +80,9 @@ def no_longer_preserved(request: ErasureRequest, new: list[ConceptSpec]) -> list
 
 
 @flow(name="takedown")
-def takedown_flow(model: str, concepts: list[dict], workers: int = 1) -> dict:
+def takedown_flow(model: str, concepts: list[dict], workers: int = 1, evaluate: bool = True) -> dict:
     """``model``: NAME, NAME@ALIAS or NAME/VERSION of the parent (see the module's docstring);
-    ``concepts``: concept specs to add."""
+    ``concepts``: concept specs to add; ``evaluate`` False skips the new version's evaluation."""
     reference = parent_reference(model)
     parent = resolve(reference)
     new = parse_concepts(concepts)
@@ -92,6 +92,7 @@ def takedown_flow(model: str, concepts: list[dict], workers: int = 1) -> dict:
         request, parent.name, workers, "takedown", parent_version=parent.version,
         parent_base=parent.tags.get("base_fingerprint"),
         rebase=lambda: under_lock(reference, parent, request, lambda current, base: add_concepts(current, base, new)),
+        evaluate=evaluate,
     )
     moved = no_longer_preserved(parent_request, new)
     if moved:

@@ -51,3 +51,32 @@ def test_bad_takedown_input_is_refused_before_any_flow_starts(monkeypatch):
     result = CliRunner().invoke(app, ["takedown", "demo@candidate", "blue"])  # an object needs an anchor
     assert result.exit_code == 2 and started == []
     assert "invalid concept 'blue'" in result.output and "anchor" in result.output
+
+
+def test_a_version_registered_without_evaluation_skips_only_the_evaluation(monkeypatch):
+    """`takedown --no-evaluate`: fusion and registration as always, no sampling of the new version."""
+    import flows.erase as erase_module
+    from erasure.spec import parse_request
+
+    calls = []
+    monkeypatch.setattr(erase_module, "stage_fuse", lambda *a: calls.append("fuse"))
+    monkeypatch.setattr(erase_module, "stage_evaluate", lambda *a: calls.append("evaluate") or {"metrics": {"acc_e": 0.1}})
+    monkeypatch.setattr(erase_module, "stage_model_reference", lambda key: {"model_key": key})
+    registered = {}
+
+    def register(name, reference, request_json, tags, params, metrics, report_html, keys, move):
+        registered.update(params=params, metrics=metrics, report=report_html)
+        calls.append("register")
+        return {"name": name, "version": "2", "run_id": "r", "candidate": True, "reused_version": False}
+
+    monkeypatch.setattr(erase_module, "stage_register", register)
+    lock = type("Lock", (), {"ensure": lambda self: None})()
+    request = parse_request({"concepts": [{"name": "red", "anchor": "white"}]})
+    stages = {"base": "f" * 64, "prior_key": "priors/p", "keys": ["concepts/c"]}
+    lineage = erase_module.Lineage(request, "1")
+    erase_module._fuse_and_register(lineage, "m", 1, "takedown", stages, lock, evaluate=False)
+    assert calls == ["fuse", "register"] and registered["metrics"] == {} and registered["report"] is None
+    assert registered["params"]["evaluated"] is False
+    calls.clear()
+    erase_module._fuse_and_register(lineage, "m", 1, "takedown", stages, lock)
+    assert calls == ["fuse", "evaluate", "register"] and registered["metrics"] == {"acc_e": 0.1}
