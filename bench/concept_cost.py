@@ -71,12 +71,18 @@ def main() -> None:
     parser.add_argument("--concept", default="red")
     parser.add_argument("--anchor", default="white")
     parser.add_argument("--steps", type=int, default=50, help="timed steps of each kind")
+    parser.add_argument("--fusion-method", default=None, help="the request's fusion.method (default: the request default)")
+    parser.add_argument("--lora-steps", type=int, default=None, help="the request's method.lora_steps (default: the request default)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    request = parse_request({"model": args.model, "concepts": [{"name": args.concept, "anchor": args.anchor}]})
+    request = parse_request({
+        "model": args.model, "concepts": [{"name": args.concept, "anchor": args.anchor}],
+        **({"fusion": {"method": args.fusion_method}} if args.fusion_method else {}),
+        **({"method": {"lora_steps": args.lora_steps}} if args.lora_steps else {}),
+    })
     with tempfile.TemporaryDirectory() as folder:
         summary = erase(request, Path(folder) / "out")
     stages = summary.concepts[0]["seconds"]

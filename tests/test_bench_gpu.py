@@ -19,3 +19,23 @@ def test_gpu_benchmark_runs_end_to_end_with_tiny(tmp_path):
     assert report["seconds"]["takedown"] > 0
     memory = report["fusion_memory_mib"]
     assert memory["10"] == memory["100"] > 0  # sufficient statistics: flat in the number of concepts
+
+
+def test_the_per_concept_cost_benchmark_runs_end_to_end(tmp_path):
+    """bench/concept_cost.py on the tiny model, so the script cannot rot."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "concept_cost.py"
+    out = tmp_path / "cost.json"
+    run = subprocess.run(
+        [sys.executable, str(script), "--model", "builtin:tiny", "--concept", "cat", "--anchor", "dog", "--steps", "2",
+         "--fusion-method", "mace", "--lora-steps", "3", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["stages"]) >= {"text", "data", "lora"} and result["lora_step_ms"] > 0 and result["bare_step_ms"] > 0
+    assert "MACE LoRA step" in run.stdout
