@@ -75,22 +75,25 @@ def audit_flow(
         else:  # a folder on the runner: only under $ERASURE_INPUT_ROOT where the operator set one
             folder = inside_input_root(Path(model).expanduser().resolve(), "model")
             target = {"folder": str(folder), "label": model}
+
+    def finish(outcome: str, reasons: list[str], result: dict | None = None, attacks_run: bool = False) -> dict:
+        result = result or {"metrics": {}, "summary": {}, "report_html": None}
+        run_id = log_audit(
+            name, version, outcome, reasons, policy, seed, attacks_run, served_sha256, result["metrics"],
+            result["summary"], result["report_html"], seed_chosen,
+        )
+        return _verdict(logger, model, outcome, reasons, seed, run_id, result)
+
     if failures:  # nothing to sample: the registration itself is not what it claims
-        return _finish(logger, model, name, version, "failed", failures, policy, seed, False, served_sha256, {}, {}, None, seed_chosen)
+        return finish("failed", failures)
     try:
         result = stage_audit(spec, target, policy, seed, attacks, workers)
     except ArtifactError as error:
-        failures.append(f"the served artifact does not match its registration: {error}")
-        return _finish(logger, model, name, version, "failed", failures, policy, seed, False, served_sha256, {}, {}, None, seed_chosen)
+        return finish("failed", [*failures, f"the served artifact does not match its registration: {error}"])
     except (NoJudgeError, RequestError) as error:  # nothing was judged: recorded, and never a pass
-        return _finish(logger, model, name, version, "inconclusive", [str(error)], policy, seed, False, served_sha256, {}, {}, None, seed_chosen)
+        return finish("inconclusive", [str(error)])
     verdict = judge_verdict(result["metrics"], policy, result["summary"]["calibration"], result["summary"]["attacks"])
-    return _finish(
-        logger, model, name, version, verdict.outcome, verdict.failures + verdict.inconclusive, policy, seed,
-        attacks and bool(policy.attacks), served_sha256, result["metrics"], result["summary"], result["report_html"],
-        seed_chosen,
-    )
-
+    return finish(verdict.outcome, verdict.failures + verdict.inconclusive, result, attacks and bool(policy.attacks))
 
 BUNDLED_POLICY = Path(__file__).resolve().parents[1] / "audit-policy.yaml"  # the deployment's, shipped with it
 
@@ -108,19 +111,17 @@ def audit_policy(settings: dict | None, policy_file: str | None) -> AuditPolicy:
     return load_policy(path if path == BUNDLED_POLICY else inside_input_root(path, "policy_file"))
 
 
-def _finish(logger, model, name, version, outcome, reasons, policy: AuditPolicy, seed, attacks_run, sha256, metrics, summary, report,
-            seed_chosen=False):
-    flat = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    run_id = log_audit(name, version, outcome, reasons, policy, seed, attacks_run, sha256, metrics, summary, report, seed_chosen)
+def _verdict(logger, model: str, outcome: str, reasons: list[str], seed: int, run_id: str, result: dict) -> dict:
+    """The audit's result once logged; a failed or inconclusive one is raised, carrying its numbers."""
+    flat = {k: v for k, v in result["metrics"].items() if isinstance(v, float)}
     logger.info("audit of %s (seed %d): %s %s", model, seed, outcome, json.dumps(flat))
-    result = {"outcome": outcome, "reasons": reasons, "metrics": flat, "summary": summary, "seed": seed, "run_id": run_id}
+    out = {"outcome": outcome, "reasons": reasons, "metrics": flat, "summary": result["summary"], "seed": seed, "run_id": run_id}
     if outcome != "passed":
         error = (ConceptLeak if outcome == "failed" else AuditInconclusive)(
             f"{model}: audit {outcome} (seed {seed}, MLflow run {run_id}): " + "; ".join(reasons)
         )
-        error.result = result  # the numbers, for whoever reports the failure
+        error.result = out  # the numbers, for whoever reports the failure
         raise error
-    return result
-
+    return out
 
 __all__ = ["AuditInconclusive", "ConceptLeak", "NoJudgeError", "audit_flow"]
