@@ -54,6 +54,8 @@ def _print_version(result: dict) -> None:
         f"{state} [bold]{escape(result['name'])}[/] version {result['version']} ({alias}); "
         f"per-concept stages: {len(result['ran'])} ran, {len(result['reused'])} reused"
     )
+    if result.get("seconds"):
+        out.print("seconds: " + ", ".join(f"{stage} {value:.1f}" for stage, value in result["seconds"].items()), highlight=False)
     if result.get("note"):  # rebased on a newer candidate, or candidate left where another flow moved it
         out.print(f"note: {escape(result['note'])}", highlight=False)
     if result.get("metrics"):
@@ -65,6 +67,7 @@ def run(
     request: Path = typer.Argument(..., help="Request file (YAML or JSON)."),
     name: str = typer.Option(None, help="Registered model name (default: the request file's name)."),
     workers: int = typer.Option(1, min=1, max=1024, help="Ray workers (one per GPU, or per CPU without GPUs)."),
+    evaluate: bool = typer.Option(True, help="Evaluate the new version; the audit judges it before any promotion either way."),
 ) -> None:
     """Run the erase flow: per-concept work on Ray, fusion, evaluation, MLflow registration."""
     from erasure.spec import RequestError, load_request
@@ -78,7 +81,7 @@ def run(
     warn(spec.specificity_warnings())
     from flows.erase import erase_flow
 
-    result = _run_flow(lambda: erase_flow(json.loads(spec.model_dump_json()), name or request.stem, workers))
+    result = _run_flow(lambda: erase_flow(json.loads(spec.model_dump_json()), name or request.stem, workers, evaluate))
     _print_version(result)
 
 

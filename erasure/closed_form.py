@@ -127,6 +127,11 @@ class PriorStatistics:
         self.total += flat.T @ flat
         self.count += len(flat)
 
+    def add_anchors(self, concept: ConceptStatistics) -> None:
+        """Add one concept's anchor states (what ``with_anchors`` does for a list, in place)."""
+        self.total += concept.anchor_gram * concept.anchor_count
+        self.count += concept.anchor_count
+
     def with_anchors(self, concepts: list[ConceptStatistics]) -> PriorStatistics:
         total = self.total + sum((c.anchor_gram * c.anchor_count for c in concepts), torch.zeros_like(self.total))
         return PriorStatistics(total, self.count + sum(c.anchor_count for c in concepts))

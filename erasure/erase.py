@@ -133,6 +133,26 @@ class ConceptText:
     mined_words: list[tuple[str, float]] = field(default_factory=list)  # text neighbours mined, with their cosine
 
 
+def concept_pairs(
+    components: Components,
+    concept: ConceptSpec,
+    prompt_count: int,
+    seed: int,
+    mining: MiningSettings | None = None,
+    exclude: frozenset[str] = frozenset(),
+) -> tuple[list[tuple[str, str]], list[tuple[str, float]]]:
+    """A concept's (concept prompt, anchor prompt) pairs, and the text neighbours mined for it."""
+    mined = mined_words(components, concept, mining, exclude) if mining is not None else []
+    variants = (*concept.variants, *(word for word, _ in mined))
+    # the concept's own words keep their share, up to 4x the prompts (memory grows with them)
+    count = min(prompt_count * len(variants) // len(concept.variants), 4 * prompt_count)
+    pairs = augmented_pairs(concept.kind, variants, concept.anchor, count, (), seed)
+    # the user's own prompts are matched with the concept's own words only: a mined word could
+    # sit inside another word of the prompt
+    pairs += augmented_pairs(concept.kind, concept.variants, concept.anchor, 0, concept.prompts, seed)
+    return pairs, mined
+
+
 def concept_text(
     components: Components,
     concept: ConceptSpec,
@@ -142,14 +162,7 @@ def concept_text(
     mining: MiningSettings | None = None,
     exclude: frozenset[str] = frozenset(),
 ) -> ConceptText:
-    mined = mined_words(components, concept, mining, exclude) if mining is not None else []
-    variants = (*concept.variants, *(word for word, _ in mined))
-    # the concept's own words keep their share, up to 4x the prompts (memory grows with them)
-    count = min(prompt_count * len(variants) // len(concept.variants), 4 * prompt_count)
-    pairs = augmented_pairs(concept.kind, variants, concept.anchor, count, (), seed)
-    # the user's own prompts are matched with the concept's own words only: a mined word could
-    # sit inside another word of the prompt
-    pairs += augmented_pairs(concept.kind, concept.variants, concept.anchor, 0, concept.prompts, seed)
+    pairs, mined = concept_pairs(components, concept, prompt_count, seed, mining, exclude)
     concept_ids, concept_lens = tokenize(components.tokenizer, [c for c, _ in pairs])
     anchor_ids, anchor_lens = tokenize(components.tokenizer, [a for _, a in pairs])
     alignments = [

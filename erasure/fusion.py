@@ -15,7 +15,7 @@ takedown or a restore recomputes only this solve.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import torch
@@ -47,27 +47,64 @@ def fusion_prior(base_prior: PriorStatistics, concepts: Sequence[FusableConcept]
 
 def fuse(
     components,
-    concepts: Sequence[FusableConcept],
+    concepts: Iterable[FusableConcept],
     prior: PriorStatistics,
     preserve: PreserveSpec,
     fusion: FusionSettings | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The erased K/V weights of ``concepts`` (every projection; unedited ones keep the base's)."""
+    """The erased K/V weights of ``concepts`` (every projection; unedited ones keep the base's).
+
+    ``concepts`` is read once, in order: MACE's and the constrained fusion add each concept to
+    the sufficient statistics and let it go, so a generator that loads one stored artifact at a
+    time keeps the fusion's memory flat in the number of concepts. SepME's fusion projects each
+    increment against every other concept's states and holds them all."""
     fusion = fusion or FusionSettings()
-    return fused_weights(components, concepts, fusion_prior(prior, concepts), preserve, fusion)
+    if fusion.method == "separable":
+        concepts = list(concepts)
+        return fused_weights(components, concepts, fusion_prior(prior, concepts), preserve, fusion)
+    base = base_weights(components)
+    edited = edited_weights(base, fusion)
+    accumulator = FusionAccumulator(prior.total.shape[0], {n: tuple(w.shape) for n, w in edited.items()})
+    anchors = PriorStatistics(prior.total.clone(), prior.count)
+    for concept in concepts:
+        add_concept(accumulator, concept, edited)
+        anchors.add_anchors(concept.statistics)
+    return base | solved_weights(components, accumulator, edited, anchors.gram(), preserve, fusion)
 
 
 def fused_weights(
     components, concepts: Sequence[FusableConcept], prior_gram: torch.Tensor, preserve: PreserveSpec, fusion: FusionSettings
 ) -> dict[str, torch.Tensor]:
-    # solved on the CPU in float64 where the statistics are; apply_weights copies back to the UNet's device
-    base = {n: p.weight.data.detach().cpu() for n, p in cross_attention_projections(components.unet).items()}
+    """``fuse`` with the concept set's prior Gram given (``fusion_prior``)."""
+    base = base_weights(components)
     if fusion.method == "separable":  # SepME's increments were trained on K and V together: both are fused
         return base | separable_weights(base, concepts, prior_gram, empty_prompt_states(components), fusion.threshold)
-    edited = {n: w for n, w in base.items() if fusion.projections == "kv" or n.endswith("to_v")}
+    edited = edited_weights(base, fusion)
     accumulator = FusionAccumulator(prior_gram.shape[0], {n: tuple(w.shape) for n, w in edited.items()})
     for concept in concepts:
-        accumulator.add(concept.statistics, concept.text_map, {n: f for n, f in concept.factors.items() if n in edited})
+        add_concept(accumulator, concept, edited)
+    return base | solved_weights(components, accumulator, edited, prior_gram, preserve, fusion)
+
+
+def base_weights(components) -> dict[str, torch.Tensor]:
+    # solved on the CPU in float64 where the statistics are (docs/architecture.md, "Where the
+    # closed forms run"); apply_weights copies back to the UNet's device
+    return {n: p.weight.data.detach().cpu() for n, p in cross_attention_projections(components.unet).items()}
+
+
+def edited_weights(base: dict[str, torch.Tensor], fusion: FusionSettings) -> dict[str, torch.Tensor]:
+    return {n: w for n, w in base.items() if fusion.projections == "kv" or n.endswith("to_v")}
+
+
+def add_concept(accumulator: FusionAccumulator, concept: FusableConcept, edited: dict[str, torch.Tensor]) -> None:
+    accumulator.add(concept.statistics, concept.text_map, {n: f for n, f in concept.factors.items() if n in edited})
+
+
+def solved_weights(
+    components, accumulator: FusionAccumulator, edited: dict[str, torch.Tensor], prior_gram: torch.Tensor,
+    preserve: PreserveSpec, fusion: FusionSettings,
+) -> dict[str, torch.Tensor]:
+    """The MACE or constrained solve of the accumulated concepts, then RECE's rounds."""
     if fusion.method == "mace":
         solve = lambda extra: accumulator.fuse(edited, prior_gram, preserve.lam2, preserve.ridge, extra)  # noqa: E731
     else:
@@ -85,7 +122,7 @@ def fused_weights(
         found = adversarial_terms(edited, weights, accumulator.gram_sum, fusion.adversarial_ridge)
         extra = found if extra is None else extra + found
         weights = solve(extra)
-    return base | weights
+    return weights
 
 
 def constrained_weights(

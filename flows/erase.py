@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from tasks.stages import (
     stage_prior,
     stage_register,
 )
+from tasks.store import store_from_url, store_settings
 
 
 class BaseModelChanged(ValueError):
@@ -51,51 +53,78 @@ def run_erasure(
     concept set); concepts are content addressed, so those another flow published are reused.
     """
     logger = get_run_logger()
+    timer = time.perf_counter()
     base = worker_pool(request.model, workers).fingerprint
+    seconds = {"workers": time.perf_counter() - timer}  # Ray and the actors' model loading, when not warm
     if parent_base and parent_base != base:
         raise BaseModelChanged(
             f"{name} version {parent_version} was erased from {request.model} with fingerprint {parent_base[:12]}..., "
             f"but {request.model} now loads {base[:12]}... (a different model: e.g. builtin:toyworld became the "
             "MiniLM world; the CLIP world is builtin:toyworld-clip); erase the concepts anew from the intended model"
         )
-    first = _concept_stages(request, workers)
+    first = _concept_stages(request, workers, seconds)
+    timer = time.perf_counter()
     with model_lock(name) as lock:
+        seconds["lock"] = time.perf_counter() - timer  # waiting for another flow on this model
         lineage = rebase() if rebase is not None else Lineage(request, parent_version)
-        stages = first if lineage.request == request else _concept_stages(lineage.request, workers)
-        version = _fuse_and_register(lineage, name, workers, flow_label, stages, lock, evaluate)
+        stages = first if lineage.request == request else _concept_stages(lineage.request, workers, seconds)
+        version = _fuse_and_register(lineage, name, workers, flow_label, stages, lock, evaluate, seconds)
     if lineage.note:
         logger.info(lineage.note)
     ran = [k for k in stages["keys"] if k in first["ran"] or k in stages["ran"]]
-    return version | {"ran": ran, "reused": [k for k in stages["keys"] if k not in ran]}
+    logger.info("stage seconds: %s", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    return version | {
+        "ran": ran, "reused": [k for k in stages["keys"] if k not in ran],
+        "seconds": {k: round(v, 3) for k, v in seconds.items()}, "concept_workers": stages["workers"],
+    }
 
 
-def _concept_stages(request: ErasureRequest, workers: int) -> dict:
-    """The prior and the per-concept stages: the heavy, parallel part (skipped where published)."""
+def _concept_stages(request: ErasureRequest, workers: int, seconds: dict[str, float]) -> dict:
+    """The prior and the per-concept stages: the heavy, parallel part. A stage whose artifact is
+    already published is not submitted at all (a restore, or a takedown on a large model, runs
+    no task per concept it reuses); the worker checks again, so a race only costs a lookup."""
     logger = get_run_logger()
     pool = worker_pool(request.model, workers)
     base = pool.fingerprint
+    store = store_from_url(*store_settings())
 
+    timer = time.perf_counter()
     p_key = prior_key(base, request)
     stage_captions(request)
-    stage_prior(request, p_key, workers)
     keys = [concept_key(base, concept, request) for concept in request.concepts]
-    # one task per concept, all submitted at once: each runs on whichever worker is idle
-    futures = [stage_concept.submit(request, i, key, p_key, workers) for i, key in enumerate(keys)]
+    missing = [i for i, key in enumerate(keys) if not store.exists(key)]
+    if not store.exists(p_key):
+        stage_prior(request, p_key, workers)
+    seconds["prior"] = seconds.get("prior", 0.0) + time.perf_counter() - timer
+
+    timer = time.perf_counter()
+    # one task per missing concept, all submitted at once: each runs on whichever worker is idle
+    futures = [stage_concept.submit(request, i, keys[i], p_key, workers) for i in missing]
     concepts = [future.result() for future in futures]
+    seconds["concepts"] = seconds.get("concepts", 0.0) + time.perf_counter() - timer
     ran = [c["key"] for c in concepts if not c["reused"]]
+    per_worker: dict[str, int] = {}
+    for c in concepts:
+        if not c["reused"]:
+            per_worker[c["worker"]] = per_worker.get(c["worker"], 0) + 1
     logger.info("per-concept stages: %d ran, %d reused", len(ran), len(keys) - len(ran))
-    return {"base": base, "prior_key": p_key, "keys": keys, "ran": ran}
+    return {"base": base, "prior_key": p_key, "keys": keys, "ran": ran, "workers": per_worker}
 
 
 def _fuse_and_register(
-    lineage: Lineage, name: str, workers: int, flow_label: str, stages: dict, lock, evaluate: bool = True
+    lineage: Lineage, name: str, workers: int, flow_label: str, stages: dict, lock, evaluate: bool,
+    seconds: dict[str, float],
 ) -> dict:
     """Fusion, evaluation (unless ``evaluate`` is False: a takedown in a hurry; the audit judges the
     version before any promotion anyway), registration (under the model's lock)."""
     request, base, p_key, keys = lineage.request, stages["base"], stages["prior_key"], stages["keys"]
     m_key = model_key(base, keys, request)
+    timer = time.perf_counter()
     stage_fuse(request, keys, p_key, m_key, workers)
+    seconds["fuse"] = time.perf_counter() - timer
+    timer = time.perf_counter()
     evaluation = stage_evaluate(request, m_key, workers) if evaluate else None
+    seconds["evaluate"] = time.perf_counter() - timer
     metrics = {k: v for k, v in (evaluation or {}).get("metrics", {}).items() if isinstance(v, float)}
 
     tags = {
@@ -114,12 +143,14 @@ def _fuse_and_register(
         "lora_rank": request.method.lora_rank, "images_per_concept": request.method.images_per_concept,
         "workers": workers, "seed": request.seed, "evaluated": evaluate,
     }
+    timer = time.perf_counter()
     reference = stage_model_reference(m_key)  # the version names its weights in the store; no copy in MLflow
     lock.ensure()  # the alias moves only while this flow holds the model's lock
     version = stage_register(
         name, reference, request.model_dump_json(), tags, params, metrics,
         (evaluation or {}).get("report_html"), keys, lineage.move_candidate,
     )
+    seconds["register"] = time.perf_counter() - timer
     return version | {
         "metrics": metrics, "model_key": m_key, "parent_version": lineage.parent_version or "",
         "note": "; ".join(n for n in (lineage.note, version.pop("registry_note", "")) if n),
@@ -138,11 +169,12 @@ def concept_list_tag(request: ErasureRequest) -> str:
 
 
 @flow(name="erase")
-def erase_flow(request: dict, name: str, workers: int = 1) -> dict:
+def erase_flow(request: dict, name: str, workers: int = 1, evaluate: bool = True) -> dict:
     """Erase a request's concepts and register the result as a new version of ``name``.
 
     ``request`` is validated exactly as a request file is (bounds, paths, caption hash), so a
-    deployment's parameters are refused before any worker starts, naming the field."""
+    deployment's parameters are refused before any worker starts, naming the field. ``evaluate``
+    False skips the new version's evaluation (the audit judges it before any promotion)."""
     spec = parse_request(request)
     check_model_name(name)
-    return run_erasure(spec, name, workers, "erase", parent_version=None)
+    return run_erasure(spec, name, workers, "erase", parent_version=None, evaluate=evaluate)

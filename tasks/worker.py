@@ -9,14 +9,16 @@ skipped, so a re-run resumes from whatever finished.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from erasure.artifacts import PRIOR_FILE, load_concept, load_prior, save_concept, save_prior
+from erasure.artifacts import PRIOR_FILE, ConceptArtifact, load_concept, load_prior, save_concept, save_prior
 from erasure.erase import base_prior, erase_concept, fuse, prepare_request, with_weights
 from erasure.models import fingerprint, load_components, save_components
 from erasure.spec import ErasureRequest
@@ -80,7 +82,10 @@ class ConceptWorker:
             result = erase_concept(self.components, request.concepts[index], request, prior)
             summary = save_concept(result, Path(folder) / "concept")
             self.store.publish(key, Path(folder) / "concept")
-        return {"key": key, "reused": False, "seconds": time.perf_counter() - started, "summary": summary}
+        return {
+            "key": key, "reused": False, "seconds": time.perf_counter() - started, "summary": summary,
+            "worker": f"{socket.gethostname()}:{os.getpid()}",
+        }
 
     def fuse(self, request: ErasureRequest, concept_keys: list[str], prior_key: str, key: str) -> dict:
         """Closed-form fusion of the published concepts into an erased model, published under ``key``."""
@@ -91,11 +96,19 @@ class ConceptWorker:
         with tempfile.TemporaryDirectory() as folder:
             folder = Path(folder)
             prior = load_prior(self.store.fetch(prior_key, folder / "prior") / PRIOR_FILE)
-            concepts = [load_concept(self.store.fetch(k, folder / f"c{i}")) for i, k in enumerate(concept_keys)]
-            weights = fuse(self.components, concepts, prior, request.preserve, request.fusion)
+            weights = fuse(self.components, self._concepts(concept_keys, folder), prior, request.preserve, request.fusion)
             save_components(with_weights(self.components, weights), folder / "model")  # the base stays the base
             self.store.publish(key, folder / "model")
         return {"key": key, "reused": False, "seconds": time.perf_counter() - started}
+
+    def _concepts(self, keys: list[str], folder: Path) -> Iterator[ConceptArtifact]:
+        """The published concepts, fetched and read one at a time (the fusion's memory stays flat
+        in their number), each folder deleted once read."""
+        for i, key in enumerate(keys):
+            fetched = self.store.fetch(key, folder / f"c{i}")
+            artifact = load_concept(fetched)
+            shutil.rmtree(folder / f"c{i}", ignore_errors=True)
+            yield artifact
 
     def evaluate(self, request: ErasureRequest, model_key: str | None) -> dict | None:
         """Metrics and HTML report of a published erased model (``model_key``), or of the base

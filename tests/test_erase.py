@@ -110,7 +110,7 @@ def test_a_crash_while_writing_leaves_no_output(tmp_path, monkeypatch):
 def test_the_erased_model_is_rebuilt_exactly_from_its_stored_artifacts(tmp_path, tiny):
     """Fusion needs only the stored per-concept artifacts and prior: what takedown and restore use."""
     from erasure.artifacts import PRIOR_FILE, load_concept, load_prior
-    from erasure.fusion import fused_weights, fusion_prior
+    from erasure.fusion import fuse, fused_weights, fusion_prior
 
     request = parse_request(REQUEST | {"concepts": REQUEST["concepts"][:2]})
     erase_module.erase(request, tmp_path / "out")
@@ -120,6 +120,19 @@ def test_the_erased_model_is_rebuilt_exactly_from_its_stored_artifacts(tmp_path,
     rebuilt = fused_weights(tiny, concepts, prior, request.preserve, request.fusion)
     saved = cross_attention_projections(UNet2DConditionModel.from_pretrained(tmp_path / "out" / "model", subfolder="unet"))
     for name, weight in rebuilt.items():
+        assert torch.allclose(weight, saved[name].weight, atol=1e-6), name
+
+    # the workers' path: the artifacts read one at a time, as a generator, read exactly once
+    read = []
+
+    def one_at_a_time():
+        for name in ("cat", "van gogh"):
+            read.append(name)
+            yield load_concept(tmp_path / "out" / "concepts" / erase_module.slug(name))
+
+    streamed = fuse(tiny, one_at_a_time(), load_prior(tmp_path / "out" / PRIOR_FILE), request.preserve, request.fusion)
+    assert read == ["cat", "van gogh"]
+    for name, weight in streamed.items():
         assert torch.allclose(weight, saved[name].weight, atol=1e-6), name
 
 

@@ -74,9 +74,48 @@ def test_a_version_registered_without_evaluation_skips_only_the_evaluation(monke
     request = parse_request({"concepts": [{"name": "red", "anchor": "white"}]})
     stages = {"base": "f" * 64, "prior_key": "priors/p", "keys": ["concepts/c"]}
     lineage = erase_module.Lineage(request, "1")
-    erase_module._fuse_and_register(lineage, "m", 1, "takedown", stages, lock, evaluate=False)
+    seconds = {}
+    erase_module._fuse_and_register(lineage, "m", 1, "takedown", stages, lock, False, seconds)
     assert calls == ["fuse", "register"] and registered["metrics"] == {} and registered["report"] is None
     assert registered["params"]["evaluated"] is False
+    assert set(seconds) == {"fuse", "evaluate", "register"}  # each stage's wall time, returned by the flow
     calls.clear()
-    erase_module._fuse_and_register(lineage, "m", 1, "takedown", stages, lock)
+    erase_module._fuse_and_register(lineage, "m", 1, "takedown", stages, lock, True, seconds)
     assert calls == ["fuse", "evaluate", "register"] and registered["metrics"] == {"acc_e": 0.1}
+
+
+def test_published_concepts_submit_no_task(monkeypatch):
+    """A restore, or a takedown of one concept on a large model: the concepts already published
+    cost a store lookup each, not a Prefect task and a Ray call."""
+    import flows.erase as erase_module
+
+    request = parse_request({"model": "builtin:tiny", "concepts": [{"name": n, "anchor": "house"} for n in ("cat", "dog", "car")]})
+    from tasks.keys import concept_key, prior_key
+
+    base = "b" * 64
+    published = {prior_key(base, request), concept_key(base, request.concepts[0], request), concept_key(base, request.concepts[2], request)}
+    submitted, priors = [], []
+
+    class Future:
+        def __init__(self, value):
+            self.value = value
+
+        def result(self):
+            return self.value
+
+    def submit(request, index, key, p_key, workers):
+        submitted.append(index)
+        return Future({"key": key, "reused": False, "worker": "host:1"})
+
+    monkeypatch.setattr(erase_module, "get_run_logger", lambda: logging.getLogger("test"))
+    monkeypatch.setattr(erase_module, "worker_pool", lambda model, workers: SimpleNamespace(fingerprint=base))
+    monkeypatch.setattr(erase_module, "store_from_url", lambda *a: SimpleNamespace(exists=lambda key: key in published))
+    monkeypatch.setattr(erase_module, "store_settings", lambda: ("file:///nowhere", None))
+    monkeypatch.setattr(erase_module, "stage_captions", lambda request: None)
+    monkeypatch.setattr(erase_module, "stage_prior", lambda *a: priors.append(a))
+    monkeypatch.setattr(erase_module, "stage_concept", SimpleNamespace(submit=submit))
+    seconds = {}
+    stages = erase_module._concept_stages(request, 1, seconds)
+    assert submitted == [1] and priors == []  # only "dog" was missing; the prior was published
+    assert stages["ran"] == [concept_key(base, request.concepts[1], request)] and stages["workers"] == {"host:1": 1}
+    assert len(stages["keys"]) == 3 and set(seconds) == {"prior", "concepts"}
