@@ -62,6 +62,16 @@ def _print_version(result: dict) -> None:
         out.print(json.dumps(result["metrics"]))
 
 
+def _warm_pool_for(model: str, workers: int) -> None:
+    """Start the workers for a registered version's base model while Prefect starts."""
+    from erasure.spec import registered_request
+    from flows.takedown import parent_reference
+    from tasks.compute import warm_pool
+    from tasks.registry import resolve, version_request
+
+    warm_pool(lambda: registered_request(version_request(resolve(parent_reference(model)))).model, workers)
+
+
 @app.command()
 def run(
     request: Path = typer.Argument(..., help="Request file (YAML or JSON)."),
@@ -80,6 +90,9 @@ def run(
         fail(str(error))
     warn(spec.specificity_warnings())
     from flows.erase import erase_flow
+    from tasks.compute import warm_pool
+
+    warm_pool(spec.model, workers)  # while Prefect starts its API server
 
     result = _run_flow(lambda: erase_flow(json.loads(spec.model_dump_json()), name or request.stem, workers, evaluate))
     _print_version(result)
@@ -105,6 +118,7 @@ def takedown(
         fail(str(error))
     from flows.takedown import takedown_flow
 
+    _warm_pool_for(model, workers)
     result = _run_flow(lambda: takedown_flow(model, specs, workers, evaluate))
     _print_version(result)
 
@@ -119,6 +133,7 @@ def restore(
     """Remove concepts from a registered model's erasure: a new version, fused without them."""
     from flows.restore import restore_flow
 
+    _warm_pool_for(model, workers)
     result = _run_flow(lambda: restore_flow(model, list(concepts), workers, evaluate))
     _print_version(result)
 

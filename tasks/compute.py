@@ -324,6 +324,25 @@ def worker_pool(model: str, size: int, device: str | None = None) -> WorkerPool:
         return pool
 
 
+def warm_pool(model: str | Callable[[], str], size: int) -> threading.Thread:
+    """Start the process's pool in a background thread, so that its cold start (Ray, then each actor
+    importing torch and loading the model: about 10 s on a CPU) overlaps other start-up work (the
+    command line: Prefect starting its temporary API server, as long again). ``model`` may be a
+    callable (a registered version's base model, read from MLflow in the thread). A
+    ``worker_pool`` call meanwhile waits for this one and reuses its pool. A failure is only
+    logged here: the flow's own ``worker_pool`` call meets it again and reports it."""
+
+    def start() -> None:
+        try:
+            worker_pool(model() if callable(model) else model, size)
+        except Exception as error:  # noqa: BLE001 (reported by the flow's own call)
+            logger.debug("warming the worker pool failed (the flow will say why): %s", error)
+
+    thread = threading.Thread(target=start, name="erasure-warm-pool", daemon=True)
+    thread.start()
+    return thread
+
+
 def drop_pools() -> None:
     with _lock:
         for pool in _pools.values():

@@ -119,3 +119,24 @@ def test_published_concepts_submit_no_task(monkeypatch):
     assert submitted == [1] and priors == []  # only "dog" was missing; the prior was published
     assert stages["ran"] == [concept_key(base, request.concepts[1], request)] and stages["workers"] == {"host:1": 1}
     assert len(stages["keys"]) == 3 and set(seconds) == {"prior", "concepts"}
+
+
+def test_the_worker_pool_is_warmed_in_the_background_and_its_failures_left_to_the_flow(monkeypatch):
+    """The command line starts the workers while Prefect starts its server; the flow's own
+    ``worker_pool`` call then reuses them, or reports the error the warm-up met."""
+    import threading
+
+    import tasks.compute as compute
+
+    calls = []
+
+    def pool(model, size):
+        calls.append((model, size, threading.current_thread().name))
+        if model == "broken":
+            raise RuntimeError("no such model")
+
+    monkeypatch.setattr(compute, "worker_pool", pool)
+    compute.warm_pool(lambda: "builtin:tiny", 2).join(timeout=10)
+    assert calls == [("builtin:tiny", 2, "erasure-warm-pool")]
+    compute.warm_pool("broken", 1).join(timeout=10)  # logged, not raised: the flow says why
+    assert calls[-1][0] == "broken"
