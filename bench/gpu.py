@@ -4,12 +4,15 @@ An SD-1.4-sized UNet (860M parameters) and a CLIP-L-sized text encoder (123M) bu
 their configurations with random weights (nothing is downloaded; random weights cost what
 trained ones cost), bf16 autocast. 10 concepts x (8 images x 30 sampler steps, 50 LoRA
 steps) + CFR + fusion, then a takedown of one more concept (its stages and one fusion).
-Printed: seconds per concept per stage, peak GPU memory, and the fusion's memory with the
-statistics of 10 and 100 concepts (sufficient statistics: it must not grow).
+Printed: seconds per concept per stage, peak GPU memory, the fusion's memory with the
+statistics of 10 and 100 concepts (sufficient statistics: it must not grow), and the seconds
+of the closed forms on the CPU in float64 at those counts (what running them on the GPU
+could save).
 
     python bench/gpu.py            # needs a CUDA GPU; says so and stops at once without one
     python bench/gpu.py --tiny     # the same path on the CPU with the tiny test model (the test suite runs it)
     python bench/gpu.py --json gpu.json
+    python bench/gpu.py --fusion-only   # the closed forms at SD-1.4 shapes on the CPU (no GPU needed)
 """
 
 from __future__ import annotations
@@ -80,6 +83,44 @@ def fusion_memory(components, concepts: int) -> int:
     return sum(t.numel() * t.element_size() for t in held)
 
 
+def fusion_seconds(components, concepts: int, seed: int = 0) -> dict[str, float]:
+    """Seconds of the closed forms on the CPU in float64 for ``concepts`` concepts at this model's
+    shapes (synthetic statistics: random Gram matrices, rank-1 LoRA factors): adding them one at a
+    time, then the default (constrained) solve. Where the statistics live, the solves run: this
+    is what moving them to the GPU could save."""
+    from erasure.attention import cross_attention_projections
+    from erasure.closed_form import DTYPE, ConceptStatistics, FusionAccumulator
+    from erasure.fusion import edited_weights, solved_weights
+    from erasure.spec import FusionSettings, PreserveSpec
+
+    generator = torch.Generator().manual_seed(seed)
+    dim = components.text_encoder.config.hidden_size
+    base = {n: p.weight.data.detach().cpu() for n, p in cross_attention_projections(components.unet).items()}
+    fusion = FusionSettings()
+    edited = edited_weights(base, fusion)
+
+    def gram() -> torch.Tensor:
+        states = torch.randn(4 * dim, dim, generator=generator, dtype=DTYPE)
+        return states.T @ states / len(states)
+
+    # a prior whose spectrum leaves a null space at the default threshold, as a real one does
+    basis, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=DTYPE))
+    spectrum = torch.cat([torch.linspace(1.0, 0.01, dim - dim // 4), torch.full((dim // 4,), 1e-6)]).to(DTYPE)
+    prior_gram = basis @ torch.diag(spectrum) @ basis.T
+    timer = time.perf_counter()
+    accumulator = FusionAccumulator(dim, {n: tuple(w.shape) for n, w in edited.items()})
+    for _ in range(concepts):
+        g = gram()
+        stats = ConceptStatistics(g, g, g, g, 1)
+        text_map = torch.eye(dim, dtype=DTYPE) + 0.01 * torch.randn(dim, dim, generator=generator, dtype=DTYPE)
+        factors = {n: (torch.randn(w.shape[0], 1, generator=generator), torch.randn(1, dim, generator=generator)) for n, w in edited.items()}
+        accumulator.add(stats, text_map, factors)
+    accumulate = time.perf_counter() - timer
+    timer = time.perf_counter()
+    solved_weights(components, accumulator, edited, prior_gram, PreserveSpec(), fusion)
+    return {"accumulate": round(accumulate, 3), "solve": round(time.perf_counter() - timer, 3)}
+
+
 def run(tiny: bool, json_path: str | None) -> dict:
     from erasure.erase import base_prior, erase_concept, prepare_request
     from erasure.fusion import fuse
@@ -134,12 +175,15 @@ def run(tiny: bool, json_path: str | None) -> dict:
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
         "fusion_memory_mib": {n: round(fusion_memory(components, n) / 2**20, 2) for n in (10, 100)},
+        "fusion_cpu_float64_seconds": {n: fusion_seconds(components, n) for n in (10, 100)},
     }
     print(f"{report['device']}: {report['concepts']} concepts")
     print("seconds per concept: " + ", ".join(f"{k} {v}" for k, v in report["seconds_per_concept"].items()))
     print("seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))
     print(f"peak GPU memory: {report['peak_gpu_memory_gib']} GiB")
     print("fusion memory (MiB) at 10 / 100 concepts: " + " / ".join(str(v) for v in report["fusion_memory_mib"].values()))
+    print("closed forms on the CPU, float64 (accumulate + solve, s) at 10 / 100 concepts: " + " / ".join(
+        f"{v['accumulate']} + {v['solve']}" for v in report["fusion_cpu_float64_seconds"].values()))
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)
@@ -150,8 +194,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: checks the script end to end")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--fusion-only", action="store_true",
+                        help="only the closed forms' seconds at SD-1.4 shapes, on the CPU (no GPU needed)")
     args = parser.parse_args()
     torch.set_num_threads(1 if args.tiny else torch.get_num_threads())
+    if args.fusion_only:
+        components = sd14_components("cpu")
+        for n in (10, 100):
+            print(f"SD-1.4 shapes, {n} concepts, CPU float64 ({torch.get_num_threads()} threads): {fusion_seconds(components, n)}")
+        return
     run(args.tiny, args.json)
 
 

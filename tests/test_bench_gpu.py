@@ -19,6 +19,28 @@ def test_gpu_benchmark_runs_end_to_end_with_tiny(tmp_path):
     assert report["seconds"]["takedown"] > 0
     memory = report["fusion_memory_mib"]
     assert memory["10"] == memory["100"] > 0  # sufficient statistics: flat in the number of concepts
+    assert all(report["fusion_cpu_float64_seconds"][n]["solve"] > 0 for n in ("10", "100"))
+
+
+def test_the_scale_benchmark_runs_end_to_end_with_tiny(tmp_path):
+    """bench/scale.py --tiny: library and flow rows, fusion memory beside the reference-style
+    fusion, takedown and restore on the largest model, so the script cannot rot."""
+    out = tmp_path / "scale.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--tiny", "--json", str(out)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["sizes"] == [1, 2] and "takedown of 1 concept" in done.stdout
+    cut = report["takedown"]
+    assert (cut["takedown"]["ran"], cut["takedown"]["reused"]) == (1, 2)  # only the new concept's work
+    assert cut["restore"]["ran"] == 0 and cut["scratch"]["ran"] == 3
+    memory = report["memory"]
+    for n in ("1", "2"):
+        assert memory[n]["max_weight_difference"] < 1e-5  # the reference-style fusion solves the same problem
+        for workers in ("1", "2"):
+            assert sum(report["flow"][workers][n]["concepts_per_worker"]) == int(n)
+    assert memory["1"]["ours_mace"]["tensor_mib"] == memory["2"]["ours_mace"]["tensor_mib"]  # flat in N
+    assert memory["2"]["reference_style"]["tensor_mib"] > memory["1"]["reference_style"]["tensor_mib"]  # grows with N
 
 
 def test_the_per_concept_cost_benchmark_runs_end_to_end(tmp_path):
