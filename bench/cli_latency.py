@@ -66,7 +66,7 @@ def services_env(env: dict[str, str]) -> dict[str, str]:
 def run_mode(mode: str, root: Path) -> dict:
     env = os.environ | {
         "ERASURE_STATE_DIR": str(root / mode / "state"), "PREFECT_HOME": str(root / mode / "prefect"),
-        "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE",
+        "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "COLUMNS": "250",  # rich wraps at 80 when piped
     }
     env.pop("PREFECT_API_URL", None)
     env.pop("MLFLOW_TRACKING_URI", None)

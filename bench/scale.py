@@ -13,7 +13,13 @@ style, then styled colour-shape pairs), each row on an empty artifact store (not
   MACE reference code does; same artifacts, same solve (MACE's), the weights compared;
 - **takedown** of one more concept on the largest N's registered model, against erasing all
   N + 1 from scratch (both with warm workers and without evaluation: the evaluation costs
-  the same for both), and a **restore** of it.
+  the same for both), and a **restore** of one of the model's concepts (a concept set never
+  fused before: no per-concept stage, one fusion).
+
+Each fusion-memory figure is taken in a fresh process (peak RSS reset through
+/proc/self/clear_refs just before the fusion), so no earlier allocation hides or inflates it.
+Prefect's temporary API server and Ray start once, before the flow rows, and no row pays
+them; each flow row starts its own actors ("workers start").
 
 Evaluation runs for N up to ``--evaluate-up-to`` in every row, and once (flow, 1 worker) at
 larger N: it samples every probe with the base and the erased model, which grows with N and
@@ -29,9 +35,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -103,9 +111,10 @@ def nbytes(tensors) -> int:
 
 
 def streamed_fusion(components, folders: list[Path], prior, request):
-    """Ours: each stored artifact read, added to the statistics and let go (what a worker does)."""
+    """Ours: each stored artifact read, added to the statistics and let go (what a worker does).
+    Tensor bytes: the statistics it holds, plus the largest artifact (held while it is added)."""
     from erasure.artifacts import load_concept
-    from erasure.fusion import fuse
+    from erasure.fusion import accumulate, solved_weights
 
     largest = [0]
 
@@ -117,31 +126,27 @@ def streamed_fusion(components, folders: list[Path], prior, request):
             largest[0] = max(largest[0], nbytes(held))
             yield artifact
 
-    weights = fuse(components, one_at_a_time(), prior, request.preserve, request.fusion)
-    return weights, accumulator_bytes(components, request.fusion) + largest[0]
-
-
-def accumulator_bytes(components, fusion) -> int:
-    """What ``FusionAccumulator`` holds in float64: two d x d sums, one d_out x d per edited projection."""
-    from erasure.attention import cross_attention_projections
-    from erasure.fusion import edited_weights
-
-    base = {n: p.weight for n, p in cross_attention_projections(components.unet).items()}
-    dim = components.text_encoder.config.hidden_size
-    return 8 * (2 * dim * dim + sum(w.numel() for w in edited_weights(base, fusion).values()))
+    statistics = accumulate(components, one_at_a_time(), prior, request.fusion)
+    accumulator = statistics.accumulator
+    held = nbytes([accumulator.gram_sum, accumulator.mapped_gram_sum, *accumulator.lora_terms.values(), statistics.prior.total])
+    weights = solved_weights(components, accumulator, statistics.edited, statistics.prior.gram(), request.preserve, request.fusion)
+    return statistics.base | weights, held + largest[0]
 
 
 def reference_style_fusion(components, folders: list[Path], prior, request):
     """MACE's fusion as the reference code computes it: for every concept, the token states of its
-    prompts and, per projection, the target vectors ``(W M_k + dW_k) e``, all kept in lists; the
-    normal equations are formed at the end. Each concept's states weigh ``1 / n_k`` so the solve is
-    exactly ours (the weights are compared)."""
+    prompts (encoded here, as the reference does) and, per projection, the target vectors
+    ``(W M_k + dW_k) e``, all kept in lists; the normal equations are formed at the end. Each
+    concept's states weigh ``1 / n_k`` so the solve is exactly ours (the weights are compared)."""
     from erasure.artifacts import load_concept
     from erasure.attention import cross_attention_projections
     from erasure.closed_form import DTYPE, ridge_value
     from erasure.erase import concept_pairs, concept_seed
     from erasure.text import encode, tokenize
 
+    if request.method.mining is not None:
+        raise ValueError("the reference-style fusion has no neighbour mining: run the benchmark without method.mining")
+    dim = components.text_encoder.config.hidden_size
     projections = {n: p.weight.data.to(DTYPE) for n, p in cross_attention_projections(components.unet).items()}
     states_held, targets_held = [], {n: [] for n in projections}
     for folder in folders:
@@ -149,7 +154,7 @@ def reference_style_fusion(components, folders: list[Path], prior, request):
         concept = artifact.concept
         pairs, _ = concept_pairs(components, concept, request.method.prompts_per_concept, concept_seed(request.seed, concept))
         ids, _ = tokenize(components.tokenizer, [c for c, _ in pairs])
-        states = encode(components.text_encoder, ids).reshape(-1, projections[next(iter(projections))].shape[1]).to(DTYPE)
+        states = encode(components.text_encoder, ids).reshape(-1, dim).to(DTYPE)
         states = states / len(states) ** 0.5  # weight 1/n_k in every outer product
         states_held.append(states)
         for name, w in projections.items():
@@ -159,7 +164,7 @@ def reference_style_fusion(components, folders: list[Path], prior, request):
                 targets = targets + (states @ down.to(DTYPE).T) @ up.to(DTYPE).T  # + (dW_k e)^T
             targets_held[name].append(targets)
         prior = prior.with_anchors([artifact.statistics])
-    held = nbytes(states_held) + sum(nbytes(t) for t in targets_held.values())
+    held = nbytes(states_held) + sum(nbytes(t) for t in targets_held.values()) + nbytes(projections.values())
     every_state = torch.cat(states_held)
     prior_gram = prior.gram()
     lam2 = request.preserve.lam2
@@ -174,27 +179,43 @@ def reference_style_fusion(components, folders: list[Path], prior, request):
     return weights, held
 
 
-def fusion_memory(components, out: Path, request) -> dict:
-    from erasure.artifacts import PRIOR_FILE, load_prior
-    from erasure.spec import FusionSettings
+FUSIONS = {"ours_mace": streamed_fusion, "ours_default": streamed_fusion, "reference_style": reference_style_fusion}
 
-    folders = sorted((out / "concepts").iterdir())
-    prior = load_prior(out / PRIOR_FILE)
-    mace = request.model_copy(update={"fusion": FusionSettings(method="mace")})
-    (ours, held_ours), seconds_ours, rss_ours = peak_rss_of(lambda: streamed_fusion(components, folders, prior, mace))
-    (ref, held_ref), seconds_ref, rss_ref = peak_rss_of(lambda: reference_style_fusion(components, folders, prior, mace))
-    (_, held_default), seconds_default, rss_default = peak_rss_of(
-        lambda: streamed_fusion(components, folders, prior, request)
-    )
-    difference = max(float((ours[n] - ref[n]).abs().max()) for n in ref)
-    del ours, ref
-    return {
-        "ours_mace": {"peak_rss_mib": rss_ours / 2**20, "tensor_mib": held_ours / 2**20, "seconds": seconds_ours},
-        "ours_default": {"peak_rss_mib": rss_default / 2**20, "tensor_mib": held_default / 2**20, "seconds": seconds_default,
-                         "method": request.fusion.method},
-        "reference_style": {"peak_rss_mib": rss_ref / 2**20, "tensor_mib": held_ref / 2**20, "seconds": seconds_ref},
-        "max_weight_difference": difference,
-    }
+
+def measure_fusion(kind: str, out: str, request_json: dict, weights_path: str) -> dict:
+    """One fusion in a fresh process (so no earlier allocation hides its peak): peak RSS above the
+    process's state just before it, tensor bytes held, seconds; the weights saved for comparison."""
+    from safetensors.torch import save_file
+
+    from erasure.artifacts import PRIOR_FILE, load_prior
+    from erasure.models import load_components
+    from erasure.spec import FusionSettings, parse_request
+
+    torch.set_num_threads(1)
+    request = parse_request(request_json)
+    if kind != "ours_default":
+        request = request.model_copy(update={"fusion": FusionSettings(method="mace")})
+    components = load_components(request.model)
+    folders = sorted((Path(out) / "concepts").iterdir())
+    prior = load_prior(Path(out) / PRIOR_FILE)
+    (weights, held), seconds, rss = peak_rss_of(lambda: FUSIONS[kind](components, folders, prior, request))
+    save_file({n: w.contiguous() for n, w in weights.items()}, weights_path)
+    return {"peak_rss_mib": rss / 2**20, "tensor_mib": held / 2**20, "seconds": seconds, "method": request.fusion.method}
+
+
+def fusion_memory(out: Path, request) -> dict:
+    import multiprocessing
+
+    from safetensors.torch import load_file
+
+    context = multiprocessing.get_context("spawn")
+    report = {}
+    for kind in FUSIONS:
+        with context.Pool(1) as pool:
+            report[kind] = pool.apply(measure_fusion, (kind, str(out), as_json(request), str(out / f"{kind}.safetensors")))
+    ours, ref = (load_file(str(out / f"{kind}.safetensors")) for kind in ("ours_mace", "reference_style"))
+    report["max_weight_difference"] = max(float((ours[n] - ref[n]).abs().max()) for n in ref)
+    return report
 
 
 # --------------------------------------------------------------------------- rows
@@ -241,8 +262,9 @@ def flow_row(request, name: str, workers: int, root: Path, evaluate: bool) -> di
 
 
 def takedown_rows(request, extra: dict, name: str, root: Path) -> dict:
-    """On ``name`` (the largest N, 1 worker, its store still set): takedown of ``extra``, its restore,
-    then all N + 1 erased from scratch. Workers are warm for all three; nothing is evaluated."""
+    """On ``name`` (the largest N, 1 worker, its store still set): takedown of ``extra``, then a
+    restore of the model's first concept (a concept set never fused before: the fusion runs), then
+    all N + 1 erased from scratch. Workers are warm for all three; nothing is evaluated."""
     from flows.erase import erase_flow
     from flows.restore import restore_flow
     from flows.takedown import takedown_flow
@@ -252,7 +274,7 @@ def takedown_rows(request, extra: dict, name: str, root: Path) -> dict:
     takedown = takedown_flow(f"{name}@candidate", [extra], 1, False)
     takedown_wall = time.perf_counter() - timer
     timer = time.perf_counter()
-    restore = restore_flow(f"{name}/{takedown['version']}", [extra["name"]], 1, False)
+    restore = restore_flow(f"{name}/{takedown['version']}", [request.concepts[0].name], 1, False)
     restore_wall = time.perf_counter() - timer
 
     everything = request_for([*request_concepts(request), extra], list(request.preserve.concepts), request.model == "builtin:tiny")
@@ -264,7 +286,8 @@ def takedown_rows(request, extra: dict, name: str, root: Path) -> dict:
     scratch_wall = time.perf_counter() - timer
     return {
         "takedown": {"wall": takedown_wall, "seconds": takedown["seconds"], "ran": len(takedown["ran"]), "reused": len(takedown["reused"])},
-        "restore": {"wall": restore_wall, "seconds": restore["seconds"], "ran": len(restore["ran"]), "reused": len(restore["reused"])},
+        "restore": {"wall": restore_wall, "seconds": restore["seconds"], "ran": len(restore["ran"]), "reused": len(restore["reused"]),
+                    "concept": request.concepts[0].name},
         "scratch": {"wall": scratch_wall, "seconds": scratch["seconds"], "ran": len(scratch["ran"]), "concepts": len(everything.concepts)},
         "speedup": scratch_wall / takedown_wall,
     }
@@ -279,25 +302,24 @@ def request_concepts(request) -> list[dict]:
 
 def overhead_fit(sizes: list[int], library: dict, flow: dict) -> dict:
     """Flow minus library (evaluation excluded from both) as ``fixed + per_concept * N`` (least
-    squares), and the smallest N at which it is under 15 % of the library's time."""
-    xs = [float(n) for n in sizes]
-    ys = [flow[n]["wall"] - flow[n]["seconds"].get("evaluate", 0.0) - library[n]["seconds"]["total"] for n in sizes]
-    lib = [library[n]["seconds"]["total"] for n in sizes]
-    if len(sizes) == 1:
-        fixed, slope = ys[0], 0.0
-    else:
+    squares), and the smallest N at which it is under 15 % of the library's time (the library's
+    own time as ``fixed + per_concept * N`` too)."""
+    def line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+        if len(xs) == 1:
+            return ys[0], 0.0
         mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
         slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
-        fixed = mean_y - slope * mean_x
-    # the library's time per concept, from the largest N
-    lib_fixed = library[sizes[0]]["seconds"]["total"] - (library[sizes[0]]["seconds"]["concepts"])
-    lib_per = library[sizes[-1]]["seconds"]["concepts"] / sizes[-1]
-    under = None
-    for n in range(1, 100_000):
-        if fixed + slope * n < 0.15 * (lib_fixed + lib_per * n):
-            under = n
-            break
-    return {"overhead_seconds": dict(zip(sizes, ys)), "overhead_percent": {n: 100 * y / v for n, y, v in zip(sizes, ys, lib)},
+        return mean_y - slope * mean_x, slope
+
+    keys = [str(n) for n in sizes]
+    lib = [library[k]["seconds"]["total"] for k in keys]
+    extra = [flow[k]["wall"] - flow[k]["seconds"].get("evaluate", 0.0) - v for k, v in zip(keys, lib)]
+    fixed, slope = line([float(n) for n in sizes], extra)
+    lib_fixed, lib_slope = line([float(n) for n in sizes], lib)
+    # fixed + slope N < 0.15 (lib_fixed + lib_slope N)  <=>  N (0.15 lib_slope - slope) > fixed - 0.15 lib_fixed
+    gain, gap = 0.15 * lib_slope - slope, fixed - 0.15 * lib_fixed
+    under = 1 if gap < 0 else (math.floor(gap / gain) + 1 if gain > 0 else None)
+    return {"overhead_seconds": dict(zip(keys, extra)), "overhead_percent": {k: 100 * y / v for k, y, v in zip(keys, extra, lib)},
             "fixed_seconds": fixed, "per_concept_seconds": slope, "under_15_percent_from_n": under}
 
 
@@ -305,8 +327,8 @@ def print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=160)
-    sizes = report["sizes"]
+    console = Console(width=170)
+    sizes = [str(n) for n in report["sizes"]]
     table = Table(title=f"scale: {report['model']}, {report['machine']}, {report['date']}")
     table.add_column("row")
     for n in sizes:
@@ -318,11 +340,12 @@ def print_table(report: dict) -> None:
     lib, flows = report["library"], report["flow"]
     fmt = lambda value: "" if value is None else f"{value:.1f}"  # noqa: E731
     line("library: prior s", lambda n: fmt(lib[n]["seconds"]["prior"]))
-    line("library: text / data / LoRA s", lambda n: "{:.1f} / {:.1f} / {:.1f}".format(*(lib[n]["seconds"][k] for k in ("text", "data", "lora"))))
+    line("library: text / data / LoRA s (all concepts)", lambda n: "{:.1f} / {:.1f} / {:.1f}".format(*(lib[n]["seconds"][k] for k in ("text", "data", "lora"))))
     line("library: fusion s", lambda n: f"{lib[n]['seconds']['fusion']:.2f}")
     line("library: evaluation s", lambda n: fmt(lib[n]["seconds"].get("evaluate")))
     line("library: write s", lambda n: fmt(lib[n]["seconds"]["write"]))
-    line("library: total s (no evaluation)", lambda n: fmt(lib[n]["seconds"]["total"]))
+    line("library: total s (load to write, no evaluation)", lambda n: fmt(lib[n]["seconds"]["total"]))
+
     def flow_lines(label: str, rows: dict) -> None:
         line(f"{label}: workers start s", lambda n: fmt(rows[n]["seconds"]["workers"]))
         line(f"{label}: prior / concepts s", lambda n: f"{rows[n]['seconds']['prior']:.1f} / {rows[n]['seconds']['concepts']:.1f}")
@@ -332,27 +355,36 @@ def print_table(report: dict) -> None:
 
     for workers in report["workers"]:
         flow_lines(f"flow {workers}w", flows[str(workers)])
-    fit = report["overhead"]
-    line("flow 1w overhead vs library (no evaluation)", lambda n: f"{fit['overhead_seconds'][n]:+.1f} s ({fit['overhead_percent'][n]:+.0f} %)")
+    fit = report.get("overhead")
+    if fit:
+        line("flow 1w overhead vs library (no evaluation)", lambda n: f"{fit['overhead_seconds'][n]:+.1f} s ({fit['overhead_percent'][n]:+.0f} %)")
     if "2" in flows and "1" in flows:
+        def work(row: dict) -> float:  # the flow's wall without the actors' start-up and the evaluation
+            return row["wall"] - row["seconds"]["workers"] - row["seconds"]["evaluate"]
+
         line("workers 1 -> 2: concept stage speed-up", lambda n: f"{flows['1'][n]['seconds']['concepts'] / flows['2'][n]['seconds']['concepts']:.2f}x")
-        line("workers 1 -> 2: flow speed-up (no start-up)", lambda n: "{:.2f}x".format(
-            (flows["1"][n]["wall"] - flows["1"][n]["seconds"]["workers"]) / (flows["2"][n]["wall"] - flows["2"][n]["seconds"]["workers"])))
+        line("workers 1 -> 2: flow speed-up (no start-up, no evaluation)", lambda n: f"{work(flows['1'][n]) / work(flows['2'][n]):.2f}x")
     memory = report["memory"]
-    line("fusion peak RSS MiB: ours (MACE / default)", lambda n: f"{memory[n]['ours_mace']['peak_rss_mib']:.0f} / {memory[n]['ours_default']['peak_rss_mib']:.0f}")
-    line("fusion peak RSS MiB: reference-style", lambda n: f"{memory[n]['reference_style']['peak_rss_mib']:.0f}")
+    line("fusion peak RSS MiB: ours, MACE / default", lambda n: f"{memory[n]['ours_mace']['peak_rss_mib']:.1f} / {memory[n]['ours_default']['peak_rss_mib']:.1f}")
+    line("fusion peak RSS MiB: reference-style", lambda n: f"{memory[n]['reference_style']['peak_rss_mib']:.1f}")
     line("fusion tensors MiB: ours / reference-style", lambda n: f"{memory[n]['ours_mace']['tensor_mib']:.1f} / {memory[n]['reference_style']['tensor_mib']:.1f}")
-    line("fusion s: ours / reference-style", lambda n: f"{memory[n]['ours_mace']['seconds']:.2f} / {memory[n]['reference_style']['seconds']:.2f}")
+    line("fusion s: ours / reference-style (encodes)", lambda n: f"{memory[n]['ours_mace']['seconds']:.2f} / {memory[n]['reference_style']['seconds']:.2f}")
     line("fusion max |W ours - W ref|", lambda n: f"{memory[n]['max_weight_difference']:.1e}")
     console.print(table)
-    cut = report["takedown"]
-    console.print(
-        f"N={sizes[-1]}: takedown of 1 concept {cut['takedown']['wall']:.1f} s ({cut['takedown']['ran']} ran, "
-        f"{cut['takedown']['reused']} reused) vs {cut['scratch']['concepts']} from scratch {cut['scratch']['wall']:.1f} s: "
-        f"{cut['speedup']:.0f}x; restore {cut['restore']['wall']:.1f} s ({cut['restore']['ran']} per-concept stages ran). "
-        f"Flow overhead: {fit['fixed_seconds']:.1f} s fixed + {fit['per_concept_seconds']:.2f} s per concept; under 15 % "
-        f"from N = {fit['under_15_percent_from_n']}."
-    )
+    cut = report.get("takedown")
+    if cut:
+        console.print(
+            f"N={sizes[-1]}: takedown of 1 concept {cut['takedown']['wall']:.1f} s ({cut['takedown']['ran']} ran, "
+            f"{cut['takedown']['reused']} reused) vs {cut['scratch']['concepts']} from scratch {cut['scratch']['wall']:.1f} s: "
+            f"{cut['speedup']:.0f}x; restore of {cut['restore']['concept']!r} {cut['restore']['wall']:.1f} s "
+            f"({cut['restore']['ran']} per-concept stages ran, fuse {cut['restore']['seconds']['fuse']:.1f} s). Warm workers, no evaluation."
+        )
+    if fit:
+        console.print(
+            f"Flow overhead: {fit['fixed_seconds']:.1f} s fixed + {fit['per_concept_seconds']:.2f} s per concept; under 15 % "
+            f"of the library's time from N = {fit['under_15_percent_from_n']}. Prefect's temporary server: "
+            f"{report['prefect_startup_seconds']:.1f} s, once per process."
+        )
 
 
 def main() -> None:
@@ -362,34 +394,49 @@ def main() -> None:
     parser.add_argument("--evaluate-up-to", type=int, default=16, help="evaluate every row up to this N; above, the 1-worker flow only")
     parser.add_argument("--tiny", action="store_true", help="builtin:tiny with a few steps: checks the script end to end")
     parser.add_argument("--json", help="write the report here too")
+    parser.add_argument("--table-from", help="print the table of an earlier run's JSON and stop")
+    parser.add_argument("--keep", action="store_true", help="keep the run's folder (stores, models, MLflow database)")
     args = parser.parse_args()
+    if args.table_from:
+        print_table(json.loads(Path(args.table_from).read_text()))
+        return
     sizes = sorted(int(n) for n in (args.sizes or ("1,2" if args.tiny else "1,4,16,64")).split(","))
     workers = [int(w) for w in args.workers.split(",")]
     torch.set_num_threads(1)
 
     root = Path(tempfile.mkdtemp(prefix="erasure-scale-"))
+    try:
+        report = run(sizes, workers, args.tiny, args.evaluate_up_to, root)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    print_table(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def run(sizes: list[int], workers: list[int], tiny: bool, evaluate_up_to: int, root: Path) -> dict:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     os.environ.setdefault("PREFECT_HOME", str(root / "prefect"))
     os.environ["ERASURE_STATE_DIR"] = str(root / "state")
-    pool, preserve = concept_pool(args.tiny, sizes[-1])
-    requests = {n: request_for(pool[:n], preserve, args.tiny) for n in sizes}
+    pool, preserve = concept_pool(tiny, sizes[-1])
+    requests = {n: request_for(pool[:n], preserve, tiny) for n in sizes}
     model = requests[sizes[0]].model
     report = {
         "date": date.today().isoformat(), "model": model, "sizes": sizes, "workers": workers,
-        "machine": f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), torch {torch.__version__}, 1 thread per worker",
+        "machine": f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+                   "1 torch thread per worker (2 workers, the driver and Prefect share the CPUs)",
         "library": {}, "flow": {str(w): {} for w in workers}, "memory": {},
     }
-
-    from erasure.models import load_components
-
-    components = load_components(model)
     for n in sizes:
         out = root / f"library-{n}"
-        report["library"][n] = library_row(requests[n], out, evaluate=n <= args.evaluate_up_to)
-        report["memory"][n] = fusion_memory(components, out, requests[n])
-        print(f"library N={n}: {report['library'][n]['wall']:.1f} s", flush=True)
+        report["library"][str(n)] = library_row(requests[n], out, evaluate=n <= evaluate_up_to)
+        report["memory"][str(n)] = fusion_memory(out, requests[n])
+        print(f"library N={n}: {report['library'][str(n)]['wall']:.1f} s", flush=True)
 
     from prefect import flow
+
+    from tasks.compute import drop_pools, ensure_ray
 
     @flow
     def noop() -> int:
@@ -398,22 +445,18 @@ def main() -> None:
     timer = time.perf_counter()
     noop()
     report["prefect_startup_seconds"] = time.perf_counter() - timer
+    ensure_ray()  # once per process, like Prefect's server: no row pays it
     for n in sizes:
         for w in workers:
-            evaluate = n <= args.evaluate_up_to or w == 1
-            report["flow"][str(w)][n] = flow_row(requests[n], f"scale-{n}-{w}w", w, root, evaluate)
-            print(f"flow N={n} {w}w: {report['flow'][str(w)][n]['wall']:.1f} s", flush=True)
-            if n == sizes[-1] and w == 1:
-                os.environ["ERASURE_STORE"] = str(root / f"store-scale-{n}-1w")
+            evaluate = n <= evaluate_up_to or w == 1
+            report["flow"][str(w)][str(n)] = flow_row(requests[n], f"scale-{n}-{w}w", w, root, evaluate)
+            print(f"flow N={n} {w}w: {report['flow'][str(w)][str(n)]['wall']:.1f} s", flush=True)
+            if n == sizes[-1] and w == 1:  # flow_row left this row's store set: the takedown builds on it
                 report["takedown"] = takedown_rows(requests[n], pool[sizes[-1]], f"scale-{n}-1w", root)
-    report["overhead"] = overhead_fit(sizes, report["library"], report["flow"]["1"] if "1" in report["flow"] else {})
-
-    from tasks.compute import drop_pools
-
+    if "1" in report["flow"]:
+        report["overhead"] = overhead_fit(sizes, report["library"], report["flow"]["1"])
     drop_pools()
-    print_table(report)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=float) + "\n")
+    return report
 
 
 if __name__ == "__main__":

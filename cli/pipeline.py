@@ -55,7 +55,8 @@ def _print_version(result: dict) -> None:
         f"per-concept stages: {len(result['ran'])} ran, {len(result['reused'])} reused"
     )
     if result.get("seconds"):
-        out.print("seconds: " + ", ".join(f"{stage} {value:.1f}" for stage, value in result["seconds"].items()), highlight=False)
+        out.print("seconds: " + ", ".join(f"{stage} {value:.1f}" for stage, value in result["seconds"].items()),
+                  highlight=False, soft_wrap=True)
     if result.get("note"):  # rebased on a newer candidate, or candidate left where another flow moved it
         out.print(f"note: {escape(result['note'])}", highlight=False)
     if result.get("metrics"):

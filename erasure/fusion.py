@@ -16,6 +16,7 @@ takedown or a restore recomputes only this solve.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -62,20 +63,40 @@ def fuse(
     if fusion.method == "separable":
         concepts = list(concepts)
         return fused_weights(components, concepts, fusion_prior(prior, concepts), preserve, fusion)
+    statistics = accumulate(components, concepts, prior, fusion)
+    return statistics.base | solved_weights(
+        components, statistics.accumulator, statistics.edited, statistics.prior.gram(), preserve, fusion
+    )
+
+
+@dataclass
+class FusionStatistics:
+    """What MACE's and the constrained solve need, accumulated over a concept set."""
+
+    base: dict[str, torch.Tensor]  # every K/V projection of the base model
+    edited: dict[str, torch.Tensor]  # the ones the fusion changes
+    accumulator: FusionAccumulator
+    prior: PriorStatistics  # the base prior plus every concept's anchor states
+
+
+def accumulate(
+    components, concepts: Iterable[FusableConcept], prior: PriorStatistics, fusion: FusionSettings
+) -> FusionStatistics:
+    """One pass over ``concepts``: each is added to the statistics, then dropped."""
     base = base_weights(components)
     edited = edited_weights(base, fusion)
     accumulator = FusionAccumulator(prior.total.shape[0], {n: tuple(w.shape) for n, w in edited.items()})
-    anchors = PriorStatistics(prior.total.clone(), prior.count)
+    with_anchors = PriorStatistics(prior.total.clone(), prior.count)
     for concept in concepts:
         add_concept(accumulator, concept, edited)
-        anchors.add_anchors(concept.statistics)
-    return base | solved_weights(components, accumulator, edited, anchors.gram(), preserve, fusion)
+        with_anchors.add_anchors(concept.statistics)
+    return FusionStatistics(base, edited, accumulator, with_anchors)
 
 
 def fused_weights(
     components, concepts: Sequence[FusableConcept], prior_gram: torch.Tensor, preserve: PreserveSpec, fusion: FusionSettings
 ) -> dict[str, torch.Tensor]:
-    """``fuse`` with the concept set's prior Gram given (``fusion_prior``)."""
+    """``fuse`` with the concept set's prior Gram given (``fusion_prior``); SepME's fusion."""
     base = base_weights(components)
     if fusion.method == "separable":  # SepME's increments were trained on K and V together: both are fused
         return base | separable_weights(base, concepts, prior_gram, empty_prompt_states(components), fusion.threshold)

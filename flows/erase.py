@@ -22,7 +22,7 @@ from tasks.stages import (
     stage_prior,
     stage_register,
 )
-from tasks.store import store_from_url, store_settings
+from tasks.store import ArtifactError, store_from_url, store_settings
 
 
 class BaseModelChanged(ValueError):
@@ -75,8 +75,13 @@ def run_erasure(
     logger.info("stage seconds: %s", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     return version | {
         "ran": ran, "reused": [k for k in stages["keys"] if k not in ran],
-        "seconds": {k: round(v, 3) for k, v in seconds.items()}, "concept_workers": stages["workers"],
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "concept_workers": _merged(first["workers"], stages["workers"]) if stages is not first else first["workers"],
     }
+
+
+def _merged(first: dict[str, int], second: dict[str, int]) -> dict[str, int]:
+    return {k: first.get(k, 0) + second.get(k, 0) for k in {*first, *second}}
 
 
 def _concept_stages(request: ErasureRequest, workers: int, seconds: dict[str, float]) -> dict:
@@ -92,10 +97,10 @@ def _concept_stages(request: ErasureRequest, workers: int, seconds: dict[str, fl
     p_key = prior_key(base, request)
     stage_captions(request)
     keys = [concept_key(base, concept, request) for concept in request.concepts]
-    missing = [i for i, key in enumerate(keys) if not store.exists(key)]
-    if not store.exists(p_key):
+    missing = [i for i, key in enumerate(keys) if not _published(store, key)]
+    if not _published(store, p_key):
         stage_prior(request, p_key, workers)
-    seconds["prior"] = seconds.get("prior", 0.0) + time.perf_counter() - timer
+    seconds["prior"] = seconds.get("prior", 0.0) + time.perf_counter() - timer  # with the captions and the lookups
 
     timer = time.perf_counter()
     # one task per missing concept, all submitted at once: each runs on whichever worker is idle
@@ -106,9 +111,20 @@ def _concept_stages(request: ErasureRequest, workers: int, seconds: dict[str, fl
     per_worker: dict[str, int] = {}
     for c in concepts:
         if not c["reused"]:
-            per_worker[c["worker"]] = per_worker.get(c["worker"], 0) + 1
+            worker = c.get("worker", "unknown")  # an actor running an older release does not say
+            per_worker[worker] = per_worker.get(worker, 0) + 1
     logger.info("per-concept stages: %d ran, %d reused", len(ran), len(keys) - len(ran))
     return {"base": base, "prior_key": p_key, "keys": keys, "ran": ran, "workers": per_worker}
+
+
+def _published(store, key: str) -> bool:
+    """Whether ``key`` is published; a lookup that fails (a store hiccup) counts as missing: the
+    stage's task then runs, with its retries, and its worker looks again."""
+    try:
+        return store.exists(key)
+    except ArtifactError as error:
+        get_run_logger().warning("could not look up %s (%s); its stage will look again", key, error)
+        return False
 
 
 def _fuse_and_register(

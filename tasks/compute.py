@@ -324,7 +324,7 @@ def worker_pool(model: str, size: int, device: str | None = None) -> WorkerPool:
         return pool
 
 
-def warm_pool(model: str | Callable[[], str], size: int) -> threading.Thread:
+def warm_pool(model: str | Callable[[], str], size: int) -> threading.Thread | None:
     """Start the process's pool in a background thread, so that its cold start (Ray, then each actor
     importing torch and loading the model: about 10 s on a CPU) overlaps other start-up work (the
     command line: Prefect starting its temporary API server, as long again). ``model`` may be a
@@ -332,9 +332,21 @@ def warm_pool(model: str | Callable[[], str], size: int) -> threading.Thread:
     ``worker_pool`` call meanwhile waits for this one and reuses its pool. A failure is only
     logged here: the flow's own ``worker_pool`` call meets it again and reports it."""
 
+    # Ray starts here, in the calling thread: the processes of a local Ray die with the *thread*
+    # that started them (Linux's parent-death signal), and this thread outlives the flow
+    try:
+        ensure_ray()
+    except Exception as error:  # noqa: BLE001 (reported by the flow's own call)
+        logger.debug("starting Ray failed (the flow will say why): %s", error)
+        return None
+
     def start() -> None:
         try:
-            worker_pool(model() if callable(model) else model, size)
+            name = model() if callable(model) else model
+            with _lock:
+                if _pools:  # never replace a pool a flow may already use
+                    return
+            worker_pool(name, size)
         except Exception as error:  # noqa: BLE001 (reported by the flow's own call)
             logger.debug("warming the worker pool failed (the flow will say why): %s", error)
 

@@ -232,3 +232,20 @@ def test_captions_reach_the_worker_through_the_store_not_the_path(tmp_path, monk
     worker.prior(request, "priors/with-captions")
     prior = load_prior(store / "priors" / "with-captions" / PRIOR_FILE)
     assert prior.count == expected.count and (prior.total - expected.total).abs().max() < 1e-9
+
+
+def test_a_pool_warmed_in_the_background_keeps_serving_after_its_thread_ends(base):
+    """Ray's local processes die with the thread that started them: ``warm_pool`` starts Ray in the
+    calling thread, so the pool its thread builds still serves once that thread is gone."""
+    from tasks.compute import ensure_ray, warm_pool, worker_pool
+
+    ray.shutdown()  # Ray must start inside warm_pool for this to test anything
+    try:
+        thread = warm_pool(lambda: str(base), 1)
+        thread.join(timeout=120)
+        assert not thread.is_alive()
+        time.sleep(3)  # a parent-death signal would have killed the raylet by now
+        pool = worker_pool(str(base), 1)
+        assert pool.prior(REQUEST, "after-warm")["key"] == "after-warm"
+    finally:
+        ensure_ray()  # the module's other tests share one local Ray

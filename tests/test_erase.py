@@ -122,18 +122,27 @@ def test_the_erased_model_is_rebuilt_exactly_from_its_stored_artifacts(tmp_path,
     for name, weight in rebuilt.items():
         assert torch.allclose(weight, saved[name].weight, atol=1e-6), name
 
-    # the workers' path: the artifacts read one at a time, as a generator, read exactly once
-    read = []
+    # the workers' path: the artifacts read one at a time, as a generator, once; an artifact is
+    # let go once added (the loop still names the last one while the next is read)
+    import gc
+    import weakref
+
+    read, alive_before = [], []
 
     def one_at_a_time():
-        for name in ("cat", "van gogh"):
-            read.append(name)
-            yield load_concept(tmp_path / "out" / "concepts" / erase_module.slug(name))
+        for name in ("cat", "van gogh", "cat", "van gogh"):
+            gc.collect()
+            alive_before.append(sum(ref() is not None for ref in read))
+            artifact = load_concept(tmp_path / "out" / "concepts" / erase_module.slug(name))
+            read.append(weakref.ref(artifact))
+            yield artifact
 
     streamed = fuse(tiny, one_at_a_time(), load_prior(tmp_path / "out" / PRIOR_FILE), request.preserve, request.fusion)
-    assert read == ["cat", "van gogh"]
+    assert len(read) == 4 and alive_before == [0, 1, 1, 1]  # never more than the one being added
+    doubled = [*concepts, *concepts]
+    twice = fused_weights(tiny, doubled, fusion_prior(load_prior(tmp_path / "out" / PRIOR_FILE), doubled), request.preserve, request.fusion)
     for name, weight in streamed.items():
-        assert torch.allclose(weight, saved[name].weight, atol=1e-6), name
+        assert torch.allclose(weight, twice[name], atol=1e-6), name
 
 
 def test_concept_folder_names_never_collide():

@@ -135,8 +135,15 @@ def test_the_worker_pool_is_warmed_in_the_background_and_its_failures_left_to_th
         if model == "broken":
             raise RuntimeError("no such model")
 
+    rays = []
     monkeypatch.setattr(compute, "worker_pool", pool)
+    monkeypatch.setattr(compute, "ensure_ray", lambda: rays.append(threading.current_thread().name))
+    monkeypatch.setattr(compute, "_pools", {})
     compute.warm_pool(lambda: "builtin:tiny", 2).join(timeout=10)
     assert calls == [("builtin:tiny", 2, "erasure-warm-pool")]
+    assert rays == [threading.main_thread().name]  # Ray's processes die with the thread that started them
     compute.warm_pool("broken", 1).join(timeout=10)  # logged, not raised: the flow says why
     assert calls[-1][0] == "broken"
+    monkeypatch.setattr(compute, "_pools", {("builtin:tiny",): object()})
+    compute.warm_pool("other", 1).join(timeout=10)
+    assert calls[-1][0] == "broken"  # a pool a flow may be using is never replaced by a warm-up
