@@ -316,26 +316,26 @@ def overhead_fit(sizes: list[int], library: dict, flow: dict) -> dict:
     extra = [flow[k]["wall"] - flow[k]["seconds"].get("evaluate", 0.0) - v for k, v in zip(keys, lib)]
     fixed, slope = line([float(n) for n in sizes], extra)
     lib_fixed, lib_slope = line([float(n) for n in sizes], lib)
-    # fixed + slope N < 0.15 (lib_fixed + lib_slope N)  <=>  N (0.15 lib_slope - slope) > fixed - 0.15 lib_fixed
+    # fixed + slope N < 0.15 (lib_fixed + lib_slope N)  <=>  N (0.15 lib_slope - slope) > fixed - 0.15 lib_fixed;
+    # when the flow's cost per concept is 15 % of the library's or more, no N is large enough
     gain, gap = 0.15 * lib_slope - slope, fixed - 0.15 * lib_fixed
-    under = 1 if gap < 0 else (math.floor(gap / gain) + 1 if gain > 0 else None)
+    under = (1 if gap < 0 else math.floor(gap / gain) + 1) if gain > 0 else None
     return {"overhead_seconds": dict(zip(keys, extra)), "overhead_percent": {k: 100 * y / v for k, y, v in zip(keys, extra, lib)},
             "fixed_seconds": fixed, "per_concept_seconds": slope, "under_15_percent_from_n": under}
 
 
-def print_table(report: dict) -> None:
+def print_table(report: dict, markdown: bool = False) -> None:
+    """The report as a table (rich), or as Markdown for the README."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console(width=170)
     sizes = [str(n) for n in report["sizes"]]
-    table = Table(title=f"scale: {report['model']}, {report['machine']}, {report['date']}")
-    table.add_column("row")
-    for n in sizes:
-        table.add_column(f"N={n}", justify="right")
+    title = f"scale: {report['model']}, {report['machine']}, {report['date']}"
+    rows: list[list[str]] = []
 
     def line(label, cell):
-        table.add_row(label, *[cell(n) for n in sizes])
+        rows.append([label, *[cell(n) for n in sizes]])
 
     lib, flows = report["library"], report["flow"]
     fmt = lambda value: "" if value is None else f"{value:.1f}"  # noqa: E731
@@ -369,8 +369,20 @@ def print_table(report: dict) -> None:
     line("fusion peak RSS MiB: reference-style", lambda n: f"{memory[n]['reference_style']['peak_rss_mib']:.1f}")
     line("fusion tensors MiB: ours / reference-style", lambda n: f"{memory[n]['ours_mace']['tensor_mib']:.1f} / {memory[n]['reference_style']['tensor_mib']:.1f}")
     line("fusion s: ours / reference-style (encodes)", lambda n: f"{memory[n]['ours_mace']['seconds']:.2f} / {memory[n]['reference_style']['seconds']:.2f}")
-    line("fusion max |W ours - W ref|", lambda n: f"{memory[n]['max_weight_difference']:.1e}")
-    console.print(table)
+    line("fusion: largest weight difference, ours vs reference-style", lambda n: f"{memory[n]['max_weight_difference']:.1e}")
+    if markdown:
+        print("| | " + " | ".join(f"N={n}" for n in sizes) + " |")
+        print("|---|" + "---:|" * len(sizes))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    else:
+        table = Table(title=title)
+        table.add_column("row")
+        for n in sizes:
+            table.add_column(f"N={n}", justify="right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
     cut = report.get("takedown")
     if cut:
         console.print(
@@ -381,8 +393,9 @@ def print_table(report: dict) -> None:
         )
     if fit:
         console.print(
-            f"Flow overhead: {fit['fixed_seconds']:.1f} s fixed + {fit['per_concept_seconds']:.2f} s per concept; under 15 % "
-            f"of the library's time from N = {fit['under_15_percent_from_n']}. Prefect's temporary server: "
+            f"Flow overhead (fit): {fit['fixed_seconds']:.1f} s fixed + {fit['per_concept_seconds']:.2f} s per concept; under 15 % "
+            f"of the library's time " + (f"from N = {fit['under_15_percent_from_n']}" if fit["under_15_percent_from_n"] else
+            "at no large N (its cost per concept is over 15 % of the library's)") + ". Prefect's temporary server: "
             f"{report['prefect_startup_seconds']:.1f} s, once per process."
         )
 
@@ -395,10 +408,16 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="builtin:tiny with a few steps: checks the script end to end")
     parser.add_argument("--json", help="write the report here too")
     parser.add_argument("--table-from", help="print the table of an earlier run's JSON and stop")
+    parser.add_argument("--markdown", action="store_true", help="with --table-from: print Markdown (the README's table)")
     parser.add_argument("--keep", action="store_true", help="keep the run's folder (stores, models, MLflow database)")
     args = parser.parse_args()
     if args.table_from:
-        print_table(json.loads(Path(args.table_from).read_text()))
+        report = json.loads(Path(args.table_from).read_text())
+        if "1" in report["flow"]:  # the fit from the raw rows, so a fixed fit applies to earlier runs too
+            report["overhead"] = overhead_fit(report["sizes"], report["library"], report["flow"]["1"])
+        print_table(report, markdown=args.markdown)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         return
     sizes = sorted(int(n) for n in (args.sizes or ("1,2" if args.tiny else "1,4,16,64")).split(","))
     workers = [int(w) for w in args.workers.split(",")]
