@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
 import shlex
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +95,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="erasure-cli-latency-"))
     modes = args.modes.split(",")
     report = {mode: run_mode(mode, root) for mode in modes}
+    report["date"] = date.today().isoformat()
+    report["machine"] = f"{os.cpu_count()} CPUs ({platform.machine()})"
 
     from rich.console import Console
     from rich.table import Table
@@ -103,7 +107,7 @@ def main() -> None:
         table.add_column(f"{mode}: wall s", justify="right")
         table.add_column(f"{mode}: where it goes (s)")
     for label, _ in COMMANDS:
-        cells = []
+        cells: list[str] = []
         for mode in modes:
             row = report[mode][label]
             shown = {k: v for k, v in row["stages"].items() if v >= 0.05}

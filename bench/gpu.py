@@ -201,7 +201,7 @@ def main() -> None:
     torch.set_num_threads(1 if args.tiny else torch.get_num_threads())
     if args.fusion_only:
         components = sd14_components("cpu")
-        report = {"device": f"cpu, {torch.get_num_threads()} threads", "shapes": "SD-1.4 (d = 768, 32 K/V projections)",
+        report = {"date": time.strftime("%Y-%m-%d"), "device": f"cpu, {torch.get_num_threads()} threads", "shapes": "SD-1.4 (d = 768, 32 K/V projections)",
                   "fusion_cpu_float64_seconds": {n: fusion_seconds(components, n) for n in (10, 100)}}
         for n, seconds in report["fusion_cpu_float64_seconds"].items():
             print(f"SD-1.4 shapes, {n} concepts, CPU float64 ({torch.get_num_threads()} threads): {seconds}")

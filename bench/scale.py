@@ -319,7 +319,10 @@ def overhead_fit(sizes: list[int], library: dict, flow: dict) -> dict:
     # fixed + slope N < 0.15 (lib_fixed + lib_slope N)  <=>  N (0.15 lib_slope - slope) > fixed - 0.15 lib_fixed;
     # when the flow's cost per concept is 15 % of the library's or more, no N is large enough
     gain, gap = 0.15 * lib_slope - slope, fixed - 0.15 * lib_fixed
-    under = (1 if gap < 0 else math.floor(gap / gain) + 1) if gain > 0 else None
+    if gain > 0:
+        under = 1 if gap < 0 else math.floor(gap / gain) + 1
+    else:  # not falling with N: under 15 % everywhere only if it already is at N = 1 and never grows
+        under = 1 if gain == 0 and gap < 0 else None
     return {"overhead_seconds": dict(zip(keys, extra)), "overhead_percent": {k: 100 * y / v for k, y, v in zip(keys, extra, lib)},
             "fixed_seconds": fixed, "per_concept_seconds": slope, "under_15_percent_from_n": under}
 

@@ -76,12 +76,16 @@ def run_erasure(
     return version | {
         "ran": ran, "reused": [k for k in stages["keys"] if k not in ran],
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "concept_workers": _merged(first["workers"], stages["workers"]) if stages is not first else first["workers"],
+        "concept_workers": _per_worker(ran, first["worker_of"] | stages["worker_of"]),
     }
 
 
-def _merged(first: dict[str, int], second: dict[str, int]) -> dict[str, int]:
-    return {k: first.get(k, 0) + second.get(k, 0) for k in {*first, *second}}
+def _per_worker(ran: list[str], worker_of: dict[str, str]) -> dict[str, int]:
+    """How many of the concepts that ran (in the version's lineage) each actor ran."""
+    counts: dict[str, int] = {}
+    for key in ran:
+        counts[worker_of[key]] = counts.get(worker_of[key], 0) + 1
+    return counts
 
 
 def _concept_stages(request: ErasureRequest, workers: int, seconds: dict[str, float]) -> dict:
@@ -108,13 +112,10 @@ def _concept_stages(request: ErasureRequest, workers: int, seconds: dict[str, fl
     concepts = [future.result() for future in futures]
     seconds["concepts"] = seconds.get("concepts", 0.0) + time.perf_counter() - timer
     ran = [c["key"] for c in concepts if not c["reused"]]
-    per_worker: dict[str, int] = {}
-    for c in concepts:
-        if not c["reused"]:
-            worker = c.get("worker", "unknown")  # an actor running an older release does not say
-            per_worker[worker] = per_worker.get(worker, 0) + 1
+    # which actor ran each (one running an older release does not say)
+    worker_of = {c["key"]: c.get("worker", "unknown") for c in concepts if not c["reused"]}
     logger.info("per-concept stages: %d ran, %d reused", len(ran), len(keys) - len(ran))
-    return {"base": base, "prior_key": p_key, "keys": keys, "ran": ran, "workers": per_worker}
+    return {"base": base, "prior_key": p_key, "keys": keys, "ran": ran, "worker_of": worker_of}
 
 
 def _published(store, key: str) -> bool:

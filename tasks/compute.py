@@ -304,10 +304,13 @@ class WorkerPool:
                 pass
 
 
-def worker_pool(model: str, size: int, device: str | None = None) -> WorkerPool:
+def worker_pool(model: str, size: int, device: str | None = None, replace: bool = True) -> WorkerPool | None:
     """The process's pool for ``model`` on ``device`` (see ``resolve_device``): reused when it has
     at least ``size`` workers, else replaced (pools hold their CPUs/GPUs, so two pools side by
-    side could starve each other)."""
+    side could starve each other); with ``replace`` False, None instead of replacing one.
+
+    The first call starts a local Ray: make it from a thread that lives as long as the pool (the
+    main thread), since Ray's local processes die with the thread that started them."""
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"workers must be a whole number >= 1, not {size!r}")
     store_url, endpoint = store_settings()
@@ -317,6 +320,8 @@ def worker_pool(model: str, size: int, device: str | None = None) -> WorkerPool:
         for (pool_key, pool_size), pool in _pools.items():
             if pool_key == key and pool_size >= size:
                 return pool
+        if _pools and not replace:
+            return None
         for pool in _pools.values():
             pool.shutdown()
         _pools.clear()
@@ -325,9 +330,9 @@ def worker_pool(model: str, size: int, device: str | None = None) -> WorkerPool:
 
 
 def warm_pool(model: str | Callable[[], str], size: int) -> threading.Thread | None:
-    """Start the process's pool in a background thread, so that its cold start (Ray, then each actor
-    importing torch and loading the model: about 10 s on a CPU) overlaps other start-up work (the
-    command line: Prefect starting its temporary API server, as long again). ``model`` may be a
+    """Start Ray here, then the process's pool in a background thread, so that the actors' cold
+    start (each importing torch and loading the model: about 6 s on a CPU) overlaps other start-up
+    work (the command line: Prefect starting its temporary API server, 12 s). ``model`` may be a
     callable (a registered version's base model, read from MLflow in the thread). A
     ``worker_pool`` call meanwhile waits for this one and reuses its pool. A failure is only
     logged here: the flow's own ``worker_pool`` call meets it again and reports it."""
@@ -342,11 +347,7 @@ def warm_pool(model: str | Callable[[], str], size: int) -> threading.Thread | N
 
     def start() -> None:
         try:
-            name = model() if callable(model) else model
-            with _lock:
-                if _pools:  # never replace a pool a flow may already use
-                    return
-            worker_pool(name, size)
+            worker_pool(model() if callable(model) else model, size, replace=False)  # never a pool a flow uses
         except Exception as error:  # noqa: BLE001 (reported by the flow's own call)
             logger.debug("warming the worker pool failed (the flow will say why): %s", error)
 

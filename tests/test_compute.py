@@ -237,15 +237,17 @@ def test_captions_reach_the_worker_through_the_store_not_the_path(tmp_path, monk
 def test_a_pool_warmed_in_the_background_keeps_serving_after_its_thread_ends(base):
     """Ray's local processes die with the thread that started them: ``warm_pool`` starts Ray in the
     calling thread, so the pool its thread builds still serves once that thread is gone."""
+    import tasks.compute as compute
     from tasks.compute import ensure_ray, warm_pool, worker_pool
 
     ray.shutdown()  # Ray must start inside warm_pool for this to test anything
     try:
         thread = warm_pool(lambda: str(base), 1)
         thread.join(timeout=120)
-        assert not thread.is_alive()
+        assert not thread.is_alive() and compute._pools  # the thread built the pool
         time.sleep(3)  # a parent-death signal would have killed the raylet by now
         pool = worker_pool(str(base), 1)
         assert pool.prior(REQUEST, "after-warm")["key"] == "after-warm"
+        assert worker_pool("another-model", 1, replace=False) is None  # a warm-up leaves a flow's pool alone
     finally:
         ensure_ray()  # the module's other tests share one local Ray

@@ -117,7 +117,7 @@ def test_published_concepts_submit_no_task(monkeypatch):
     seconds = {}
     stages = erase_module._concept_stages(request, 1, seconds)
     assert submitted == [1] and priors == []  # only "dog" was missing; the prior was published
-    assert stages["ran"] == [concept_key(base, request.concepts[1], request)] and stages["workers"] == {"host:1": 1}
+    assert stages["ran"] == [concept_key(base, request.concepts[1], request)] and stages["worker_of"] == {concept_key(base, request.concepts[1], request): "host:1"}
     assert len(stages["keys"]) == 3 and set(seconds) == {"prior", "concepts"}
 
 
@@ -130,8 +130,9 @@ def test_the_worker_pool_is_warmed_in_the_background_and_its_failures_left_to_th
 
     calls = []
 
-    def pool(model, size):
+    def pool(model, size, replace=True):
         calls.append((model, size, threading.current_thread().name))
+        assert replace is False  # a warm-up never replaces a pool a flow may be using
         if model == "broken":
             raise RuntimeError("no such model")
 
@@ -144,6 +145,3 @@ def test_the_worker_pool_is_warmed_in_the_background_and_its_failures_left_to_th
     assert rays == [threading.main_thread().name]  # Ray's processes die with the thread that started them
     compute.warm_pool("broken", 1).join(timeout=10)  # logged, not raised: the flow says why
     assert calls[-1][0] == "broken"
-    monkeypatch.setattr(compute, "_pools", {("builtin:tiny",): object()})
-    compute.warm_pool("other", 1).join(timeout=10)
-    assert calls[-1][0] == "broken"  # a pool a flow may be using is never replaced by a warm-up
