@@ -85,9 +85,9 @@ def fusion_memory(components, concepts: int) -> int:
 
 def fusion_seconds(components, concepts: int, method: str = "constrained", seed: int = 0) -> dict[str, float]:
     """Seconds of the closed forms on the CPU in float64 for ``concepts`` concepts at this model's
-    shapes (synthetic statistics: random Gram matrices, rank-1 LoRA factors): adding them one at a
-    time, then the solve (the default, constrained, unless ``method`` says otherwise). Where the statistics live, the solves run: this
-    is what moving them to the GPU could save."""
+    shapes (synthetic statistics: random Gram matrices, rank-1 LoRA factors): adding them one at
+    a time, then the solve (``method``: the default, constrained). Where the statistics live, the
+    solves run: this is what moving them to the GPU could save."""
     from erasure.attention import cross_attention_projections
     from erasure.closed_form import DTYPE, ConceptStatistics, FusionAccumulator
     from erasure.fusion import edited_weights, solved_weights
