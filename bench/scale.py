@@ -126,7 +126,7 @@ def streamed_fusion(components, folders: list[Path], prior, request):
             largest[0] = max(largest[0], nbytes(held))
             yield artifact
 
-    statistics = accumulate(components, one_at_a_time(), prior, request.fusion)
+    statistics = accumulate(components, one_at_a_time(), request.fusion, prior)
     accumulator = statistics.accumulator
     held = nbytes([accumulator.gram_sum, accumulator.mapped_gram_sum, *accumulator.lora_terms.values(), statistics.prior.total])
     weights = solved_weights(components, accumulator, statistics.edited, statistics.prior.gram(), request.preserve, request.fusion)

@@ -63,7 +63,7 @@ def fuse(
     if fusion.method == "separable":
         concepts = list(concepts)
         return fused_weights(components, concepts, fusion_prior(prior, concepts), preserve, fusion)
-    statistics = accumulate(components, concepts, prior, fusion)
+    statistics = accumulate(components, concepts, fusion, prior)
     return statistics.base | solved_weights(
         components, statistics.accumulator, statistics.edited, statistics.prior.gram(), preserve, fusion
     )
@@ -76,20 +76,23 @@ class FusionStatistics:
     base: dict[str, torch.Tensor]  # every K/V projection of the base model
     edited: dict[str, torch.Tensor]  # the ones the fusion changes
     accumulator: FusionAccumulator
-    prior: PriorStatistics  # the base prior plus every concept's anchor states
+    prior: PriorStatistics | None  # the base prior plus every concept's anchor states, when given one
 
 
 def accumulate(
-    components, concepts: Iterable[FusableConcept], prior: PriorStatistics, fusion: FusionSettings
+    components, concepts: Iterable[FusableConcept], fusion: FusionSettings, prior: PriorStatistics | None = None
 ) -> FusionStatistics:
-    """One pass over ``concepts``: each is added to the statistics, then dropped."""
+    """One pass over ``concepts``: each is added to the statistics (and its anchor states to a copy
+    of ``prior``), then dropped."""
     base = base_weights(components)
     edited = edited_weights(base, fusion)
-    accumulator = FusionAccumulator(prior.total.shape[0], {n: tuple(w.shape) for n, w in edited.items()})
-    with_anchors = PriorStatistics(prior.total.clone(), prior.count)
+    dim = next(iter(edited.values())).shape[1]
+    accumulator = FusionAccumulator(dim, {n: tuple(w.shape) for n, w in edited.items()})
+    with_anchors = PriorStatistics(prior.total.clone(), prior.count) if prior is not None else None
     for concept in concepts:
         add_concept(accumulator, concept, edited)
-        with_anchors.add_anchors(concept.statistics)
+        if with_anchors is not None:
+            with_anchors.add_anchors(concept.statistics)
     return FusionStatistics(base, edited, accumulator, with_anchors)
 
 
@@ -97,14 +100,13 @@ def fused_weights(
     components, concepts: Sequence[FusableConcept], prior_gram: torch.Tensor, preserve: PreserveSpec, fusion: FusionSettings
 ) -> dict[str, torch.Tensor]:
     """``fuse`` with the concept set's prior Gram given (``fusion_prior``); SepME's fusion."""
-    base = base_weights(components)
     if fusion.method == "separable":  # SepME's increments were trained on K and V together: both are fused
+        base = base_weights(components)
         return base | separable_weights(base, concepts, prior_gram, empty_prompt_states(components), fusion.threshold)
-    edited = edited_weights(base, fusion)
-    accumulator = FusionAccumulator(prior_gram.shape[0], {n: tuple(w.shape) for n, w in edited.items()})
-    for concept in concepts:
-        add_concept(accumulator, concept, edited)
-    return base | solved_weights(components, accumulator, edited, prior_gram, preserve, fusion)
+    statistics = accumulate(components, concepts, fusion)
+    return statistics.base | solved_weights(
+        components, statistics.accumulator, statistics.edited, prior_gram, preserve, fusion
+    )
 
 
 def base_weights(components) -> dict[str, torch.Tensor]:
