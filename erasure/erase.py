@@ -43,7 +43,7 @@ from erasure.closed_form import (
     refinement_map,
 )
 from erasure.data import ConceptData, generate_concept_data
-from erasure.fusion import FusableConcept, fuse, fusion_prior  # noqa: F401 (FusableConcept: re-exported)
+from erasure.fusion import FusableConcept, editable_projector, fuse, fusion_prior  # noqa: F401 (FusableConcept: re-exported)
 from erasure.lora import train_concept_lora
 from erasure.mining import mined_words, never_mined, with_perturbed_neighbours
 from erasure.models import Components, fingerprint, load_components, sampling_defaults, save_components
@@ -117,8 +117,13 @@ def prior_statistics(components: Components, prompts: list[str], batch_size: int
 
 
 def base_prior(components: Components, request: ErasureRequest) -> PriorStatistics:
-    """Stage 1: the statistics of every prompt whose K/V must not move."""
-    return prior_statistics(components, prior_prompts(request))
+    """Stage 1: the statistics of every prompt whose K/V must not move. With the constrained fusion,
+    an error here, before any per-concept work, when they leave no direction to edit in (each
+    concept's anchors only add to them)."""
+    prior = prior_statistics(components, prior_prompts(request))
+    if request.fusion.method == "constrained":
+        editable_projector(components, prior.gram(), request.fusion)
+    return prior
 
 
 # --------------------------------------------------------------------------- stage 2: per concept

@@ -131,13 +131,7 @@ def solved_weights(
     if fusion.method == "mace":
         solve = lambda extra: accumulator.fuse(edited, prior_gram, preserve.lam2, preserve.ridge, extra)  # noqa: E731
     else:
-        projector = null_space_projector(prior_gram, fusion.threshold, empty_prompt_states(components))
-        if null_space_dimension(projector) == 0:
-            raise RequestError(
-                f"fusion.threshold {fusion.threshold}: the retained states use every direction of the text space, so "
-                "the constrained fusion has nothing left to edit; raise fusion.threshold, lower "
-                "method.mining.beyond_per_state (its states join the prior), or use fusion.method: mace"
-            )
+        projector = editable_projector(components, prior_gram, fusion)
         solve = lambda extra: constrained_weights(accumulator, edited, projector, fusion.alpha, extra)  # noqa: E731
     weights = solve(None)
     extra = None
@@ -146,6 +140,20 @@ def solved_weights(
         extra = found if extra is None else extra + found
         weights = solve(extra)
     return weights
+
+
+def editable_projector(components, prior_gram: torch.Tensor, fusion: FusionSettings) -> torch.Tensor:
+    """The constrained fusion's projector on the directions the retained states leave free; an error
+    when they leave none (a text space narrower than the states it must keep, such as the tiny
+    test model's 32-wide encoder)."""
+    projector = null_space_projector(prior_gram, fusion.threshold, empty_prompt_states(components))
+    if null_space_dimension(projector) == 0:
+        raise RequestError(
+            f"fusion.threshold {fusion.threshold}: the retained states use every direction of the text space, so "
+            "the constrained fusion has nothing left to edit; raise fusion.threshold, lower "
+            "method.mining.beyond_per_state (its states join the prior), or use fusion.method: mace"
+        )
+    return projector
 
 
 def constrained_weights(

@@ -266,3 +266,22 @@ def test_erase_with_a_bidirectional_text_encoder_end_to_end(tmp_path, encoder):
     assert edited
     images, _ = sample(erased, ["a photo of the kitty"], [0], 2, 2.0)
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_the_tiny_models_example_request_runs_as_given(tmp_path):
+    """examples/quickstart.yaml names builtin:tiny, whose 32-wide encoder leaves the default
+    constrained fusion nothing to edit in: the example names the fusion that fits it."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
+    result = CliRunner().invoke(app, ["erase", str(example), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "model" / "unet").is_dir()
+
+
+def test_a_constrained_fusion_with_no_room_fails_after_the_prior_before_any_concept_work(tiny):
+    """It used to fail at the fusion, after every concept's images and LoRA."""
+    request = parse_request({k: v for k, v in REQUEST.items() if k != "fusion"})
+    assert request.fusion.method == "constrained"
+    calls = []
+    with pytest.raises(RequestError, match="retained states use every direction of the text space.*fusion.method: mace"):
+        erase_module.run_stages(tiny, request, progress=lambda *call: calls.append(call))
+    assert calls == []  # not one concept started
