@@ -18,7 +18,6 @@ from cli.app import app, console, fail, services_app, warn
 from erasure.spec import CONCEPT_KINDS
 
 out = Console()
-NO_JUDGE_EXIT = 3  # distinct from a leak (1) and from bad input (2)
 
 
 def _concepts(names: list[str], kind: str, anchor: str | None, synonyms: list[str]) -> list[dict]:
@@ -26,24 +25,21 @@ def _concepts(names: list[str], kind: str, anchor: str | None, synonyms: list[st
 
 
 def _run_flow(call):
+    """Run ``call``; a product error is printed as its message (never a traceback), and the command
+    exits with the error's own code (``erasure.errors``)."""
     from pydantic import ValidationError
 
-    from erasure.evaluate import NoJudgeError
-    from erasure.spec import RequestError
-    from flows.erase import BaseModelChanged
-    from flows.takedown import ConceptStateError
-    from tasks.locks import LockError
-    from tasks.registry import RegistryError
-    from tasks.store import ArtifactError
+    from erasure.errors import ErasureError, NoVerdict
 
     try:
         return call()
-    except NoJudgeError as error:  # nothing was judged: neither a pass nor a leak
-        console.print(f"[bold yellow]no judge:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
-        raise typer.Exit(code=NO_JUDGE_EXIT) from None
-    except (RequestError, ConceptStateError, BaseModelChanged, LookupError, ValidationError) as error:
-        fail(str(error))
-    except (RegistryError, ArtifactError, LockError) as error:  # a service down, a corrupt artifact: say which
+    except NoVerdict as error:  # nothing was judged: neither a pass nor a leak
+        console.print(f"[bold yellow]no verdict:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(code=error.exit_code) from None
+    except ErasureError as error:
+        console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(code=error.exit_code) from None
+    except (LookupError, ValidationError) as error:  # a registered name or version that is not there
         fail(str(error))
 
 
@@ -117,8 +113,11 @@ def takedown(
         parse_concepts(specs)
     except RequestError as error:
         fail(str(error))
-    from flows.takedown import takedown_flow
+    from flows.takedown import rerun_notice, takedown_flow
 
+    notice = _run_flow(lambda: rerun_notice(model, specs))
+    if notice:
+        warn([notice])
     _warm_pool_for(model, workers)
     result = _run_flow(lambda: takedown_flow(model, specs, workers, evaluate))
     _print_version(result)
@@ -216,15 +215,18 @@ def audit(
         if model != spec["model"] and not Path(model).is_dir():
             fail(f"{model!r} is not a model folder (with --request, audit a folder or the request's own model)")
     arguments = json.loads(chosen.model_dump_json())
-    try:
-        result = _run_flow(lambda: audit_flow(model, arguments, workers, attacks, seed, spec))
-    except (ConceptLeak, AuditInconclusive) as error:
-        if getattr(error, "result", None):
-            _print_audit(error.result)
-        inconclusive = isinstance(error, AuditInconclusive)
-        label = "[bold yellow]audit inconclusive:[/]" if inconclusive else "[bold red]audit failed:[/]"
-        console.print(f"{label} {escape(str(error))}", soft_wrap=True, highlight=False)
-        raise typer.Exit(code=NO_JUDGE_EXIT if inconclusive else 1) from None
+
+    def audited() -> dict:
+        try:
+            return audit_flow(model, arguments, workers, attacks, seed, spec)
+        except (ConceptLeak, AuditInconclusive) as error:  # a verdict: its numbers, then its exit code
+            if getattr(error, "result", None):
+                _print_audit(error.result)
+            label = "[bold yellow]audit inconclusive:[/]" if isinstance(error, AuditInconclusive) else "[bold red]audit failed:[/]"
+            console.print(f"{label} {escape(str(error))}", soft_wrap=True, highlight=False)
+            raise typer.Exit(code=error.exit_code) from None
+
+    result = _run_flow(audited)
     _print_audit(result)
     out.print("[bold green]audit passed[/]")
 
@@ -238,16 +240,12 @@ def promote(
 ) -> None:
     """Point an alias (default: production) at a version that passed its audit under the deployment's
     policy (${POLICY_VARIABLE}, else the built-in one; not chosen per promotion)."""
-    from tasks.registry import PromotionRefused
     from tasks.registry import promote as set_alias
 
     chosen = _policy(None)
     if override_audit is not None and not override_audit.strip():
         fail("--override-audit needs a reason")
-    try:
-        how = _run_flow(lambda: set_alias(model, version, alias, chosen, override_audit))
-    except PromotionRefused as error:
-        fail(str(error))
+    how = _run_flow(lambda: set_alias(model, version, alias, chosen, override_audit))  # PromotionRefused: exit 2
     out.print(f"{escape(model)}@{escape(alias)} -> version {escape(version)} ({escape(how)})", highlight=False)
 
 

@@ -53,13 +53,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from erasure.errors import ErasureError
 from tasks.state import private_dir, state_dir
 
 NAMES = ("s3", "mlflow", "prefect")
 _children: dict[str, subprocess.Popen] = {}  # servers this process started: reaped when stopped
 
 
-class ServiceError(RuntimeError):
+class ServiceError(ErasureError, RuntimeError):
     """A problem with the local services, worded for the user (no traceback needed)."""
 
 

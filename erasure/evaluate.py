@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from erasure.errors import NoVerdict
 from erasure.metrics import harmonic_o, pixel_drift, unconditional_drift
 from erasure.sampling import sample
 
@@ -97,7 +98,7 @@ def evaluate(
     )
 
 
-class NoJudgeError(ValueError):
+class NoJudgeError(NoVerdict, ValueError):
     """The base model has no judge: nothing can say whether its images show a concept."""
 
 

@@ -34,15 +34,16 @@ import numpy as np
 import torch
 from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer
 
+from erasure.errors import NoVerdict
 from erasure.probes import Probe
 from erasure.sampling import to_pil
 
 
-class JudgeLoadError(ValueError):
+class JudgeLoadError(NoVerdict, ValueError):
     """A judge could not be built from what it was given (a folder, a package, an entry point)."""
 
 
-class UncalibratedJudgeError(RuntimeError):
+class UncalibratedJudgeError(NoVerdict, RuntimeError):
     """A judge was asked for verdicts before its decision threshold was calibrated."""
 
 

@@ -20,6 +20,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from erasure.builtins import BUILTIN_PREFIX, DEFAULT_MODEL, builtin_names, find_builtin
+from erasure.errors import ErasureError
 
 ConceptKind = Literal["object", "person", "style", "explicit"]
 CONCEPT_KINDS: tuple[str, ...] = get_args(ConceptKind)
@@ -74,7 +75,7 @@ Text = Annotated[str, AfterValidator(lambda v: printable_text(v, MAX_TEXT_CHARS)
 Prompt = Annotated[str, AfterValidator(lambda v: printable_text(v, MAX_PROMPT_CHARS))]
 
 
-class RequestError(ValueError):
+class RequestError(ErasureError, ValueError):
     """A request that cannot be run, with a message that says what to fix."""
 
 

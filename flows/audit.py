@@ -14,20 +14,21 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from erasure.errors import LeakFound, NoVerdict
 from erasure.evaluate import NoJudgeError
 from erasure.policy import AuditPolicy, judge_verdict, load_policy, parse_policy
 from erasure.spec import RequestError, inside_input_root, parse_request, registered_request
-from tasks.registry import log_audit, resolve, served_reference, version_request
+from tasks.registry import log_audit, resolve, served_reference, start_audit, version_request
 from tasks.stages import stage_audit
 from tasks.store import ArtifactError
 
 
-class ConceptLeak(RuntimeError):
+class ConceptLeak(LeakFound, RuntimeError):
     """The audited model breaks the policy (a concept leaked, specificity lost, an attack succeeded,
     or the artifact is not the one registered)."""
 
 
-class AuditInconclusive(RuntimeError):
+class AuditInconclusive(NoVerdict, RuntimeError):
     """Nothing could be proved: a judge cannot see a concept on the base model, or an attack fails
     even there. Never a pass."""
 
@@ -76,12 +77,13 @@ def audit_flow(
             folder = inside_input_root(Path(model).expanduser().resolve(), "model")
             target = {"folder": str(folder), "label": model}
 
+    # recorded before anything is sampled: an audit stopped before its verdict still counts (as not passed)
+    run_id = start_audit(name, version, policy, seed, served_sha256, seed_chosen)
+    logger.info("audit of %s started (seed %d, MLflow run %s)", model, seed, run_id)
+
     def finish(outcome: str, reasons: list[str], result: dict | None = None, attacks_run: bool = False) -> dict:
         result = result or {"metrics": {}, "summary": {}, "report_html": None}
-        run_id = log_audit(
-            name, version, outcome, reasons, policy, seed, attacks_run, served_sha256, result["metrics"],
-            result["summary"], result["report_html"], seed_chosen,
-        )
+        log_audit(run_id, name, outcome, reasons, policy, attacks_run, result["metrics"], result["summary"], result["report_html"])
         return _verdict(logger, model, outcome, reasons, seed, run_id, result)
 
     if failures:  # nothing to sample: the registration itself is not what it claims
@@ -90,8 +92,8 @@ def audit_flow(
         result = stage_audit(spec, target, policy, seed, attacks, workers)
     except ArtifactError as error:
         return finish("failed", [*failures, f"the served artifact does not match its registration: {error}"])
-    except (NoJudgeError, RequestError) as error:  # nothing was judged: recorded, and never a pass
-        return finish("inconclusive", [str(error)])
+    except (NoVerdict, RequestError) as error:  # nothing was judged (no judge, one that does not load or
+        return finish("inconclusive", [str(error)])  # calibrate, bad probes): recorded, and never a pass
     verdict = judge_verdict(result["metrics"], policy, result["summary"]["calibration"], result["summary"]["attacks"])
     return finish(verdict.outcome, verdict.failures + verdict.inconclusive, result, attacks and bool(policy.attacks))
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from prefect import flow, get_run_logger
 
+from erasure.errors import ErasureError
 from erasure.spec import ErasureRequest, parse_request
 from tasks.compute import worker_pool
 from tasks.keys import concept_key, concept_set_hash, model_key, prior_key, request_hash
@@ -25,7 +26,7 @@ from tasks.stages import (
 from tasks.store import ArtifactError, store_from_url, store_settings
 
 
-class BaseModelChanged(ValueError):
+class BaseModelChanged(ErasureError, ValueError):
     """A takedown or restore whose parent was erased from another base model than the one its
     request names today: fusing its concepts onto this model would be meaningless."""
 

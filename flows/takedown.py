@@ -16,12 +16,13 @@ from collections.abc import Callable
 
 from prefect import flow
 
+from erasure.errors import ErasureError
 from erasure.spec import ConceptSpec, ErasureRequest, normalise, parse_concepts, registered_request
 from flows.erase import Lineage, run_erasure
 from tasks.registry import CANDIDATE, RegisteredVersion, alias_version, is_explicit, resolve, version_request
 
 
-class ConceptStateError(ValueError):
+class ConceptStateError(ErasureError, ValueError):
     """A takedown of a concept already erased, or a restore of one that is not."""
 
 
@@ -77,6 +78,22 @@ def no_longer_preserved(request: ErasureRequest, new: list[ConceptSpec]) -> list
     """The parent's preserved concepts that ``new`` takes down."""
     taken = {normalise(v) for c in new for v in c.variants}
     return [p for p in request.preserve.concepts if normalise(p) in taken]
+
+
+def rerun_notice(model: str, concepts: list[dict]) -> str | None:
+    """What to tell the operator before a takedown starts when it will rerun every concept: taking
+    down a concept the parent preserves changes the prior (the retained states), and every
+    concept's refinement and LoRA were made against that prior. None when only the new concepts run."""
+    parent = resolve(parent_reference(model))
+    request = registered_request(version_request(parent))
+    moved = no_longer_preserved(request, parse_concepts(concepts))
+    if not moved:
+        return None
+    return (
+        f"{', '.join(moved)} {'is' if len(moved) == 1 else 'are'} preserved in {parent.name} version {parent.version}: "
+        f"taking {'it' if len(moved) == 1 else 'them'} down changes the prior that every concept was made against, so all "
+        f"{len(request.concepts) + len(concepts)} concepts rerun (as long as erasing them from scratch), not only the new one"
+    )
 
 
 @flow(name="takedown")

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from unittest import mock
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from erasure.errors import ErasureError
 from erasure.spec import ErasureRequest
 from tasks.state import env_seconds
 from tasks.store import store_settings
@@ -47,19 +48,19 @@ _lock = threading.Lock()
 _ray_lock = threading.Lock()
 
 
-class StageTimeout(TimeoutError):
+class StageTimeout(ErasureError, TimeoutError):
     """A stage (or an actor's start-up) ran past its timeout on Ray."""
 
 
-class WorkerLost(RuntimeError):
+class WorkerLost(ErasureError, RuntimeError):
     """A stage lost its actor twice in a row, or the pool was shut down under it."""
 
 
-class FingerprintMismatch(RuntimeError):
+class FingerprintMismatch(ErasureError, RuntimeError):
     """The pool's actors did not load the same base model."""
 
 
-class DeviceUnavailable(RuntimeError):
+class DeviceUnavailable(ErasureError, RuntimeError):
     """GPU workers were asked for on a Ray cluster without GPUs."""
 
 
@@ -227,6 +228,14 @@ class WorkerPool:
                 continue
             except (StageTimeout, FingerprintMismatch):
                 self._replace(slot)
+                raise
+            except RayTaskError as error:
+                self._release(slot)  # the stage failed, its actor is fine
+                if isinstance(error.cause, ErasureError):
+                    # a product error says what to fix in its message; Ray's wrapper would prefix the
+                    # worker's traceback to it (kept in the debug log)
+                    logger.debug("stage %s failed on its worker:\n%s", stage, error)
+                    raise error.cause from None
                 raise
             except BaseException:
                 self._release(slot)  # the stage failed, its actor is fine

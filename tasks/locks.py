@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from erasure.errors import ErasureError
 from tasks.state import env_seconds
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ _probed: set[tuple] = set()
 _probe_lock = threading.Lock()
 
 
-class LockError(RuntimeError):
+class LockError(ErasureError, RuntimeError):
     """A lock could not be taken or was lost."""
 
 

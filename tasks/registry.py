@@ -31,6 +31,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from erasure.errors import ErasureError
 from erasure.spec import RequestError
 from tasks.state import private_dir, state_dir
 
@@ -59,7 +60,7 @@ def check_model_name(name: str) -> str:
     return name
 
 
-class RegistryError(RuntimeError):
+class RegistryError(ErasureError, RuntimeError):
     """The MLflow server cannot be reached or failed a request."""
 
 
@@ -330,27 +331,47 @@ def _metric_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\- ]", "_", text)[:80] + "-" + hashlib.sha256(text.encode()).hexdigest()[:6]
 
 
-def log_audit(
-    name: str, version: RegisteredVersion | None, outcome: str, reasons: list[str], policy, seed: int,
-    attacks_run: bool, served_sha256: str | None, metrics: dict, summary: dict, report_html: str | None,
-    seed_chosen: bool = False,
+STARTED = "started"  # an audit's outcome tag until it completes: promote counts it as not passed
+
+
+def start_audit(
+    name: str, version: RegisteredVersion | None, policy, seed: int, served_sha256: str | None, seed_chosen: bool = False,
 ) -> str:
-    """One MLflow run per audit, in the model's experiment: the verdict and its reasons, the policy
-    (as params and as a file), every metric overall and per concept (history over nightly audits),
-    attack success, and the HTML report."""
+    """Record an audit before it samples: an MLflow run tagged with what it audits (the version,
+    the policy's digest, the served artifact's sha256, the seed) and the outcome ``started``.
+    ``log_audit`` completes it; killed or crashed first, it stays so, and ``promote`` counts it
+    as not passed: an audit cannot be made to vanish by stopping it before its verdict."""
     configure()
     experiment(name)
-    with _mlflow(f"logging the audit of {name}"), mlflow.start_run(run_name=AUDIT_RUN) as run:
-        mlflow.set_tags(
-            {
-                "erasure.flow": AUDIT_RUN, "erasure.outcome": outcome, "erasure.passed": str(outcome == "passed"),
-                "erasure.reasons": "; ".join(reasons)[:MAX_TAG_CHARS], "erasure.policy_digest": policy.digest(),
-                "erasure.attacks": "run" if attacks_run else "skipped", "erasure.seed": str(seed),
-                "erasure.seed_chosen": str(seed_chosen),
-            }
-            | ({"erasure.version": version.version} if version else {})
-            | ({"erasure.model_sha256": served_sha256} if served_sha256 else {})
-        )
+    tags = (
+        {
+            "erasure.flow": AUDIT_RUN, "erasure.outcome": STARTED, "erasure.passed": "False",
+            "erasure.policy_digest": policy.digest(), "erasure.seed": str(seed), "erasure.seed_chosen": str(seed_chosen),
+        }
+        | ({"erasure.version": version.version} if version else {})
+        | ({"erasure.model_sha256": served_sha256} if served_sha256 else {})
+    )
+    with _mlflow(f"recording the start of an audit of {name}"):
+        # created, not started: the run stays RUNNING until log_audit ends it
+        experiment_id = mlflow.get_experiment_by_name(f"erasure/{name}").experiment_id
+        return MlflowClient().create_run(experiment_id, run_name=AUDIT_RUN, tags=tags).info.run_id
+
+
+def log_audit(
+    run_id: str, name: str, outcome: str, reasons: list[str], policy, attacks_run: bool, metrics: dict, summary: dict,
+    report_html: str | None,
+) -> str:
+    """Complete the audit run ``start_audit`` opened: the verdict and its reasons, the policy (as
+    params and as a file), every metric overall and per concept (history over nightly audits),
+    attack success, and the HTML report; the completion tag last."""
+    configure()
+    experiment(name)
+    with _mlflow(f"logging the audit of {name}"), mlflow.start_run(run_id=run_id) as run:
+        mlflow.set_tags({
+            "erasure.outcome": outcome, "erasure.passed": str(outcome == "passed"),
+            "erasure.reasons": "; ".join(reasons)[:MAX_TAG_CHARS], "erasure.attacks": "run" if attacks_run else "skipped",
+        })
+        seed = run.data.tags.get("erasure.seed")
         policy_params = {f"policy.{k}": v for k, v in policy.model_dump(mode="json").items() if not isinstance(v, (dict, list))}
         mlflow.log_params({k: str(v)[:500] for k, v in policy_params.items()} | {"seed": seed, "attacks": attacks_run})
         values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
@@ -377,22 +398,36 @@ def log_audit(
 
 
 def version_audits(name: str, version: str, policy_digest: str, served_sha256: str) -> list:
-    """Every finished, complete audit run of ``name`` version ``version`` under the policy
-    ``policy_digest`` of the artifact ``served_sha256``, newest first."""
+    """Every audit run of ``name`` version ``version`` under the policy ``policy_digest`` of the
+    artifact ``served_sha256``, newest first: completed ones and those that never completed
+    (still running, killed or crashed). Paged through, however many there are."""
     configure()
     client = MlflowClient()
     with _mlflow(f"looking up audits of {name} version {version}"):
         found = client.get_experiment_by_name(f"erasure/{name}")
         if found is None:
             return []
-        return client.search_runs(
-            [found.experiment_id],
-            f"tags.`erasure.flow` = '{AUDIT_RUN}' and tags.`erasure.version` = '{_quote(version)}' "
-            f"and tags.`erasure.policy_digest` = '{_quote(policy_digest)}' "
-            f"and tags.`erasure.model_sha256` = '{_quote(served_sha256)}' and tags.`{COMPLETE_TAG}` = 'true' "
-            "and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"], max_results=200,
-        )
+        runs, token = [], None
+        while True:
+            page = client.search_runs(
+                [found.experiment_id],
+                f"tags.`erasure.flow` = '{AUDIT_RUN}' and tags.`erasure.version` = '{_quote(version)}' "
+                f"and tags.`erasure.policy_digest` = '{_quote(policy_digest)}' "
+                f"and tags.`erasure.model_sha256` = '{_quote(served_sha256)}'",
+                order_by=["attributes.start_time DESC"], max_results=AUDIT_PAGE, page_token=token,
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+
+AUDIT_PAGE = 1000
+
+
+def completed(run) -> bool:
+    """Whether an audit run reached its verdict: finished, with the completion tag written last."""
+    return run.info.status == "FINISHED" and run.data.tags.get(COMPLETE_TAG) == "true"
 
 
 def audit_record(run_id: str) -> dict:
@@ -402,7 +437,7 @@ def audit_record(run_id: str) -> dict:
         return json.loads(Path(path).read_text())
 
 
-class PromotionRefused(RuntimeError):
+class PromotionRefused(ErasureError, RuntimeError):
     """A version without a passing audit under the current policy cannot be promoted."""
 
 
@@ -458,6 +493,13 @@ def _check_audit(name: str, version: str, policy) -> str:
     if current.tags.get("model_key") != served["model_key"]:
         raise PromotionRefused(f"{name} version {version}: its model_key tag no longer names the model it serves: {fix}")
     runs = version_audits(name, version, digest, served["sha256"])
+    unfinished = [r for r in runs if not completed(r)]
+    if unfinished:
+        raise PromotionRefused(
+            f"{name} version {version}: an audit under the current policy (run {unfinished[0].info.run_id}, seed "
+            f"{unfinished[0].data.tags.get('erasure.seed', '?')}) started and never completed (still running, or killed "
+            f"or crashed before its verdict): it counts as not passed, and a later pass does not undo it: {fix}"
+        )
     bad = [r for r in runs if r.data.tags.get("erasure.outcome") != "passed"]
     if bad:
         raise PromotionRefused(

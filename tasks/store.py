@@ -32,6 +32,7 @@ import uuid
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
+from erasure.errors import ErasureError
 from tasks.state import private_dir, state_dir
 
 MANIFEST = "_manifest.json"
@@ -40,7 +41,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ATTEMPTS = 3  # reads of an artifact that was republished while being read
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(ErasureError, RuntimeError):
     """An artifact is missing, corrupt, or the store cannot be reached."""
 
 

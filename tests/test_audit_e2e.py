@@ -10,8 +10,10 @@ service variables removed, so nothing but the embedded default can answer.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,7 +46,27 @@ def operator(tmp_path_factory):
     def run(*args, timeout=600):
         return subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
 
-    return {"folder": folder, "run": run, "cli": cli}
+    return {"folder": folder, "run": run, "cli": cli, "env": env}
+
+
+def kill_once_started(operator, *args) -> str:
+    """Run ``erasure audit ARGS`` and ``kill -9`` its process group as soon as the audit has recorded
+    its start, before any verdict: what a loop shopping for a lucky pass does to each audit that
+    has not passed yet. Returns what the command printed."""
+    log = operator["folder"] / "killed-audit.log"
+    with log.open("w") as sink:
+        audit = subprocess.Popen([operator["cli"], "audit", *args], cwd=operator["folder"], env=operator["env"],
+                                 stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600  # a bound on waiting, not a measurement
+        while "started (seed" not in log.read_text():
+            assert audit.poll() is None, f"the audit ended before it could be killed:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        os.killpg(audit.pid, signal.SIGKILL)
+        audit.wait()
+    return log.read_text()
 
 
 def test_run_audit_promote_and_the_nightly_audit_on_the_embedded_default(operator):
@@ -64,6 +86,12 @@ def test_run_audit_promote_and_the_nightly_audit_on_the_embedded_default(operato
     assert overridden.returncode == 0 and "audit overridden: legal sign-off #12" in overridden.stdout
     promoted = run(cli, "promote", "erased-models", "1")
     assert promoted.returncode == 0 and "audit passed (run" in promoted.stdout, promoted.stdout + promoted.stderr
+
+    # an audit killed before its verdict counts as not passed: a pass before or after does not undo it
+    printed = kill_once_started(operator, "erased-models/1")
+    assert "audit passed" not in printed and "audit failed" not in printed
+    refused = run(cli, "promote", "erased-models", "1", "--alias", "staging")
+    assert refused.returncode == 2 and "started and never completed" in refused.stdout + refused.stderr, refused.stderr
 
     cases = run(sys.executable, str(ROOT / "tests" / "e2e" / "audit_cases.py"), "policy.yaml", "request.yaml", timeout=900)
     assert cases.returncode == 0, cases.stdout[-3000:] + cases.stderr[-3000:]

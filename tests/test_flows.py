@@ -145,3 +145,28 @@ def test_the_worker_pool_is_warmed_in_the_background_and_its_failures_left_to_th
     assert rays == [threading.main_thread().name]  # Ray's processes die with the thread that started them
     compute.warm_pool("broken", 1).join(timeout=10)  # logged, not raised: the flow says why
     assert calls[-1][0] == "broken"
+
+
+def test_a_takedown_of_a_preserved_concept_says_before_it_starts_that_every_concept_reruns(monkeypatch):
+    """`takedown green` on the README example printed "5 ran, 0 reused" with no word before."""
+    from typer.testing import CliRunner
+
+    import cli.pipeline
+    import flows.takedown
+    from cli.main import app
+
+    parent = SimpleNamespace(name="demo", version="2", tags={})
+    request = parse_request({"concepts": [{"name": "red", "anchor": "white"}, {"name": "circle", "anchor": "square"}],
+                             "preserve": {"concepts": ["blue", "green"]}})
+    monkeypatch.setattr(flows.takedown, "resolve", lambda reference: parent)
+    monkeypatch.setattr(flows.takedown, "version_request", lambda version: request.model_dump_json())
+    order = []
+    monkeypatch.setattr(cli.pipeline, "_warm_pool_for", lambda *args: order.append("workers"))
+    monkeypatch.setattr(flows.takedown, "takedown_flow", lambda *args: order.append("flow") or {
+        "name": "demo", "version": "3", "ran": [], "reused": []})
+    said = CliRunner().invoke(app, ["takedown", "demo/2", "green", "--anchor", "white"])
+    assert said.exit_code == 0, said.output
+    assert "green is preserved in demo version 2" in said.output and "all 3 concepts rerun" in said.output
+    assert order == ["workers", "flow"]  # said before anything started
+    quiet = CliRunner().invoke(app, ["takedown", "demo/2", "purple", "--anchor", "white"])
+    assert quiet.exit_code == 0 and "rerun" not in quiet.output

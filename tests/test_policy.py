@@ -181,11 +181,11 @@ def test_the_committed_deployment_policy_is_the_default_policy_spelled_out():
 
 
 class FakeRun:
-    def __init__(self, run_id, outcome="passed", attacks="run", seed_chosen="False"):
-        self.info = type("Info", (), {"run_id": run_id})()
+    def __init__(self, run_id, outcome="passed", attacks="run", seed_chosen="False", status="FINISHED"):
+        self.info = type("Info", (), {"run_id": run_id, "status": status})()
         self.data = type("Data", (), {"tags": {
             "erasure.outcome": outcome, "erasure.attacks": attacks, "erasure.seed_chosen": seed_chosen, "erasure.reasons": "x",
-        }})()
+        } | ({"erasure.complete": "true"} if outcome != "started" else {})})()
 
 
 def test_promotion_needs_a_pass_of_the_served_artifact_no_failure_and_a_record_that_still_passes(monkeypatch):
@@ -211,6 +211,10 @@ def test_promotion_needs_a_pass_of_the_served_artifact_no_failure_and_a_record_t
     for runs_now, message in (
         ([], "no audit under the current policy"),
         ([FakeRun("pass"), FakeRun("old", outcome="failed")], "a later pass does not undo it"),
+        # killed before its verdict (the run is still RUNNING, its outcome tag says started)
+        ([FakeRun("pass"), FakeRun("killed", outcome="started", status="RUNNING")], r"run killed.*never completed"),
+        # ended by MLflow's own cleanup without our completion tag
+        ([FakeRun("pass"), FakeRun("ended", outcome="started", status="KILLED")], r"run ended.*never completed"),
         ([FakeRun("pass", outcome="inconclusive")], "inconclusive"),
         ([FakeRun("pass", seed_chosen="True")], "on a seed of its own"),
         ([FakeRun("leaky")], "does not pass the current policy"),

@@ -244,3 +244,24 @@ def test_embedded_run_artifacts_stay_in_the_state_folder_and_passwords_stay_out_
     assert list((tmp_path / ".erasure" / "mlflow-artifacts").rglob("request.json"))
     mlflow.set_tracking_uri("https://alice:s3cret@mlflow.example/")
     assert tracking_uri() == "https://alice:***@mlflow.example/"
+
+
+def test_an_audit_is_recorded_before_it_samples_and_every_audit_counts_however_many(reference, monkeypatch):
+    """An audit's start is a RUNNING run tagged ``started``; only ``log_audit`` completes it. The
+    lookup pages through every audit (it used to read the newest 200 only)."""
+    from erasure.policy import AuditPolicy
+    from tasks import registry
+
+    version = register(reference)
+    policy = AuditPolicy(attacks=[])
+    started = [registry.start_audit("m", version, policy, seed, reference["sha256"]) for seed in (1, 2, 3)]
+    runs = registry.version_audits("m", version.version, policy.digest(), reference["sha256"])
+    assert {r.info.run_id for r in runs} == set(started)
+    assert all(r.info.status == "RUNNING" and r.data.tags["erasure.outcome"] == "started" and not registry.completed(r) for r in runs)
+    registry.log_audit(started[0], "m", "passed", [], policy, False, {"acc_e": 0.0}, {}, None)
+    monkeypatch.setattr(registry, "AUDIT_PAGE", 1)  # one run a page: the lookup must page through all three
+    runs = {r.info.run_id: r for r in registry.version_audits("m", version.version, policy.digest(), reference["sha256"])}
+    assert set(runs) == set(started)
+    assert registry.completed(runs[started[0]]) and runs[started[0]].data.tags["erasure.outcome"] == "passed"
+    assert runs[started[0]].data.params["seed"] == "1"
+    assert not registry.completed(runs[started[1]])

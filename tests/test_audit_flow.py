@@ -1,0 +1,61 @@
+"""The audit flow's own decisions, without servers: MLflow in SQLite, the worker's audit in-process."""
+
+import logging
+
+import pytest
+import typer
+
+REQUEST = {
+    "model": "CompVis/stable-diffusion-v1-4",
+    "concepts": [{"name": "snoopy", "anchor": "a dog"}],
+    "preserve": {"concepts": ["mickey mouse"]},
+}
+
+
+@pytest.fixture
+def embedded_mlflow(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("ERASURE_STATE_DIR", str(tmp_path / ".erasure"))
+    monkeypatch.delenv("ERASURE_ALLOWED_JUDGES", raising=False)
+
+
+def test_a_judge_that_does_not_load_is_an_inconclusive_audit_run_not_an_escaped_error(embedded_mlflow, monkeypatch):
+    """A policy naming a judge not on the worker's allow-list used to escape the flow as a
+    JudgeLoadError: no audit run, and a traceback for the user."""
+    from mlflow.tracking import MlflowClient
+
+    import flows.audit as audit_module
+    from erasure.audit import run_audit
+    from tasks.registry import completed
+
+    monkeypatch.setattr(audit_module, "get_run_logger", lambda: logging.getLogger("audit-test"))
+    # the worker's audit, in this process; it loads the judge before it samples anything
+    monkeypatch.setattr(audit_module, "stage_audit", lambda spec, target, policy, seed, attacks, workers: run_audit(None, None, spec, policy, seed))
+    policy = {"judges": {"object": {"entry_point": "my_judges:make"}}, "attacks": []}
+    with pytest.raises(audit_module.AuditInconclusive, match="not allowed here") as caught:
+        audit_module.audit_flow.fn(REQUEST["model"], policy, request=REQUEST)
+    assert caught.value.exit_code == 3
+    run = MlflowClient().get_run(caught.value.result["run_id"])
+    assert run.data.tags["erasure.outcome"] == "inconclusive" and completed(run)
+    assert "ERASURE_ALLOWED_JUDGES" in run.data.tags["erasure.reasons"]
+
+
+def test_every_product_error_reaches_the_user_as_its_message_and_exit_code(capsys):
+    from cli.pipeline import _run_flow
+    from erasure.errors import ErasureError
+    from erasure.judges import JudgeLoadError
+    from flows.audit import ConceptLeak
+    from tasks.registry import RegistryError
+
+    for error, code in ((JudgeLoadError("judge x is not allowed here"), 3), (RegistryError("MLflow at y: down"), 2),
+                        (ConceptLeak("red drawn"), 1)):
+        assert isinstance(error, ErasureError)
+
+        def call(error=error):
+            raise error
+
+        with pytest.raises(typer.Exit) as exited:
+            _run_flow(call)
+        assert exited.value.exit_code == code
+        assert str(error) in capsys.readouterr().err
