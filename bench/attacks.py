@@ -2,7 +2,7 @@
 
 Each method erases the same concepts (``examples/toyworld.yaml``: red, circle, blue star, with
 its retained concepts), then the compliance audit runs on it with every attack
-(``erasure.audit.run_audit``): concept inversion (CCE), prefix search (UnlearnDiffAtk) and
+(``erasure.audit.run.run_audit``): concept inversion (CCE), prefix search (UnlearnDiffAtk) and
 Ring-A-Bell, each against the erased model and against the base model (the control: an attack
 that fails there proves nothing). Same audit seed, probes and attack seeds for every method.
 
@@ -27,12 +27,12 @@ import yaml  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from erasure.audit import run_audit  # noqa: E402
+from erasure.audit.policy import AuditPolicy, judge_verdict  # noqa: E402
+from erasure.audit.run import run_audit  # noqa: E402
 from erasure.erase import erase  # noqa: E402
-from erasure.evaluate import evaluation_json  # noqa: E402
-from erasure.metrics import percent  # noqa: E402
-from erasure.models import load_components  # noqa: E402
-from erasure.policy import AuditPolicy, judge_verdict  # noqa: E402
+from erasure.evaluation.evaluate import evaluation_json  # noqa: E402
+from erasure.evaluation.metrics import percent  # noqa: E402
+from erasure.loading import load_components  # noqa: E402
 from erasure.spec import parse_request  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,12 +27,12 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from erasure.core.text import encode, tokenize  # noqa: E402
+from erasure.diffusion.lora import train_concept_lora  # noqa: E402
+from erasure.diffusion.sampling import encode_images, initial_noise  # noqa: E402
 from erasure.erase import erase  # noqa: E402
-from erasure.lora import train_concept_lora  # noqa: E402
-from erasure.models import load_components  # noqa: E402
-from erasure.sampling import encode_images, initial_noise  # noqa: E402
+from erasure.loading import load_components  # noqa: E402
 from erasure.spec import parse_request  # noqa: E402
-from erasure.text import encode, tokenize  # noqa: E402
 
 
 def lora_step_seconds(components, steps: int) -> float:

@@ -38,9 +38,9 @@ def sd14_components(device: str):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from erasure.models import TINY_EXTRA_WORDS, Components
-    from erasure.prompts import template_words
-    from erasure.tokenizer import build_clip_tokenizer
+    from erasure.core.prompts import template_words
+    from erasure.core.tokenizer import build_clip_tokenizer
+    from erasure.diffusion.models import TINY_EXTRA_WORDS, Components
 
     tokenizer = build_clip_tokenizer(template_words() + TINY_EXTRA_WORDS, model_max_length=77)
     encoder = CLIPTextModel(CLIPTextConfig(
@@ -68,8 +68,8 @@ def sd14_components(device: str):
 
 def fusion_memory(components, concepts: int) -> int:
     """Bytes the fusion holds with ``concepts`` concepts' statistics (synthetic, the right shapes)."""
-    from erasure.attention import cross_attention_projections
-    from erasure.closed_form import DTYPE, ConceptStatistics, FusionAccumulator
+    from erasure.core.attention import cross_attention_projections
+    from erasure.core.closed_form import DTYPE, ConceptStatistics, FusionAccumulator
 
     projections = cross_attention_projections(components.unet)
     dim = components.text_encoder.config.hidden_size
@@ -88,9 +88,9 @@ def fusion_seconds(components, concepts: int, method: str = "constrained", seed:
     shapes (synthetic statistics: random Gram matrices, rank-1 LoRA factors): adding them one at
     a time, then the solve (``method``: the default, constrained). Where the statistics live, the
     solves run: this is what moving them to the GPU could save."""
-    from erasure.attention import cross_attention_projections
-    from erasure.closed_form import DTYPE, ConceptStatistics, FusionAccumulator
-    from erasure.fusion import edited_weights, solved_weights
+    from erasure.core.attention import cross_attention_projections
+    from erasure.core.closed_form import DTYPE, ConceptStatistics, FusionAccumulator
+    from erasure.methods.fusion import edited_weights, solved_weights
     from erasure.spec import FusionSettings, PreserveSpec
 
     generator = torch.Generator().manual_seed(seed)
@@ -123,9 +123,9 @@ def fusion_seconds(components, concepts: int, method: str = "constrained", seed:
 
 
 def run(tiny: bool, json_path: str | None) -> dict:
+    from erasure.diffusion.models import build_tiny_components
     from erasure.erase import base_prior, erase_concept, prepare_request
-    from erasure.fusion import fuse
-    from erasure.models import build_tiny_components
+    from erasure.methods.fusion import fuse
     from erasure.spec import parse_request
 
     if tiny:

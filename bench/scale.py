@@ -114,7 +114,7 @@ def streamed_fusion(components, folders: list[Path], prior, request):
     """Ours: each stored artifact read, added to the statistics and let go (what a worker does).
     Tensor bytes: the statistics it holds, plus the largest artifact (held while it is added)."""
     from erasure.artifacts import load_concept
-    from erasure.fusion import accumulate, solved_weights
+    from erasure.methods.fusion import accumulate, solved_weights
 
     largest = [0]
 
@@ -139,10 +139,10 @@ def reference_style_fusion(components, folders: list[Path], prior, request):
     ``(W M_k + dW_k) e``, all kept in lists; the normal equations are formed at the end. Each
     concept's states weigh ``1 / n_k`` so the solve is exactly ours (the weights are compared)."""
     from erasure.artifacts import load_concept
-    from erasure.attention import cross_attention_projections
-    from erasure.closed_form import DTYPE, ridge_value
+    from erasure.core.attention import cross_attention_projections
+    from erasure.core.closed_form import DTYPE, ridge_value
+    from erasure.core.text import encode, tokenize
     from erasure.erase import concept_pairs, concept_seed
-    from erasure.text import encode, tokenize
 
     if request.method.mining is not None:
         raise ValueError("the reference-style fusion has no neighbour mining: run the benchmark without method.mining")
@@ -188,7 +188,7 @@ def measure_fusion(kind: str, out: str, request_json: dict, weights_path: str) -
     from safetensors.torch import save_file
 
     from erasure.artifacts import PRIOR_FILE, load_prior
-    from erasure.models import load_components
+    from erasure.loading import load_components
     from erasure.spec import FusionSettings, parse_request
 
     torch.set_num_threads(1)
@@ -223,8 +223,8 @@ def fusion_memory(out: Path, request) -> dict:
 
 def library_row(request, out: Path, evaluate: bool) -> dict:
     from erasure.erase import erase
-    from erasure.evaluate import evaluate_request, evaluation_json, has_judge
-    from erasure.models import load_components
+    from erasure.evaluation.evaluate import evaluate_request, evaluation_json, has_judge
+    from erasure.loading import load_components
 
     evaluate = evaluate and has_judge(request.model)  # builtin:tiny has no judge
     summary = erase(request, out)

@@ -10,7 +10,7 @@ All-but-One's objective. Scales: 1 shape, 1 colour, 1 style, 8 and 32 colour-sha
 and 64 concepts (a colour, a shape, a style and 61 styled pairs); at 32 and 64 only the rows
 that scale (``AT_SCALE``). Per-concept work is done once per distinct per-concept setting
 and scale, images and masks once per concept; a row's wall time counts what a run of that
-method alone would do. Beside every scale: the capacity figure (``erasure.capacity``), the
+method alone would do. Beside every scale: the capacity figure (``erasure.core.capacity``), the
 mean fraction of the erased states' norm outside the retained states' dominant subspace:
 near 0, no linear K/V edit can separate them, whatever the method. acc_g covers trained
 synonyms, paraphrases and (for compound concepts) other word orders; the unseen column the
@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from erasure.capacity import capacity, concept_states  # noqa: E402
+from erasure.core.capacity import capacity, concept_states  # noqa: E402
 from erasure.erase import (  # noqa: E402
     base_prior,
     cfr_only_weights,
@@ -45,12 +45,12 @@ from erasure.erase import (  # noqa: E402
     prepare_request,
     with_weights,
 )
-from erasure.evaluate import evaluate, probes_and_judge  # noqa: E402
-from erasure.fusion import fuse, fusion_prior  # noqa: E402
-from erasure.metrics import percent  # noqa: E402
-from erasure.models import load_components  # noqa: E402
+from erasure.evaluation.evaluate import evaluate, probes_and_judge  # noqa: E402
+from erasure.evaluation.metrics import percent  # noqa: E402
+from erasure.loading import load_components  # noqa: E402
+from erasure.methods.fusion import fuse, fusion_prior  # noqa: E402
 from erasure.spec import RequestError, parse_request  # noqa: E402
-from erasure.toyworld.world import COLOURS, SHAPES, STYLES, WORLD_TEMPLATES  # noqa: E402
+from erasure.worlds.toyworld.world import COLOURS, SHAPES, STYLES, WORLD_TEMPLATES  # noqa: E402
 
 ANCHOR_COLOURS = ("white", "blue", "green")
 
@@ -98,7 +98,7 @@ def retained(concepts: list[dict]) -> list[str]:
     """The erased concepts' neighbours (other colours, pairs sharing a word): preserved and measured."""
     import numpy as np
 
-    from erasure.toyworld.judge import concept_attributes, concept_name, retained_neighbours
+    from erasure.worlds.toyworld.judge import concept_attributes, concept_name, retained_neighbours
 
     attributes = [concept_attributes(c["name"]) for c in concepts]
     return [concept_name(a) for a in retained_neighbours(attributes, 32, np.random.default_rng(0))]

@@ -12,10 +12,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from cli.app import Bars, app, console, device_or_default, fail, progress_bars, setting, toyworld_app, warn
-from erasure.builtins import DEFAULT_MODEL, builtin_names
-from erasure.spec import SamplingSettings
-from erasure.toyworld.settings import SAMPLING as TOY_SAMPLING
-from erasure.toyworld.settings import TRAINING
+from erasure.spec import DEFAULT_MODEL, SamplingSettings, builtin_names
+from erasure.worlds.toyworld.settings import SAMPLING as TOY_SAMPLING
+from erasure.worlds.toyworld.settings import TRAINING
 
 SAMPLING = SamplingSettings()
 
@@ -74,8 +73,9 @@ def generate(
     device: str = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
 ) -> None:
     """Sample images from a base or erased model."""
-    from erasure.models import load_components, sampling_defaults
-    from erasure.sampling import sample, to_pil
+    from erasure.diffusion.models import sampling_defaults
+    from erasure.diffusion.sampling import sample, to_pil
+    from erasure.loading import load_components
     from erasure.spec import RequestError
 
     try:
@@ -106,9 +106,9 @@ def evaluate(
     """Measure efficacy (acc_e), generality (acc_g), specificity (acc_s) and drift; write JSON and a report."""
     import json
 
-    from erasure.evaluate import evaluate_request, evaluation_json
-    from erasure.metrics import percent
-    from erasure.report import write_report
+    from erasure.evaluation.evaluate import evaluate_request, evaluation_json
+    from erasure.evaluation.metrics import percent
+    from erasure.evaluation.report import write_report
     from erasure.spec import RequestError, load_request
 
     try:
@@ -151,9 +151,9 @@ def toyworld_train(
     """Train the toy world's classifier, then its text-to-image model (resumes from out/checkpoint.pt)."""
     import torch
 
-    from erasure.toyworld.accuracy import quick_accuracy
-    from erasure.toyworld.classifier import held_out_accuracy, load_classifier, save_classifier, train_classifier
-    from erasure.toyworld.train import train_toyworld
+    from erasure.worlds.toyworld.accuracy import quick_accuracy
+    from erasure.worlds.toyworld.classifier import held_out_accuracy, load_classifier, save_classifier, train_classifier
+    from erasure.worlds.toyworld.train import train_toyworld
 
     if threads:
         torch.set_num_threads(threads)
@@ -193,9 +193,9 @@ def toyworld_accuracy(
     """The classifier's accuracy on the model's samples, per shape, colour and style."""
     import json
 
-    from erasure.models import load_components
-    from erasure.toyworld.accuracy import concept_accuracy_table
-    from erasure.toyworld.model import load_toyworld_classifier
+    from erasure.loading import load_components
+    from erasure.worlds.toyworld.accuracy import concept_accuracy_table
+    from erasure.worlds.toyworld.model import load_toyworld_classifier
 
     components, classifier = load_components(model), load_toyworld_classifier()
     tables = {g: concept_accuracy_table(components, classifier, g, per_concept) for g in guidance}
@@ -220,7 +220,7 @@ def toyworld_accuracy(
     if json_out:
         json_out.write_text(json.dumps({str(g): t for g, t in tables.items()}, indent=2))
     if unseen_json:
-        from erasure.toyworld.accuracy import unseen_word_accuracy
+        from erasure.worlds.toyworld.accuracy import unseen_word_accuracy
 
         unseen = unseen_word_accuracy(components, classifier, guidance[0], per_concept)
         unseen_json.write_text(json.dumps(unseen, indent=2) + "\n")

@@ -145,7 +145,7 @@ def _policy(path: Path | None):
     """The deployment's policy: --policy, else the file $ERASURE_AUDIT_POLICY names, else the default."""
     import os
 
-    from erasure.policy import load_policy
+    from erasure.audit.policy import load_policy
     from erasure.spec import RequestError
 
     path = path or (Path(os.environ[POLICY_VARIABLE]) if os.environ.get(POLICY_VARIABLE) else None)
@@ -156,7 +156,7 @@ def _policy(path: Path | None):
 
 
 def _print_audit(result: dict) -> None:
-    from erasure.metrics import percent
+    from erasure.evaluation.metrics import percent
 
     summary = result.get("summary") or {}
     table = Table(title=f"audit (seed {result['seed']}; %, base -> audited model, [95 % interval], n prompts)")

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from erasure.closed_form import DTYPE, ConceptStatistics, PriorStatistics
-from erasure.lora import load_lora_factors, save_lora
-from erasure.sampling import save_mask, to_pil
+from erasure.core.closed_form import DTYPE, ConceptStatistics, PriorStatistics
+from erasure.diffusion.lora import load_lora_factors, save_lora
+from erasure.diffusion.sampling import save_mask, to_pil
 from erasure.spec import ConceptSpec
 
 STATISTICS_FILE = "statistics.safetensors"

@@ -32,23 +32,25 @@ from pathlib import Path
 import torch
 
 from erasure import __version__
-from erasure.alternative import train_alternative_lora
 from erasure.artifacts import PRIOR_FILE, save_concept, save_prior
-from erasure.attention import cross_attention_projections
-from erasure.closed_form import (
+from erasure.core.attention import cross_attention_projections
+from erasure.core.closed_form import (
     ConceptStatistics,
     PriorStatistics,
     apply_text_map,
     concept_statistics,
     refinement_map,
 )
-from erasure.data import ConceptData, generate_concept_data
-from erasure.fusion import FusableConcept, editable_projector, fuse, fusion_prior  # noqa: F401 (FusableConcept: re-exported)
-from erasure.lora import train_concept_lora
-from erasure.mining import mined_words, never_mined, with_perturbed_neighbours
-from erasure.models import Components, fingerprint, load_components, sampling_defaults, save_components
-from erasure.prompts import augmented_pairs, preserve_prompts
-from erasure.separable import train_separable_increment
+from erasure.core.prompts import augmented_pairs, preserve_prompts
+from erasure.core.text import align_tokens, encode, tokenize
+from erasure.diffusion.data import ConceptData, generate_concept_data
+from erasure.diffusion.lora import train_concept_lora
+from erasure.diffusion.models import Components, fingerprint, sampling_defaults, save_components
+from erasure.loading import load_components
+from erasure.methods.alternative import train_alternative_lora
+from erasure.methods.fusion import FusableConcept, editable_projector, fuse, fusion_prior  # noqa: F401 (FusableConcept: re-exported)
+from erasure.methods.mining import mined_words, never_mined, with_perturbed_neighbours
+from erasure.methods.separable import train_separable_increment
 from erasure.spec import (
     CONCEPT_KINDS,
     ConceptSpec,
@@ -58,7 +60,6 @@ from erasure.spec import (
     normalise,
     read_captions,
 )
-from erasure.text import align_tokens, encode, tokenize
 
 Progress = Callable[[str, int, int], None]
 

@@ -19,7 +19,6 @@ from typing import Annotated, Literal, get_args
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from erasure.builtins import BUILTIN_PREFIX, DEFAULT_MODEL, builtin_names, find_builtin
 from erasure.errors import ErasureError
 
 ConceptKind = Literal["object", "person", "style", "explicit"]
@@ -54,6 +53,27 @@ MAX_SEED = 2**32 - 1
 # private use, unassigned code points, line/paragraph separators. They make two
 # names look equal while hashing differently, or hide text in reports and logs.
 _REFUSED_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+
+
+BUILTIN_PREFIX = "builtin:"
+# the models this project builds itself; ``erasure.worlds.registry`` says how to load and judge each
+BUILTIN_MODELS = ("tiny", "toyworld", "toyworld-clip")
+DEFAULT_MODEL = BUILTIN_PREFIX + "toyworld"
+
+
+def builtin_names() -> list[str]:
+    return [BUILTIN_PREFIX + name for name in BUILTIN_MODELS]
+
+
+def check_builtin(model: str) -> str | None:
+    """``builtin:<name>``'s name; None for anything else (a folder, a hub id). An unknown
+    ``builtin:`` name is an error that lists the valid ones."""
+    if not model.startswith(BUILTIN_PREFIX):
+        return None
+    name = model[len(BUILTIN_PREFIX) :]
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown built-in {model!r}; valid: {', '.join(builtin_names())}")
+    return name
 
 
 def printable_text(value: str, limit: int) -> str:
@@ -166,7 +186,7 @@ class MiningSettings(_Strict):
     band: tuple[float, float] = Field(default=(0.5, 0.9), description="cosine to the concept's state: [low, high]")
     perturbed_per_state: int = Field(default=4, ge=0, le=16, description="perturbed copies per concept token state")
     beyond_per_state: int = Field(
-        default=0, ge=0, le=8, description="beyond-concept copies per state (into the prior; see erasure.mining)"
+        default=0, ge=0, le=8, description="beyond-concept copies per state (into the prior; see erasure.methods.mining)"
     )
     vocabulary_words: int = Field(default=0, ge=0, le=100, description="text neighbours mined per concept; 0: none")
 
@@ -231,7 +251,7 @@ class FusionSettings(_Strict):
 
 class ErasureRequest(_Strict):
     """A whole erasure job. ``model`` is a local diffusers folder, a hub id, or a
-    built-in model (``erasure.builtins``; ``builtin:toyworld`` is the default)."""
+    built-in model (``erasure.worlds.registry``; ``builtin:toyworld`` is the default)."""
 
     model: Prompt = DEFAULT_MODEL
     concepts: tuple[ConceptSpec, ...] = Field(max_length=MAX_CONCEPTS)
@@ -300,7 +320,7 @@ class ErasureRequest(_Strict):
         model = self.model
         if model.startswith(BUILTIN_PREFIX):
             try:
-                find_builtin(model)
+                check_builtin(model)
             except ValueError as error:
                 raise RequestError(f"model: {error}") from None
         else:

@@ -1,6 +1,6 @@
 """audit: a scheduled compliance check. Can the served model still draw what it must not?
 
-The deployment's policy decides (``erasure.policy``), never the audited request.
+The deployment's policy decides (``erasure.audit.policy``), never the audited request.
 A registered version is audited on the artifact it serves (the reference inside
 its logged pyfunc, checked against its recorded digest), not on what its editable
 tags say. Every audit is an MLflow run, passed or not.
@@ -14,9 +14,9 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from erasure.audit.policy import AuditPolicy, judge_verdict, load_policy, parse_policy
 from erasure.errors import LeakFound, NoVerdict
-from erasure.evaluate import NoJudgeError
-from erasure.policy import AuditPolicy, judge_verdict, load_policy, parse_policy
+from erasure.evaluation.evaluate import NoJudgeError
 from erasure.spec import RequestError, inside_input_root, parse_request, registered_request
 from tasks.registry import log_audit, resolve, served_reference, start_audit, version_request
 from tasks.stages import stage_audit

@@ -12,7 +12,6 @@ from erasure.errors import ErasureError
 from erasure.spec import ErasureRequest, parse_request
 from tasks.compute import worker_pool
 from tasks.keys import concept_key, concept_set_hash, model_key, prior_key, request_hash
-from tasks.locks import model_lock
 from tasks.registry import check_model_name
 from tasks.stages import (
     stage_captions,
@@ -23,7 +22,7 @@ from tasks.stages import (
     stage_prior,
     stage_register,
 )
-from tasks.store import ArtifactError, store_from_url, store_settings
+from tasks.store import ArtifactError, model_lock, store_from_url, store_settings
 
 
 class BaseModelChanged(ErasureError, ValueError):
@@ -47,7 +46,7 @@ def run_erasure(
 ) -> dict:
     """The shared DAG of erase, takedown and restore (they differ only in the concept set and lineage).
 
-    The per-concept stages run first, outside the model's lock (``tasks.locks.model_lock``);
+    The per-concept stages run first, outside the model's lock (``tasks.store.model_lock``);
     fusion, evaluation, registration and the ``candidate`` alias run under it, so concurrent
     flows on one model take turns there. ``rebase``, called under the lock, decides the
     lineage on the model's state at that moment (a parent that moved meanwhile gives a new

@@ -9,7 +9,7 @@
   conditional put, which only one waiter can win. Release is a conditional delete.
   An endpoint that ignores conditional writes is detected once per process (a probe)
   and refused: a lock that cannot exclude is an error, never a silent no-op.
-- ``model_lock(name)``: the lock of a registered model, in the configured artifact
+- ``tasks.store.model_lock(name)``: the lock of a registered model, in the configured artifact
   store (``ERASURE_STORE``): a file under ``<root>/.locks/registry/`` or an object
   under ``<prefix>/.locks/registry/``.
 
@@ -280,21 +280,3 @@ def _probe_conditional_writes(client, bucket: str, folder: str, where: str) -> N
                 "use an endpoint that supports them (AWS S3, SeaweedFS >= 4, MinIO) or a local store"
             )
         _probed.add(marker)
-
-
-@contextmanager
-def model_lock(name: str, wait_s: float | None = None):
-    """The lock of registered model ``name`` in the configured artifact store; yields a handle whose
-    ``ensure()`` raises ``LockLost`` if the lock was lost (check it before an irreversible step)."""
-    from tasks.store import LocalStore, store_from_url, store_settings
-
-    store = store_from_url(*store_settings())
-    what = f"registered model {name!r}"
-    wait_s = wait_s if wait_s is not None else env_seconds("ERASURE_LOCK_WAIT_S", WAIT_S)
-    if isinstance(store, LocalStore):
-        with file_lock(store.root / ".locks" / "registry" / f"{safe_name(name)}.lock", wait_s, what) as held:
-            yield held
-    else:
-        key = "/".join(p for p in (store.prefix, ".locks", "registry", safe_name(name)) if p)
-        with S3Lock(store.client, store.bucket, key, where=store.url, what=what, wait_s=wait_s) as held:
-            yield held

@@ -27,7 +27,7 @@ MAX_PROMPTS_PER_CALL = 256
 
 class ErasedPipelineModel(PythonModel):
     def load_context(self, context):
-        from erasure.models import load_components
+        from erasure.loading import load_components
         from tasks.store import store_from_url
 
         config = dict(context.model_config or {})
@@ -45,8 +45,8 @@ class ErasedPipelineModel(PythonModel):
     def predict(self, context, model_input, params=None):
         import numpy as np
 
-        from erasure.models import sampling_defaults
-        from erasure.sampling import sample
+        from erasure.diffusion.models import sampling_defaults
+        from erasure.diffusion.sampling import sample
         from erasure.spec import MAX_PROMPT_CHARS, MAX_SEED, printable_text
 
         if hasattr(model_input, "columns"):

@@ -448,7 +448,7 @@ def promote(name: str, version: str, alias: str = PRODUCTION, policy=None, overr
     Returns how it was allowed."""
     import getpass
 
-    from erasure.policy import AuditPolicy
+    from erasure.audit.policy import AuditPolicy
 
     configure()
     client = MlflowClient()
@@ -481,7 +481,7 @@ def _check_audit(name: str, version: str, policy) -> str:
     until it passes does not count. The passing run is re-judged from its logged record under the
     policy; an audit whose seed was chosen by hand (a rerun) does not count as the pass; with
     attacks in the policy, the pass must have run them."""
-    from erasure.policy import judge_verdict
+    from erasure.audit.policy import judge_verdict
 
     digest = policy.digest()
     current = resolve(f"{name}/{version}")

@@ -33,7 +33,8 @@ from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from erasure.errors import ErasureError
-from tasks.state import private_dir, state_dir
+from tasks.locks import WAIT_S, S3Lock, file_lock, safe_name
+from tasks.state import env_seconds, private_dir, state_dir
 
 MANIFEST = "_manifest.json"
 _PUBLISH_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -76,6 +77,7 @@ class ArtifactStore(Protocol):
     def fetch(self, key: str, folder: Path, expect_sha256: str | None = None) -> Path: ...
     def read_manifest(self, key: str) -> dict: ...
     def delete(self, key: str) -> None: ...
+    def lock(self, name: str, wait_s: float, what: str): ...
 
 
 def _check_key(key: str) -> str:
@@ -151,9 +153,11 @@ class LocalStore:
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
 
-    def _lock(self, key: str):
-        from tasks.locks import file_lock
+    def lock(self, name: str, wait_s: float, what: str):
+        """The store-wide lock ``name`` (a registered model's: ``model_lock``), a ``flock``ed file."""
+        return file_lock(self.root / ".locks" / "registry" / f"{safe_name(name)}.lock", wait_s, what)
 
+    def _lock(self, key: str):
         return file_lock(self.root / ".locks" / "keys" / f"{hashlib.sha256(_check_key(key).encode()).hexdigest()[:32]}.lock")
 
     def _raw(self, key: str) -> bytes | None:
@@ -270,6 +274,11 @@ class S3Store:
             endpoint_url=endpoint_url,
             config=Config(retries={"max_attempts": 4, "mode": "standard"}, connect_timeout=3, read_timeout=30),
         )
+
+    def lock(self, name: str, wait_s: float, what: str):
+        """The store-wide lock ``name`` (a registered model's: ``model_lock``), an object with a lease."""
+        key = "/".join(p for p in (self.prefix, ".locks", "registry", safe_name(name)) if p)
+        return S3Lock(self.client, self.bucket, key, where=self.url, what=what, wait_s=wait_s)
 
     def _object(self, key: str, *parts: str) -> str:
         return "/".join(p for p in (self.prefix, _check_key(key), *parts) if p)
@@ -443,3 +452,11 @@ def store_settings() -> tuple[str, str | None]:
     if not url.startswith("s3://"):
         url = str(Path(url).expanduser().resolve())  # workers may run in another folder
     return url, os.environ.get("ERASURE_S3_ENDPOINT") or None
+
+
+def model_lock(name: str, wait_s: float | None = None):
+    """The lock of registered model ``name`` in the configured artifact store (``ERASURE_LOCK_WAIT_S``
+    seconds of waiting by default); a context manager whose handle's ``ensure()`` raises ``LockLost``
+    if the lock was lost (check it before an irreversible step)."""
+    wait_s = wait_s if wait_s is not None else env_seconds("ERASURE_LOCK_WAIT_S", WAIT_S)
+    return store_from_url(*store_settings()).lock(name, wait_s, f"registered model {name!r}")

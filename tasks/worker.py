@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from erasure.artifacts import PRIOR_FILE, ConceptArtifact, load_concept, load_prior, save_concept, save_prior
+from erasure.diffusion.models import fingerprint, save_components
 from erasure.erase import base_prior, erase_concept, fuse, prepare_request, with_weights
-from erasure.models import fingerprint, load_components, save_components
+from erasure.loading import load_components
 from erasure.spec import ErasureRequest
 from tasks.keys import CAPTIONS_FILE, captions_key
 from tasks.store import store_from_url
@@ -113,8 +114,8 @@ class ConceptWorker:
     def evaluate(self, request: ErasureRequest, model_key: str | None) -> dict | None:
         """Metrics and HTML report of a published erased model (``model_key``), or of the base
         model itself (None); None when the base model has no judge."""
-        from erasure.evaluate import evaluate_request, evaluation_json, has_judge
-        from erasure.report import write_report
+        from erasure.evaluation.evaluate import evaluate_request, evaluation_json, has_judge
+        from erasure.evaluation.report import write_report
 
         request = self._request(request)
         if not has_judge(request.model):
@@ -129,8 +130,8 @@ class ConceptWorker:
         """A compliance audit of ``target`` against this worker's base model: ``{"reference": {...}}``
         (a registered version's own store_url, s3_endpoint, model_key, sha256: the artifact is fetched
         from there and checked against its recorded digest), ``{"folder": path}`` or ``{"base": True}``."""
-        from erasure.audit import run_audit
-        from erasure.report import write_report
+        from erasure.audit.run import run_audit
+        from erasure.evaluation.report import write_report
 
         request = self._request(request)
         with tempfile.TemporaryDirectory() as folder:
@@ -146,7 +147,7 @@ class ConceptWorker:
             result = run_audit(model, self.components, request, policy, seed, attacks=attacks, device=self.device)
             title = f"Audit of {target.get('label') or self.model} (seed {seed})"
             report = write_report(result.evaluation, Path(folder) / "report.html", title=title, attacks=result.attack_images)
-            from erasure.evaluate import evaluation_json
+            from erasure.evaluation.evaluate import evaluation_json
 
             return {"metrics": evaluation_json(result.evaluation), "summary": result.summary(), "report_html": report.read_text()}
 

@@ -11,7 +11,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny():
-    from erasure.models import build_tiny_components
+    from erasure.diffusion.models import build_tiny_components
 
     return build_tiny_components().eval()
 
@@ -19,7 +19,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory, tiny):
     """The tiny pipeline saved as a diffusers folder."""
-    from erasure.models import save_components
+    from erasure.diffusion.models import save_components
 
     folder = tmp_path_factory.mktemp("tiny") / "model"
     save_components(tiny, folder)

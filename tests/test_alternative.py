@@ -3,12 +3,12 @@ import dataclasses
 import torch
 from diffusers import DDIMScheduler
 
-from erasure.alternative import train_alternative_lora
-from erasure.attention import cross_attention_projections
-from erasure.closed_form import DTYPE
-from erasure.lora import refined_unet
-from erasure.metrics import unconditional_drift
-from erasure.sampling import predicted_noise
+from erasure.core.attention import cross_attention_projections
+from erasure.core.closed_form import DTYPE
+from erasure.diffusion.lora import refined_unet
+from erasure.diffusion.sampling import predicted_noise
+from erasure.evaluation.metrics import unconditional_drift
+from erasure.methods.alternative import train_alternative_lora
 
 PROMPTS = ["a photo of the cat", "a painting of the cat", "the cat", "a cat"]
 ALTERNATIVES = [p.replace("cat", "dog") for p in PROMPTS]

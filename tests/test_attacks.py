@@ -6,10 +6,10 @@ import random
 import pytest
 import torch
 
-from erasure import attacks
-from erasure.models import TINY_EXTRA_WORDS
-from erasure.sampling import sample, sample_from_states
-from erasure.text import encode_prompts, tokenize
+from erasure.audit import attacks
+from erasure.core.text import encode_prompts, tokenize
+from erasure.diffusion.models import TINY_EXTRA_WORDS
+from erasure.diffusion.sampling import sample, sample_from_states
 
 WORDS = ["cat", "dog", "tree", "house", "boat"]
 
@@ -47,7 +47,7 @@ def test_injected_embedding_replaces_only_the_placeholder_positions(tiny):
 
 
 def test_injecting_a_words_own_embedding_reproduces_its_prompt_on_the_minilm_world():
-    from erasure.models import load_components
+    from erasure.loading import load_components
 
     world = load_components("builtin:toyworld")
     red = world.text_encoder.get_input_embeddings().weight[world.tokenizer("red", add_special_tokens=False)["input_ids"][0]]

@@ -3,11 +3,11 @@ base model (the control) and the erased model with the same search and seeds, an
 
 import torch
 
-from erasure.audit import attack_concept
-from erasure.evaluate import evaluate
-from erasure.policy import AuditPolicy
+from erasure.audit.policy import AuditPolicy
+from erasure.audit.run import attack_concept
+from erasure.evaluation.evaluate import evaluate
+from erasure.evaluation.report import write_report
 from erasure.probes import Probe
-from erasure.report import write_report
 from erasure.spec import parse_request
 
 

@@ -26,7 +26,7 @@ def test_a_judge_that_does_not_load_is_an_inconclusive_audit_run_not_an_escaped_
     from mlflow.tracking import MlflowClient
 
     import flows.audit as audit_module
-    from erasure.audit import run_audit
+    from erasure.audit.run import run_audit
     from tasks.registry import completed
 
     monkeypatch.setattr(audit_module, "get_run_logger", lambda: logging.getLogger("audit-test"))
@@ -44,7 +44,7 @@ def test_a_judge_that_does_not_load_is_an_inconclusive_audit_run_not_an_escaped_
 def test_every_product_error_reaches_the_user_as_its_message_and_exit_code(capsys):
     from cli.pipeline import _run_flow
     from erasure.errors import ErasureError
-    from erasure.judges import JudgeLoadError
+    from erasure.evaluation.judges import JudgeLoadError
     from flows.audit import ConceptLeak
     from tasks.registry import RegistryError
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from erasure.closed_form import (
+from erasure.core.closed_form import (
     DTYPE,
     ConceptStatistics,
     FusionAccumulator,
@@ -166,7 +166,7 @@ def test_prior_statistics_add_up_exactly():
 
 
 def test_capacity_is_zero_inside_the_retained_span_and_one_orthogonal_to_it():
-    from erasure.capacity import capacity
+    from erasure.core.capacity import capacity
 
     generator = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(16, 16, generator=generator, dtype=torch.float64))[0]

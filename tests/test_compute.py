@@ -229,7 +229,7 @@ def test_captions_reach_the_worker_through_the_store_not_the_path(tmp_path, monk
     caption file: the flow stores it by content hash and the worker reads it from there."""
     from erasure.artifacts import PRIOR_FILE, load_prior
     from erasure.erase import base_prior
-    from erasure.models import load_components
+    from erasure.loading import load_components
     from tasks.stages import stage_captions
     from tasks.worker import ConceptWorker
 

@@ -9,8 +9,9 @@ from typer.testing import CliRunner
 
 import erasure.erase as erase_module
 from cli.main import app
-from erasure.attention import cross_attention_projections
-from erasure.models import build_tiny_components, fingerprint, load_components
+from erasure.core.attention import cross_attention_projections
+from erasure.diffusion.models import build_tiny_components, fingerprint
+from erasure.loading import load_components
 from erasure.spec import RequestError, parse_request
 
 # the tiny model's random 32-wide text encoder leaves the constrained fusion (the default) no null
@@ -43,7 +44,7 @@ def test_hub_id_offline_says_how_to_use_a_local_folder():
 
 
 def test_hub_models_must_be_on_the_workers_allow_list_at_a_pinned_revision(monkeypatch):
-    from erasure.models import allowed_revision
+    from erasure.diffusion.models import allowed_revision
 
     monkeypatch.delenv("ERASURE_ALLOWED_MODELS", raising=False)
     assert allowed_revision("org/any") is None  # no list: a laptop loads what it is given
@@ -110,7 +111,7 @@ def test_a_crash_while_writing_leaves_no_output(tmp_path, monkeypatch):
 def test_the_erased_model_is_rebuilt_exactly_from_its_stored_artifacts(tmp_path, tiny):
     """Fusion needs only the stored per-concept artifacts and prior: what takedown and restore use."""
     from erasure.artifacts import PRIOR_FILE, load_concept, load_prior
-    from erasure.fusion import fuse, fused_weights, fusion_prior
+    from erasure.methods.fusion import fuse, fused_weights, fusion_prior
 
     request = parse_request(REQUEST | {"concepts": REQUEST["concepts"][:2]})
     erase_module.erase(request, tmp_path / "out")
@@ -161,7 +162,7 @@ def test_fingerprint_covers_the_models_own_sampling_defaults(tiny):
     changed = dataclasses.replace(tiny, defaults={"guidance_scale": 2.0})
     assert fingerprint(changed) != fingerprint(tiny)
     # a model without its own settings is keyed by ours: changing our defaults changes its artifacts too
-    import erasure.models as models
+    import erasure.diffusion.models as models
 
     class OtherDefaults(models.SamplingSettings):
         sampler_steps: int = 31
@@ -240,8 +241,8 @@ def test_without_overwrite_an_output_written_meanwhile_is_never_replaced(tmp_pat
 def test_erase_with_a_bidirectional_text_encoder_end_to_end(tmp_path, encoder):
     """Not only CLIP: a BERT-like or T5 encoder named by the folder loads, erases (a two-piece
     concept), saves and loads back, the encoder untouched and the UNet edited."""
-    from erasure.models import save_components
-    from erasure.sampling import sample
+    from erasure.diffusion.models import save_components
+    from erasure.diffusion.sampling import sample
 
     base = build_tiny_components(text_encoder=encoder).eval()
     save_components(base, tmp_path / "base")

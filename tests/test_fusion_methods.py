@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from erasure.closed_form import DTYPE, ConceptStatistics, FusionAccumulator, gram
-from erasure.constrained import constrained_text_side, null_space_dimension, null_space_projector
-from erasure.fusion import adversarial_terms
-from erasure.separable import separable_projectors, separable_weights
+from erasure.core.closed_form import DTYPE, ConceptStatistics, FusionAccumulator, gram
+from erasure.core.text import align_tokens
+from erasure.methods.constrained import constrained_text_side, null_space_dimension, null_space_projector
+from erasure.methods.fusion import adversarial_terms
+from erasure.methods.separable import separable_projectors, separable_weights
 from erasure.spec import RequestError
-from erasure.text import align_tokens
 
 D, D_OUT = 16, 9
 NO_PRIOR = torch.zeros(D, D, dtype=DTYPE)
@@ -75,7 +75,7 @@ def test_the_constrained_edit_meets_targets_inside_the_null_space():
 
 
 def test_a_threshold_that_leaves_no_null_space_is_a_clear_error(tiny):
-    from erasure.fusion import fused_weights
+    from erasure.methods.fusion import fused_weights
     from erasure.spec import FusionSettings, PreserveSpec
 
     gen = torch.Generator().manual_seed(0)
@@ -88,7 +88,7 @@ def test_a_threshold_that_leaves_no_null_space_is_a_clear_error(tiny):
 
 def _tiny_concept(tiny, seed: int, states: int):
     """The tiny model's K/V weights, one random concept with a rank-1 LoRA on each, a random prior."""
-    from erasure.attention import cross_attention_projections
+    from erasure.core.attention import cross_attention_projections
 
     gen = torch.Generator().manual_seed(seed)
     dim = tiny.text_encoder.config.hidden_size
@@ -99,7 +99,7 @@ def _tiny_concept(tiny, seed: int, states: int):
 
 
 def test_value_only_fusion_keeps_every_key_projection(tiny):
-    from erasure.fusion import fused_weights
+    from erasure.methods.fusion import fused_weights
     from erasure.spec import FusionSettings, PreserveSpec
 
     base, concept, prior = _tiny_concept(tiny, seed=1, states=4)
@@ -219,10 +219,10 @@ def test_an_anchor_that_is_the_concepts_head_word_pairs_with_the_concepts_words(
 
 def test_adversarial_rounds_accumulate(tiny):
     """Round 2 erases round 1's adversarial states *and* its own: the terms add up."""
-    from erasure.closed_form import FusionAccumulator
-    from erasure.fusion import constrained_weights, fused_weights
+    from erasure.core.closed_form import FusionAccumulator
+    from erasure.core.text import empty_prompt_states
+    from erasure.methods.fusion import constrained_weights, fused_weights
     from erasure.spec import FusionSettings, PreserveSpec
-    from erasure.text import empty_prompt_states
 
     base, concept, prior = _tiny_concept(tiny, seed=7, states=6)
     dim = tiny.text_encoder.config.hidden_size

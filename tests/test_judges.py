@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from erasure.evaluate import NoJudgeError
-from erasure.judges import (
+from erasure.diffusion.sampling import from_pil
+from erasure.evaluation.evaluate import NoJudgeError
+from erasure.evaluation.judges import (
     ATTACK_THRESHOLD,
     COUNT_THRESHOLD,
     EXPOSED_CLASSES,
@@ -20,7 +21,6 @@ from erasure.judges import (
     youden_threshold,
 )
 from erasure.probes import Probe
-from erasure.sampling import from_pil
 from erasure.spec import RequestError
 
 # --------------------------------------------------------------------------- calibration maths
@@ -92,8 +92,8 @@ def clip_folder(tmp_path_factory):
     import transformers
     from transformers import CLIPConfig, CLIPModel
 
-    from erasure.judges import KIND_TEMPLATES, NEUTRAL_TEXTS
-    from erasure.tokenizer import build_clip_tokenizer
+    from erasure.core.tokenizer import build_clip_tokenizer
+    from erasure.evaluation.judges import KIND_TEMPLATES, NEUTRAL_TEXTS
 
     words = " ".join([*KIND_TEMPLATES.values(), *NEUTRAL_TEXTS, "snoopy dog mickey mouse van gogh monet"])
     tokenizer = build_clip_tokenizer(words.replace("{}", " ").split())
@@ -132,7 +132,7 @@ def random_images(n: int, size: int = 24, seed: int = 0) -> torch.Tensor:
 def test_clip_scores_are_the_library_softmax_of_the_concept_among_its_alternatives(clip_folder):
     from transformers import CLIPModel, CLIPProcessor
 
-    from erasure.sampling import to_pil
+    from erasure.diffusion.sampling import to_pil
 
     judge = ClipJudge(clip_folder, ALTERNATIVES)
     assert judge.texts("snoopy", "object") == ["a photo of snoopy", "a photo of a dog", "a photo", "an image", "art"]
@@ -171,11 +171,11 @@ def test_clip_judge_calibrates_on_base_images_before_it_gives_verdicts(clip_fold
 
 
 def test_clip_calibration_bounds_negatives_and_needs_two_concepts(clip_folder, monkeypatch):
-    import erasure.judges
+    import erasure.evaluation.judges
 
     judge = ClipJudge(clip_folder, ALTERNATIVES)
     probes, images = clip_probes(), random_images(len(clip_probes()))
-    monkeypatch.setattr(erasure.judges, "MAX_NEGATIVE_CONCEPTS", 1)
+    monkeypatch.setattr(erasure.evaluation.judges, "MAX_NEGATIVE_CONCEPTS", 1)
     assert judge.calibrate(images, probes).negatives == 12
     only_snoopy = [p for p in probes if p.concept == "snoopy"]
     with pytest.raises(ValueError, match="two distinct concepts"):
@@ -363,9 +363,9 @@ def test_entry_point_judges_load_from_a_module_with_options(tmp_path, monkeypatc
 
 
 def test_the_policys_judges_share_one_clip_model_across_kinds_and_refuse_an_uncalibratable_one(clip_folder, monkeypatch):
-    from erasure.audit import audit_probes_and_judge
-    from erasure.evaluate import NoJudgeError
-    from erasure.policy import AuditPolicy
+    from erasure.audit.policy import AuditPolicy
+    from erasure.audit.run import audit_probes_and_judge
+    from erasure.evaluation.evaluate import NoJudgeError
     from erasure.spec import parse_request
 
     request = parse_request({

@@ -1,14 +1,20 @@
 import torch
 from diffusers import StableDiffusionPipeline
 
-from erasure.attention import cross_attention_projections, probing
-from erasure.closed_form import DTYPE
-from erasure.data import attention_masks, concept_token_span
+from erasure.core.attention import cross_attention_projections, probing
+from erasure.core.closed_form import DTYPE
+from erasure.core.text import encode, tokenize
+from erasure.diffusion.data import attention_masks, concept_token_span
+from erasure.diffusion.lora import (
+    focal_timestep_weights,
+    masked_attention_loss,
+    refined_unet,
+    save_lora,
+    train_concept_lora,
+)
+from erasure.diffusion.sampling import encode_images, sample
 from erasure.erase import concept_text
-from erasure.lora import focal_timestep_weights, masked_attention_loss, refined_unet, save_lora, train_concept_lora
-from erasure.sampling import encode_images, sample
 from erasure.spec import ConceptSpec
-from erasure.text import encode, tokenize
 
 
 def test_focal_sampling_concentrates_on_200_to_400():

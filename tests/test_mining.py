@@ -2,7 +2,7 @@
 
 import torch
 
-from erasure.mining import candidate_words, states_at_cosine, text_neighbours
+from erasure.methods.mining import candidate_words, states_at_cosine, text_neighbours
 
 
 def test_perturbed_states_keep_their_norm_and_lie_inside_the_band():
@@ -20,7 +20,7 @@ def test_perturbed_states_keep_their_norm_and_lie_inside_the_band():
 
 
 def test_text_neighbours_are_inside_the_band_and_never_excluded_words(tiny):
-    from erasure.text import encode_prompts
+    from erasure.core.text import encode_prompts
 
     words = candidate_words(tiny.tokenizer)
     assert words and all(w.isalpha() and len(w) >= 3 for w in words)
@@ -42,8 +42,8 @@ def test_text_neighbours_are_inside_the_band_and_never_excluded_words(tiny):
 def test_a_perturbed_neighbour_is_erased_as_the_concept_it_came_from():
     """The fusion maps a mined neighbour to its source's target, not through the concept's maps
     (which would pin the edit to zero on every direction the neighbours add)."""
-    from erasure.closed_form import DTYPE, ConceptStatistics, FusionAccumulator, gram
-    from erasure.mining import with_perturbed_neighbours
+    from erasure.core.closed_form import DTYPE, ConceptStatistics, FusionAccumulator, gram
+    from erasure.methods.mining import with_perturbed_neighbours
     from erasure.spec import MiningSettings
 
     dim, out = 16, 5

@@ -8,11 +8,11 @@ from diffusers import UNet2DConditionModel
 
 import erasure.erase as erase_module
 from erasure.artifacts import PRIOR_FILE, load_concept, load_prior
-from erasure.attention import cross_attention_projections
-from erasure.fusion import fused_weights, fusion_prior
-from erasure.models import load_components
+from erasure.core.attention import cross_attention_projections
+from erasure.core.text import encode_prompts
+from erasure.loading import load_components
+from erasure.methods.fusion import fused_weights, fusion_prior
 from erasure.spec import parse_request
-from erasure.text import encode_prompts
 
 CONCEPTS = [{"name": "red", "anchor": "white"}, {"name": "circle", "anchor": "square"}]
 METHOD = {"lora_steps": 2, "images_per_concept": 1, "prompts_per_concept": 4, "sampler_steps": 2}

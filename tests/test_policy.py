@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from erasure.policy import AuditPolicy, judge_verdict, load_policy, parse_policy, wilson_interval
+from erasure.audit.policy import AuditPolicy, judge_verdict, load_policy, parse_policy, wilson_interval
 from erasure.spec import RequestError, parse_request, registered_request
 
 
@@ -112,16 +112,16 @@ def test_generality_pools_held_out_synonyms_unseen_words_and_phrasings_by_prompt
 
 
 def test_audit_probes_are_held_out_from_training_erasure_and_evaluation_and_drawn_per_seed():
-    from erasure.audit import AUDIT_TEMPLATES_BY_KIND
-    from erasure.prompts import (
+    from erasure.audit.run import AUDIT_TEMPLATES_BY_KIND
+    from erasure.core.prompts import (
         EXPLICIT_TEMPLATES,
         GENERATION_TEMPLATES,
         OBJECT_TEMPLATES,
         PERSON_TEMPLATES,
         STYLE_TEMPLATES,
     )
-    from erasure.toyworld import judge
-    from erasure.toyworld.world import CAPTION_TEMPLATES
+    from erasure.worlds.toyworld import judge
+    from erasure.worlds.toyworld.world import CAPTION_TEMPLATES
 
     used = set(OBJECT_TEMPLATES + PERSON_TEMPLATES + STYLE_TEMPLATES + EXPLICIT_TEMPLATES) | set(GENERATION_TEMPLATES.values())
     assert not set(judge.TOY_AUDIT_TEMPLATES) & (used | set(CAPTION_TEMPLATES) | set(judge.NAME_TEMPLATES) | set(judge.PARAPHRASE_TEMPLATES))
@@ -139,7 +139,7 @@ def test_audit_probes_are_held_out_from_training_erasure_and_evaluation_and_draw
 
 
 def test_a_users_probe_file_is_read_and_bad_lines_are_named(tmp_path):
-    from erasure.audit import probe_file_probes
+    from erasure.audit.run import probe_file_probes
 
     request = parse_request({"model": "CompVis/stable-diffusion-v1-4", "concepts": [{"name": "snoopy", "anchor": "a dog"}]})
     path = tmp_path / "probes.jsonl"
@@ -162,8 +162,8 @@ def test_a_users_probe_file_is_read_and_bad_lines_are_named(tmp_path):
 
 
 def test_a_real_model_without_a_judge_for_a_kind_says_how_to_configure_one():
-    from erasure.audit import audit_probes_and_judge
-    from erasure.evaluate import NoJudgeError
+    from erasure.audit.run import audit_probes_and_judge
+    from erasure.evaluation.evaluate import NoJudgeError
 
     request = parse_request({"model": "CompVis/stable-diffusion-v1-4", "concepts": [{"name": "nudity", "kind": "explicit"}]})
     with pytest.raises(NoJudgeError, match=r"explicit.*judges.*nudenet: true"):

@@ -249,7 +249,7 @@ def test_embedded_run_artifacts_stay_in_the_state_folder_and_passwords_stay_out_
 def test_an_audit_is_recorded_before_it_samples_and_every_audit_counts_however_many(reference, monkeypatch):
     """An audit's start is a RUNNING run tagged ``started``; only ``log_audit`` completes it. The
     lookup pages through every audit (it used to read the newest 200 only)."""
-    from erasure.policy import AuditPolicy
+    from erasure.audit.policy import AuditPolicy
     from tasks import registry
 
     version = register(reference)

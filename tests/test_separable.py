@@ -4,11 +4,11 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from erasure.attention import cross_attention_projections
-from erasure.lora import load_lora_factors, lora_factors, save_lora
-from erasure.sampling import encode_images
-from erasure.separable import empty_prompt_null_basis, train_separable_increment
-from erasure.text import encode_prompts
+from erasure.core.attention import cross_attention_projections
+from erasure.core.text import encode_prompts
+from erasure.diffusion.lora import load_lora_factors, lora_factors, save_lora
+from erasure.diffusion.sampling import encode_images
+from erasure.methods.separable import empty_prompt_null_basis, train_separable_increment
 
 PROMPTS = ["a photo of the cat", "a painting of the cat", "the cat", "a cat"]
 SCALE = 1e-2  # the tiny model's K/V and text states are small: 1e-3 would lower its loss by 5% only

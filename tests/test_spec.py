@@ -150,8 +150,8 @@ def test_caption_file_is_bounded_hashed_and_checked_when_read_again(tmp_path, mo
 
 
 def test_builtin_models_come_from_one_registry():
-    from erasure.builtins import builtin_names
-    from erasure.evaluate import has_judge
+    from erasure.evaluation.evaluate import has_judge
+    from erasure.spec import builtin_names
 
     assert builtin_names() == ["builtin:tiny", "builtin:toyworld", "builtin:toyworld-clip"]
     assert has_judge("builtin:toyworld") and has_judge("builtin:toyworld-clip")

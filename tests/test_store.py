@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from tasks.locks import LockError, LockTimeout, S3Lock, file_lock, model_lock
-from tasks.store import MANIFEST, ArtifactError, LocalStore, S3Store, manifest_digest, sha256_file
+from tasks.locks import LockError, LockTimeout, S3Lock, file_lock
+from tasks.store import MANIFEST, ArtifactError, LocalStore, S3Store, manifest_digest, model_lock, sha256_file
 
 
 class FakeS3:

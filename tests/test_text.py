@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from erasure.text import align_tokens, tokenize
+from erasure.core.text import align_tokens, tokenize
 
 
 def ids_of(tokenizer, prompt):
@@ -59,7 +59,7 @@ def test_tokenizer_words_are_single_tokens_and_unknown_words_still_tokenise(tiny
 
 @pytest.fixture(scope="module", params=["bert", "t5"])
 def bidirectional(request):
-    from erasure.models import build_tiny_components
+    from erasure.diffusion.models import build_tiny_components
 
     return build_tiny_components(text_encoder=request.param).eval()
 
@@ -83,7 +83,7 @@ def test_word_piece_concepts_align_in_bert_and_t5_layouts(bidirectional):
 def test_bidirectional_states_ignore_padding_and_prefix_states_see_the_concept(bidirectional):
     """With the attention mask a prompt's states do not depend on how much padding follows; and unlike
     CLIP, the prefix's states differ between concept and anchor prompts (real CFR targets, not identity)."""
-    from erasure.text import encode
+    from erasure.core.text import encode
 
     tok, encoder = bidirectional.tokenizer, bidirectional.text_encoder
     ids, lengths = tokenize(tok, ["a photo of the cat", "a photo of the dog"])
@@ -95,7 +95,7 @@ def test_bidirectional_states_ignore_padding_and_prefix_states_see_the_concept(b
 
 
 def test_clip_prefix_states_are_identical_as_before(tiny):
-    from erasure.text import encode
+    from erasure.core.text import encode
 
     ids, _ = tokenize(tiny.tokenizer, ["a photo of the cat", "a photo of the dog"])
     states = encode(tiny.text_encoder, ids)

@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from erasure.models import fingerprint, load_components
-from erasure.tokenizer import build_clip_tokenizer
-from erasure.toyworld.train import train_toyworld
-from erasure.toyworld.world import SHAPES, Scene, caption, render, sample_batch, vocabulary
+from erasure.core.tokenizer import build_clip_tokenizer
+from erasure.diffusion.models import fingerprint
+from erasure.loading import load_components
+from erasure.worlds.toyworld.train import train_toyworld
+from erasure.worlds.toyworld.world import SHAPES, Scene, caption, render, sample_batch, vocabulary
 
 
 def test_world_renders_deterministically_per_seed():
@@ -50,7 +51,7 @@ def test_trainer_lowers_the_loss_and_resumes(tmp_path, world):
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5])
     model = load_components(str(folder))
     assert model.vae is None and model.unet.config.sample_size == 16
-    from erasure.toyworld.settings import SAMPLING
+    from erasure.worlds.toyworld.settings import SAMPLING
 
     assert model.defaults == SAMPLING.model_dump()  # a retrained model keeps its sampling settings
     # a finished run resumes from its checkpoint and has nothing left to do
@@ -61,8 +62,8 @@ def test_trainer_lowers_the_loss_and_resumes(tmp_path, world):
 
 @pytest.mark.parametrize("world", ["minilm", "clip"])
 def test_committed_models_and_classifier_load_offline(world):
-    from erasure.toyworld.model import CLASSIFIER_FILE, MODEL_DIRS, load_toyworld_classifier
-    from erasure.toyworld.settings import SAMPLING
+    from erasure.worlds.toyworld.model import CLASSIFIER_FILE, MODEL_DIRS, load_toyworld_classifier
+    from erasure.worlds.toyworld.settings import SAMPLING
 
     model = load_components({"minilm": "builtin:toyworld", "clip": "builtin:toyworld-clip"}[world])
     assert model.vae is None and model.defaults == SAMPLING.model_dump()  # one home: settings.SAMPLING
@@ -78,8 +79,8 @@ def test_committed_models_and_classifier_load_offline(world):
 def test_the_frozen_encoder_keeps_synonyms_apart():
     """The reason for the MiniLM world: its synonyms are separate directions, while the CLIP
     world's encoder, trained with the UNet, collapses them onto their word."""
-    from erasure.capacity import concept_states
-    from erasure.toyworld.world import WORLD_TEMPLATES
+    from erasure.core.capacity import concept_states
+    from erasure.worlds.toyworld.world import WORLD_TEMPLATES
 
     cosines = {}
     for model in ("builtin:toyworld", "builtin:toyworld-clip"):
@@ -91,8 +92,8 @@ def test_the_frozen_encoder_keeps_synonyms_apart():
 
 
 def test_unseen_probes_say_a_concept_only_with_held_out_words_never_in_training():
-    from erasure.toyworld.judge import erasure_probes
-    from erasure.toyworld.world import CAPTION_TEMPLATES, HELD_OUT
+    from erasure.worlds.toyworld.judge import erasure_probes
+    from erasure.worlds.toyworld.world import CAPTION_TEMPLATES, HELD_OUT
 
     with_unseen = erasure_probes(["red", "circle"], ["blue"], unseen={"red": ("rose",), "circle": ("ring",)})
     without = erasure_probes(["red", "circle"], ["blue"])

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def publish_model(components, key: str) -> dict:
-    from erasure.models import save_components
+    from erasure.diffusion.models import save_components
     from tasks.stages import stage_model_reference
     from tasks.store import store_from_url, store_settings
 
@@ -51,7 +51,7 @@ def audit(model: str, policy_file: str) -> dict:
 def main(policy_file: str, request_file: str) -> None:
     from mlflow.tracking import MlflowClient
 
-    from erasure.models import load_components
+    from erasure.loading import load_components
     from erasure.spec import load_request
     from flows.audit import audit_flow
     from tasks.registry import configure, resolve

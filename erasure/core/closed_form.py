@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from erasure.text import TokenAlignment
+from erasure.core.text import TokenAlignment
 
 DTYPE = torch.float64
 
@@ -174,7 +174,7 @@ def apply_text_map(weight: torch.Tensor, text_map: torch.Tensor) -> torch.Tensor
 class ExtraTerms:
     """More (state x -> target y) pairs for a fusion solve, as statistics: ``gram`` = sum x x^T
     (text side, shared by every projection) and, per projection, ``cross`` = sum y x^T. RECE's
-    adversarial states join the concepts' this way (``erasure.fusion.adversarial_terms``)."""
+    adversarial states join the concepts' this way (``erasure.methods.fusion.adversarial_terms``)."""
 
     gram: torch.Tensor
     cross: dict[str, torch.Tensor]

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from erasure.prompts import GENERATION_TEMPLATES, fill
-from erasure.sampling import sample
+from erasure.core.prompts import GENERATION_TEMPLATES, fill
+from erasure.core.text import align_tokens, tokenize
+from erasure.diffusion.sampling import sample
 from erasure.spec import ConceptSpec, MethodSettings
-from erasure.text import align_tokens, tokenize
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Judges for real models: does an image show the concept its probe names?
 
 A judge has one method, ``verdicts(images, probes) -> list[bool]``: ``images`` are
-(n, 3, H, W) floats in [0, 1] (``erasure.sampling.sample``), one per probe
+(n, 3, H, W) floats in [0, 1] (``erasure.diffusion.sampling.sample``), one per probe
 (``erasure.probes.Probe``), and verdict i says whether image i shows
 ``probes[i].concept``. The toy worlds bring their own (``ToyJudge``); real models
 are judged here:
@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer
 
+from erasure.diffusion.sampling import to_pil
 from erasure.errors import NoVerdict
 from erasure.probes import Probe
-from erasure.sampling import to_pil
 
 
 class JudgeLoadError(NoVerdict, ValueError):
@@ -401,7 +401,7 @@ class KindJudge:
 
     def _by_judge(self, probes: list[Probe]) -> dict[int, tuple[object, list[int], list[str]]]:
         """id(judge) -> (judge, probe indices, kinds) for every judge the probes need."""
-        from erasure.evaluate import NoJudgeError  # here: evaluate may come to import this module
+        from erasure.evaluation.evaluate import NoJudgeError  # here: evaluate may come to import this module
 
         missing = sorted({p.kind for p in probes} - set(self.judges))
         if missing:

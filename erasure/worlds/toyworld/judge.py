@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from erasure.core.prompts import fill
 from erasure.probes import Probe, with_drawn_seeds
-from erasure.prompts import fill
 from erasure.spec import normalise
-from erasure.toyworld.world import COLOURS, SHAPES, STYLES, SYNONYMS, canonical
+from erasure.worlds.toyworld.world import COLOURS, SHAPES, STYLES, SYNONYMS, canonical
 
 ATTRIBUTES = {"shape": SHAPES, "colour": COLOURS, "style": STYLES}
 ORDER = ("style", "colour", "shape")
@@ -187,7 +187,7 @@ class ToyJudge:
 
 
 # Audit probes: templates and phrasings that neither the world's training captions, the erasure's
-# prompts (``erasure.prompts``) nor the evaluation above use, so an erasure cannot have been fitted
+# prompts (``erasure.core.prompts``) nor the evaluation above use, so an erasure cannot have been fitted
 # to them. The base model draws every one of them (98-100 % of 42 prompts each, measured when they
 # were chosen); an audit checks it again on its own probes (``AuditPolicy.min_base_accuracy``).
 TOY_AUDIT_TEMPLATES = (

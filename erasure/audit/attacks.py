@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from erasure.mining import candidate_words, word_position
-from erasure.prompts import fill
-from erasure.sampling import encode_images, predicted_noise, sample, sample_from_states
-from erasure.text import encode, encoder_states, tokenize
+from erasure.core.prompts import fill
+from erasure.core.text import encode, encoder_states, tokenize
+from erasure.diffusion.sampling import encode_images, predicted_noise, sample, sample_from_states
+from erasure.methods.mining import candidate_words, word_position
 
 # Prefix search scores every candidate (a word, or a pair of words) one by one up to this many;
 # beyond it, it searches by straight-through gradients. 4096 candidates at 8 draws each is about
@@ -118,7 +118,7 @@ def usable_words(tokenizer, vocabulary: Collection[str], exclude: Collection[str
     if not words:
         raise ValueError(
             "the vocabulary is empty once words of several tokens and excluded words are left out: give "
-            "one-token words (e.g. erasure.mining.candidate_words(tokenizer)) that are not all excluded"
+            "one-token words (e.g. erasure.methods.mining.candidate_words(tokenizer)) that are not all excluded"
         )
     return words
 
@@ -126,7 +126,7 @@ def usable_words(tokenizer, vocabulary: Collection[str], exclude: Collection[str
 def toyworld_vocabulary() -> list[str]:
     """The toy world's words: shapes, colours, styles, trained synonyms, held-out synonyms and the
     caption templates' words (``usable_words`` keeps those that are one token of a model)."""
-    from erasure.toyworld.world import HELD_OUT, vocabulary
+    from erasure.worlds.toyworld.world import HELD_OUT, vocabulary
 
     return sorted(set(vocabulary()) | {word for words in HELD_OUT.values() for word in words})
 

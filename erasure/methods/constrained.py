@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from erasure.closed_form import DTYPE
+from erasure.core.closed_form import DTYPE
 
 
 def null_space_projector(prior_gram: torch.Tensor, threshold: float, invariants: torch.Tensor | None = None) -> torch.Tensor:

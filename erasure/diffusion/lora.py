@@ -20,10 +20,10 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from erasure.attention import cross_attention_projections, probing, resize_mask
-from erasure.closed_form import apply_text_map
-from erasure.sampling import encode_images
-from erasure.text import encode, tokenize
+from erasure.core.attention import cross_attention_projections, probing, resize_mask
+from erasure.core.closed_form import apply_text_map
+from erasure.core.text import encode, tokenize
+from erasure.diffusion.sampling import encode_images
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 TARGET_MODULES = ["attn2.to_k", "attn2.to_v"]

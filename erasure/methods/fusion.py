@@ -5,7 +5,7 @@ Three solves over the same per-concept sufficient statistics (``closed_form``):
 - ``mace``: MACE's least squares, retained states pulled back with weight ``lam2``;
 - ``constrained``: the edit confined to the prior's null space (``constrained``);
 - ``separable``: SepME's increments summed, each projected on the null space of the prior,
-  the empty prompt and the *other* concepts' states (``erasure.separable``).
+  the empty prompt and the *other* concepts' states (``erasure.methods.separable``).
 
 Then, optionally, RECE's adversarial rounds (``adversarial``): the embedding that still
 produces each concept in the fused model is found in closed form and erased as one more
@@ -21,12 +21,12 @@ from typing import Protocol
 
 import torch
 
-from erasure.attention import cross_attention_projections
-from erasure.closed_form import DTYPE, ConceptStatistics, ExtraTerms, FusionAccumulator, PriorStatistics
-from erasure.constrained import constrained_text_side, null_space_dimension, null_space_projector
-from erasure.separable import separable_weights
+from erasure.core.attention import cross_attention_projections
+from erasure.core.closed_form import DTYPE, ConceptStatistics, ExtraTerms, FusionAccumulator, PriorStatistics
+from erasure.core.text import empty_prompt_states
+from erasure.methods.constrained import constrained_text_side, null_space_dimension, null_space_projector
+from erasure.methods.separable import separable_weights
 from erasure.spec import FusionSettings, PreserveSpec, RequestError
-from erasure.text import empty_prompt_states
 
 
 class FusableConcept(Protocol):
@@ -160,7 +160,7 @@ def constrained_weights(
     accumulator: FusionAccumulator, weights: dict[str, torch.Tensor], projector: torch.Tensor, alpha: float,
     extra: ExtraTerms | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``W + S P (P G_E P + a I)^-1`` for every projection (``erasure.constrained``), with
+    """``W + S P (P G_E P + a I)^-1`` for every projection (``erasure.methods.constrained``), with
     ``extra`` (state, target) pairs joining the concepts' when given."""
     gram_sum = accumulator.gram_sum + (extra.gram if extra is not None else 0)
     text_side = constrained_text_side(gram_sum, projector, alpha)

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from erasure.metrics import percent
-from erasure.sampling import to_pil
+from erasure.diffusion.sampling import to_pil
+from erasure.evaluation.metrics import percent
 
 TILE = 64  # display size of one image; toy images are upscaled without smoothing
 

@@ -189,7 +189,7 @@ class Verdict:
 
 
 def judge_verdict(metrics: dict, policy: AuditPolicy, calibration: dict | None = None, attacks: list[dict] | None = None) -> Verdict:
-    """Check an evaluation (``erasure.evaluate.evaluation_json``) and attack rows against ``policy``.
+    """Check an evaluation (``erasure.evaluation.evaluate.evaluation_json``) and attack rows against ``policy``.
 
     ``calibration``: {kind: {"reliable": bool, ...}} from judges that calibrate; ``attacks``: rows
     {concept, attack, asr, base_asr}."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from erasure.sampling import sample
-from erasure.toyworld.settings import SAMPLING
-from erasure.toyworld.world import COLOURS, HELD_OUT, SHAPES, STYLES, SYNONYMS
+from erasure.diffusion.sampling import sample
+from erasure.worlds.toyworld.settings import SAMPLING
+from erasure.worlds.toyworld.world import COLOURS, HELD_OUT, SHAPES, STYLES, SYNONYMS
 
 
 def attribute_accuracy(

@@ -51,8 +51,8 @@ def unconditional_drift(erased_components, base_components, samples: int = 16, s
     over random x_t at timesteps spread over the schedule, predictions compared as noise whatever
     the model predicts.
     """
-    from erasure.sampling import initial_noise, predicted_noise
-    from erasure.text import encode_prompts
+    from erasure.core.text import encode_prompts
+    from erasure.diffusion.sampling import initial_noise, predicted_noise
 
     num_t = base_components.scheduler.config.num_train_timesteps
     t = torch.linspace(num_t * 0.05, num_t * 0.95, samples).long()

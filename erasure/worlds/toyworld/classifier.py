@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from erasure.toyworld.world import COLOURS, SHAPES, STYLES, sample_batch
+from erasure.worlds.toyworld.world import COLOURS, SHAPES, STYLES, sample_batch
 
 HEADS = {"shape": SHAPES, "colour": COLOURS, "style": STYLES}
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from erasure.prompts import OBJECT_TEMPLATES, fill
+from erasure.core.prompts import OBJECT_TEMPLATES, fill
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star", "moon", "heart")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "cyan", "white")

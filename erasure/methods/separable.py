@@ -8,7 +8,7 @@ where the rows of ``B`` (r, d) are an orthonormal basis of the null space of the
 prompt's text states ``E`` (L, d), and only ``alpha`` (d_out, r) is trained. ``dW e = 0`` for
 every state ``e`` of "", so the unconditional prediction, which every guided sample is built
 on, is the base model's exactly; and increments of different concepts are separate terms
-that ``erasure.fusion.separable_weights`` adds or drops independently.
+that ``erasure.methods.fusion.separable_weights`` adds or drops independently.
 
 The loss is SepME's decorrelation of the guidance direction: with ``eps'`` the base UNet
 plus the increments and ``eps`` the frozen base,
@@ -49,13 +49,13 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from erasure.attention import cross_attention_projections
-from erasure.closed_form import DTYPE
-from erasure.constrained import null_space_dimension, null_space_projector
-from erasure.lora import noisy_sample, timestep_weights
-from erasure.sampling import encode_images, predicted_noise
+from erasure.core.attention import cross_attention_projections
+from erasure.core.closed_form import DTYPE
+from erasure.core.text import empty_prompt_states, encode, tokenize
+from erasure.diffusion.lora import noisy_sample, timestep_weights
+from erasure.diffusion.sampling import encode_images, predicted_noise
+from erasure.methods.constrained import null_space_dimension, null_space_projector
 from erasure.spec import RequestError
-from erasure.text import empty_prompt_states, encode, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def train_separable_increment(
     ``prompts``: the concept's (augmented) prompts; ``images``: its images, in [0, 1].
     Returns (factors {projection: (up (d_out, r), down (r, d))} with ``up @ down == dW``
     exactly, the same as a diffusers-format LoRA state dict (rank r = the null space's
-    dimension; ``erasure.lora.save_lora`` writes it), the loss per step). Fewer than
+    dimension; ``erasure.diffusion.lora.save_lora`` writes it), the loss per step). Fewer than
     ``steps`` losses when the early stop fired. ``scale``: see the module docstring.
     """
     device = components.device

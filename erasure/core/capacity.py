@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from erasure.prompts import fill
-from erasure.text import align_tokens, encode, tokenize
+from erasure.core.prompts import fill
+from erasure.core.text import align_tokens, encode, tokenize
 
 
 def concept_states(components, concepts: list[str], templates: tuple[str, ...], anchor: str = "thing") -> torch.Tensor:

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from erasure.diffusion.sampling import sample
 from erasure.errors import NoVerdict
-from erasure.metrics import harmonic_o, pixel_drift, unconditional_drift
-from erasure.sampling import sample
+from erasure.evaluation.metrics import harmonic_o, pixel_drift, unconditional_drift
 
 
 @dataclass
@@ -103,7 +103,7 @@ class NoJudgeError(NoVerdict, ValueError):
 
 
 def has_judge(model: str) -> bool:
-    from erasure.builtins import find_builtin
+    from erasure.worlds.registry import find_builtin
 
     try:
         builtin = find_builtin(model)
@@ -113,8 +113,9 @@ def has_judge(model: str) -> bool:
 
 
 def probes_and_judge(request, base: str | None = None):
-    """The probes and the judge of the base model's world (``erasure.builtins``)."""
-    from erasure.builtins import builtin_names, find_builtin
+    """The probes and the judge of the base model's world (``erasure.worlds.registry``)."""
+    from erasure.spec import builtin_names
+    from erasure.worlds.registry import find_builtin
 
     base = base or request.model
     builtin = find_builtin(base) if has_judge(base) else None
@@ -132,7 +133,8 @@ def evaluate_request(
 ) -> Evaluation:
     """Evaluate an erased ``model`` (folder or loaded components) for ``request`` against its base model
     (``base_components`` when the caller has it loaded already)."""
-    from erasure.models import Components, load_components, sampling_defaults
+    from erasure.diffusion.models import Components, sampling_defaults
+    from erasure.loading import load_components
 
     base = base or request.model
     probes, judge = probes_and_judge(request, base)

@@ -31,10 +31,10 @@ import re
 
 import torch
 
-from erasure.closed_form import ConceptStatistics
-from erasure.prompts import TEMPLATES, fill
+from erasure.core.closed_form import ConceptStatistics
+from erasure.core.prompts import TEMPLATES, fill
+from erasure.core.text import align_tokens, encode, tokenize
 from erasure.spec import ConceptSpec, MiningSettings, normalise
-from erasure.text import align_tokens, encode, tokenize
 
 
 def states_at_cosine(states: torch.Tensor, low: float, high: float, per_state: int, generator: torch.Generator) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """A compliance audit of one erased model: held-out probes, the deployment's judges, attacks.
 
-What differs from ``erasure.evaluate`` (the erasure's own report): the probes use
+What differs from ``erasure.evaluation.evaluate`` (the erasure's own report): the probes use
 templates and synonym forms the erasure never used, with seeds drawn per audit;
 sampler settings come from the policy, not the request; the judges are the
 deployment's (per concept kind); each accuracy carries a confidence interval;
-and attacks try to draw the concept back (``erasure.attacks``), on the base model
+and attacks try to draw the concept back (``erasure.audit.attacks``), on the base model
 too as the control.
 """
 
@@ -15,12 +15,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from erasure.evaluate import Evaluation, NoJudgeError, evaluate
-from erasure.policy import MIN_GUIDANCE_SCALE, MIN_SAMPLER_STEPS, AuditPolicy, wilson_interval
+from erasure.audit.policy import MIN_GUIDANCE_SCALE, MIN_SAMPLER_STEPS, AuditPolicy, wilson_interval
+from erasure.evaluation.evaluate import Evaluation, NoJudgeError, evaluate
 from erasure.probes import Probe, with_drawn_seeds
 from erasure.spec import CONCEPT_KINDS, ErasureRequest, RequestError, inside_input_root, normalise, printable_text
 
-# Held-out templates per kind for real models: none of them is in ``erasure.prompts`` (the
+# Held-out templates per kind for real models: none of them is in ``erasure.core.prompts`` (the
 # erasure's own prompts), so an erasure cannot have been fitted to them (``tests/test_policy.py``).
 AUDIT_TEMPLATES_BY_KIND = {
     "object": (
@@ -143,7 +143,7 @@ def template_probes(request: ErasureRequest, policy: AuditPolicy, seed: int) -> 
 
 def deployment_judge(request: ErasureRequest, policy: AuditPolicy, probes: list[Probe], device: str = "cpu"):
     """The judge of every probe's kind, as the policy configures them."""
-    from erasure import judges
+    from erasure.evaluation import judges
 
     needed = sorted({p.kind for p in probes})
     missing = [k for k in needed if k not in policy.judges]
@@ -185,7 +185,7 @@ def deployment_judge(request: ErasureRequest, policy: AuditPolicy, probes: list[
 def audit_probes_and_judge(request: ErasureRequest, policy: AuditPolicy, seed: int, device: str = "cpu"):
     """Probes and judge of an audit: a built-in world's own (held-out probes), else the policy's
     judges on held-out templates and the policy's probe file."""
-    from erasure.builtins import find_builtin
+    from erasure.worlds.registry import find_builtin
 
     builtin = find_builtin(request.model)
     if builtin is not None:
@@ -207,7 +207,7 @@ def audit_probes_and_judge(request: ErasureRequest, policy: AuditPolicy, seed: i
 def sampler_settings(policy: AuditPolicy, base_components) -> tuple[int, float]:
     """The policy's steps and guidance, else the base model's own defaults (never the request's),
     held to the policy's floors either way: a model folder cannot ask to be audited at 1 step."""
-    from erasure.models import sampling_defaults
+    from erasure.diffusion.models import sampling_defaults
 
     defaults = sampling_defaults(base_components)
     steps = policy.sampler_steps or max(MIN_SAMPLER_STEPS, defaults["sampler_steps"])
@@ -240,8 +240,8 @@ def run_audit(
 
 def attack_vocabulary(request: ErasureRequest, components) -> list[str]:
     """Words an attack may use: a toy world's own words, else the tokenizer's common whole words."""
-    from erasure import attacks
-    from erasure.mining import candidate_words
+    from erasure.audit import attacks
+    from erasure.methods.mining import candidate_words
 
     if request.model.startswith("builtin:toyworld"):
         return attacks.toyworld_vocabulary()
@@ -254,7 +254,7 @@ def attack_concept(erased, base, request, concept, policy: AuditPolicy, judge, e
     the judge says show it. Success: the judge sees the concept in an attack's image."""
     import numpy as np
 
-    from erasure import attacks
+    from erasure.audit import attacks
 
     probes = evaluation.probes
     own = [i for i, p in enumerate(probes) if p.group == "erased" and p.concept == concept.name]

@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
-from erasure.models import Components, load_folder, packaged_encoder, small_text_encoder
-from erasure.prompts import template_words
-from erasure.tokenizer import build_clip_tokenizer
-from erasure.toyworld.settings import SAMPLING
-from erasure.toyworld.world import vocabulary
+from erasure.core.prompts import template_words
+from erasure.core.tokenizer import build_clip_tokenizer
+from erasure.diffusion.models import Components, load_folder, packaged_encoder, small_text_encoder
+from erasure.worlds.toyworld.settings import SAMPLING
+from erasure.worlds.toyworld.world import vocabulary
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 CLASSIFIER_FILE = ASSETS / "toyworld" / "classifier.safetensors"  # the judge of both worlds
 IMAGE_SIZE = 16
 WORLDS = ("minilm", "clip")
@@ -91,7 +91,7 @@ def load_toyworld_components(world: str = "minilm", folder: Path | None = None) 
 
 
 def load_toyworld_classifier(path: Path = CLASSIFIER_FILE):
-    from erasure.toyworld.classifier import load_classifier
+    from erasure.worlds.toyworld.classifier import load_classifier
 
     return load_classifier(path)
 

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from erasure.models import save_components
-from erasure.text import encode, encoder_states, tokenize
-from erasure.toyworld.model import IMAGE_SIZE, build_toyworld_components, trains_text_encoder
-from erasure.toyworld.settings import TRAINING
-from erasure.toyworld.world import sample_batch
+from erasure.core.text import encode, encoder_states, tokenize
+from erasure.diffusion.models import save_components
+from erasure.worlds.toyworld.model import IMAGE_SIZE, build_toyworld_components, trains_text_encoder
+from erasure.worlds.toyworld.settings import TRAINING
+from erasure.worlds.toyworld.world import sample_batch
 
 CAPTION_DROPOUT = 0.1
 MIN_SNR_GAMMA = 5.0

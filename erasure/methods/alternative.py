@@ -1,7 +1,7 @@
 """All-but-One: a per-concept LoRA that moves the concept's guidance direction onto its alternative's.
 
 Classifier-free guidance steers sampling along ``eps(x, c) - eps(x, "")``. Instead of
-silencing the concept tokens' attention (MACE, ``erasure.lora``), this objective asks the
+silencing the concept tokens' attention (MACE, ``erasure.diffusion.lora``), this objective asks the
 erased model to steer, for a concept prompt ``c_j``, the way the *base* model steers for the
 same prompt with the alternative (the concept's anchor) in its place, ``a_j``:
 
@@ -12,7 +12,7 @@ same prompt with the alternative (the concept's anchor) in its place, ``a_j``:
 on every ``attn2.to_k``/``to_v`` as MACE's), ``eps`` the frozen base model. Matching only
 the guidance *difference* leaves the unconditional prediction free to wander, and every
 prompt's guided sample is built on it; the drift term holds it still (All-but-One's
-lambda). ``erasure.metrics.unconditional_drift`` measures that wander for any erased model,
+lambda). ``erasure.evaluation.metrics.unconditional_drift`` measures that wander for any erased model,
 so the benchmark reports it for every method.
 
 Predictions are compared as noise (epsilon) whatever the model predicts (``v`` or the
@@ -25,9 +25,9 @@ import random
 
 import torch
 
-from erasure.lora import exported_lora, lora_unet, noisy_sample, timestep_weights
-from erasure.sampling import encode_images, predicted_noise
-from erasure.text import empty_prompt_states, encode, tokenize
+from erasure.core.text import empty_prompt_states, encode, tokenize
+from erasure.diffusion.lora import exported_lora, lora_unet, noisy_sample, timestep_weights
+from erasure.diffusion.sampling import encode_images, predicted_noise
 
 
 def train_alternative_lora(
@@ -47,7 +47,7 @@ def train_alternative_lora(
     """Train one concept's All-but-One LoRA on the model refined by its CFR map ``text_map``.
 
     ``prompts[j]``: a concept prompt; ``alternative_prompts[j]``: the same prompt with the
-    alternative instead. Returns what ``erasure.lora.train_concept_lora`` does: (factors
+    alternative instead. Returns what ``erasure.diffusion.lora.train_concept_lora`` does: (factors
     {projection: (up, down)}, the LoRA state dict in diffusers format, the loss per step).
     """
     if len(prompts) != len(alternative_prompts):

@@ -1,23 +1,20 @@
 """The models this project builds itself, and the judge of each: one registry.
 
-A request names one as ``builtin:<name>``. Each entry says how to load the model
-and, when the model's world has one, how to judge its images (the probes and
-the judge the evaluation uses). Loaders and judges import lazily, so this module
-is cheap to import (the request validator reads the names from it) and
-``erasure.models`` does not import the toy world at import time.
+A request names one as ``builtin:<name>`` (the names are ``erasure.spec.BUILTIN_MODELS``, so
+that validating a request needs no model code). Each entry says how to load the model and,
+when the model's world has one, how to judge its images (the probes and the judge the
+evaluation uses, and the held-out ones an audit uses).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from erasure.models import Components
-    from erasure.spec import ErasureRequest
-
-BUILTIN_PREFIX = "builtin:"
+from erasure.diffusion.models import Components, build_tiny_components
+from erasure.spec import BUILTIN_MODELS, ErasureRequest, check_builtin
+from erasure.worlds.toyworld.judge import ToyJudge, audit_probes, erasure_probes
+from erasure.worlds.toyworld.model import drawable_unseen_words, load_toyworld_classifier, load_toyworld_components
 
 
 @dataclass(frozen=True)
@@ -31,16 +28,8 @@ class BuiltinModel:
     audit: Callable[[ErasureRequest, object, int], tuple[list, object]] | None = None
 
 
-def _load_tiny() -> Components:
-    from erasure.models import build_tiny_components
-
-    return build_tiny_components()
-
-
 def _toyworld_loader(world: str) -> Callable[[], Components]:
     def load() -> Components:
-        from erasure.toyworld.model import load_toyworld_components
-
         return load_toyworld_components(world)
 
     return load
@@ -48,9 +37,6 @@ def _toyworld_loader(world: str) -> Callable[[], Components]:
 
 def _toyworld_judge(world: str) -> Callable[[ErasureRequest], tuple[list, object]]:
     def judge(request: ErasureRequest) -> tuple[list, object]:
-        from erasure.toyworld.judge import ToyJudge, erasure_probes
-        from erasure.toyworld.model import drawable_unseen_words, load_toyworld_classifier
-
         concepts = [c.name for c in request.concepts]
         probes = erasure_probes(
             concepts, list(request.preserve.concepts), seed=request.seed, unseen=drawable_unseen_words(world)
@@ -62,9 +48,6 @@ def _toyworld_judge(world: str) -> Callable[[ErasureRequest], tuple[list, object
 
 def _toyworld_audit(world: str) -> Callable[[ErasureRequest, object, int], tuple[list, object]]:
     def audit(request: ErasureRequest, policy, seed: int) -> tuple[list, object]:
-        from erasure.toyworld.judge import ToyJudge, audit_probes
-        from erasure.toyworld.model import drawable_unseen_words, load_toyworld_classifier
-
         probes = audit_probes(
             [(c.name, c.synonyms) for c in request.concepts], list(request.preserve.concepts),
             policy.probes_per_concept, policy.retained_limit, seed, unseen=drawable_unseen_words(world),
@@ -77,7 +60,7 @@ def _toyworld_audit(world: str) -> Callable[[ErasureRequest, object, int], tuple
 BUILTINS: dict[str, BuiltinModel] = {
     entry.name: entry
     for entry in (
-        BuiltinModel("tiny", "a randomly initialised SD-shaped pipeline for tests (draws noise)", _load_tiny),
+        BuiltinModel("tiny", "a randomly initialised SD-shaped pipeline for tests (draws noise)", build_tiny_components),
         BuiltinModel(
             "toyworld", "the toy world, a frozen pretrained MiniLM encoder (the embedded default)",
             _toyworld_loader("minilm"), _toyworld_judge("minilm"), _toyworld_audit("minilm"),
@@ -88,19 +71,12 @@ BUILTINS: dict[str, BuiltinModel] = {
         ),
     )
 }
-DEFAULT_MODEL = BUILTIN_PREFIX + "toyworld"
-
-
-def builtin_names() -> list[str]:
-    return [BUILTIN_PREFIX + name for name in BUILTINS]
+if tuple(BUILTINS) != BUILTIN_MODELS:  # the request validator reads the names from erasure.spec
+    raise RuntimeError(f"erasure.spec.BUILTIN_MODELS {BUILTIN_MODELS} does not name the registry's {tuple(BUILTINS)}")
 
 
 def find_builtin(model: str) -> BuiltinModel | None:
     """The registry entry of ``builtin:<name>``; None for anything else (a folder, a hub id).
     An unknown ``builtin:`` name is an error that lists the valid ones."""
-    if not model.startswith(BUILTIN_PREFIX):
-        return None
-    entry = BUILTINS.get(model[len(BUILTIN_PREFIX) :])
-    if entry is None:
-        raise ValueError(f"unknown built-in {model!r}; valid: {', '.join(builtin_names())}")
-    return entry
+    name = check_builtin(model)
+    return None if name is None else BUILTINS[name]
