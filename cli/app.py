@@ -43,9 +43,37 @@ def warn(messages: list[str]) -> None:
         console.print(f"[bold yellow]warning:[/] {escape(message)}", soft_wrap=True, highlight=False)
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = 2) -> None:
     console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
+
+
+UNEXPECTED_EXIT = 4  # a bug or an environment problem: never 1, which says a concept leaked
+
+
+def report_errors(call):
+    """Run ``call``. A product error (``erasure.errors``) is printed as its message, never a
+    traceback, and the command exits with the error's own code; anything else is printed with
+    its traceback and exits 4."""
+    from pydantic import ValidationError
+
+    from erasure.errors import ErasureError, NoVerdict
+
+    try:
+        return call()
+    except typer.Exit:
+        raise
+    except NoVerdict as error:  # nothing was judged: neither a pass nor a leak
+        console.print(f"[bold yellow]no verdict:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(code=error.exit_code) from None
+    except ErasureError as error:
+        fail(str(error), error.exit_code)
+    except (LookupError, ValidationError) as error:  # a registered name or version that is not there
+        fail(str(error))
+    except Exception:  # noqa: BLE001 (reported whole, with its own exit code)
+        console.print_exception()
+        console.print(f"[bold red]unexpected error[/] (exit {UNEXPECTED_EXIT}): the traceback above says where", highlight=False)
+        raise typer.Exit(code=UNEXPECTED_EXIT) from None
 
 
 class Bars:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cli.app import Bars, app, console, device_or_default, fail, progress_bars, setting, toyworld_app, warn
+from cli.app import Bars, app, console, device_or_default, progress_bars, report_errors, setting, toyworld_app, warn
 from erasure.spec import DEFAULT_MODEL, SamplingSettings, builtin_names
 from erasure.worlds.toyworld.settings import SAMPLING as TOY_SAMPLING
 from erasure.worlds.toyworld.settings import TRAINING
@@ -35,15 +35,15 @@ def erase(
 ) -> None:
     """Erase the request's concepts and write the erased model to --out."""
     from erasure.erase import erase as run_erase
-    from erasure.spec import RequestError, load_request
+    from erasure.spec import load_request
 
-    try:
+    def erased():
         spec = load_request(request)
         warn(spec.specificity_warnings())
         with progress_bars() as progress:
-            summary = run_erase(spec, out, device=device_or_default(device), progress=Bars(progress), overwrite=overwrite)
-    except RequestError as error:
-        fail(str(error))
+            return run_erase(spec, out, device=device_or_default(device), progress=Bars(progress), overwrite=overwrite)
+
+    summary = report_errors(erased)
     table = Table(title=f"erased {len(summary.concepts)} concept(s) -> {summary.out_dir}")
     for column in ("concept", "kind", "anchor", "mask cover", "LoRA loss first -> last", "seconds"):
         table.add_column(column)
@@ -76,12 +76,8 @@ def generate(
     from erasure.diffusion.models import sampling_defaults
     from erasure.diffusion.sampling import sample, to_pil
     from erasure.loading import load_components
-    from erasure.spec import RequestError
 
-    try:
-        components = load_components(model, device_or_default(device))
-    except RequestError as error:
-        fail(str(error))
+    components = report_errors(lambda: load_components(model, device_or_default(device)))
     defaults = sampling_defaults(components)
     images, _ = sample(
         components, list(prompts), [seed + i for i in range(len(prompts))],
@@ -111,14 +107,14 @@ def evaluate(
     from erasure.evaluation.report import write_report
     from erasure.spec import RequestError, load_request
 
-    try:
-        spec = load_request(request)
+    def evaluated():
         if not model.is_dir():
             raise RequestError(f"model folder {str(model)!r} does not exist")
         with console.status("sampling base and erased models on the probe prompts"):
-            result = evaluate_request(model, spec, base=base, device=device_or_default(device))
-    except (RequestError, ValueError) as error:
-        fail(str(error))
+            return evaluate_request(model, spec, base=base, device=device_or_default(device))
+
+    spec = report_errors(lambda: load_request(request))
+    result = report_errors(evaluated)
     json_out.parent.mkdir(parents=True, exist_ok=True)
     json_out.write_text(json.dumps(evaluation_json(result), indent=2) + "\n")
     report_path = write_report(

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cli.app import app, console, fail, services_app, warn
+from cli.app import app, console, fail, report_errors, services_app, warn
 from erasure.spec import CONCEPT_KINDS
 
 out = Console()
@@ -22,25 +22,6 @@ out = Console()
 
 def _concepts(names: list[str], kind: str, anchor: str | None, synonyms: list[str]) -> list[dict]:
     return [{"name": n, "kind": kind, **({"anchor": anchor} if anchor else {}), "synonyms": synonyms} for n in names]
-
-
-def _run_flow(call):
-    """Run ``call``; a product error is printed as its message (never a traceback), and the command
-    exits with the error's own code (``erasure.errors``)."""
-    from pydantic import ValidationError
-
-    from erasure.errors import ErasureError, NoVerdict
-
-    try:
-        return call()
-    except NoVerdict as error:  # nothing was judged: neither a pass nor a leak
-        console.print(f"[bold yellow]no verdict:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
-        raise typer.Exit(code=error.exit_code) from None
-    except ErasureError as error:
-        console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
-        raise typer.Exit(code=error.exit_code) from None
-    except (LookupError, ValidationError) as error:  # a registered name or version that is not there
-        fail(str(error))
 
 
 def _print_version(result: dict) -> None:
@@ -91,7 +72,7 @@ def run(
 
     warm_pool(spec.model, workers)  # while Prefect starts its API server
 
-    result = _run_flow(lambda: erase_flow(json.loads(spec.model_dump_json()), name or request.stem, workers, evaluate))
+    result = report_errors(lambda: erase_flow(json.loads(spec.model_dump_json()), name or request.stem, workers, evaluate))
     _print_version(result)
 
 
@@ -115,11 +96,11 @@ def takedown(
         fail(str(error))
     from flows.takedown import rerun_notice, takedown_flow
 
-    notice = _run_flow(lambda: rerun_notice(model, specs))
+    notice = report_errors(lambda: rerun_notice(model, specs))
     if notice:
         warn([notice])
     _warm_pool_for(model, workers)
-    result = _run_flow(lambda: takedown_flow(model, specs, workers, evaluate))
+    result = report_errors(lambda: takedown_flow(model, specs, workers, evaluate))
     _print_version(result)
 
 
@@ -134,7 +115,7 @@ def restore(
     from flows.restore import restore_flow
 
     _warm_pool_for(model, workers)
-    result = _run_flow(lambda: restore_flow(model, list(concepts), workers, evaluate))
+    result = report_errors(lambda: restore_flow(model, list(concepts), workers, evaluate))
     _print_version(result)
 
 
@@ -226,7 +207,7 @@ def audit(
             console.print(f"{label} {escape(str(error))}", soft_wrap=True, highlight=False)
             raise typer.Exit(code=error.exit_code) from None
 
-    result = _run_flow(audited)
+    result = report_errors(audited)
     _print_audit(result)
     out.print("[bold green]audit passed[/]")
 
@@ -245,7 +226,7 @@ def promote(
     chosen = _policy(None)
     if override_audit is not None and not override_audit.strip():
         fail("--override-audit needs a reason")
-    how = _run_flow(lambda: set_alias(model, version, alias, chosen, override_audit))  # PromotionRefused: exit 2
+    how = report_errors(lambda: set_alias(model, version, alias, chosen, override_audit))  # PromotionRefused: exit 2
     out.print(f"{escape(model)}@{escape(alias)} -> version {escape(version)} ({escape(how)})", highlight=False)
 
 

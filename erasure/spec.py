@@ -398,14 +398,20 @@ LEGACY_SETTINGS = {
 
 
 def registered_request(text: str) -> ErasureRequest:
-    """A registered version's ``request.json``, with settings it predates filled in as it was made."""
-    data = json.loads(text)
-    data.pop("audit", None)  # thresholds once kept in the request; the deployment's policy decides now
-    for section, values in LEGACY_SETTINGS.items():
-        target = data.setdefault(section, {})
-        for key, value in values.items():
-            target.setdefault(key, value)
-    return ErasureRequest.model_validate(data)
+    """A registered version's ``request.json``, with settings it predates filled in as it was made.
+    Content that is not such a request (edited, truncated) is a ``RequestError``."""
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict) or not all(isinstance(data.get(s, {}), dict) for s in LEGACY_SETTINGS):
+            raise ValueError("not a request object")
+        data.pop("audit", None)  # thresholds once kept in the request; the deployment's policy decides now
+        for section, values in LEGACY_SETTINGS.items():
+            target = data.setdefault(section, {})
+            for key, value in values.items():
+                target.setdefault(key, value)
+        return ErasureRequest.model_validate(data)
+    except (ValueError, TypeError, RecursionError) as error:  # JSON and pydantic errors are ValueErrors
+        raise RequestError(f"the registered request.json is not a valid request: {str(error)[:300]}") from None
 
 
 INPUT_ROOT_VARIABLE = "ERASURE_INPUT_ROOT"

@@ -16,7 +16,6 @@ from prefect import flow, get_run_logger
 
 from erasure.audit.policy import AuditPolicy, judge_verdict, load_policy, parse_policy
 from erasure.errors import LeakFound, NoVerdict
-from erasure.evaluation.evaluate import NoJudgeError
 from erasure.spec import RequestError, inside_input_root, parse_request, registered_request
 from tasks.registry import log_audit, resolve, served_reference, start_audit, version_request
 from tasks.stages import stage_audit
@@ -48,26 +47,12 @@ def audit_flow(
     # a seed given by hand reruns an audit: recorded as such, it never counts for a promotion
     seed_chosen = seed is not None
     seed = secrets.randbelow(2**31 - 1) if seed is None else int(seed)
-    version, failures = None, []
+    version = reference = spec = None
     if request is None:
         version = resolve(model)
-        spec = registered_request(version_request(version))
         reference = served_reference(version)
         name, served_sha256 = version.name, reference["sha256"]
         target = {"reference": reference, "label": f"{version.name} version {version.version}"}
-        from tasks.keys import request_hash
-
-        if reference.get("request_hash") and request_hash(spec) != reference["request_hash"]:
-            failures.append(
-                f"the version's request.json is not the request it was registered with (hash {request_hash(spec)}, "
-                f"registered {reference['request_hash']}): it was edited after registration"
-            )
-        if version.tags.get("model_key") != reference["model_key"]:
-            # the tag that lineage and takedowns read no longer names what the version serves
-            failures.append(
-                f"the version's model_key tag ({version.tags.get('model_key')}) is not the model it serves "
-                f"({reference['model_key']}): its tags were edited after registration"
-            )
     else:
         spec = parse_request(request)
         name, served_sha256 = model.replace("builtin:", "builtin-").replace("/", "-").strip("-.") or "model", None
@@ -77,25 +62,64 @@ def audit_flow(
             folder = inside_input_root(Path(model).expanduser().resolve(), "model")
             target = {"folder": str(folder), "label": model}
 
-    # recorded before anything is sampled: an audit stopped before its verdict still counts (as not passed)
+    # recorded before anything is read from the registration or sampled: an audit stopped before its
+    # verdict still counts, as not passed
     run_id = start_audit(name, version, policy, seed, served_sha256, seed_chosen)
     logger.info("audit of %s started (seed %d, MLflow run %s)", model, seed, run_id)
+    try:
+        outcome, reasons, result = _judge(version, reference, spec, target, policy, seed, attacks, workers)
+    except BaseException as error:  # a crash, an outage, an interrupt: no verdict, and on record as such
+        reasons = [f"the audit did not reach a verdict: {type(error).__name__}: {error}"]
+        try:
+            log_audit(run_id, name, "error", reasons, policy, False, {}, {}, None)
+        except Exception as logging_error:  # noqa: BLE001 (the run stays 'started', which blocks promotion too)
+            logger.warning("could not record the audit's error in MLflow run %s: %s", run_id, logging_error)
+        raise
+    attacks_run = result is not None and attacks and bool(policy.attacks)
+    result = result or {"metrics": {}, "summary": {}, "report_html": None}
+    log_audit(run_id, name, outcome, reasons, policy, attacks_run, result["metrics"], result["summary"], result["report_html"])
+    return _verdict(logger, model, outcome, reasons, seed, run_id, result)
 
-    def finish(outcome: str, reasons: list[str], result: dict | None = None, attacks_run: bool = False) -> dict:
-        result = result or {"metrics": {}, "summary": {}, "report_html": None}
-        log_audit(run_id, name, outcome, reasons, policy, attacks_run, result["metrics"], result["summary"], result["report_html"])
-        return _verdict(logger, model, outcome, reasons, seed, run_id, result)
 
-    if failures:  # nothing to sample: the registration itself is not what it claims
-        return finish("failed", failures)
+def _judge(version, reference, spec, target, policy, seed, attacks, workers) -> tuple[str, list[str], dict | None]:
+    """The audit's outcome, its reasons and the worker's result (None when nothing was sampled)."""
+    if version is not None:
+        try:
+            spec = registered_request(version_request(version))
+        except RequestError as error:  # the registration cannot be read back: not what was registered
+            return "failed", [f"the version's request.json does not load: {error}"], None
+        failures = registration_failures(version, reference, spec)
+        if failures:  # nothing to sample: the registration itself is not what it claims
+            return "failed", failures, None
     try:
         result = stage_audit(spec, target, policy, seed, attacks, workers)
     except ArtifactError as error:
-        return finish("failed", [*failures, f"the served artifact does not match its registration: {error}"])
+        return "failed", [f"the served artifact does not match its registration: {error}"], None
     except (NoVerdict, RequestError) as error:  # nothing was judged (no judge, one that does not load or
-        return finish("inconclusive", [str(error)])  # calibrate, bad probes): recorded, and never a pass
+        return "inconclusive", [str(error)], None  # calibrate, bad probes): recorded, and never a pass
     verdict = judge_verdict(result["metrics"], policy, result["summary"]["calibration"], result["summary"]["attacks"])
-    return finish(verdict.outcome, verdict.failures + verdict.inconclusive, result, attacks and bool(policy.attacks))
+    return verdict.outcome, verdict.failures + verdict.inconclusive, result
+
+
+def registration_failures(version, reference: dict, spec) -> list[str]:
+    """How a registered version is no longer what was registered: its request.json or its
+    ``model_key`` tag edited afterwards."""
+    from tasks.keys import request_hash
+
+    failures = []
+    if reference.get("request_hash") and request_hash(spec) != reference["request_hash"]:
+        failures.append(
+            f"the version's request.json is not the request it was registered with (hash {request_hash(spec)}, "
+            f"registered {reference['request_hash']}): it was edited after registration"
+        )
+    if version.tags.get("model_key") != reference["model_key"]:
+        # the tag that lineage and takedowns read no longer names what the version serves
+        failures.append(
+            f"the version's model_key tag ({version.tags.get('model_key')}) is not the model it serves "
+            f"({reference['model_key']}): its tags were edited after registration"
+        )
+    return failures
+
 
 BUNDLED_POLICY = Path(__file__).resolve().parents[1] / "audit-policy.yaml"  # the deployment's, shipped with it
 
@@ -126,4 +150,4 @@ def _verdict(logger, model: str, outcome: str, reasons: list[str], seed: int, ru
         raise error
     return out
 
-__all__ = ["AuditInconclusive", "ConceptLeak", "NoJudgeError", "audit_flow"]
+__all__ = ["AuditInconclusive", "ConceptLeak", "audit_flow"]

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -69,9 +70,10 @@ def tracking_uri() -> str:
     return re.sub(r"(//[^/:@]*:)[^/@]*@", r"\1***@", mlflow.get_tracking_uri())
 
 
-def experiment(name: str) -> None:
-    """Make ``erasure/<name>`` the active experiment. With the embedded SQLite default its run
-    artifacts go to the private state folder, not to ``./mlruns`` in whatever folder this runs in."""
+def experiment(name: str) -> str:
+    """Make ``erasure/<name>`` the active experiment and return its id. With the embedded SQLite
+    default its run artifacts go to the private state folder, not to ``./mlruns`` in whatever
+    folder this runs in."""
     title = f"erasure/{name}"
     if mlflow.get_tracking_uri().startswith("sqlite:") and mlflow.get_experiment_by_name(title) is None:
         location = private_dir(state_dir() / "mlflow-artifacts")
@@ -79,7 +81,7 @@ def experiment(name: str) -> None:
             mlflow.create_experiment(title, artifact_location=location.as_uri())
         except MlflowException:
             pass  # created by a concurrent flow a moment ago
-    mlflow.set_experiment(title)
+    return mlflow.set_experiment(title).experiment_id
 
 
 def configure() -> str:
@@ -319,7 +321,8 @@ def served_reference(version: RegisteredVersion) -> dict:
 
 
 AUDIT_RUN = "audit"
-COMPLETE_TAG = "erasure.complete"  # set last: a run without it was interrupted and counts for nothing
+COMPLETE_TAG = "erasure.complete"  # set last: an audit run without it never reached its verdict (it blocks promotion)
+AUDIT_PAGE = 1000  # runs per search page (MLflow's own maximum is 50,000)
 MAX_TAG_CHARS = 4000
 
 
@@ -342,7 +345,6 @@ def start_audit(
     ``log_audit`` completes it; killed or crashed first, it stays so, and ``promote`` counts it
     as not passed: an audit cannot be made to vanish by stopping it before its verdict."""
     configure()
-    experiment(name)
     tags = (
         {
             "erasure.flow": AUDIT_RUN, "erasure.outcome": STARTED, "erasure.passed": "False",
@@ -353,19 +355,19 @@ def start_audit(
     )
     with _mlflow(f"recording the start of an audit of {name}"):
         # created, not started: the run stays RUNNING until log_audit ends it
-        experiment_id = mlflow.get_experiment_by_name(f"erasure/{name}").experiment_id
-        return MlflowClient().create_run(experiment_id, run_name=AUDIT_RUN, tags=tags).info.run_id
+        return MlflowClient().create_run(experiment(name), run_name=AUDIT_RUN, tags=tags).info.run_id
 
 
 def log_audit(
     run_id: str, name: str, outcome: str, reasons: list[str], policy, attacks_run: bool, metrics: dict, summary: dict,
     report_html: str | None,
-) -> str:
+) -> None:
     """Complete the audit run ``start_audit`` opened: the verdict and its reasons, the policy (as
     params and as a file), every metric overall and per concept (history over nightly audits),
     attack success, and the HTML report; the completion tag last."""
     configure()
-    experiment(name)
+    with _mlflow(f"logging the audit of {name}"):
+        experiment(name)
     with _mlflow(f"logging the audit of {name}"), mlflow.start_run(run_id=run_id) as run:
         mlflow.set_tags({
             "erasure.outcome": outcome, "erasure.passed": str(outcome == "passed"),
@@ -394,19 +396,23 @@ def log_audit(
                 (folder / "audit_report.html").write_text(report_html)
                 mlflow.log_artifact(str(folder / "audit_report.html"))
         mlflow.set_tag(COMPLETE_TAG, "true")
-        return run.info.run_id
 
 
 def version_audits(name: str, version: str, policy_digest: str, served_sha256: str) -> list:
     """Every audit run of ``name`` version ``version`` under the policy ``policy_digest`` of the
-    artifact ``served_sha256``, newest first: completed ones and those that never completed
-    (still running, killed or crashed). Paged through, however many there are."""
+    artifact ``served_sha256``, newest first: completed ones, those that never completed (still
+    running, killed or crashed) and deleted ones. Paged through, however many there are."""
     configure()
     client = MlflowClient()
     with _mlflow(f"looking up audits of {name} version {version}"):
         found = client.get_experiment_by_name(f"erasure/{name}")
         if found is None:
             return []
+        if found.lifecycle_stage == "deleted":
+            raise RegistryError(
+                f"the MLflow experiment erasure/{name} is deleted, and with it the view of {name}'s audits: "
+                f"restore it (`mlflow experiments restore --experiment-id {found.experiment_id}`) first"
+            )
         runs, token = [], None
         while True:
             page = client.search_runs(
@@ -414,15 +420,13 @@ def version_audits(name: str, version: str, policy_digest: str, served_sha256: s
                 f"tags.`erasure.flow` = '{AUDIT_RUN}' and tags.`erasure.version` = '{_quote(version)}' "
                 f"and tags.`erasure.policy_digest` = '{_quote(policy_digest)}' "
                 f"and tags.`erasure.model_sha256` = '{_quote(served_sha256)}'",
+                run_view_type=ViewType.ALL,  # a deleted run still counts: deleting a failure must not hide it
                 order_by=["attributes.start_time DESC"], max_results=AUDIT_PAGE, page_token=token,
             )
             runs.extend(page)
             token = page.token
             if not token:
                 return runs
-
-
-AUDIT_PAGE = 1000
 
 
 def completed(run) -> bool:
@@ -477,10 +481,11 @@ def promote(name: str, version: str, alias: str = PRODUCTION, policy=None, overr
 
 def _check_audit(name: str, version: str, policy) -> str:
     """A version may be promoted when the artifact it serves (and its ``model_key`` tag still names
-    it) has a passing audit under ``policy`` and no failed or inconclusive one: an audit rerun
-    until it passes does not count. The passing run is re-judged from its logged record under the
-    policy; an audit whose seed was chosen by hand (a rerun) does not count as the pass; with
-    attacks in the policy, the pass must have run them."""
+    it) has a passing audit under ``policy`` and no audit that did not pass: none failed,
+    inconclusive, in error, or never completed (killed, crashed, still running), deleted or not.
+    An audit rerun until it passes does not count. The passing run is re-judged from its logged
+    record under the policy; an audit whose seed was chosen by hand (a rerun) or a deleted run
+    does not count as the pass; with attacks in the policy, the pass must have run them."""
     from erasure.audit.policy import judge_verdict
 
     digest = policy.digest()
@@ -493,22 +498,25 @@ def _check_audit(name: str, version: str, policy) -> str:
     if current.tags.get("model_key") != served["model_key"]:
         raise PromotionRefused(f"{name} version {version}: its model_key tag no longer names the model it serves: {fix}")
     runs = version_audits(name, version, digest, served["sha256"])
+    override = "only --override-audit REASON (logged) promotes this artifact under this policy now"
     unfinished = [r for r in runs if not completed(r)]
     if unfinished:
         raise PromotionRefused(
             f"{name} version {version}: an audit under the current policy (run {unfinished[0].info.run_id}, seed "
-            f"{unfinished[0].data.tags.get('erasure.seed', '?')}) started and never completed (still running, or killed "
-            f"or crashed before its verdict): it counts as not passed, and a later pass does not undo it: {fix}"
+            f"{unfinished[0].data.tags.get('erasure.seed', '?')}) has not completed. It counts as not passed: if it is "
+            f"still running, promote once it has passed; if it was killed or crashed, a later pass does not undo it, and {override}"
         )
     bad = [r for r in runs if r.data.tags.get("erasure.outcome") != "passed"]
     if bad:
         raise PromotionRefused(
-            f"{name} version {version}: an audit under the current policy {bad[0].data.tags.get('erasure.outcome', 'failed')} "
-            f"(run {bad[0].info.run_id}: {bad[0].data.tags.get('erasure.reasons', '')[:500]}); a later pass does not undo it: {fix}"
+            f"{name} version {version}: an audit under the current policy did not pass "
+            f"({bad[0].data.tags.get('erasure.outcome', 'failed')}, run {bad[0].info.run_id}: "
+            f"{bad[0].data.tags.get('erasure.reasons', '')[:500]}); a later pass does not undo it: {override}"
         )
     passes = [
         r for r in runs
-        if r.data.tags.get("erasure.seed_chosen") != "True" and (not policy.attacks or r.data.tags.get("erasure.attacks") == "run")
+        if r.info.lifecycle_stage != "deleted" and r.data.tags.get("erasure.seed_chosen") != "True"
+        and (not policy.attacks or r.data.tags.get("erasure.attacks") == "run")
     ]
     if not passes:
         raise PromotionRefused(

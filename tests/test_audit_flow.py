@@ -42,20 +42,62 @@ def test_a_judge_that_does_not_load_is_an_inconclusive_audit_run_not_an_escaped_
 
 
 def test_every_product_error_reaches_the_user_as_its_message_and_exit_code(capsys):
-    from cli.pipeline import _run_flow
+    from cli.app import report_errors
     from erasure.errors import ErasureError
     from erasure.evaluation.judges import JudgeLoadError
     from flows.audit import ConceptLeak
     from tasks.registry import RegistryError
 
     for error, code in ((JudgeLoadError("judge x is not allowed here"), 3), (RegistryError("MLflow at y: down"), 2),
-                        (ConceptLeak("red drawn"), 1)):
-        assert isinstance(error, ErasureError)
+                        (ConceptLeak("red drawn"), 1), (ZeroDivisionError("a bug"), 4)):
+        assert isinstance(error, ErasureError) == (code != 4)  # a bug never exits 1, which says a concept leaked
 
         def call(error=error):
             raise error
 
         with pytest.raises(typer.Exit) as exited:
-            _run_flow(call)
+            report_errors(call)
         assert exited.value.exit_code == code
         assert str(error) in capsys.readouterr().err
+
+
+def test_an_audit_that_crashes_is_recorded_as_an_error_and_the_crash_still_reaches_the_caller(embedded_mlflow, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    import flows.audit as audit_module
+    from tasks.registry import completed
+
+    monkeypatch.setattr(audit_module, "get_run_logger", lambda: logging.getLogger("audit-test"))
+    started = []
+    real_start = audit_module.start_audit
+    monkeypatch.setattr(audit_module, "start_audit", lambda *args: started.append(real_start(*args)) or started[-1])
+
+    def crash(*args):
+        raise MemoryError("the worker ran out of memory")
+
+    monkeypatch.setattr(audit_module, "stage_audit", crash)
+    with pytest.raises(MemoryError):
+        audit_module.audit_flow.fn(REQUEST["model"], {"attacks": []}, request=REQUEST)
+    run = MlflowClient().get_run(started[0])
+    assert completed(run) and run.data.tags["erasure.outcome"] == "error"
+    assert "MemoryError: the worker ran out of memory" in run.data.tags["erasure.reasons"]
+
+
+def test_a_registered_version_whose_request_does_not_load_fails_its_audit_on_record(embedded_mlflow, monkeypatch):
+    """Read before the audit was recorded, an unreadable request.json used to end every audit of the
+    version without a run, leaving an earlier pass to count."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    import flows.audit as audit_module
+
+    monkeypatch.setattr(audit_module, "get_run_logger", lambda: logging.getLogger("audit-test"))
+    version = SimpleNamespace(name="m", version="1", tags={"model_key": "models/a"})
+    monkeypatch.setattr(audit_module, "resolve", lambda model: version)
+    monkeypatch.setattr(audit_module, "served_reference", lambda v: {"model_key": "models/a", "sha256": "s" * 64})
+    monkeypatch.setattr(audit_module, "version_request", lambda v: "{not json")
+    with pytest.raises(audit_module.ConceptLeak, match="request.json does not load") as caught:
+        audit_module.audit_flow.fn("m/1", {"attacks": []})
+    run = MlflowClient().get_run(caught.value.result["run_id"])
+    assert run.data.tags["erasure.outcome"] == "failed" and run.data.tags["erasure.model_sha256"] == "s" * 64

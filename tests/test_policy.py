@@ -181,11 +181,14 @@ def test_the_committed_deployment_policy_is_the_default_policy_spelled_out():
 
 
 class FakeRun:
-    def __init__(self, run_id, outcome="passed", attacks="run", seed_chosen="False", status="FINISHED"):
-        self.info = type("Info", (), {"run_id": run_id, "status": status})()
+    def __init__(self, run_id, outcome="passed", attacks="run", seed_chosen="False", status="FINISHED", complete=True,
+                 deleted=False):
+        from tasks.registry import COMPLETE_TAG
+
+        self.info = type("Info", (), {"run_id": run_id, "status": status, "lifecycle_stage": "deleted" if deleted else "active"})()
         self.data = type("Data", (), {"tags": {
             "erasure.outcome": outcome, "erasure.attacks": attacks, "erasure.seed_chosen": seed_chosen, "erasure.reasons": "x",
-        } | ({"erasure.complete": "true"} if outcome != "started" else {})})()
+        } | ({COMPLETE_TAG: "true"} if complete else {})})()
 
 
 def test_promotion_needs_a_pass_of_the_served_artifact_no_failure_and_a_record_that_still_passes(monkeypatch):
@@ -210,11 +213,16 @@ def test_promotion_needs_a_pass_of_the_served_artifact_no_failure_and_a_record_t
     assert registry._check_audit("m", "1", policy) == "audit passed (run pass)" and seen["sha256"] == "s" * 64
     for runs_now, message in (
         ([], "no audit under the current policy"),
-        ([FakeRun("pass"), FakeRun("old", outcome="failed")], "a later pass does not undo it"),
+        ([FakeRun("pass"), FakeRun("old", outcome="failed")], "did not pass.*a later pass does not undo it"),
+        ([FakeRun("pass"), FakeRun("old", outcome="failed", deleted=True)], r"did not pass \(failed, run old"),  # deleting hides nothing
+        ([FakeRun("pass"), FakeRun("crash", outcome="error")], r"did not pass \(error, run crash"),
         # killed before its verdict (the run is still RUNNING, its outcome tag says started)
-        ([FakeRun("pass"), FakeRun("killed", outcome="started", status="RUNNING")], r"run killed.*never completed"),
+        ([FakeRun("pass"), FakeRun("killed", outcome="started", status="RUNNING", complete=False)], r"run killed.*has not completed"),
         # ended by MLflow's own cleanup without our completion tag
-        ([FakeRun("pass"), FakeRun("ended", outcome="started", status="KILLED")], r"run ended.*never completed"),
+        ([FakeRun("pass"), FakeRun("ended", outcome="started", status="KILLED", complete=False)], r"run ended.*has not completed"),
+        # killed while logging its verdict: outcome written, completion tag not, the run FAILED
+        ([FakeRun("pass"), FakeRun("half", outcome="passed", status="FAILED", complete=False)], r"run half.*has not completed"),
+        ([FakeRun("pass", deleted=True)], "no audit under the current policy"),  # a deleted pass is no pass
         ([FakeRun("pass", outcome="inconclusive")], "inconclusive"),
         ([FakeRun("pass", seed_chosen="True")], "on a seed of its own"),
         ([FakeRun("leaky")], "does not pass the current policy"),

@@ -265,3 +265,23 @@ def test_an_audit_is_recorded_before_it_samples_and_every_audit_counts_however_m
     assert registry.completed(runs[started[0]]) and runs[started[0]].data.tags["erasure.outcome"] == "passed"
     assert runs[started[0]].data.params["seed"] == "1"
     assert not registry.completed(runs[started[1]])
+
+
+def test_deleting_an_audit_run_or_its_experiment_hides_nothing_from_promotion(reference):
+    from mlflow.tracking import MlflowClient
+
+    from erasure.audit.policy import AuditPolicy
+    from tasks import registry
+
+    version = register(reference)
+    policy = AuditPolicy(attacks=[])
+    killed = registry.start_audit("m", version, policy, 7, reference["sha256"])
+    client = MlflowClient()
+    client.delete_run(killed)
+    runs = registry.version_audits("m", version.version, policy.digest(), reference["sha256"])
+    assert [r.info.run_id for r in runs] == [killed]
+    with pytest.raises(registry.PromotionRefused, match="has not completed"):
+        registry.promote("m", version.version, policy=policy)
+    client.delete_experiment(client.get_experiment_by_name("erasure/m").experiment_id)
+    with pytest.raises(RegistryError, match="experiment erasure/m is deleted.*restore it"):
+        registry.version_audits("m", version.version, policy.digest(), reference["sha256"])
