@@ -182,7 +182,7 @@ def audit(
     workers: int = typer.Option(1, min=1, max=1024, help="Ray workers."),
 ) -> None:
     """Compliance check under the deployment's policy: exit 0 passed, 1 failed (every reason named),
-    3 inconclusive or no judge (nothing was proved)."""
+    2 bad input or a failed service, 3 inconclusive or no judge (nothing was proved)."""
     from erasure.spec import RequestError, load_request
     from flows.audit import AuditInconclusive, ConceptLeak, audit_flow
 

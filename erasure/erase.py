@@ -225,6 +225,9 @@ def erase_concept(
     draws them once).
     """
     settings, seed = request.method, concept_seed(request.seed, concept)
+    if request.fusion.method == "constrained":
+        # a prior published by an earlier run (MACE's fusion, say) skipped ``base_prior``'s check
+        editable_projector(components, base_prior.gram(), request.fusion)
     timer = time.perf_counter()
     text = concept_text(
         components, concept, settings.prompts_per_concept, seed, settings.edit_tokens, settings.mining,

@@ -98,6 +98,8 @@ Prompt = Annotated[str, AfterValidator(lambda v: printable_text(v, MAX_PROMPT_CH
 class RequestError(ErasureError, ValueError):
     """A request that cannot be run, with a message that says what to fix."""
 
+    retry_helps = False
+
 
 def normalise(text: str) -> str:
     """The form concept names are compared in: Unicode compatibility form (NFKC: full-width

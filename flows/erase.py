@@ -29,6 +29,8 @@ class BaseModelChanged(ErasureError, ValueError):
     """A takedown or restore whose parent was erased from another base model than the one its
     request names today: fusing its concepts onto this model would be meaningless."""
 
+    retry_helps = False
+
 
 @dataclass
 class Lineage:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from erasure.errors import ErasureError
 from erasure.spec import ConceptSpec, ErasureRequest, normalise, parse_concepts, registered_request
@@ -24,6 +24,8 @@ from tasks.registry import CANDIDATE, RegisteredVersion, alias_version, is_expli
 
 class ConceptStateError(ErasureError, ValueError):
     """A takedown of a concept already erased, or a restore of one that is not."""
+
+    retry_helps = False
 
 
 def parent_reference(model: str) -> str:
@@ -105,13 +107,17 @@ def takedown_flow(model: str, concepts: list[dict], workers: int = 1, evaluate: 
     new = parse_concepts(concepts)
     parent_request = registered_request(version_request(parent))
     request = add_concepts(parent, parent_request, new)
+    moved = no_longer_preserved(parent_request, new)
+    if moved:  # a deployment run's log says it too (the command line says it before the flow starts)
+        get_run_logger().warning(
+            "%s no longer preserved: every concept reruns against the changed prior", ", ".join(moved)
+        )
     result = run_erasure(
         request, parent.name, workers, "takedown", parent_version=parent.version,
         parent_base=parent.tags.get("base_fingerprint"),
         rebase=lambda: under_lock(reference, parent, request, lambda current, base: add_concepts(current, base, new)),
         evaluate=evaluate,
     )
-    moved = no_longer_preserved(parent_request, new)
     if moved:
         said = f"no longer preserved, now erased: {', '.join(moved)}"
         result["note"] = f"{said}; {result['note']}" if result.get("note") else said

@@ -63,6 +63,8 @@ class FingerprintMismatch(ErasureError, RuntimeError):
 class DeviceUnavailable(ErasureError, RuntimeError):
     """GPU workers were asked for on a Ray cluster without GPUs."""
 
+    retry_helps = False
+
 
 def stage_timeout() -> float:
     return env_seconds("ERASURE_RAY_TIMEOUT", STAGE_TIMEOUT_S)
@@ -232,9 +234,10 @@ class WorkerPool:
             except RayTaskError as error:
                 self._release(slot)  # the stage failed, its actor is fine
                 if isinstance(error.cause, ErasureError):
-                    # a product error says what to fix in its message; Ray's wrapper would prefix the
-                    # worker's traceback to it (kept in the debug log)
-                    logger.debug("stage %s failed on its worker:\n%s", stage, error)
+                    # a product error says what to fix in its message, which Ray's wrapper would bury under
+                    # the worker's traceback: that stays with the error as a note, and in the log
+                    logger.info("stage %s failed on its worker:\n%s", stage, error)
+                    error.cause.add_note(f"on the Ray worker:\n{error}")
                     raise error.cause from None
                 raise
             except BaseException:

@@ -444,6 +444,8 @@ def audit_record(run_id: str) -> dict:
 class PromotionRefused(ErasureError, RuntimeError):
     """A version without a passing audit under the current policy cannot be promoted."""
 
+    retry_helps = False
+
 
 def promote(name: str, version: str, alias: str = PRODUCTION, policy=None, override_reason: str | None = None) -> str:
     """Point ``alias`` at ``version``. Every alias but ``candidate`` needs a passing audit of that

@@ -8,14 +8,22 @@ from __future__ import annotations
 
 from prefect import task
 
+from erasure.errors import ErasureError
 from erasure.spec import ErasureRequest
 from tasks.compute import worker_pool
+
+
+def retry_helps(task, task_run, state) -> bool:
+    """A stage is retried for what a rerun can mend (a lost worker, a store or registry outage),
+    not for bad input or a missing judge, which fail the same way again (``ErasureError.retry_helps``)."""
+    error = state.data
+    return not (isinstance(error, ErasureError) and not error.retry_helps)
 
 # The model-bound stages run on the process's worker pool (``tasks.compute``): ``workers``
 # actors on ``device`` (None: ``ERASURE_DEVICE``, else auto), each stage on an idle one.
 
 
-@task(name="captions", retries=2, retry_delay_seconds=2)
+@task(name="captions", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_helps)
 def stage_captions(request: ErasureRequest) -> str | None:
     """Put the request's caption file into the store under its content hash (once), so workers read
     it from there, never from the submitting machine's path."""
@@ -40,12 +48,12 @@ def stage_captions(request: ErasureRequest) -> str | None:
     return key
 
 
-@task(name="prior", retries=2, retry_delay_seconds=2)
+@task(name="prior", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_helps)
 def stage_prior(request: ErasureRequest, key: str, workers: int, device: str | None = None) -> dict:
     return worker_pool(request.model, workers, device).prior(request, key)
 
 
-@task(name="concept", retries=2, retry_delay_seconds=2, task_run_name="concept-{index}")
+@task(name="concept", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_helps, task_run_name="concept-{index}")
 def stage_concept(
     request: ErasureRequest, index: int, key: str, prior_key: str, workers: int, device: str | None = None
 ) -> dict:
@@ -53,14 +61,14 @@ def stage_concept(
     return worker_pool(request.model, workers, device).concept(request, index, key, prior_key)
 
 
-@task(name="fuse", retries=2, retry_delay_seconds=2)
+@task(name="fuse", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_helps)
 def stage_fuse(
     request: ErasureRequest, concept_keys: list[str], prior_key: str, key: str, workers: int, device: str | None = None
 ) -> dict:
     return worker_pool(request.model, workers, device).fuse(request, concept_keys, prior_key, key)
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=2)
+@task(name="evaluate", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_helps)
 def stage_evaluate(request: ErasureRequest, model_key: str | None, workers: int, device: str | None = None) -> dict | None:
     return worker_pool(request.model, workers, device).evaluate(request, model_key)
 
@@ -74,7 +82,7 @@ def stage_audit(
     return worker_pool(request.model, workers, device).audit(request, target, policy, seed, attacks)
 
 
-@task(name="model-reference", retries=2, retry_delay_seconds=2)
+@task(name="model-reference", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_helps)
 def stage_model_reference(key: str) -> dict:
     """The erased model as a registered version names it: store URL, S3 endpoint, key and the
     digest of its manifest (the weights stay in the store; nothing is downloaded)."""

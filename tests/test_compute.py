@@ -10,7 +10,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from erasure.spec import parse_request  # noqa: E402
+from erasure.spec import RequestError, parse_request  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors cannot import this test module
 
@@ -42,12 +42,14 @@ class FakeWorker:
             deadline = time.time() + 120
             while not release.exists() and time.time() < deadline:
                 time.sleep(0.05)
-        return {"key": key, "reused": False, "pid": os.getpid(), "done": time.time(), **extra}
+        return {"key": key, "reused": False, "pid": os.getpid(), **extra}
 
     def prior(self, request, key):
         return self._stage(key, model=request.model)
 
     def concept(self, request, index, key, prior_key):
+        if key == "bad-input":
+            raise RequestError(f"concept {request.concepts[index].name!r}: bad input")
         return self._stage(key, concept=request.concepts[index].name)
 
     def fuse(self, request, concept_keys, prior_key, key):
@@ -268,3 +270,27 @@ def test_a_pool_warmed_in_the_background_keeps_serving_after_its_thread_ends(bas
         assert worker_pool("another-model", 1, replace=False) is None  # a warm-up leaves a flow's pool alone
     finally:
         ensure_ray()  # the module's other tests share one local Ray
+
+
+def test_a_product_error_on_a_worker_reaches_the_caller_as_itself_with_the_workers_traceback_as_a_note(base):
+    from tasks.compute import WorkerPool
+
+    pool = WorkerPool(str(base), 1)
+    with pytest.raises(RequestError) as raised:
+        pool.concept(REQUEST, 1, "bad-input", "p")
+    assert type(raised.value) is RequestError and str(raised.value) == "concept 'dog': bad input"
+    assert any("on the Ray worker" in note for note in raised.value.__notes__)
+    assert pool.concept(REQUEST, 0, "c0", "p")["concept"] == "cat"  # the actor still serves
+
+
+def test_stages_are_retried_only_where_a_rerun_can_succeed():
+    from prefect.states import Failed
+
+    from erasure.evaluation.evaluate import NoJudgeError
+    from tasks.compute import WorkerLost
+    from tasks.registry import RegistryError
+    from tasks.stages import retry_helps
+
+    for error, retried in ((RequestError("bad"), False), (NoJudgeError("none"), False), (WorkerLost("lost"), True),
+                           (RegistryError("down"), True), (OSError("disk"), True)):
+        assert retry_helps(None, None, Failed(data=error)) is retried, error
