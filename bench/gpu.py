@@ -150,7 +150,7 @@ def run(tiny: bool, json_path: str | None) -> dict:
 
     with autocast:
         timer = time.perf_counter()
-        prior = base_prior(components, request)
+        prior = base_prior(components, request.preserve, request.fusion)
         seconds = {"prior": time.perf_counter() - timer}
         results = []
         for concept in request.concepts:

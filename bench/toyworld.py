@@ -154,7 +154,7 @@ def run_scale(
         concept_states(base, list(request.preserve.concepts), WORLD_TEMPLATES),
     )
     timer = time.perf_counter()
-    prior = base_prior(base, request)
+    prior = base_prior(base, request.preserve, request.fusion)
     t_prior = time.perf_counter() - timer
     probes, judge = probes_and_judge(request)
     steps, guidance = request.method.sampler_steps, request.method.guidance_scale

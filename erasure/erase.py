@@ -55,7 +55,9 @@ from erasure.spec import (
     CONCEPT_KINDS,
     ConceptSpec,
     ErasureRequest,
+    FusionSettings,
     MiningSettings,
+    PreserveSpec,
     RequestError,
     normalise,
     read_captions,
@@ -96,15 +98,15 @@ def prepare_request(request: ErasureRequest, components: Components) -> ErasureR
 # --------------------------------------------------------------------------- stage 1: prior
 
 
-def prior_prompts(request: ErasureRequest) -> list[str]:
+def prior_prompts(preserve: PreserveSpec) -> list[str]:
     """The base prior's prompts, whose K/V must not move: "", retained concepts (in the
     templates of every kind), captions. Independent of which concepts are erased;
     each concept adds its own anchor prompts (``PriorStatistics.with_anchors``)."""
     prompts = [""]
     for kind in CONCEPT_KINDS:
-        prompts.extend(preserve_prompts({name: kind for name in request.preserve.concepts}))
-    if request.preserve.captions is not None:
-        captions, _ = read_captions(request.preserve.captions, request.preserve.captions_sha256)
+        prompts.extend(preserve_prompts({name: kind for name in preserve.concepts}))
+    if preserve.captions is not None:
+        captions, _ = read_captions(preserve.captions, preserve.captions_sha256)
         prompts.extend(captions)
     return prompts
 
@@ -117,13 +119,13 @@ def prior_statistics(components: Components, prompts: list[str], batch_size: int
     return prior
 
 
-def base_prior(components: Components, request: ErasureRequest) -> PriorStatistics:
+def base_prior(components: Components, preserve: PreserveSpec, fusion: FusionSettings) -> PriorStatistics:
     """Stage 1: the statistics of every prompt whose K/V must not move. With the constrained fusion,
     an error here, before any per-concept work, when they leave no direction to edit in (each
     concept's anchors only add to them)."""
-    prior = prior_statistics(components, prior_prompts(request))
-    if request.fusion.method == "constrained":
-        editable_projector(components, prior.gram(), request.fusion)
+    prior = prior_statistics(components, prior_prompts(preserve))
+    if fusion.method == "constrained":
+        editable_projector(components, prior.gram(), fusion)
     return prior
 
 
@@ -319,7 +321,7 @@ def run_stages(components: Components, request: ErasureRequest, progress: Progre
     benchmarks run this; the pipeline runs the same stage functions, one per worker call."""
     request = prepare_request(request, components)
     timer = time.perf_counter()
-    prior = base_prior(components, request)
+    prior = base_prior(components, request.preserve, request.fusion)
     seconds = {"prior": time.perf_counter() - timer}
 
     timer = time.perf_counter()

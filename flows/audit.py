@@ -17,8 +17,9 @@ from prefect import flow, get_run_logger
 from erasure.audit.policy import AuditPolicy, judge_verdict, load_policy, parse_policy
 from erasure.errors import LeakFound, NoVerdict
 from erasure.spec import RequestError, inside_input_root, parse_request, registered_request
+from tasks.jobs import AuditJob, Evaluation, ModelReference
 from tasks.registry import log_audit, resolve, served_reference, start_audit, version_request
-from tasks.stages import stage_audit
+from tasks.stages import run_audit
 from tasks.store import ArtifactError
 
 
@@ -51,23 +52,22 @@ def audit_flow(
     if request is None:
         version = resolve(model)
         reference = served_reference(version)
-        name, served_sha256 = version.name, reference["sha256"]
-        target = {"reference": reference, "label": f"{version.name} version {version.version}"}
+        name, served_sha256 = version.name, reference.sha256
+        target, label = reference, f"{version.name} version {version.version}"
     else:
         spec = parse_request(request)
         name, served_sha256 = model.replace("builtin:", "builtin-").replace("/", "-").strip("-.") or "model", None
         if model == spec.model:
-            target = {"base": True}
+            target, label = None, model  # the base model itself
         else:  # a folder on the runner: only under $ERASURE_INPUT_ROOT where the operator set one
-            folder = inside_input_root(Path(model).expanduser().resolve(), "model")
-            target = {"folder": str(folder), "label": model}
+            target, label = inside_input_root(Path(model).expanduser().resolve(), "model"), model
 
     # recorded before anything is read from the registration or sampled: an audit stopped before its
     # verdict still counts, as not passed
     run_id = start_audit(name, version, policy, seed, served_sha256, seed_chosen)
     logger.info("audit of %s started (seed %d, MLflow run %s)", model, seed, run_id)
     try:
-        outcome, reasons, result = _judge(version, reference, spec, target, policy, seed, attacks, workers)
+        outcome, reasons, result = _judge(version, reference, spec, target, label, policy, seed, attacks, workers)
     except BaseException as error:  # a crash, an outage, an interrupt: no verdict, and on record as such
         reasons = [f"the audit did not reach a verdict: {type(error).__name__}: {error}"]
         try:
@@ -76,12 +76,12 @@ def audit_flow(
             logger.warning("could not record the audit's error in MLflow run %s: %s", run_id, logging_error)
         raise
     attacks_run = result is not None and attacks and bool(policy.attacks)
-    result = result or {"metrics": {}, "summary": {}, "report_html": None}
-    log_audit(run_id, name, outcome, reasons, policy, attacks_run, result["metrics"], result["summary"], result["report_html"])
+    result = result or Evaluation({}, None)
+    log_audit(run_id, name, outcome, reasons, policy, attacks_run, result.metrics, result.summary, result.report_html)
     return _verdict(logger, model, outcome, reasons, seed, run_id, result)
 
 
-def _judge(version, reference, spec, target, policy, seed, attacks, workers) -> tuple[str, list[str], dict | None]:
+def _judge(version, reference, spec, target, label, policy, seed, attacks, workers) -> tuple[str, list[str], Evaluation | None]:
     """The audit's outcome, its reasons and the worker's result (None when nothing was sampled)."""
     if version is not None:
         try:
@@ -92,31 +92,31 @@ def _judge(version, reference, spec, target, policy, seed, attacks, workers) -> 
         if failures:  # nothing to sample: the registration itself is not what it claims
             return "failed", failures, None
     try:
-        result = stage_audit(spec, target, policy, seed, attacks, workers)
+        result = run_audit(AuditJob(spec, target, policy, seed, attacks, label), workers)
     except ArtifactError as error:
         return "failed", [f"the served artifact does not match its registration: {error}"], None
     except (NoVerdict, RequestError) as error:  # nothing was judged (no judge, one that does not load or
         return "inconclusive", [str(error)], None  # calibrate, bad probes): recorded, and never a pass
-    verdict = judge_verdict(result["metrics"], policy, result["summary"]["calibration"], result["summary"]["attacks"])
+    verdict = judge_verdict(result.metrics, policy, result.summary["calibration"], result.summary["attacks"])
     return verdict.outcome, verdict.failures + verdict.inconclusive, result
 
 
-def registration_failures(version, reference: dict, spec) -> list[str]:
+def registration_failures(version, reference: ModelReference, spec) -> list[str]:
     """How a registered version is no longer what was registered: its request.json or its
     ``model_key`` tag edited afterwards."""
     from tasks.keys import request_hash
 
     failures = []
-    if reference.get("request_hash") and request_hash(spec) != reference["request_hash"]:
+    if reference.request_hash and request_hash(spec) != reference.request_hash:
         failures.append(
             f"the version's request.json is not the request it was registered with (hash {request_hash(spec)}, "
-            f"registered {reference['request_hash']}): it was edited after registration"
+            f"registered {reference.request_hash}): it was edited after registration"
         )
-    if version.tags.get("model_key") != reference["model_key"]:
+    if version.tags.get("model_key") != reference.model_key:
         # the tag that lineage and takedowns read no longer names what the version serves
         failures.append(
             f"the version's model_key tag ({version.tags.get('model_key')}) is not the model it serves "
-            f"({reference['model_key']}): its tags were edited after registration"
+            f"({reference.model_key}): its tags were edited after registration"
         )
     return failures
 
@@ -137,11 +137,11 @@ def audit_policy(settings: dict | None, policy_file: str | None) -> AuditPolicy:
     return load_policy(path if path == BUNDLED_POLICY else inside_input_root(path, "policy_file"))
 
 
-def _verdict(logger, model: str, outcome: str, reasons: list[str], seed: int, run_id: str, result: dict) -> dict:
+def _verdict(logger, model: str, outcome: str, reasons: list[str], seed: int, run_id: str, result: Evaluation) -> dict:
     """The audit's result once logged; a failed or inconclusive one is raised, carrying its numbers."""
-    flat = {k: v for k, v in result["metrics"].items() if isinstance(v, float)}
+    flat = {k: v for k, v in result.metrics.items() if isinstance(v, float)}
     logger.info("audit of %s (seed %d): %s %s", model, seed, outcome, json.dumps(flat))
-    out = {"outcome": outcome, "reasons": reasons, "metrics": flat, "summary": result["summary"], "seed": seed, "run_id": run_id}
+    out = {"outcome": outcome, "reasons": reasons, "metrics": flat, "summary": result.summary, "seed": seed, "run_id": run_id}
     if outcome != "passed":
         error = (ConceptLeak if outcome == "failed" else AuditInconclusive)(
             f"{model}: audit {outcome} (seed {seed}, MLflow run {run_id}): " + "; ".join(reasons)

@@ -11,17 +11,10 @@ from prefect import flow, get_run_logger
 from erasure.errors import ErasureError
 from erasure.spec import ErasureRequest, parse_request
 from tasks.compute import worker_pool
+from tasks.jobs import ConceptJob, EvaluateJob, FuseJob, PriorJob
 from tasks.keys import concept_key, concept_set_hash, model_key, prior_key, request_hash
 from tasks.registry import check_model_name
-from tasks.stages import (
-    stage_captions,
-    stage_concept,
-    stage_evaluate,
-    stage_fuse,
-    stage_model_reference,
-    stage_prior,
-    stage_register,
-)
+from tasks.stages import run_evaluation, run_stage, stage_captions, stage_model_reference, stage_register
 from tasks.store import ArtifactError, model_lock, store_from_url, store_settings
 
 
@@ -101,21 +94,20 @@ def _concept_stages(request: ErasureRequest, workers: int, seconds: dict[str, fl
 
     timer = time.perf_counter()
     p_key = prior_key(base, request)
-    stage_captions(request)
+    captions = stage_captions(request)
     keys = [concept_key(base, concept, request) for concept in request.concepts]
     missing = [i for i, key in enumerate(keys) if not _published(store, key)]
     if not _published(store, p_key):
-        stage_prior(request, p_key, workers)
+        run_stage(PriorJob(request.model, p_key, request.preserve, request.fusion, captions), workers)
     seconds["prior"] = seconds.get("prior", 0.0) + time.perf_counter() - timer  # with the captions and the lookups
 
     timer = time.perf_counter()
     # one task per missing concept, all submitted at once: each runs on whichever worker is idle
-    futures = [stage_concept.submit(request, i, keys[i], p_key, workers) for i in missing]
+    futures = [run_stage.submit(ConceptJob.of(request, i, keys[i], p_key), workers) for i in missing]
     concepts = [future.result() for future in futures]
     seconds["concepts"] = seconds.get("concepts", 0.0) + time.perf_counter() - timer
-    ran = [c["key"] for c in concepts if not c["reused"]]
-    # which actor ran each (one running an older release does not say)
-    worker_of = {c["key"]: c.get("worker", "unknown") for c in concepts if not c["reused"]}
+    ran = [c.key for c in concepts if not c.reused]
+    worker_of = {c.key: c.worker or "unknown" for c in concepts if not c.reused}  # which actor ran each
     logger.info("per-concept stages: %d ran, %d reused", len(ran), len(keys) - len(ran))
     return {"base": base, "prior_key": p_key, "keys": keys, "ran": ran, "worker_of": worker_of}
 
@@ -139,12 +131,12 @@ def _fuse_and_register(
     request, base, p_key, keys = lineage.request, stages["base"], stages["prior_key"], stages["keys"]
     m_key = model_key(base, keys, request)
     timer = time.perf_counter()
-    stage_fuse(request, keys, p_key, m_key, workers)
+    run_stage(FuseJob(request.model, m_key, p_key, tuple(keys), request.preserve, request.fusion), workers)
     seconds["fuse"] = time.perf_counter() - timer
     timer = time.perf_counter()
-    evaluation = stage_evaluate(request, m_key, workers) if evaluate else None
+    evaluation = run_evaluation(EvaluateJob(request, m_key), workers) if evaluate else None
     seconds["evaluate"] = time.perf_counter() - timer
-    metrics = {k: v for k, v in (evaluation or {}).get("metrics", {}).items() if isinstance(v, float)}
+    metrics = {k: v for k, v in (evaluation.metrics if evaluation else {}).items() if isinstance(v, float)}
 
     tags = {
         "flow": flow_label,
@@ -167,7 +159,7 @@ def _fuse_and_register(
     lock.ensure()  # the alias moves only while this flow holds the model's lock
     version = stage_register(
         name, reference, request.model_dump_json(), tags, params, metrics,
-        (evaluation or {}).get("report_html"), keys, lineage.move_candidate,
+        evaluation.report_html if evaluation else None, keys, lineage.move_candidate,
     )
     seconds["register"] = time.perf_counter() - timer
     return version | {

@@ -32,7 +32,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from erasure.errors import ErasureError
-from erasure.spec import ErasureRequest
+from tasks.jobs import Job
 from tasks.state import env_seconds
 from tasks.store import store_settings
 from tasks.worker import ConceptWorker
@@ -190,23 +190,11 @@ class WorkerPool:
 
     # ------------------------------------------------------------------ stages
 
-    def prior(self, request: ErasureRequest, key: str) -> dict:
-        return self._run("prior", lambda actor: actor.prior.remote(request, key))
-
-    def concept(self, request: ErasureRequest, index: int, key: str, prior_key: str) -> dict:
-        return self._run(
-            f"concept {index} ({request.concepts[index].name!r})",
-            lambda actor: actor.concept.remote(request, index, key, prior_key),
-        )
-
-    def fuse(self, request: ErasureRequest, concept_keys: list[str], prior_key: str, key: str) -> dict:
-        return self._run("fuse", lambda actor: actor.fuse.remote(request, concept_keys, prior_key, key))
-
-    def evaluate(self, request: ErasureRequest, model_key: str | None) -> dict | None:
-        return self._run("evaluate", lambda actor: actor.evaluate.remote(request, model_key))
-
-    def audit(self, request: ErasureRequest, target: dict, policy, seed: int, attacks: bool) -> dict:
-        return self._run("audit", lambda actor: actor.audit.remote(request, target, policy, seed, attacks))
+    def run(self, job: Job):
+        """Run one stage's job (``tasks.jobs``) on whichever actor is idle; its result."""
+        if job.model != self.model:
+            raise ValueError(f"a job for {job.model!r} sent to the pool of {self.model!r}")
+        return self._run(job.label, lambda actor: actor.run.remote(job))
 
     # ------------------------------------------------------------------ dispatch
 

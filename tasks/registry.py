@@ -18,6 +18,7 @@ set ``MLFLOW_TRACKING_URI`` to use an MLflow server.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from mlflow.tracking import MlflowClient
 
 from erasure.errors import ErasureError
 from erasure.spec import RequestError
+from tasks.jobs import ModelReference
 from tasks.state import private_dir, state_dir
 
 CANDIDATE, PRODUCTION = "candidate", "production"
@@ -151,7 +153,7 @@ def _same_registrations(client: MlflowClient, name: str, tags: dict) -> list:
 
 def register_erased_model(
     name: str,
-    reference: dict,
+    reference: ModelReference,
     request_json: str,
     tags: dict,
     params: dict,
@@ -219,9 +221,6 @@ def _alias_or_none(client: MlflowClient, name: str, alias: str) -> str | None:
 
 
 def _log_and_create(client, name, reference, request_json, tags, params, metrics, report_html, concept_keys):
-    missing = [k for k in ("store_url", "model_key", "sha256") if not reference.get(k)]
-    if missing:
-        raise ValueError(f"model reference lacks {', '.join(missing)}")
     experiment(name)
     with mlflow.start_run(run_name=tags.get("flow", "erase")) as run:
         mlflow.log_params(params)
@@ -241,8 +240,7 @@ def _log_and_create(client, name, reference, request_json, tags, params, metrics
             name="model",
             python_model=str(PYFUNC_CODE),  # models-from-code: no pickle
             # the request's hash too: an audit checks the request.json it reads against it
-            model_config={k: reference.get(k) for k in ("store_url", "s3_endpoint", "model_key", "sha256")}
-            | {"request_hash": tags["request_hash"]},
+            model_config=dataclasses.replace(reference, request_hash=tags["request_hash"]).as_config(),
             pip_requirements=_requirements(),  # stated, not inferred: inference imports and samples the model
         )
     return client.create_model_version(
@@ -306,18 +304,14 @@ def version_request(version: RegisteredVersion) -> str:
         return Path(path).read_text()
 
 
-def served_reference(version: RegisteredVersion) -> dict:
-    """What the version serves: the model reference inside its own logged pyfunc (``store_url``,
-    ``s3_endpoint``, ``model_key``, ``sha256``), which ``mlflow.pyfunc.load_model`` uses; not its
-    editable ``model_key`` tag."""
+def served_reference(version: RegisteredVersion) -> ModelReference:
+    """What the version serves: the model reference inside its own logged pyfunc, which
+    ``mlflow.pyfunc.load_model`` uses; not its editable ``model_key`` tag."""
     from mlflow.models import Model
 
     with _mlflow(f"reading the served model of {version.name} version {version.version}"):
         config = Model.load(f"models:/{version.name}/{version.version}").flavors.get("python_function", {}).get("config")
-    missing = [k for k in ("store_url", "model_key", "sha256") if not (config or {}).get(k)]
-    if missing:
-        raise LookupError(f"{version.name} version {version.version} names no served model ({', '.join(missing)} missing)")
-    return {k: config.get(k) for k in ("store_url", "s3_endpoint", "model_key", "sha256", "request_hash")}
+    return ModelReference.from_config(config, f"{version.name} version {version.version}")
 
 
 AUDIT_RUN = "audit"
@@ -497,9 +491,9 @@ def _check_audit(name: str, version: str, policy) -> str:
         f"run `erasure audit {name}/{version}{' --attacks' if policy.attacks else ''}` under the deployment's policy, "
         "or pass --override-audit REASON (logged)"
     )
-    if current.tags.get("model_key") != served["model_key"]:
+    if current.tags.get("model_key") != served.model_key:
         raise PromotionRefused(f"{name} version {version}: its model_key tag no longer names the model it serves: {fix}")
-    runs = version_audits(name, version, digest, served["sha256"])
+    runs = version_audits(name, version, digest, served.sha256)
     override = "only --override-audit REASON (logged) promotes this artifact under this policy now"
     unfinished = [r for r in runs if not completed(r)]
     if unfinished:

@@ -11,6 +11,7 @@ from prefect import task
 from erasure.errors import ErasureError
 from erasure.spec import ErasureRequest
 from tasks.compute import worker_pool
+from tasks.jobs import Evaluation, Job, ModelReference, StageResult
 
 
 def retry_helps(task, task_run, state) -> bool:
@@ -18,6 +19,7 @@ def retry_helps(task, task_run, state) -> bool:
     not for bad input or a missing judge, which fail the same way again (``ErasureError.retry_helps``)."""
     error = state.data
     return not (isinstance(error, ErasureError) and not error.retry_helps)
+
 
 # The model-bound stages run on the process's worker pool (``tasks.compute``): ``workers``
 # actors on ``device`` (None: ``ERASURE_DEVICE``, else auto), each stage on an idle one.
@@ -48,49 +50,28 @@ def stage_captions(request: ErasureRequest) -> str | None:
     return key
 
 
-@task(name="prior", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_helps)
-def stage_prior(request: ErasureRequest, key: str, workers: int, device: str | None = None) -> dict:
-    return worker_pool(request.model, workers, device).prior(request, key)
+@task(name="stage", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_helps, task_run_name="{job.label}")
+def run_stage(job: Job, workers: int, device: str | None = None) -> StageResult | Evaluation | None:
+    """One model-bound stage (``tasks.jobs``) on the process's worker pool, on whichever actor is idle."""
+    return worker_pool(job.model, workers, device).run(job)
 
 
-@task(name="concept", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_helps, task_run_name="concept-{index}")
-def stage_concept(
-    request: ErasureRequest, index: int, key: str, prior_key: str, workers: int, device: str | None = None
-) -> dict:
-    # submitted once per concept: each goes to whichever actor is idle
-    return worker_pool(request.model, workers, device).concept(request, index, key, prior_key)
-
-
-@task(name="fuse", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_helps)
-def stage_fuse(
-    request: ErasureRequest, concept_keys: list[str], prior_key: str, key: str, workers: int, device: str | None = None
-) -> dict:
-    return worker_pool(request.model, workers, device).fuse(request, concept_keys, prior_key, key)
-
-
-@task(name="evaluate", retries=1, retry_delay_seconds=2, retry_condition_fn=retry_helps)
-def stage_evaluate(request: ErasureRequest, model_key: str | None, workers: int, device: str | None = None) -> dict | None:
-    return worker_pool(request.model, workers, device).evaluate(request, model_key)
-
-
-# no retries: a judge missing or an artifact that fails its checksum would only fail again, and a
-# lost worker is already replaced by the pool; the next scheduled audit is the retry
-@task(name="audit")
-def stage_audit(
-    request: ErasureRequest, target: dict, policy, seed: int, attacks: bool, workers: int, device: str | None = None
-) -> dict:
-    return worker_pool(request.model, workers, device).audit(request, target, policy, seed, attacks)
+# a lost worker is already replaced by the pool, and evaluation is only a report: one retry
+run_evaluation = run_stage.with_options(name="evaluate", retries=1)
+# no retries: a judge missing or an artifact that fails its checksum would only fail again, and the
+# next scheduled audit is the retry
+run_audit = run_stage.with_options(name="audit", retries=0)
 
 
 @task(name="model-reference", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_helps)
-def stage_model_reference(key: str) -> dict:
-    """The erased model as a registered version names it: store URL, S3 endpoint, key and the
-    digest of its manifest (the weights stay in the store; nothing is downloaded)."""
+def stage_model_reference(key: str) -> ModelReference:
+    """The erased model as a registered version names it: store, key and the digest of its
+    manifest (the weights stay in the store; nothing is downloaded)."""
     from tasks.store import manifest_digest, store_from_url, store_settings
 
     url, endpoint = store_settings()
     manifest = store_from_url(url, endpoint).read_manifest(key)
-    return {"store_url": url, "s3_endpoint": endpoint, "model_key": key, "sha256": manifest_digest(manifest)}
+    return ModelReference(url, key, manifest_digest(manifest), endpoint)
 
 
 @task(name="register")  # no retries: an MLflow outage fails the flow fast; its re-run completes the registration

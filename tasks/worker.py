@@ -23,12 +23,23 @@ from erasure.diffusion.models import fingerprint, save_components
 from erasure.erase import base_prior, erase_concept, fuse, prepare_request, with_weights
 from erasure.loading import load_components
 from erasure.spec import ErasureRequest
-from tasks.keys import CAPTIONS_FILE, captions_key
+from tasks.jobs import (
+    AuditJob,
+    ConceptJob,
+    EvaluateJob,
+    Evaluation,
+    FuseJob,
+    Job,
+    ModelReference,
+    PriorJob,
+    StageResult,
+)
+from tasks.keys import CAPTIONS_FILE
 from tasks.store import store_from_url
 
 
 class ConceptWorker:
-    """Stages take the request as an ``ErasureRequest`` (Ray pickles it), not as JSON."""
+    """Holds one loaded base model; ``run`` serves every stage's job (``tasks.jobs``)."""
 
     def __init__(self, model: str, store_url: str, s3_endpoint: str | None = None, device: str | None = None, threads: int | None = None):
         if threads:
@@ -48,59 +59,65 @@ class ConceptWorker:
         """What the pool checks before giving this worker work: the base model it holds, and where."""
         return {"fingerprint": self.base_fingerprint, "host": socket.gethostname(), "pid": os.getpid(), "device": self.device}
 
-    def _request(self, request: ErasureRequest) -> ErasureRequest:
-        if not isinstance(request, ErasureRequest):
-            raise TypeError(f"stages take an ErasureRequest, not {type(request).__name__}")
+    def run(self, job: Job) -> StageResult | Evaluation | None:
+        """Run one stage's job (``tasks.jobs``) on this worker's model."""
+        handlers = {PriorJob: self._prior, ConceptJob: self._concept, FuseJob: self._fuse,
+                    EvaluateJob: self._evaluate, AuditJob: self._audit}
+        handler = handlers.get(type(job))
+        if handler is None:
+            raise TypeError(f"a worker runs the jobs of tasks.jobs, not {type(job).__name__}")
+        return handler(job)
+
+    def _prepared(self, request: ErasureRequest) -> ErasureRequest:
+        """A request checked against this model's tokenizer, with its sampling defaults filled in."""
         return prepare_request(request, self.components)
 
-    def prior(self, request: ErasureRequest, key: str) -> dict:
-        """Publish the base prior's statistics under ``key`` (skipped if published)."""
-        if self.store.exists(key):
-            return {"key": key, "reused": True}
-        request = self._request(request)
+    def _prior(self, job: PriorJob) -> StageResult:
+        """Publish the base prior's statistics under the job's key (skipped if published)."""
+        if self.store.exists(job.key):
+            return StageResult(job.key, reused=True)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
-            if request.preserve.captions is not None:
+            preserve = job.preserve
+            if preserve.captions is not None:
                 # the captions as the store holds them (by content hash): the request's path is
                 # the submitting machine's, which a remote worker or a later restore may not have
-                fetched = self.store.fetch(captions_key(request), Path(folder) / "captions")
-                preserve = request.preserve.model_copy(update={"captions": fetched / CAPTIONS_FILE})
-                request = request.model_copy(update={"preserve": preserve})
-            prior = base_prior(self.components, request)
+                fetched = self.store.fetch(job.captions_key, Path(folder) / "captions")
+                preserve = preserve.model_copy(update={"captions": fetched / CAPTIONS_FILE})
+            prior = base_prior(self.components, preserve, job.fusion)
             (Path(folder) / "prior").mkdir()
             save_prior(prior, Path(folder) / "prior" / PRIOR_FILE)
-            self.store.publish(key, Path(folder) / "prior")
-        return {"key": key, "reused": False, "seconds": time.perf_counter() - started}
+            self.store.publish(job.key, Path(folder) / "prior")
+        return StageResult(job.key, reused=False, seconds=time.perf_counter() - started, worker=self._name())
 
-    def concept(self, request: ErasureRequest, index: int, key: str, prior_key: str) -> dict:
-        """Run every per-concept stage of concept ``index`` and publish it under ``key``."""
-        if self.store.exists(key):
-            return {"key": key, "reused": True}
-        request = self._request(request)
+    def _concept(self, job: ConceptJob) -> StageResult:
+        """Run every per-concept stage of the job's concept and publish it under its key."""
+        if self.store.exists(job.key):
+            return StageResult(job.key, reused=True)
+        request = self._prepared(job.request())  # one concept checked, not the whole request
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
-            prior = load_prior(self.store.fetch(prior_key, Path(folder) / "prior") / PRIOR_FILE)
-            result = erase_concept(self.components, request.concepts[index], request, prior)
+            prior = load_prior(self.store.fetch(job.prior_key, Path(folder) / "prior") / PRIOR_FILE)
+            result = erase_concept(self.components, request.concepts[0], request, prior)
             summary = save_concept(result, Path(folder) / "concept")
-            self.store.publish(key, Path(folder) / "concept")
-        return {
-            "key": key, "reused": False, "seconds": time.perf_counter() - started, "summary": summary,
-            "worker": f"{socket.gethostname()}:{os.getpid()}",
-        }
+            self.store.publish(job.key, Path(folder) / "concept")
+        return StageResult(job.key, reused=False, seconds=time.perf_counter() - started, worker=self._name(), summary=summary)
 
-    def fuse(self, request: ErasureRequest, concept_keys: list[str], prior_key: str, key: str) -> dict:
-        """Closed-form fusion of the published concepts into an erased model, published under ``key``."""
-        if self.store.exists(key):
-            return {"key": key, "reused": True}
-        request = self._request(request)
+    def _fuse(self, job: FuseJob) -> StageResult:
+        """Closed-form fusion of the published concepts into an erased model, published under the job's key."""
+        if self.store.exists(job.key):
+            return StageResult(job.key, reused=True)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
             folder = Path(folder)
-            prior = load_prior(self.store.fetch(prior_key, folder / "prior") / PRIOR_FILE)
-            weights = fuse(self.components, self._concepts(concept_keys, folder), prior, request.preserve, request.fusion)
+            prior = load_prior(self.store.fetch(job.prior_key, folder / "prior") / PRIOR_FILE)
+            weights = fuse(self.components, self._concepts(list(job.concept_keys), folder), prior, job.preserve, job.fusion)
             save_components(with_weights(self.components, weights), folder / "model")  # the base stays the base
-            self.store.publish(key, folder / "model")
-        return {"key": key, "reused": False, "seconds": time.perf_counter() - started}
+            self.store.publish(job.key, folder / "model")
+        return StageResult(job.key, reused=False, seconds=time.perf_counter() - started, worker=self._name())
+
+    def _name(self) -> str:
+        return f"{socket.gethostname()}:{os.getpid()}"
 
     def _concepts(self, keys: list[str], folder: Path) -> Iterator[ConceptArtifact]:
         """The published concepts, fetched and read one at a time (the fusion's memory stays flat
@@ -111,43 +128,38 @@ class ConceptWorker:
             shutil.rmtree(folder / f"c{i}", ignore_errors=True)
             yield artifact
 
-    def evaluate(self, request: ErasureRequest, model_key: str | None) -> dict | None:
+    def _evaluate(self, job: EvaluateJob) -> Evaluation | None:
         """Metrics and HTML report of a published erased model (``model_key``), or of the base
         model itself (None); None when the base model has no judge."""
         from erasure.evaluation.evaluate import evaluate_request, evaluation_json, has_judge
         from erasure.evaluation.report import write_report
 
-        request = self._request(request)
-        if not has_judge(request.model):
+        if not has_judge(job.request.model):
             return None
+        request = self._prepared(job.request)
         with tempfile.TemporaryDirectory() as folder:
-            model = self.store.fetch(model_key, Path(folder) / "model") if model_key else self.components
+            model = self.store.fetch(job.model_key, Path(folder) / "model") if job.model_key else self.components
             result = evaluate_request(model, request, device=self.device, base_components=self.components)
-            report = write_report(result, Path(folder) / "report.html", title=f"Erasure report: {model_key or self.model}")
-            return {"metrics": evaluation_json(result), "report_html": report.read_text()}
+            report = write_report(result, Path(folder) / "report.html", title=f"Erasure report: {job.model_key or self.model}")
+            return Evaluation(evaluation_json(result), report.read_text())
 
-    def audit(self, request: ErasureRequest, target: dict, policy, seed: int, attacks: bool) -> dict:
-        """A compliance audit of ``target`` against this worker's base model: ``{"reference": {...}}``
-        (a registered version's own store_url, s3_endpoint, model_key, sha256: the artifact is fetched
-        from there and checked against its recorded digest), ``{"folder": path}`` or ``{"base": True}``."""
+    def _audit(self, job: AuditJob) -> Evaluation:
+        """A compliance audit of the job's target against this worker's base model (``AuditJob``)."""
         from erasure.audit.run import run_audit
+        from erasure.evaluation.evaluate import evaluation_json
         from erasure.evaluation.report import write_report
 
-        request = self._request(request)
+        request, target = self._prepared(job.request), job.target
         with tempfile.TemporaryDirectory() as folder:
-            if "reference" in target:
-                reference = target["reference"]
-                store = store_from_url(reference["store_url"], reference.get("s3_endpoint") or None)
-                path = store.fetch(reference["model_key"], Path(folder) / "model", expect_sha256=reference["sha256"])
+            if isinstance(target, ModelReference):
+                store = store_from_url(target.store_url, target.s3_endpoint)
+                path = store.fetch(target.model_key, Path(folder) / "model", expect_sha256=target.sha256)
                 model = load_components(str(path), self.device)
-            elif "folder" in target:
-                model = load_components(str(target["folder"]), self.device)
+            elif target is not None:
+                model = load_components(str(target), self.device)
             else:
                 model = self.components
-            result = run_audit(model, self.components, request, policy, seed, attacks=attacks, device=self.device)
-            title = f"Audit of {target.get('label') or self.model} (seed {seed})"
+            result = run_audit(model, self.components, request, job.policy, job.seed, attacks=job.attacks, device=self.device)
+            title = f"Audit of {job.target_label or self.model} (seed {job.seed})"
             report = write_report(result.evaluation, Path(folder) / "report.html", title=title, attacks=result.attack_images)
-            from erasure.evaluation.evaluate import evaluation_json
-
-            return {"metrics": evaluation_json(result.evaluation), "summary": result.summary(), "report_html": report.read_text()}
-
+            return Evaluation(evaluation_json(result.evaluation), report.read_text(), result.summary())

@@ -9,6 +9,13 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(items):
+    """A test's tier by where it lives: every test in tests/integration/ is an integration test."""
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     from erasure.diffusion.models import build_tiny_components

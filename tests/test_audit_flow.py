@@ -31,7 +31,7 @@ def test_a_judge_that_does_not_load_is_an_inconclusive_audit_run_not_an_escaped_
 
     monkeypatch.setattr(audit_module, "get_run_logger", lambda: logging.getLogger("audit-test"))
     # the worker's audit, in this process; it loads the judge before it samples anything
-    monkeypatch.setattr(audit_module, "stage_audit", lambda spec, target, policy, seed, attacks, workers: run_audit(None, None, spec, policy, seed))
+    monkeypatch.setattr(audit_module, "run_audit", lambda job, workers: run_audit(None, None, job.request, job.policy, job.seed))
     policy = {"judges": {"object": {"entry_point": "my_judges:make"}}, "attacks": []}
     with pytest.raises(audit_module.AuditInconclusive, match="not allowed here") as caught:
         audit_module.audit_flow.fn(REQUEST["model"], policy, request=REQUEST)
@@ -75,7 +75,7 @@ def test_an_audit_that_crashes_is_recorded_as_an_error_and_the_crash_still_reach
     def crash(*args):
         raise MemoryError("the worker ran out of memory")
 
-    monkeypatch.setattr(audit_module, "stage_audit", crash)
+    monkeypatch.setattr(audit_module, "run_audit", crash)
     with pytest.raises(MemoryError):
         audit_module.audit_flow.fn(REQUEST["model"], {"attacks": []}, request=REQUEST)
     run = MlflowClient().get_run(started[0])
@@ -91,11 +91,12 @@ def test_a_registered_version_whose_request_does_not_load_fails_its_audit_on_rec
     from mlflow.tracking import MlflowClient
 
     import flows.audit as audit_module
+    from tasks.jobs import ModelReference
 
     monkeypatch.setattr(audit_module, "get_run_logger", lambda: logging.getLogger("audit-test"))
     version = SimpleNamespace(name="m", version="1", tags={"model_key": "models/a"})
     monkeypatch.setattr(audit_module, "resolve", lambda model: version)
-    monkeypatch.setattr(audit_module, "served_reference", lambda v: {"model_key": "models/a", "sha256": "s" * 64})
+    monkeypatch.setattr(audit_module, "served_reference", lambda v: ModelReference("/store", "models/a", "s" * 64))
     monkeypatch.setattr(audit_module, "version_request", lambda v: "{not json")
     with pytest.raises(audit_module.ConceptLeak, match="request.json does not load") as caught:
         audit_module.audit_flow.fn("m/1", {"attacks": []})

@@ -11,6 +11,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from erasure.spec import RequestError, parse_request  # noqa: E402
+from tasks.jobs import ConceptJob, PriorJob  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors cannot import this test module
 
@@ -44,19 +45,20 @@ class FakeWorker:
                 time.sleep(0.05)
         return {"key": key, "reused": False, "pid": os.getpid(), **extra}
 
-    def prior(self, request, key):
-        return self._stage(key, model=request.model)
+    def run(self, job):
+        if isinstance(job, ConceptJob):
+            if job.key == "bad-input":
+                raise RequestError(f"concept {job.concept.name!r}: bad input")
+            return self._stage(job.key, concept=job.concept.name)
+        return self._stage(job.key)
 
-    def concept(self, request, index, key, prior_key):
-        if key == "bad-input":
-            raise RequestError(f"concept {request.concepts[index].name!r}: bad input")
-        return self._stage(key, concept=request.concepts[index].name)
 
-    def fuse(self, request, concept_keys, prior_key, key):
-        return self._stage(key)
+def prior_job(base, key):
+    return PriorJob(str(base), key, REQUEST.preserve, REQUEST.fusion)
 
-    def evaluate(self, request, model_key):
-        return self._stage(model_key or "")
+
+def concept_job(base, index, key):
+    return ConceptJob.of(REQUEST.model_copy(update={"model": str(base)}), index, key, "p")
 
 
 @pytest.fixture(scope="module")
@@ -112,27 +114,27 @@ def test_stage_timeout_is_an_error_naming_the_stage_and_the_actor_is_replaced(ba
     from tasks.compute import StageTimeout, WorkerPool
 
     pool = WorkerPool(str(base), 1)
-    first = pool.prior(REQUEST, "k")["pid"]
+    first = pool.run(prior_job(base, "k"))["pid"]
     monkeypatch.setenv("ERASURE_RAY_TIMEOUT", "1")
     # the stage sleeps 30 s: had the timeout not fired, it would return instead of raising
-    with pytest.raises(StageTimeout, match=r"stage concept 1 \('dog'\).*within 1 s.*ERASURE_RAY_TIMEOUT"):
-        pool.concept(REQUEST, 1, "sleep:30", "p")
+    with pytest.raises(StageTimeout, match=r"stage concept 'dog'.*within 1 s.*ERASURE_RAY_TIMEOUT"):
+        pool.run(concept_job(base, 1, "sleep:30"))
     monkeypatch.delenv("ERASURE_RAY_TIMEOUT")
     # the stuck actor was killed and replaced: the pool still serves, on a new actor
-    assert pool.prior(REQUEST, "k")["pid"] != first
+    assert pool.run(prior_job(base, "k"))["pid"] != first
 
 
 def test_killed_actors_are_replaced_on_the_next_call(base):
     from tasks.compute import worker_pool
 
     pool = worker_pool(str(base), 2)
-    before = {pool.prior(REQUEST, f"k{i}")["pid"] for i in range(4)}
+    before = {pool.run(prior_job(base, f"k{i}"))["pid"] for i in range(4)}
     for actor in pool.actors:
         ray.kill(actor)
     again = worker_pool(str(base), 2)
     assert again is pool  # no manual reset
     with ThreadPoolExecutor(4) as threads:
-        results = list(threads.map(lambda i: again.concept(REQUEST, i, f"c{i}", "p"), range(4)))
+        results = list(threads.map(lambda i: again.run(concept_job(base, i, f"c{i}")), range(4)))
     assert [r["concept"] for r in results] == ["cat", "dog", "car", "tree"]
     assert not {r["pid"] for r in results} & before
 
@@ -142,10 +144,10 @@ def test_actor_killed_mid_stage_reruns_the_stage_on_a_new_actor(base, tmp_path):
 
     pool = WorkerPool(str(base), 1)
     victim = pool.actors[0]
-    first = pool.prior(REQUEST, "k")["pid"]
+    first = pool.run(prior_job(base, "k"))["pid"]
     release = tmp_path / "release"
     with ThreadPoolExecutor(1) as threads:
-        running = threads.submit(pool.concept, REQUEST, 0, f"hold:{release}", "p")
+        running = threads.submit(pool.run, concept_job(base, 0, f"hold:{release}"))
         while not Path(f"{release}.started").exists():  # killed mid-stage, whenever the stage starts
             assert not running.done(), running.result()
             time.sleep(0.05)
@@ -175,7 +177,7 @@ def test_workers_with_different_base_models_are_an_error(base, tmp_path, monkeyp
     base.write_text("fingerprint-b")  # the model files changed under the pool
     ray.kill(pool.actors[0])
     with pytest.raises(FingerprintMismatch, match="fingerprint-b, the pool holds fingerprint-a"):
-        pool.prior(REQUEST, "k")
+        pool.run(prior_job(base, "k"))
 
 
 def test_gpu_workers_on_a_cluster_without_gpus_are_an_error(base, monkeypatch):
@@ -192,7 +194,7 @@ def test_gpu_workers_on_a_cluster_without_gpus_are_an_error(base, monkeypatch):
         worker_pool(str(base), 1)
     monkeypatch.setenv("ERASURE_DEVICE", "auto")
     pool = worker_pool(str(base), 1)
-    assert pool.device == "cpu" and pool.prior(REQUEST, "k")["key"] == "k"
+    assert pool.device == "cpu" and pool.run(prior_job(base, "k"))["key"] == "k"
 
 
 def test_stages_go_to_whichever_actor_is_idle(base, tmp_path):
@@ -201,11 +203,11 @@ def test_stages_go_to_whichever_actor_is_idle(base, tmp_path):
     pool = WorkerPool(str(base), 2)
     release = tmp_path / "release"
     with ThreadPoolExecutor(4) as threads:
-        slow = threads.submit(pool.concept, REQUEST, 0, f"hold:{release}", "p")
+        slow = threads.submit(pool.run, concept_job(base, 0, f"hold:{release}"))
         while not Path(f"{release}.started").exists():  # concept 0 holds its actor (no race with a clock)
             assert not slow.done(), slow.result()
             time.sleep(0.05)
-        quick = [threads.submit(pool.concept, REQUEST, i, f"c{i}", "p") for i in (1, 2, 3)]
+        quick = [threads.submit(pool.run, concept_job(base, i, f"c{i}")) for i in (1, 2, 3)]
         results = [future.result() for future in quick]  # done while concept 0 still holds its actor
         assert not slow.done()
         release.touch()
@@ -214,16 +216,17 @@ def test_stages_go_to_whichever_actor_is_idle(base, tmp_path):
     assert all(r["pid"] != long["pid"] for r in results)
 
 
-def test_worker_stages_take_a_typed_request(tmp_path):
+def test_worker_stages_take_a_typed_job(tmp_path):
     from tasks.worker import ConceptWorker
 
     worker = ConceptWorker("builtin:tiny", str(tmp_path / "store"), device="cpu", threads=1)
     assert worker.info()["fingerprint"] == worker.base_fingerprint
     request = parse_request({"model": "builtin:tiny", "concepts": [{"name": "cat", "anchor": "dog"}], "fusion": TINY_FUSION})
-    done = worker.prior(request, "priors/typed")
-    assert done.pop("seconds") >= 0 and done == {"key": "priors/typed", "reused": False}
-    with pytest.raises(TypeError, match="ErasureRequest"):
-        worker.prior(request.model_dump_json(), "priors/json")
+    done = worker.run(PriorJob("builtin:tiny", "priors/typed", request.preserve, request.fusion))
+    assert (done.key, done.reused, done.seconds >= 0) == ("priors/typed", False, True)
+    assert worker.run(PriorJob("builtin:tiny", "priors/typed", request.preserve, request.fusion)).reused
+    with pytest.raises(TypeError, match="jobs of tasks.jobs, not str"):
+        worker.run(request.model_dump_json())
 
 
 def test_captions_reach_the_worker_through_the_store_not_the_path(tmp_path, monkeypatch):
@@ -242,13 +245,13 @@ def test_captions_reach_the_worker_through_the_store_not_the_path(tmp_path, monk
         {"model": "builtin:tiny", "concepts": [{"name": "cat", "anchor": "dog"}], "preserve": {"captions": "captions.txt"}},
         base_dir=tmp_path,
     )
-    expected = base_prior(load_components("builtin:tiny"), request)
+    expected = base_prior(load_components("builtin:tiny"), request.preserve, request.fusion)
     key = stage_captions.fn(request)
     assert key == f"captions/{request.preserve.captions_sha256}"
     (tmp_path / "captions.txt").unlink()  # the submitting machine's file is gone
 
     worker = ConceptWorker("builtin:tiny", str(store), device="cpu", threads=1)
-    worker.prior(request, "priors/with-captions")
+    worker.run(PriorJob("builtin:tiny", "priors/with-captions", request.preserve, request.fusion, key))
     prior = load_prior(store / "priors" / "with-captions" / PRIOR_FILE)
     assert prior.count == expected.count and (prior.total - expected.total).abs().max() < 1e-9
 
@@ -266,7 +269,7 @@ def test_a_pool_warmed_in_the_background_keeps_serving_after_its_thread_ends(bas
         assert not thread.is_alive() and compute._pools  # the thread built the pool
         time.sleep(3)  # a parent-death signal would have killed the raylet by now
         pool = worker_pool(str(base), 1)
-        assert pool.prior(REQUEST, "after-warm")["key"] == "after-warm"
+        assert pool.run(prior_job(base, "after-warm"))["key"] == "after-warm"
         assert worker_pool("another-model", 1, replace=False) is None  # a warm-up leaves a flow's pool alone
     finally:
         ensure_ray()  # the module's other tests share one local Ray
@@ -277,10 +280,10 @@ def test_a_product_error_on_a_worker_reaches_the_caller_as_itself_with_the_worke
 
     pool = WorkerPool(str(base), 1)
     with pytest.raises(RequestError) as raised:
-        pool.concept(REQUEST, 1, "bad-input", "p")
+        pool.run(concept_job(base, 1, "bad-input"))
     assert type(raised.value) is RequestError and str(raised.value) == "concept 'dog': bad input"
     assert any("on the Ray worker" in note for note in raised.value.__notes__)
-    assert pool.concept(REQUEST, 0, "c0", "p")["concept"] == "cat"  # the actor still serves
+    assert pool.run(concept_job(base, 0, "c0"))["concept"] == "cat"  # the actor still serves
 
 
 def test_stages_are_retried_only_where_a_rerun_can_succeed():

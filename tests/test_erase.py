@@ -291,7 +291,7 @@ def test_a_constrained_fusion_with_no_room_fails_after_the_prior_before_any_conc
 def test_a_concept_with_a_reused_prior_leaving_no_room_fails_before_its_images(tiny, monkeypatch):
     """A prior published by a MACE run is reused by a constrained one: base_prior's check did not run."""
     request = parse_request({k: v for k, v in REQUEST.items() if k != "fusion"})
-    prior = erase_module.prior_statistics(tiny, erase_module.prior_prompts(request))
+    prior = erase_module.prior_statistics(tiny, erase_module.prior_prompts(request.preserve))
     drawn = []
     monkeypatch.setattr(erase_module, "generate_concept_data", lambda *args: drawn.append(args))
     with pytest.raises(RequestError, match="retained states use every direction"):

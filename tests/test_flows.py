@@ -59,8 +59,14 @@ def test_a_version_registered_without_evaluation_skips_only_the_evaluation(monke
     from erasure.spec import parse_request
 
     calls = []
-    monkeypatch.setattr(erase_module, "stage_fuse", lambda *a: calls.append("fuse"))
-    monkeypatch.setattr(erase_module, "stage_evaluate", lambda *a: calls.append("evaluate") or {"metrics": {"acc_e": 0.1}})
+    from tasks.jobs import Evaluation, FuseJob
+
+    def run_stage(job, workers):
+        assert isinstance(job, FuseJob) and job.concept_keys == ("concepts/c",)
+        calls.append("fuse")
+
+    monkeypatch.setattr(erase_module, "run_stage", run_stage)
+    monkeypatch.setattr(erase_module, "run_evaluation", lambda job, workers: calls.append("evaluate") or Evaluation({"acc_e": 0.1}, "<html>"))
     monkeypatch.setattr(erase_module, "stage_model_reference", lambda key: {"model_key": key})
     registered = {}
 
@@ -90,6 +96,7 @@ def test_published_concepts_submit_no_task(monkeypatch):
     import flows.erase as erase_module
 
     request = parse_request({"model": "builtin:tiny", "concepts": [{"name": n, "anchor": "house"} for n in ("cat", "dog", "car")]})
+    from tasks.jobs import ConceptJob, StageResult
     from tasks.keys import concept_key, prior_key
 
     base = "b" * 64
@@ -103,20 +110,24 @@ def test_published_concepts_submit_no_task(monkeypatch):
         def result(self):
             return self.value
 
-    def submit(request, index, key, p_key, workers):
-        submitted.append(index)
-        return Future({"key": key, "reused": False, "worker": "host:1"})
+    def submit(job, workers):
+        assert isinstance(job, ConceptJob) and job.prior_key == prior_key(base, request)
+        submitted.append(job.concept.name)
+        return Future(StageResult(job.key, reused=False, worker="host:1"))
+
+    def run_stage(job, workers):
+        priors.append(job)
 
     monkeypatch.setattr(erase_module, "get_run_logger", lambda: logging.getLogger("test"))
     monkeypatch.setattr(erase_module, "worker_pool", lambda model, workers: SimpleNamespace(fingerprint=base))
     monkeypatch.setattr(erase_module, "store_from_url", lambda *a: SimpleNamespace(exists=lambda key: key in published))
     monkeypatch.setattr(erase_module, "store_settings", lambda: ("file:///nowhere", None))
     monkeypatch.setattr(erase_module, "stage_captions", lambda request: None)
-    monkeypatch.setattr(erase_module, "stage_prior", lambda *a: priors.append(a))
-    monkeypatch.setattr(erase_module, "stage_concept", SimpleNamespace(submit=submit))
+    run_stage.submit = submit
+    monkeypatch.setattr(erase_module, "run_stage", run_stage)
     seconds = {}
     stages = erase_module._concept_stages(request, 1, seconds)
-    assert submitted == [1] and priors == []  # only "dog" was missing; the prior was published
+    assert submitted == ["dog"] and priors == []  # only "dog" was missing; the prior was published
     assert stages["ran"] == [concept_key(base, request.concepts[1], request)] and stages["worker_of"] == {concept_key(base, request.concepts[1], request): "host:1"}
     assert len(stages["keys"]) == 3 and set(seconds) == {"prior", "concepts"}
 

@@ -193,8 +193,9 @@ class FakeRun:
 
 def test_promotion_needs_a_pass_of_the_served_artifact_no_failure_and_a_record_that_still_passes(monkeypatch):
     from tasks import registry
+    from tasks.jobs import ModelReference
 
-    served = {"model_key": "models/a", "sha256": "s" * 64}
+    served = ModelReference("/store", "models/a", "s" * 64)
     version = registry.RegisteredVersion("m", "1", "run", {"model_key": "models/a"})
     monkeypatch.setattr(registry, "resolve", lambda reference: version)
     monkeypatch.setattr(registry, "served_reference", lambda v: served)

@@ -2,6 +2,7 @@
 registration, fast failure on an outage, a pyfunc logged as code that loads verified weights from
 the store, and the lineage rules of concurrent takedowns/restores."""
 
+import dataclasses
 import os
 import socket
 import threading
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from erasure.spec import parse_request
+from tasks.jobs import ModelReference
 from tasks.keys import request_hash
 from tasks.registry import (
     CANDIDATE,
@@ -40,7 +42,7 @@ def reference(tmp_path, monkeypatch, tiny_folder):
         monkeypatch.delenv(variable, raising=False)  # configure() sets them; restored afterwards
     store = LocalStore(tmp_path / "store")
     manifest = store.publish("models/tiny", tiny_folder)
-    return {"store_url": store.url, "s3_endpoint": None, "model_key": "models/tiny", "sha256": manifest_digest(manifest)}
+    return ModelReference(store.url, "models/tiny", manifest_digest(manifest))
 
 
 def request_of(concepts):
@@ -50,7 +52,7 @@ def request_of(concepts):
 def register(reference, concepts=("cat",), flow="erase", parent="", name="m", move=True):
     request = request_of(concepts)
     tags = {
-        "flow": flow, "request_hash": request_hash(request), "model_key": reference["model_key"],
+        "flow": flow, "request_hash": request_hash(request), "model_key": reference.model_key,
         "parent_version": parent, "concepts": ", ".join(concepts),
     }
     return register_erased_model(
@@ -87,7 +89,7 @@ def test_pyfunc_is_code_not_pickle_and_loads_verified_weights_from_the_store(ref
         assert not any(n.endswith((".pkl", ".safetensors", ".bin")) for n in files), files  # no pickle, no weights
         pyfunc = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]
         # the weights' reference, and the hash of the request it was registered with (what an audit checks)
-        assert "model_code_path" in pyfunc and pyfunc["config"] == reference | {"request_hash": request_hash(request_of(("cat",)))}
+        assert "model_code_path" in pyfunc and pyfunc["config"] == dataclasses.replace(reference, request_hash=request_hash(request_of(("cat",)))).as_config()
     weights = [p for p in (tmp_path / "mlruns").rglob("*") if p.suffix in (".safetensors", ".bin")]
     assert weights == []  # nothing copied into MLflow
 
@@ -251,13 +253,13 @@ def test_an_audit_is_recorded_before_it_samples_and_every_audit_counts_however_m
 
     version = register(reference)
     policy = AuditPolicy(attacks=[])
-    started = [registry.start_audit("m", version, policy, seed, reference["sha256"]) for seed in (1, 2, 3)]
-    runs = registry.version_audits("m", version.version, policy.digest(), reference["sha256"])
+    started = [registry.start_audit("m", version, policy, seed, reference.sha256) for seed in (1, 2, 3)]
+    runs = registry.version_audits("m", version.version, policy.digest(), reference.sha256)
     assert {r.info.run_id for r in runs} == set(started)
     assert all(r.info.status == "RUNNING" and r.data.tags["erasure.outcome"] == "started" and not registry.completed(r) for r in runs)
     registry.log_audit(started[0], "m", "passed", [], policy, False, {"acc_e": 0.0}, {}, None)
     monkeypatch.setattr(registry, "AUDIT_PAGE", 1)  # one run a page: the lookup must page through all three
-    runs = {r.info.run_id: r for r in registry.version_audits("m", version.version, policy.digest(), reference["sha256"])}
+    runs = {r.info.run_id: r for r in registry.version_audits("m", version.version, policy.digest(), reference.sha256)}
     assert set(runs) == set(started)
     assert registry.completed(runs[started[0]]) and runs[started[0]].data.tags["erasure.outcome"] == "passed"
     assert runs[started[0]].data.params["seed"] == "1"
@@ -272,13 +274,13 @@ def test_deleting_an_audit_run_or_its_experiment_hides_nothing_from_promotion(re
 
     version = register(reference)
     policy = AuditPolicy(attacks=[])
-    killed = registry.start_audit("m", version, policy, 7, reference["sha256"])
+    killed = registry.start_audit("m", version, policy, 7, reference.sha256)
     client = MlflowClient()
     client.delete_run(killed)
-    runs = registry.version_audits("m", version.version, policy.digest(), reference["sha256"])
+    runs = registry.version_audits("m", version.version, policy.digest(), reference.sha256)
     assert [r.info.run_id for r in runs] == [killed]
     with pytest.raises(registry.PromotionRefused, match="has not completed"):
         registry.promote("m", version.version, policy=policy)
     client.delete_experiment(client.get_experiment_by_name("erasure/m").experiment_id)
     with pytest.raises(RegistryError, match="experiment erasure/m is deleted.*restore it"):
-        registry.version_audits("m", version.version, policy.digest(), reference["sha256"])
+        registry.version_audits("m", version.version, policy.digest(), reference.sha256)
