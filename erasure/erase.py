@@ -263,7 +263,8 @@ def erase_concept(
         text_map = torch.eye(text_map.shape[0], dtype=text_map.dtype)
         factors, lora_state, losses = train_separable_increment(
             components, data.images, text.prompts, steps=settings.lora_steps,
-            importance_sampling=importance_sampling, seed=seed, on_step=on_step,
+            importance_sampling=importance_sampling, seed=seed, on_step=on_step, lr=settings.separable_lr,
+            scale=settings.separable_scale, l1=settings.separable_l1, stop_below=settings.separable_stop_below,
         )
     seconds["lora"] = time.perf_counter() - timer
     return ConceptResult(concept, text, text_map, data, factors, lora_state, losses, seconds)

@@ -208,8 +208,11 @@ class MethodSettings(_Strict):
     # None: the model's own setting (erasure_defaults.json), else SamplingSettings'
     sampler_steps: int | None = Field(default=None, ge=1, le=1000)
     guidance_scale: float | None = Field(default=None, ge=1.0, le=100.0)
-    lora_rank: int = Field(default=1, ge=1, le=64)  # MACE: rank 1
-    lora_lr: float = Field(default=1e-4, gt=0.0, le=1.0)  # MACE: 1e-4 (objects 1e-5 in their configs)
+    # ``read_by``: the objectives that read a setting; the others' artifacts do not depend on it
+    # (their content keys leave it out: tasks.keys)
+    lora_rank: int = Field(default=1, ge=1, le=64, json_schema_extra={"read_by": ["attention", "alternative"]})  # MACE: rank 1
+    # MACE: 1e-4 (objects 1e-5 in their configs)
+    lora_lr: float = Field(default=1e-4, gt=0.0, le=1.0, json_schema_extra={"read_by": ["attention", "alternative"]})
     lora_steps: int = Field(default=50, ge=0, le=100_000)  # MACE: 50 (explicit content 120)
     importance_sampling: bool = True  # MACE: concept-focal importance sampling
     mask_mode: Literal["attention", "none"] = "attention"
@@ -218,7 +221,13 @@ class MethodSettings(_Strict):
     # what each concept trains: MACE's masked attention LoRA, All-but-One's guidance move to the
     # anchor with the unconditional prediction held still, or SepME's separable increment
     objective: Literal["attention", "alternative", "separable"] = "attention"
-    alternative_drift_weight: float = Field(default=1.0, ge=0.0, le=1e6)  # All-but-One's lambda
+    alternative_drift_weight: float = Field(default=1.0, ge=0.0, le=1e6, json_schema_extra={"read_by": ["alternative"]})  # All-but-One's lambda
+    # SepME's increment (docs/method.md, "SepME"): Adam's step, the initial scale of its factors,
+    # the L1 weight that keeps it sparse, and the loss below which training stops
+    separable_lr: float = Field(default=0.1, gt=0.0, le=10.0, json_schema_extra={"read_by": ["separable"]})
+    separable_scale: float = Field(default=1e-3, gt=0.0, le=1.0, json_schema_extra={"read_by": ["separable"]})
+    separable_l1: float = Field(default=1e-6, ge=0.0, le=1.0, json_schema_extra={"read_by": ["separable"]})
+    separable_stop_below: float = Field(default=1e-4, ge=0.0, le=1.0, json_schema_extra={"read_by": ["separable"]})
     # which of a concept prompt's states CFR maps to the anchor prompt's: MACE's tokens *after* the
     # concept (its own left to the LoRA), or also its last token, or its whole span
     edit_tokens: Literal["after", "last", "span"] = "span"
@@ -393,8 +402,17 @@ class ErasureRequest(_Strict):
 # What a request registered before a setting existed was made with. A registered version is
 # re-fused (takedown, restore) exactly as it was made, whatever today's defaults are; and its
 # per-concept artifacts keep their keys (``tasks.keys``), so they are reused, not redone.
+# Settings added after artifacts were first made, at the value those artifacts were made with: a
+# registered request that predates one gets it filled in so, and content keys leave a setting out
+# at this value (tasks.keys), so the artifacts keep their keys.
+# Settings added after registered versions began recording their request's hash: left out of
+# that hash at these values (tasks.keys.request_hash), so a registered request still matches it.
+HASH_NEUTRAL_SETTINGS = {
+    # SepME's constants before they were settings
+    "method": {"separable_lr": 0.1, "separable_scale": 1e-3, "separable_l1": 1e-6, "separable_stop_below": 1e-4},
+}
 LEGACY_SETTINGS = {
-    "method": {"objective": "attention", "edit_tokens": "after", "mining": None},
+    "method": {"objective": "attention", "edit_tokens": "after", "mining": None, **HASH_NEUTRAL_SETTINGS["method"]},
     "fusion": {"method": "mace"},
 }
 

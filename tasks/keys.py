@@ -10,7 +10,15 @@ import hashlib
 import json
 
 from erasure.erase import slug
-from erasure.spec import LEGACY_SETTINGS, ConceptSpec, ErasureRequest, RequestError, normalise
+from erasure.spec import (
+    HASH_NEUTRAL_SETTINGS,
+    LEGACY_SETTINGS,
+    ConceptSpec,
+    ErasureRequest,
+    MethodSettings,
+    RequestError,
+    normalise,
+)
 
 STAGE_VERSIONS = {"prior": 1, "concept": 1, "model": 2}
 
@@ -37,21 +45,21 @@ def prior_key(base_fingerprint: str, request: ErasureRequest) -> str:
 
 
 def _method_inputs(request: ErasureRequest) -> dict:
-    """The method settings that made a concept's artifacts. Settings added later are left out at
-    the value every earlier artifact was made with, so those artifacts keep their keys."""
+    """The method settings that made a concept's artifacts: those its objective reads (each field's
+    declared ``read_by``), less settings added later while at the value every earlier artifact was
+    made with (``LEGACY_SETTINGS``), so those artifacts keep their keys."""
     method = json.loads(request.method.model_dump_json())
+    for name, info in MethodSettings.model_fields.items():
+        read_by = (info.json_schema_extra or {}).get("read_by")
+        if read_by is not None and request.method.objective not in read_by:
+            method.pop(name)
     for key, value in LEGACY_SETTINGS["method"].items():
-        if method.get(key) == value:
+        if key in method and method[key] == value:
             method.pop(key)
-    if request.method.objective != "alternative":
-        method.pop("alternative_drift_weight")  # read only by that objective
     if request.method.mining is not None:
         # mined neighbours changed meaning (they take their source's target; words join as
         # synonyms): artifacts mined before that must not be reused
         method["mining_version"] = 2
-    if request.method.objective == "separable":
-        for unused in ("lora_rank", "lora_lr"):  # SepME trains no LoRA: its increment has its own settings
-            method.pop(unused)
     return method
 
 
@@ -89,6 +97,10 @@ def request_hash(request: ErasureRequest) -> str:
     """The request's content: the caption file counts by its hash, not by where it lay."""
     data = request.fingerprint_dict()
     data["preserve"].pop("captions", None)
+    for section, values in HASH_NEUTRAL_SETTINGS.items():
+        for key, value in values.items():
+            if data[section].get(key) == value:
+                data[section].pop(key)
     return _digest(data)
 
 

@@ -92,8 +92,9 @@ def test_artifacts_made_before_the_new_method_settings_keep_their_keys():
     from tasks.keys import STAGE_VERSIONS
 
     request = parse_request(BASE)
-    old_method = {k: v for k, v in json.loads(request.method.model_dump_json()).items()
-                  if k not in ("objective", "alternative_drift_weight", "edit_tokens", "mining")}
+    added = ("objective", "alternative_drift_weight", "edit_tokens", "mining", "separable_lr", "separable_scale",
+             "separable_l1", "separable_stop_below")
+    old_method = {k: v for k, v in json.loads(request.method.model_dump_json()).items() if k not in added}
     payload = {
         "stage": "concept", "v": STAGE_VERSIONS["concept"], "base": "fp",
         "concept": json.loads(request.concepts[0].model_dump_json()), "method": old_method,
@@ -102,7 +103,7 @@ def test_artifacts_made_before_the_new_method_settings_keep_their_keys():
     old_key = f"concepts/{slug('cat')}-" + hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
     old_json = json.loads(request.model_dump_json())
     old_json.pop("fusion")
-    for key in ("objective", "alternative_drift_weight", "edit_tokens", "mining"):
+    for key in added:
         old_json["method"].pop(key)
     registered = registered_request(json.dumps(old_json))
     assert registered.fusion.method == "mace" and registered.method.edit_tokens == "after"
@@ -118,3 +119,72 @@ def test_settings_an_objective_does_not_read_leave_its_key_alone():
     assert key({"objective": "alternative", "alternative_drift_weight": 5.0}) != key({"objective": "alternative"})
     separable = {"method": "separable"}
     assert key({"objective": "separable", "lora_lr": 1e-2}, separable) == key({"objective": "separable"}, separable)
+
+
+# Keys computed by the release before erasure/ had sub-packages (and before SepME's constants
+# became settings). Registered versions name their artifacts by these keys: a change here would
+# make every takedown and restore of them rerun each concept, and fail their audits' request-hash
+# check. Change a key only by bumping its stage's version on purpose.
+PINNED_REQUESTS = {
+  "default": {"model": "builtin:toyworld", "concepts": [{"name": "red", "anchor": "white"}, {"name": "blue star", "anchor": "white square", "synonyms": ["azure star"]}], "preserve": {"concepts": ["green", "circle"]}},
+  "mace-alternative": {"model": "builtin:toyworld", "concepts": [{"name": "red", "anchor": "white"}], "method": {"objective": "alternative", "mining": {"vocabulary_words": 4}}, "fusion": {"method": "mace"}},
+  "separable": {"model": "builtin:toyworld", "concepts": [{"name": "red", "anchor": "white"}], "method": {"objective": "separable"}, "fusion": {"method": "separable"}},
+  # a request registered before objective/edit_tokens/mining/fusion existed
+  "legacy": '{"model": "builtin:tiny", "concepts": [{"name": "cat", "anchor": "dog"}], "method": {}, "preserve": {}}',
+}
+
+PINNED_KEYS = {
+    "default": {
+        "prior": "priors/ce191a28aaa0866ba0aa4782",
+        "concepts": [
+            "concepts/red-b1f51a51-d72d27d4527384fa17d62a61",
+            "concepts/blue-star-977053f7-d96ade4e71f94c620ac96286"
+        ],
+        "model": "models/f0b7a4df789bf83183459325",
+        "request": "fba604fdbf30d3fcdfbf42b6"
+    },
+    "mace-alternative": {
+        "prior": "priors/08b70bc55109f8006ea83fea",
+        "concepts": [
+            "concepts/red-b1f51a51-c15431b65501ce64d90782aa"
+        ],
+        "model": "models/33a6e0c80eccd93ec374b365",
+        "request": "6a86147402a7514db2743e7b"
+    },
+    "separable": {
+        "prior": "priors/08b70bc55109f8006ea83fea",
+        "concepts": [
+            "concepts/red-b1f51a51-7994883d5fb78ce344995d02"
+        ],
+        "model": "models/3df2e67f731be341d0d4d1a9",
+        "request": "4271c1eab26303245062820f"
+    },
+    "legacy": {
+        "prior": "priors/08b70bc55109f8006ea83fea",
+        "concepts": [
+            "concepts/cat-77af778b-b17cfe7f67f57dccb09fc681"
+        ],
+        "model": "models/c72e067555404dd16dfbc3d6",
+        "request": "5a6b6b87229f85cb040b6800"
+    }
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_KEYS))
+def test_registered_requests_keep_their_keys_and_hash(name):
+    from erasure.spec import registered_request
+    from tasks.keys import model_key
+
+    data = PINNED_REQUESTS[name]
+    request = registered_request(data) if isinstance(data, str) else parse_request(data)
+    keys = [concept_key("f" * 64, c, request) for c in request.concepts]
+    assert {"prior": prior_key("f" * 64, request), "concepts": keys, "model": model_key("f" * 64, keys, request),
+            "request": request_hash(request)} == PINNED_KEYS[name]
+
+
+def test_a_methods_own_settings_are_in_its_keys_and_nobody_elses():
+    sepme = parse_request(BASE | {"method": {"objective": "separable", "separable_lr": 0.05}, "fusion": {"method": "separable"}})
+    sepme_default = parse_request(BASE | {"method": {"objective": "separable"}, "fusion": {"method": "separable"}})
+    attention = parse_request(BASE | {"method": {"separable_lr": 0.05}})
+    assert concept_key("fp", sepme.concepts[0], sepme) != concept_key("fp", sepme_default.concepts[0], sepme_default)
+    assert concept_key("fp", attention.concepts[0], attention) == concept_key("fp", *parse_request(BASE).concepts, parse_request(BASE))

@@ -119,3 +119,26 @@ def test_factors_round_trip_and_load_as_a_diffusers_lora(tiny, tiny_folder, trai
     pipe.load_lora_weights(tmp_path / "lora")
     torch.testing.assert_close(generate(""), plain_empty, rtol=0, atol=1e-5)  # "" reads none of the increment
     assert float((generate(PROMPTS[0]) - plain_cat).abs().max()) > 1e-4
+
+
+def test_sepmes_hyperparameters_are_settings_that_reach_its_training(tiny, monkeypatch):
+    import erasure.erase as erase_module
+    from erasure.spec import parse_request
+
+    request = parse_request({
+        "model": "builtin:tiny", "concepts": [{"name": "cat", "anchor": "dog"}], "fusion": {"method": "separable"},
+        "method": {"objective": "separable", "separable_lr": 0.05, "separable_scale": 2e-3, "separable_l1": 0.0,
+                   "separable_stop_below": 0.0, "images_per_concept": 1, "sampler_steps": 2, "prompts_per_concept": 2},
+    })
+    request = erase_module.prepare_request(request, tiny)
+    seen = {}
+
+    def train(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(erase_module, "train_separable_increment", train)
+    prior = erase_module.prior_statistics(tiny, erase_module.prior_prompts(request.preserve))
+    with pytest.raises(RuntimeError, match="stop here"):
+        erase_module.erase_concept(tiny, request.concepts[0], request, prior)
+    assert (seen["lr"], seen["scale"], seen["l1"], seen["stop_below"]) == (0.05, 2e-3, 0.0, 0.0)
