@@ -256,6 +256,7 @@ def test_captions_reach_the_worker_through_the_store_not_the_path(tmp_path, monk
     assert prior.count == expected.count and (prior.total - expected.total).abs().max() < 1e-9
 
 
+@pytest.mark.slow
 def test_a_pool_warmed_in_the_background_keeps_serving_after_its_thread_ends(base):
     """Ray's local processes die with the thread that started them: ``warm_pool`` starts Ray in the
     calling thread, so the pool its thread builds still serves once that thread is gone."""

@@ -4,6 +4,7 @@ import importlib
 import os
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,6 +135,7 @@ def test_console_entry_point_exists():
     assert {"erase", "generate", "evaluate", "run", "takedown", "restore", "audit", "promote"} <= names
 
 
+@pytest.mark.slow
 def test_prefect_is_told_not_to_phone_home_and_to_wait_for_its_server(tmp_path):
     """Set before prefect is imported (it reads settings on import); an operator's own value wins."""
     import subprocess

@@ -14,6 +14,8 @@ from erasure.loading import load_components
 from erasure.methods.fusion import fused_weights, fusion_prior
 from erasure.spec import parse_request
 
+pytestmark = pytest.mark.slow  # every method through training, fusion and restore on the toy world
+
 CONCEPTS = [{"name": "red", "anchor": "white"}, {"name": "circle", "anchor": "square"}]
 METHOD = {"lora_steps": 2, "images_per_concept": 1, "prompts_per_concept": 4, "sampler_steps": 2}
 

@@ -169,6 +169,7 @@ def _assert_bounded_client():
     assert float(os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"]) <= 10 and int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) <= 2
 
 
+@pytest.mark.slow  # about 30 s: the client's own timeouts and retries run out
 def test_a_hanging_mlflow_server_fails_within_a_minute(reference, monkeypatch):
     """A server that accepts connections and never answers (overloaded, half down)."""
     server = socket.socket()

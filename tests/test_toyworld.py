@@ -42,6 +42,7 @@ def test_captions_use_synonyms_and_every_word_is_one_token():
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", ["minilm", "clip"])
 def test_trainer_lowers_the_loss_and_resumes(tmp_path, world):
     torch.manual_seed(0)
