@@ -37,6 +37,14 @@ def setting(settings: BaseModel, field: str):
     return typer.Option(getattr(settings, field), help=type(settings).model_fields[field].description)
 
 
+MAX_WORKERS = 1024
+
+
+def workers_option(help: str = "Ray workers (one per GPU, or per CPU without GPUs).") -> typer.models.OptionInfo:
+    """The --workers option every pipeline command takes: written once, here."""
+    return typer.Option(1, min=1, max=MAX_WORKERS, help=help)
+
+
 def warn(messages: list[str]) -> None:
     """Print a request's warnings (the work still runs: they are judgement calls, not errors)."""
     for message in messages:

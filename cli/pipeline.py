@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cli.app import app, console, fail, report_errors, services_app, warn
+from cli.app import app, console, fail, report_errors, services_app, warn, workers_option
+from erasure.probes import SEEDS
 from erasure.spec import CONCEPT_KINDS
 
 out = Console()
@@ -54,7 +55,7 @@ def _warm_pool_for(model: str, workers: int) -> None:
 def run(
     request: Path = typer.Argument(..., help="Request file (YAML or JSON)."),
     name: str = typer.Option(None, help="Registered model name (default: the request file's name)."),
-    workers: int = typer.Option(1, min=1, max=1024, help="Ray workers (one per GPU, or per CPU without GPUs)."),
+    workers: int = workers_option(),
     evaluate: bool = typer.Option(True, help="Evaluate the new version; the audit judges it before any promotion either way."),
 ) -> None:
     """Run the erase flow: per-concept work on Ray, fusion, evaluation, MLflow registration."""
@@ -83,7 +84,7 @@ def takedown(
     kind: str = typer.Option("object", help=f"Kind of the new concepts: {', '.join(CONCEPT_KINDS)}."),
     anchor: str = typer.Option(None, help="Anchor of the new concepts (needed for objects)."),
     synonym: list[str] = typer.Option([], help="Synonyms of the new concept (repeatable)."),
-    workers: int = typer.Option(1, min=1, max=1024, help="Ray workers."),
+    workers: int = workers_option(),
     evaluate: bool = typer.Option(True, help="Evaluate the new version (about 40 s on the toy world); the audit judges it before any promotion either way."),
 ) -> None:
     """Add concepts to a registered model: a new version; only the new concepts' work runs."""
@@ -108,7 +109,7 @@ def takedown(
 def restore(
     model: str = typer.Argument(..., help="Registered model: NAME, NAME@ALIAS or NAME/VERSION."),
     concepts: list[str] = typer.Argument(..., help="Erased concept names to give back."),
-    workers: int = typer.Option(1, min=1, max=1024, help="Ray workers."),
+    workers: int = workers_option(),
     evaluate: bool = typer.Option(True, help="Evaluate the new version; the audit judges it before any promotion either way."),
 ) -> None:
     """Remove concepts from a registered model's erasure: a new version, fused without them."""
@@ -177,9 +178,9 @@ def audit(
     ),
     attacks: bool = typer.Option(False, "--attacks", help="Also run the policy's attacks (prefix search, concept inversion, Ring-A-Bell)."),
     seed: int = typer.Option(
-        None, min=0, max=2**31 - 2, help="Rerun an earlier audit's probes (default: new ones, recorded); a rerun never counts for `promote`.",
+        None, min=0, max=SEEDS - 1, help="Rerun an earlier audit's probes (default: new ones, recorded); a rerun never counts for `promote`.",
     ),
-    workers: int = typer.Option(1, min=1, max=1024, help="Ray workers."),
+    workers: int = workers_option(),
 ) -> None:
     """Compliance check under the deployment's policy: exit 0 passed, 1 failed (every reason named),
     2 bad input or a failed service, 3 inconclusive or no judge (nothing was proved)."""

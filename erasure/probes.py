@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 GROUPS = ("erased", "synonym", "unseen", "phrasing", "retained", "attack")
+# an audit's seed, and every seed drawn from it, lies in [0, SEEDS): numpy draws them as 32-bit integers
+SEEDS = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -26,5 +28,5 @@ class Probe:
 def with_drawn_seeds(probes: list[Probe], rng) -> list[Probe]:
     """The probes with distinct seeds drawn from ``rng`` (a numpy Generator): an audit's own, recorded
     through the seed that made ``rng``."""
-    seeds = rng.choice(2**31 - 1, size=len(probes), replace=False)
+    seeds = rng.choice(SEEDS, size=len(probes), replace=False)
     return [dataclasses.replace(p, seed=int(s)) for p, s in zip(probes, seeds)]

@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 
 from erasure.audit.policy import AuditPolicy, judge_verdict, load_policy, parse_policy
 from erasure.errors import LeakFound, NoVerdict
+from erasure.probes import SEEDS
 from erasure.spec import RequestError, inside_input_root, parse_request, registered_request
 from tasks.jobs import AuditJob, Evaluation, ModelReference
 from tasks.registry import log_audit, resolve, served_reference, start_audit, version_request
@@ -47,7 +48,7 @@ def audit_flow(
     policy = audit_policy(policy, policy_file)
     # a seed given by hand reruns an audit: recorded as such, it never counts for a promotion
     seed_chosen = seed is not None
-    seed = secrets.randbelow(2**31 - 1) if seed is None else int(seed)
+    seed = secrets.randbelow(SEEDS) if seed is None else int(seed)
     version = reference = spec = None
     if request is None:
         version = resolve(model)

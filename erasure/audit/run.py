@@ -17,7 +17,7 @@ from pathlib import Path
 
 from erasure.audit.policy import MIN_GUIDANCE_SCALE, MIN_SAMPLER_STEPS, AuditPolicy, wilson_interval
 from erasure.evaluation.evaluate import Evaluation, NoJudgeError, evaluate
-from erasure.probes import Probe, with_drawn_seeds
+from erasure.probes import SEEDS, Probe, with_drawn_seeds
 from erasure.spec import CONCEPT_KINDS, ErasureRequest, RequestError, inside_input_root, normalise, printable_text
 
 # Held-out templates per kind for real models: none of them is in ``erasure.core.prompts`` (the
@@ -265,7 +265,7 @@ def attack_concept(erased, base, request, concept, policy: AuditPolicy, judge, e
     budget = policy.attack_budget
     name_hash = int.from_bytes(hashlib.sha256(concept.name.encode()).digest()[:8], "little")
     rng = np.random.default_rng([seed, name_hash])
-    seeds = [int(s) for s in rng.choice(2**31 - 1, size=budget.images, replace=False)]
+    seeds = [int(s) for s in rng.choice(SEEDS, size=budget.images, replace=False)]
     attack_probes = [Probe("attack", concept.name, template.prompt, template.expected, s, concept.kind) for s in seeds]
     if not shown:  # the base model does not draw it: no reference, and no attack can prove anything
         return [{"concept": concept.name, "attack": a, "asr": 0.0, "base_asr": 0.0, "prompt": ""} for a in policy.attacks], {}
@@ -275,7 +275,7 @@ def attack_concept(erased, base, request, concept, policy: AuditPolicy, judge, e
     rows, images = [], {}
     for name in policy.attacks:
         outputs = {}
-        attack_seed = int(rng.integers(2**31 - 1))  # the same search on both models: a fair control
+        attack_seed = int(rng.integers(SEEDS))  # the same search on both models: a fair control
         for role, model in (("base", base), ("erased", erased)):
             if name == "inversion":
                 output = attacks.concept_inversion(model, reference, concept.anchor or concept.name, steps=budget.inversion_steps, seed=attack_seed)
