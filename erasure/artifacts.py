@@ -71,6 +71,7 @@ def save_concept(result, folder: Path) -> dict:
 
 
 def load_concept(folder: Path) -> ConceptArtifact:
+    """A concept artifact folder (``save_concept``) as the fusion reads it: statistics, CFR map, LoRA factors."""
     folder = Path(folder)
     document = json.loads((folder / CONCEPT_FILE).read_text())
     tensors = load_file(str(folder / STATISTICS_FILE))
@@ -84,9 +85,11 @@ def load_concept(folder: Path) -> ConceptArtifact:
 
 
 def save_prior(prior: PriorStatistics, path: Path) -> None:
+    """Write the prior's sufficient statistics (safetensors)."""
     save_file({"total": prior.total.contiguous(), "count": torch.tensor([prior.count])}, str(path))
 
 
 def load_prior(path: Path) -> PriorStatistics:
+    """Read the prior's sufficient statistics that ``save_prior`` wrote."""
     tensors = load_file(str(path))
     return PriorStatistics(tensors["total"].to(DTYPE), int(tensors["count"][0]))

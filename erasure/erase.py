@@ -112,6 +112,7 @@ def prior_prompts(preserve: PreserveSpec) -> list[str]:
 
 
 def prior_statistics(components: Components, prompts: list[str], batch_size: int = 256) -> PriorStatistics:
+    """The Gram statistics of ``prompts``' text states, encoded in batches."""
     prior = PriorStatistics.empty(components.text_encoder.config.hidden_size)
     for start in range(0, len(prompts), batch_size):
         ids, _ = tokenize(components.tokenizer, prompts[start : start + batch_size])
@@ -170,6 +171,7 @@ def concept_text(
     mining: MiningSettings | None = None,
     exclude: frozenset[str] = frozenset(),
 ) -> ConceptText:
+    """Stage 2a: a concept's augmented prompt pairs, encoded, as sufficient statistics (CFR and fusion)."""
     pairs, mined = concept_pairs(components, concept, prompt_count, seed, mining, exclude)
     concept_ids, concept_lens = tokenize(components.tokenizer, [c for c, _ in pairs])
     anchor_ids, anchor_lens = tokenize(components.tokenizer, [a for _, a in pairs])
@@ -197,6 +199,8 @@ def concept_text(
 
 @dataclass
 class ConceptResult:
+    """Everything one concept's stages made: text statistics, its CFR map, images and masks, its LoRA."""
+
     concept: ConceptSpec
     text: ConceptText
     text_map: torch.Tensor  # this concept's own CFR map M_k
@@ -310,6 +314,8 @@ def apply_weights(unet, weights: dict[str, torch.Tensor]) -> None:
 
 @dataclass
 class StageOutputs:
+    """What ``run_stages`` made in one process: the prepared request, the prior, every concept, the fused weights."""
+
     request: ErasureRequest  # prepared: the model's sampling settings filled in
     prior: PriorStatistics
     concepts: list[ConceptResult]
@@ -346,6 +352,8 @@ def run_stages(components: Components, request: ErasureRequest, progress: Progre
 
 @dataclass
 class ErasureSummary:
+    """What ``erase`` wrote: the output folder, the base model's fingerprint, seconds per stage, a row per concept."""
+
     out_dir: Path
     fingerprint: str
     seconds: dict[str, float]

@@ -17,6 +17,8 @@ SEEDS = 2**31 - 1
 
 @dataclass(frozen=True)
 class Probe:
+    """One prompt an evaluation draws, with what its image must show and the seed that draws it."""
+
     group: str  # one of GROUPS: what the prompt tests (an erased name, a synonym, ..., a retained concept)
     concept: str  # the concept this prompt tests
     prompt: str

@@ -62,6 +62,7 @@ DEFAULT_MODEL = BUILTIN_PREFIX + "toyworld"
 
 
 def builtin_names() -> list[str]:
+    """Every ``builtin:<name>`` a request may name."""
     return [BUILTIN_PREFIX + name for name in BUILTIN_MODELS]
 
 

@@ -53,6 +53,8 @@ class ModelReference:
 
 @dataclass(frozen=True)
 class PriorJob:
+    """The prior stage: the statistics of the states that must keep their K/V (``erasure.erase.base_prior``)."""
+
     model: str
     key: str
     preserve: PreserveSpec
@@ -67,6 +69,8 @@ class PriorJob:
 
 @dataclass(frozen=True)
 class ConceptJob:
+    """One concept's stages (text statistics, CFR map, images and masks, LoRA: ``erasure.erase.erase_concept``)."""
+
     model: str
     key: str
     prior_key: str
@@ -96,6 +100,8 @@ class ConceptJob:
 
 @dataclass(frozen=True)
 class FuseJob:
+    """The closed-form fusion of published concepts into one erased model (``erasure.methods.fusion.fuse``)."""
+
     model: str
     key: str
     prior_key: str
@@ -111,6 +117,8 @@ class FuseJob:
 
 @dataclass(frozen=True)
 class EvaluateJob:
+    """A registered candidate's evaluation: acc_e, acc_g, acc_s, drift and the report (the built-in worlds' judges)."""
+
     request: ErasureRequest
     model_key: str | None  # None: the base model itself
     stage = "evaluate"
@@ -126,6 +134,8 @@ class EvaluateJob:
 
 @dataclass(frozen=True)
 class AuditJob:
+    """A compliance audit under the deployment's policy (``erasure.audit.run.run_audit``)."""
+
     request: ErasureRequest
     # what is audited: a registered version's served model (fetched and checked against its
     # digest), a model folder on the worker, or None for the base model itself

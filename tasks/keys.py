@@ -40,6 +40,7 @@ def _preserve_inputs(request: ErasureRequest) -> dict:
 
 
 def prior_key(base_fingerprint: str, request: ErasureRequest) -> str:
+    """The prior's key: the base model and what it preserves (retained concepts, the captions' content)."""
     payload = {"stage": "prior", "v": STAGE_VERSIONS["prior"], "base": base_fingerprint, **_preserve_inputs(request)}
     return f"priors/{_digest(payload)}"
 
@@ -64,6 +65,7 @@ def _method_inputs(request: ErasureRequest) -> dict:
 
 
 def concept_key(base_fingerprint: str, concept: ConceptSpec, request: ErasureRequest) -> str:
+    """A concept's key: the base model, the concept, the settings its objective reads, the preserve set and the seed."""
     payload = {
         "stage": "concept",
         "v": STAGE_VERSIONS["concept"],
@@ -77,6 +79,7 @@ def concept_key(base_fingerprint: str, concept: ConceptSpec, request: ErasureReq
 
 
 def model_key(base_fingerprint: str, concept_keys: list[str], request: ErasureRequest) -> str:
+    """An erased model's key: the base model, its concepts' keys (as a set) and the fusion's settings."""
     payload = {
         "stage": "model",
         "v": STAGE_VERSIONS["model"],
@@ -90,6 +93,7 @@ def model_key(base_fingerprint: str, concept_keys: list[str], request: ErasureRe
 
 
 def concept_set_hash(request: ErasureRequest) -> str:
+    """Which concepts a version erases, by normalised name, whatever their settings."""
     return _digest({"concepts": sorted(normalise(c.name) for c in request.concepts)})
 
 

@@ -26,6 +26,8 @@ MAX_PROMPTS_PER_CALL = 256
 
 
 class ErasedPipelineModel(PythonModel):
+    """The registered version as MLflow serves it: prompts (and seeds) in, uint8 images out."""
+
     def load_context(self, context):
         from erasure.loading import load_components
         from tasks.store import store_from_url

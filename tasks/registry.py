@@ -87,6 +87,7 @@ def experiment(name: str) -> str:
 
 
 def configure() -> str:
+    """Point MLflow at ``MLFLOW_TRACKING_URI`` (else the state folder's SQLite), with bounded client timeouts."""
     for variable, value in CLIENT_DEFAULTS.items():
         os.environ.setdefault(variable, value)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{private_dir(state_dir()) / 'mlflow.db'}"
@@ -127,6 +128,8 @@ def is_ready(version) -> bool:
 
 @dataclass
 class RegisteredVersion:
+    """A registered model version as the flows use it: name, version, its run and tags, and what its registration did."""
+
     name: str
     version: str
     run_id: str
@@ -299,6 +302,7 @@ def resolve(reference: str) -> RegisteredVersion:
 
 
 def version_request(version: RegisteredVersion) -> str:
+    """The ``request.json`` a version was registered with, as text."""
     with _mlflow(f"reading the request of {version.name} version {version.version}"), tempfile.TemporaryDirectory() as folder:
         path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="request.json", dst_path=folder)
         return Path(path).read_text()

@@ -78,6 +78,7 @@ def stage_model_reference(key: str) -> ModelReference:
 def stage_register(
     name, reference, request_json, tags, params, metrics, report_html, concept_keys, move_candidate=True
 ) -> dict:
+    """Register the erased model as a new version (see ``tasks.registry.register_erased_model``)."""
     from tasks.registry import register_erased_model
 
     version = register_erased_model(

@@ -70,6 +70,8 @@ def manifest_digest(manifest: dict) -> str:
 
 
 class ArtifactStore(Protocol):
+    """What every store offers (a local folder, S3): atomic publish, verified fetch, a per-name lock."""
+
     url: str
 
     def exists(self, key: str) -> bool: ...

@@ -20,6 +20,8 @@ from erasure.spec import ConceptSpec, MethodSettings
 
 @dataclass
 class ConceptData:
+    """A concept's training images and their cross-attention masks, and the prompt that drew them."""
+
     prompt: str
     images: torch.Tensor  # (n, 3, H, W) in [0, 1]
     masks: torch.Tensor  # (n, h, w) bool, at model (latent or pixel) resolution
@@ -43,6 +45,7 @@ def attention_masks(maps: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def generate_concept_data(components, concept: ConceptSpec, settings: MethodSettings, seed: int) -> ConceptData:
+    """Stage 2b: the base model's images of a concept's prompts and their cross-attention masks."""
     prompt = fill(GENERATION_TEMPLATES[concept.kind], concept.name)
     n = settings.images_per_concept
     seeds = [seed * 1_000_003 + i for i in range(n)]

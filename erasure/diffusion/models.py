@@ -51,6 +51,8 @@ TEXT_ENCODERS: dict[str, type[PreTrainedModel]] = {
 
 @dataclass
 class Components:
+    """A text-to-image model as its separately trained parts, plus the sampling defaults it was made with."""
+
     unet: UNet2DConditionModel
     text_encoder: PreTrainedModel  # one of TEXT_ENCODERS
     tokenizer: PreTrainedTokenizerBase

@@ -19,6 +19,8 @@ from erasure.evaluation.metrics import harmonic_o, pixel_drift, unconditional_dr
 
 @dataclass
 class Evaluation:
+    """One evaluation: metrics of the erased and the base model, per-concept rows, the probes, both models' images and verdicts."""
+
     metrics: dict  # erased model: acc_e, acc_g, acc_s, h_o, pixel_drift, unconditional_drift
     base_metrics: dict  # the base model on the same probes: acc_e, acc_g, acc_s, h_o
     concepts: list[dict]  # one row per erased and retained concept
@@ -103,6 +105,7 @@ class NoJudgeError(NoVerdict, ValueError):
 
 
 def has_judge(model: str) -> bool:
+    """Whether ``model`` is a built-in model whose world has a judge (only those are evaluated after a run)."""
     from erasure.worlds.registry import find_builtin
 
     try:

@@ -19,6 +19,8 @@ from erasure.worlds.toyworld.model import drawable_unseen_words, load_toyworld_c
 
 @dataclass(frozen=True)
 class BuiltinModel:
+    """One model this project builds: how to load it and, when its world has one, how to judge it."""
+
     name: str
     description: str
     load: Callable[[], Components]
