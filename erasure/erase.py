@@ -88,10 +88,11 @@ def with_model_sampling(request: ErasureRequest, components: Components) -> Eras
     return request.model_copy(update={"method": method})
 
 
-def prepare_request(request: ErasureRequest, components: Components) -> ErasureRequest:
+def prepare_request(request: ErasureRequest, components: Components, first_index: int = 0) -> ErasureRequest:
     """Stage 0, once the model is loaded: the checks that need its tokenizer, then its
-    sampling defaults filled in. Every runner (``erase``, a worker, a benchmark) starts here."""
-    request.check_against_tokenizer(components.tokenizer)
+    sampling defaults filled in. Every runner (``erase``, a worker, a benchmark) starts here.
+    ``first_index``: where the request's first concept sits in the one the user wrote."""
+    request.check_against_tokenizer(components.tokenizer, first_index)
     return with_model_sampling(request, components)
 
 

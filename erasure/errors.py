@@ -37,3 +37,7 @@ class LeakFound(ErasureError):
 
     exit_code = 1
     retry_helps = False
+
+
+class NoJudgeError(NoVerdict, ValueError):
+    """The base model has no judge: nothing can say whether its images show a concept."""

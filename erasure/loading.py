@@ -7,7 +7,7 @@ import torch
 
 from erasure.diffusion.models import Components, load_external
 from erasure.spec import RequestError
-from erasure.worlds.registry import find_builtin
+from erasure.worlds.builtins import find_builtin
 
 
 def load_components(model: str, device: str | torch.device = "cpu") -> Components:

@@ -56,7 +56,7 @@ _REFUSED_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
 
 
 BUILTIN_PREFIX = "builtin:"
-# the models this project builds itself; ``erasure.worlds.registry`` says how to load and judge each
+# the models this project builds itself; ``erasure.worlds.builtins`` says how to load and judge each
 BUILTIN_MODELS = ("tiny", "toyworld", "toyworld-clip")
 DEFAULT_MODEL = BUILTIN_PREFIX + "toyworld"
 
@@ -263,7 +263,7 @@ class FusionSettings(_Strict):
 
 class ErasureRequest(_Strict):
     """A whole erasure job. ``model`` is a local diffusers folder, a hub id, or a
-    built-in model (``erasure.worlds.registry``; ``builtin:toyworld`` is the default)."""
+    built-in model (``erasure.worlds.builtins``; ``builtin:toyworld`` is the default)."""
 
     model: Prompt = DEFAULT_MODEL
     concepts: tuple[ConceptSpec, ...] = Field(max_length=MAX_CONCEPTS)
@@ -354,18 +354,12 @@ class ErasureRequest(_Strict):
             updates["preserve"] = self.preserve.model_copy(update={"captions": path.resolve(), "captions_sha256": digest})
         return self.model_copy(update=updates) if updates else self
 
-    def check_against_tokenizer(self, tokenizer) -> None:
+    def check_against_tokenizer(self, tokenizer, first_index: int = 0) -> None:
         """Reject concept names the model's tokenizer turns into no ordinary token at all
-        (nothing, or only special tokens such as ``<|endoftext|>``): nothing to erase."""
-        special = set(tokenizer.all_special_ids)
-        for i, concept in enumerate(self.concepts):
-            for variant in concept.variants:
-                ids = [t for t in tokenizer(variant, add_special_tokens=False)["input_ids"] if t not in special]
-                if not ids:
-                    raise RequestError(
-                        f"concepts.{i}.name: {variant!r} tokenises to nothing with this model's tokenizer; "
-                        "use the words a prompt would use"
-                    )
+        (nothing, or only special tokens such as ``<|endoftext|>``): nothing to erase.
+        ``first_index``: where this request's concepts sit in the request the user wrote (a
+        concept's own job checks one concept; the error still names its field)."""
+        check_concepts_against_tokenizer(self.concepts, tokenizer, first_index)
 
     def specificity_warnings(self) -> list[str]:
         """What in this request is likely to damage retained concepts: said before the work starts."""
@@ -400,14 +394,14 @@ class ErasureRequest(_Strict):
         return json.loads(self.model_dump_json())
 
 
-# What a request registered before a setting existed was made with. A registered version is
-# re-fused (takedown, restore) exactly as it was made, whatever today's defaults are; and its
-# per-concept artifacts keep their keys (``tasks.keys``), so they are reused, not redone.
-# Settings added after artifacts were first made, at the value those artifacts were made with: a
-# registered request that predates one gets it filled in so, and content keys leave a setting out
-# at this value (tasks.keys), so the artifacts keep their keys.
-# Settings added after registered versions began recording their request's hash: left out of
-# that hash at these values (tasks.keys.request_hash), so a registered request still matches it.
+# Adding a setting (the rule; tests/test_keys.py's pinned keys fail until it is followed):
+# - give it the default that reproduces what the code did before it existed;
+# - add it to HASH_NEUTRAL_SETTINGS at that value: registered requests that predate it get it
+#   filled in (``registered_request``), and content keys and the request hash leave it out at that
+#   value (``tasks.keys``), so older versions keep their artifacts' keys and their recorded hash;
+# - a method setting that only some objectives read declares them: ``json_schema_extra={"read_by": [...]}``.
+# LEGACY_SETTINGS adds the settings that came before request hashes were recorded (they are in
+# every recorded hash, so the hash keeps them); never extend that part.
 HASH_NEUTRAL_SETTINGS = {
     # SepME's constants before they were settings
     "method": {"separable_lr": 0.1, "separable_scale": 1e-3, "separable_l1": 1e-6, "separable_stop_below": 1e-4},
@@ -416,6 +410,19 @@ LEGACY_SETTINGS = {
     "method": {"objective": "attention", "edit_tokens": "after", "mining": None, **HASH_NEUTRAL_SETTINGS["method"]},
     "fusion": {"method": "mace"},
 }
+
+
+def check_concepts_against_tokenizer(concepts, tokenizer, first_index: int = 0) -> None:
+    """``ErasureRequest.check_against_tokenizer`` for ``concepts``, the first at ``first_index``."""
+    special = set(tokenizer.all_special_ids)
+    for i, concept in enumerate(concepts, start=first_index):
+        for variant in concept.variants:
+            ids = [t for t in tokenizer(variant, add_special_tokens=False)["input_ids"] if t not in special]
+            if not ids:
+                raise RequestError(
+                    f"concepts.{i}.name: {variant!r} tokenises to nothing with this model's tokenizer; "
+                    "use the words a prompt would use"
+                )
 
 
 def registered_request(text: str) -> ErasureRequest:

@@ -18,9 +18,9 @@ from erasure.audit.policy import AuditPolicy, judge_verdict, load_policy, parse_
 from erasure.errors import LeakFound, NoVerdict
 from erasure.probes import SEEDS
 from erasure.spec import RequestError, inside_input_root, parse_request, registered_request
-from tasks.jobs import AuditJob, Evaluation, ModelReference
+from tasks.jobs import AuditJob, ModelReference, StageReport
 from tasks.registry import log_audit, resolve, served_reference, start_audit, version_request
-from tasks.stages import run_audit
+from tasks.stages import audit_stage
 from tasks.store import ArtifactError
 
 
@@ -77,12 +77,12 @@ def audit_flow(
             logger.warning("could not record the audit's error in MLflow run %s: %s", run_id, logging_error)
         raise
     attacks_run = result is not None and attacks and bool(policy.attacks)
-    result = result or Evaluation({}, None)
+    result = result or StageReport({}, None)
     log_audit(run_id, name, outcome, reasons, policy, attacks_run, result.metrics, result.summary, result.report_html)
     return _verdict(logger, model, outcome, reasons, seed, run_id, result)
 
 
-def _judge(version, reference, spec, target, label, policy, seed, attacks, workers) -> tuple[str, list[str], Evaluation | None]:
+def _judge(version, reference, spec, target, label, policy, seed, attacks, workers) -> tuple[str, list[str], StageReport | None]:
     """The audit's outcome, its reasons and the worker's result (None when nothing was sampled)."""
     if version is not None:
         try:
@@ -93,7 +93,7 @@ def _judge(version, reference, spec, target, label, policy, seed, attacks, worke
         if failures:  # nothing to sample: the registration itself is not what it claims
             return "failed", failures, None
     try:
-        result = run_audit(AuditJob(spec, target, policy, seed, attacks, label), workers)
+        result = audit_stage(AuditJob(spec, target, policy, seed, attacks, label), workers)
     except ArtifactError as error:
         return "failed", [f"the served artifact does not match its registration: {error}"], None
     except (NoVerdict, RequestError) as error:  # nothing was judged (no judge, one that does not load or
@@ -138,7 +138,7 @@ def audit_policy(settings: dict | None, policy_file: str | None) -> AuditPolicy:
     return load_policy(path if path == BUNDLED_POLICY else inside_input_root(path, "policy_file"))
 
 
-def _verdict(logger, model: str, outcome: str, reasons: list[str], seed: int, run_id: str, result: Evaluation) -> dict:
+def _verdict(logger, model: str, outcome: str, reasons: list[str], seed: int, run_id: str, result: StageReport) -> dict:
     """The audit's result once logged; a failed or inconclusive one is raised, carrying its numbers."""
     flat = {k: v for k, v in result.metrics.items() if isinstance(v, float)}
     logger.info("audit of %s (seed %d): %s %s", model, seed, outcome, json.dumps(flat))

@@ -14,7 +14,7 @@ from tasks.compute import worker_pool
 from tasks.jobs import ConceptJob, EvaluateJob, FuseJob, PriorJob
 from tasks.keys import concept_key, concept_set_hash, model_key, prior_key, request_hash
 from tasks.registry import check_model_name
-from tasks.stages import run_evaluation, run_stage, stage_captions, stage_model_reference, stage_register
+from tasks.stages import evaluation_stage, run_stage, stage_captions, stage_model_reference, stage_register
 from tasks.store import ArtifactError, model_lock, store_from_url, store_settings
 
 
@@ -86,7 +86,8 @@ def _per_worker(ran: list[str], worker_of: dict[str, str]) -> dict[str, int]:
 def _concept_stages(request: ErasureRequest, workers: int, seconds: dict[str, float]) -> dict:
     """The prior and the per-concept stages: the heavy, parallel part. A stage whose artifact is
     already published is not submitted at all (a restore, or a takedown on a large model, runs
-    no task per concept it reuses); the worker checks again, so a race only costs a lookup."""
+    no task per concept it reuses); the worker checks again, so a race only costs a lookup. The
+    prior's job runs whenever a concept will (it checks every concept's name first)."""
     logger = get_run_logger()
     pool = worker_pool(request.model, workers)
     base = pool.fingerprint
@@ -97,8 +98,8 @@ def _concept_stages(request: ErasureRequest, workers: int, seconds: dict[str, fl
     captions = stage_captions(request)
     keys = [concept_key(base, concept, request) for concept in request.concepts]
     missing = [i for i, key in enumerate(keys) if not _published(store, key)]
-    if not _published(store, p_key):
-        run_stage(PriorJob(request.model, p_key, request.preserve, request.fusion, captions), workers)
+    if missing or not _published(store, p_key):  # the prior's job also checks the concepts' names first
+        run_stage(PriorJob(request.model, p_key, request.preserve, request.fusion, captions, request.concepts), workers)
     seconds["prior"] = seconds.get("prior", 0.0) + time.perf_counter() - timer  # with the captions and the lookups
 
     timer = time.perf_counter()
@@ -134,7 +135,7 @@ def _fuse_and_register(
     run_stage(FuseJob(request.model, m_key, p_key, tuple(keys), request.preserve, request.fusion), workers)
     seconds["fuse"] = time.perf_counter() - timer
     timer = time.perf_counter()
-    evaluation = run_evaluation(EvaluateJob(request, m_key), workers) if evaluate else None
+    evaluation = evaluation_stage(EvaluateJob(request, m_key), workers) if evaluate else None
     seconds["evaluate"] = time.perf_counter() - timer
     metrics = {k: v for k, v in (evaluation.metrics if evaluation else {}).items() if isinstance(v, float)}
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from erasure.spec import ErasureRequest, normalise, registered_request
+from erasure.spec import ErasureRequest, normalise
 from flows.erase import run_erasure
 from flows.takedown import ConceptStateError, parent_reference, under_lock
-from tasks.registry import RegisteredVersion, resolve, version_request
+from tasks.registry import RegisteredVersion, resolve, verified_request
 
 
 def remove_concepts(parent: RegisteredVersion, request: ErasureRequest, concepts: list[str]) -> ErasureRequest:
@@ -37,7 +37,7 @@ def restore_flow(model: str, concepts: list[str], workers: int = 1, evaluate: bo
     ``concepts``: names to restore; ``evaluate`` False skips the new version's evaluation."""
     reference = parent_reference(model)
     parent = resolve(reference)
-    request = remove_concepts(parent, registered_request(version_request(parent)), concepts)
+    request = remove_concepts(parent, verified_request(parent), concepts)
     return run_erasure(
         request, parent.name, workers, "restore", parent_version=parent.version,
         parent_base=parent.tags.get("base_fingerprint"),

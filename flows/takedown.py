@@ -17,9 +17,9 @@ from collections.abc import Callable
 from prefect import flow, get_run_logger
 
 from erasure.errors import ErasureError
-from erasure.spec import ConceptSpec, ErasureRequest, normalise, parse_concepts, registered_request
+from erasure.spec import ConceptSpec, ErasureRequest, normalise, parse_concepts
 from flows.erase import Lineage, run_erasure
-from tasks.registry import CANDIDATE, RegisteredVersion, alias_version, is_explicit, resolve, version_request
+from tasks.registry import CANDIDATE, RegisteredVersion, alias_version, is_explicit, resolve, verified_request
 
 
 class ConceptStateError(ErasureError, ValueError):
@@ -46,7 +46,7 @@ def under_lock(
     current = parent if is_explicit(reference) else resolve(reference)
     note = ""
     if current.version != parent.version:
-        request = build(current, registered_request(version_request(current)))
+        request = build(current, verified_request(current))
         note = f"rebased on version {current.version}: {reference} moved from version {parent.version} while this ran"
     candidate = alias_version(parent.name, CANDIDATE)
     if candidate not in (None, current.version):
@@ -87,7 +87,7 @@ def rerun_notice(model: str, concepts: list[dict]) -> str | None:
     down a concept the parent preserves changes the prior (the retained states), and every
     concept's refinement and LoRA were made against that prior. None when only the new concepts run."""
     parent = resolve(parent_reference(model))
-    request = registered_request(version_request(parent))
+    request = verified_request(parent)
     moved = no_longer_preserved(request, parse_concepts(concepts))
     if not moved:
         return None
@@ -105,7 +105,7 @@ def takedown_flow(model: str, concepts: list[dict], workers: int = 1, evaluate: 
     reference = parent_reference(model)
     parent = resolve(reference)
     new = parse_concepts(concepts)
-    parent_request = registered_request(version_request(parent))
+    parent_request = verified_request(parent)
     request = add_concepts(parent, parent_request, new)
     moved = no_longer_preserved(parent_request, new)
     if moved:  # a deployment run's log says it too (the command line says it before the flow starts)

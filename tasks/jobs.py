@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from erasure.audit.policy import AuditPolicy
 from erasure.spec import ConceptSpec, ErasureRequest, FusionSettings, MethodSettings, PreserveSpec
 
 
@@ -60,7 +61,8 @@ class PriorJob:
     preserve: PreserveSpec
     fusion: FusionSettings  # the constrained fusion checks the prior leaves it room
     captions_key: str | None = None  # the caption file as the store holds it (by content hash)
-    stage = "prior"
+    # the request's concepts, checked against the tokenizer once, before any concept's work
+    concepts: tuple[ConceptSpec, ...] = ()
 
     @property
     def label(self) -> str:
@@ -79,7 +81,7 @@ class ConceptJob:
     preserve: PreserveSpec
     fusion: FusionSettings
     seed: int
-    stage = "concept"
+    index: int = 0  # the concept's place in the request (its error messages name concepts.<index>)
 
     @property
     def label(self) -> str:
@@ -95,7 +97,7 @@ class ConceptJob:
     @classmethod
     def of(cls, request: ErasureRequest, index: int, key: str, prior_key: str) -> ConceptJob:
         return cls(request.model, key, prior_key, request.concepts[index], request.method, request.preserve,
-                   request.fusion, request.seed)
+                   request.fusion, request.seed, index)
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,6 @@ class FuseJob:
     concept_keys: tuple[str, ...]
     preserve: PreserveSpec
     fusion: FusionSettings
-    stage = "fuse"
 
     @property
     def label(self) -> str:
@@ -121,7 +122,6 @@ class EvaluateJob:
 
     request: ErasureRequest
     model_key: str | None  # None: the base model itself
-    stage = "evaluate"
 
     @property
     def model(self) -> str:
@@ -140,11 +140,10 @@ class AuditJob:
     # what is audited: a registered version's served model (fetched and checked against its
     # digest), a model folder on the worker, or None for the base model itself
     target: ModelReference | Path | None
-    policy: object  # erasure.audit.policy.AuditPolicy
+    policy: AuditPolicy
     seed: int
     attacks: bool
     target_label: str = ""
-    stage = "audit"
 
     @property
     def model(self) -> str:
@@ -170,7 +169,7 @@ class StageResult:
 
 
 @dataclass
-class Evaluation:
+class StageReport:
     """An evaluation's or an audit's figures: metrics, the audit's summary, the HTML report."""
 
     metrics: dict

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import get_args
 
 from erasure.erase import slug
 from erasure.spec import (
@@ -43,6 +44,15 @@ def prior_key(base_fingerprint: str, request: ErasureRequest) -> str:
     """The prior's key: the base model and what it preserves (retained concepts, the captions' content)."""
     payload = {"stage": "prior", "v": STAGE_VERSIONS["prior"], "base": base_fingerprint, **_preserve_inputs(request)}
     return f"priors/{_digest(payload)}"
+
+
+OBJECTIVES = set(get_args(MethodSettings.model_fields["objective"].annotation))
+_misdeclared = {
+    name: info.json_schema_extra["read_by"] for name, info in MethodSettings.model_fields.items()
+    if info.json_schema_extra and not set(info.json_schema_extra.get("read_by", ())) <= OBJECTIVES
+}
+if _misdeclared:  # a mistyped reader would drop the setting from every key: reused artifacts it changed
+    raise RuntimeError(f"MethodSettings fields read by unknown objectives: {_misdeclared}; objectives: {sorted(OBJECTIVES)}")
 
 
 def _method_inputs(request: ErasureRequest) -> dict:

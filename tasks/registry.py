@@ -36,7 +36,7 @@ from mlflow.tracking import MlflowClient
 from erasure.errors import ErasureError
 from erasure.spec import RequestError
 from tasks.jobs import ModelReference
-from tasks.state import private_dir, state_dir
+from tasks.state import private_dir, state_dir, without_password
 
 CANDIDATE, PRODUCTION = "candidate", "production"
 STATUS_TAG, READY, PENDING = "erasure.status", "ready", "pending"
@@ -69,7 +69,7 @@ class RegistryError(ErasureError, RuntimeError):
 
 def tracking_uri() -> str:
     """The tracking URI as messages may show it: a password in it is replaced by ``***``."""
-    return re.sub(r"(//[^/:@]*:)[^/@]*@", r"\1***@", mlflow.get_tracking_uri())
+    return without_password(mlflow.get_tracking_uri())
 
 
 def experiment(name: str) -> str:
@@ -306,6 +306,30 @@ def version_request(version: RegisteredVersion) -> str:
     with _mlflow(f"reading the request of {version.name} version {version.version}"), tempfile.TemporaryDirectory() as folder:
         path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="request.json", dst_path=folder)
         return Path(path).read_text()
+
+
+def verified_request(version: RegisteredVersion):
+    """The request a version was registered with, checked against what the version serves: the
+    request hash and model key recorded in its own logged pyfunc. A ``request.json`` or a
+    ``model_key`` tag edited after registration is refused: a takedown or restore must never
+    rebuild a model from a request someone changed (it could drop an erased concept)."""
+    from erasure.spec import registered_request
+    from tasks.keys import request_hash
+
+    request = registered_request(version_request(version))
+    served = served_reference(version)
+    what = f"{version.name} version {version.version}"
+    if served.request_hash and request_hash(request) != served.request_hash:
+        raise RequestError(
+            f"{what}: its request.json is not the request it was registered with (hash {request_hash(request)}, "
+            f"registered {served.request_hash}); it was edited after registration. Build on another version"
+        )
+    if version.tags.get("model_key") != served.model_key:
+        raise RequestError(
+            f"{what}: its model_key tag ({version.tags.get('model_key')}) is not the model it serves "
+            f"({served.model_key}); its tags were edited after registration. Build on another version"
+        )
+    return request
 
 
 def served_reference(version: RegisteredVersion) -> ModelReference:

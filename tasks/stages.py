@@ -1,4 +1,5 @@
-"""Prefect tasks: each stage of a flow, run on the Ray worker pool; they return small values (keys, metrics).
+"""Prefect tasks: each stage of a flow, run on the Ray worker pool; they take a typed job and return a
+small typed result (``tasks.jobs``): keys, seconds, metrics. Big data stays in the artifact store.
 
 Retries are declared on the decorators: a stage that lost its worker or met a
 storage hiccup runs again, and finds whatever it had already published.
@@ -11,7 +12,7 @@ from prefect import task
 from erasure.errors import ErasureError
 from erasure.spec import ErasureRequest
 from tasks.compute import worker_pool
-from tasks.jobs import Evaluation, Job, ModelReference, StageResult
+from tasks.jobs import Job, ModelReference, StageReport, StageResult
 
 
 def retry_helps(task, task_run, state) -> bool:
@@ -51,16 +52,16 @@ def stage_captions(request: ErasureRequest) -> str | None:
 
 
 @task(name="stage", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_helps, task_run_name="{job.label}")
-def run_stage(job: Job, workers: int, device: str | None = None) -> StageResult | Evaluation | None:
+def run_stage(job: Job, workers: int, device: str | None = None) -> StageResult | StageReport | None:
     """One model-bound stage (``tasks.jobs``) on the process's worker pool, on whichever actor is idle."""
     return worker_pool(job.model, workers, device).run(job)
 
 
 # a lost worker is already replaced by the pool, and evaluation is only a report: one retry
-run_evaluation = run_stage.with_options(name="evaluate", retries=1)
+evaluation_stage = run_stage.with_options(name="evaluate", retries=1)
 # no retries: a judge missing or an artifact that fails its checksum would only fail again, and the
 # next scheduled audit is the retry
-run_audit = run_stage.with_options(name="audit", retries=0)
+audit_stage = run_stage.with_options(name="audit", retries=0)
 
 
 @task(name="model-reference", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_helps)

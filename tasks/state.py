@@ -10,6 +10,7 @@ with mode 0700: nothing in it is meant for other users of the machine.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -48,3 +49,8 @@ def env_seconds(variable: str, default: float) -> float:
     if value <= 0:
         raise ValueError(f"{variable}={text!r} must be positive")
     return value
+
+
+def without_password(url: str) -> str:
+    """``url`` as a message may show it: a password in it (``scheme://user:password@host``) becomes ``***``."""
+    return re.sub(r"(//[^/:@]*:)[^/@]*@", r"\1***@", url)

@@ -34,7 +34,7 @@ from typing import Protocol
 
 from erasure.errors import ErasureError
 from tasks.locks import WAIT_S, S3Lock, file_lock, safe_name
-from tasks.state import env_seconds, private_dir, state_dir
+from tasks.state import env_seconds, private_dir, state_dir, without_password
 
 MANIFEST = "_manifest.json"
 _PUBLISH_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -269,7 +269,8 @@ class S3Store:
         from botocore.config import Config
 
         self.bucket, self.prefix = bucket, prefix.strip("/")
-        self.url = f"s3://{bucket}/{self.prefix}" + (f" at {endpoint_url}" if endpoint_url else "")
+        # the URL names the store in messages and in registered versions: never a password in an endpoint
+        self.url = f"s3://{bucket}/{self.prefix}" + (f" at {without_password(endpoint_url)}" if endpoint_url else "")
         # credentials come from the environment or profile (never from our config, never logged)
         self.client = client or boto3.client(
             "s3",

@@ -22,16 +22,16 @@ from erasure.artifacts import PRIOR_FILE, ConceptArtifact, load_concept, load_pr
 from erasure.diffusion.models import fingerprint, save_components
 from erasure.erase import base_prior, erase_concept, fuse, prepare_request, with_weights
 from erasure.loading import load_components
-from erasure.spec import ErasureRequest
+from erasure.spec import ErasureRequest, check_concepts_against_tokenizer
 from tasks.jobs import (
     AuditJob,
     ConceptJob,
     EvaluateJob,
-    Evaluation,
     FuseJob,
     Job,
     ModelReference,
     PriorJob,
+    StageReport,
     StageResult,
 )
 from tasks.keys import CAPTIONS_FILE
@@ -59,7 +59,7 @@ class ConceptWorker:
         """What the pool checks before giving this worker work: the base model it holds, and where."""
         return {"fingerprint": self.base_fingerprint, "host": socket.gethostname(), "pid": os.getpid(), "device": self.device}
 
-    def run(self, job: Job) -> StageResult | Evaluation | None:
+    def run(self, job: Job) -> StageResult | StageReport | None:
         """Run one stage's job (``tasks.jobs``) on this worker's model."""
         handlers = {PriorJob: self._prior, ConceptJob: self._concept, FuseJob: self._fuse,
                     EvaluateJob: self._evaluate, AuditJob: self._audit}
@@ -74,6 +74,9 @@ class ConceptWorker:
 
     def _prior(self, job: PriorJob) -> StageResult:
         """Publish the base prior's statistics under the job's key (skipped if published)."""
+        # the request's concepts are checked even when the prior is reused: a takedown's new names
+        # must fail here, before any concept's work, not in their own jobs beside the others
+        check_concepts_against_tokenizer(job.concepts, self.components.tokenizer)
         if self.store.exists(job.key):
             return StageResult(job.key, reused=True)
         started = time.perf_counter()
@@ -94,7 +97,7 @@ class ConceptWorker:
         """Run every per-concept stage of the job's concept and publish it under its key."""
         if self.store.exists(job.key):
             return StageResult(job.key, reused=True)
-        request = self._prepared(job.request())  # one concept checked, not the whole request
+        request = prepare_request(job.request(), self.components, job.index)  # one concept checked, not the whole request
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
             prior = load_prior(self.store.fetch(job.prior_key, Path(folder) / "prior") / PRIOR_FILE)
@@ -128,7 +131,7 @@ class ConceptWorker:
             shutil.rmtree(folder / f"c{i}", ignore_errors=True)
             yield artifact
 
-    def _evaluate(self, job: EvaluateJob) -> Evaluation | None:
+    def _evaluate(self, job: EvaluateJob) -> StageReport | None:
         """Metrics and HTML report of a published erased model (``model_key``), or of the base
         model itself (None); None when the base model has no judge."""
         from erasure.evaluation.evaluate import evaluate_request, evaluation_json, has_judge
@@ -141,9 +144,9 @@ class ConceptWorker:
             model = self.store.fetch(job.model_key, Path(folder) / "model") if job.model_key else self.components
             result = evaluate_request(model, request, device=self.device, base_components=self.components)
             report = write_report(result, Path(folder) / "report.html", title=f"Erasure report: {job.model_key or self.model}")
-            return Evaluation(evaluation_json(result), report.read_text())
+            return StageReport(evaluation_json(result), report.read_text())
 
-    def _audit(self, job: AuditJob) -> Evaluation:
+    def _audit(self, job: AuditJob) -> StageReport:
         """A compliance audit of the job's target against this worker's base model (``AuditJob``)."""
         from erasure.audit.run import run_audit
         from erasure.evaluation.evaluate import evaluation_json
@@ -162,4 +165,4 @@ class ConceptWorker:
             result = run_audit(model, self.components, request, job.policy, job.seed, attacks=job.attacks, device=self.device)
             title = f"Audit of {job.target_label or self.model} (seed {job.seed})"
             report = write_report(result.evaluation, Path(folder) / "report.html", title=title, attacks=result.attack_images)
-            return Evaluation(evaluation_json(result.evaluation), report.read_text(), result.summary())
+            return StageReport(evaluation_json(result.evaluation), report.read_text(), result.summary())

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -9,10 +10,13 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+TESTS = Path(__file__).resolve().parent
+
+
 def pytest_collection_modifyitems(items):
     """A test's tier by where it lives: every test in tests/integration/ is an integration test."""
     for item in items:
-        if "integration" in item.path.parts:
+        if item.path.relative_to(TESTS).parts[0] == "integration":
             item.add_marker(pytest.mark.integration)
 
 

@@ -31,7 +31,7 @@ def test_a_judge_that_does_not_load_is_an_inconclusive_audit_run_not_an_escaped_
 
     monkeypatch.setattr(audit_module, "get_run_logger", lambda: logging.getLogger("audit-test"))
     # the worker's audit, in this process; it loads the judge before it samples anything
-    monkeypatch.setattr(audit_module, "run_audit", lambda job, workers: run_audit(None, None, job.request, job.policy, job.seed))
+    monkeypatch.setattr(audit_module, "audit_stage", lambda job, workers: run_audit(None, None, job.request, job.policy, job.seed))
     policy = {"judges": {"object": {"entry_point": "my_judges:make"}}, "attacks": []}
     with pytest.raises(audit_module.AuditInconclusive, match="not allowed here") as caught:
         audit_module.audit_flow.fn(REQUEST["model"], policy, request=REQUEST)
@@ -75,7 +75,7 @@ def test_an_audit_that_crashes_is_recorded_as_an_error_and_the_crash_still_reach
     def crash(*args):
         raise MemoryError("the worker ran out of memory")
 
-    monkeypatch.setattr(audit_module, "run_audit", crash)
+    monkeypatch.setattr(audit_module, "audit_stage", crash)
     with pytest.raises(MemoryError):
         audit_module.audit_flow.fn(REQUEST["model"], {"attacks": []}, request=REQUEST)
     run = MlflowClient().get_run(started[0])

@@ -290,7 +290,7 @@ def test_a_product_error_on_a_worker_reaches_the_caller_as_itself_with_the_worke
 def test_stages_are_retried_only_where_a_rerun_can_succeed():
     from prefect.states import Failed
 
-    from erasure.evaluation.evaluate import NoJudgeError
+    from erasure.errors import NoJudgeError
     from tasks.compute import WorkerLost
     from tasks.registry import RegistryError
     from tasks.stages import retry_helps
@@ -298,3 +298,59 @@ def test_stages_are_retried_only_where_a_rerun_can_succeed():
     for error, retried in ((RequestError("bad"), False), (NoJudgeError("none"), False), (WorkerLost("lost"), True),
                            (RegistryError("down"), True), (OSError("disk"), True)):
         assert retry_helps(None, None, Failed(data=error)) is retried, error
+
+
+def test_the_jobs_on_a_real_worker_make_what_one_process_makes_checking_each_concept_once(tmp_path, monkeypatch):
+    """Prior -> concept -> fuse as the flow runs them (one typed job each) give the weights that
+    ``run_stages`` gives in one process; the tokenizer sees each concept once per stage that reads
+    it (the prior's check and its own job), not once per concept per job."""
+    import erasure.spec
+    from erasure.artifacts import PRIOR_FILE, load_prior  # noqa: F401 (the worker's format)
+    from erasure.diffusion.models import load_folder
+    from erasure.erase import run_stages
+    from erasure.loading import load_components
+    from tasks.jobs import FuseJob
+    from tasks.worker import ConceptWorker
+
+    request = parse_request({
+        "model": "builtin:tiny", "fusion": TINY_FUSION, "preserve": {"concepts": ["tree"]},
+        "concepts": [{"name": n, "anchor": "house"} for n in ("cat", "dog", "car")],
+        "method": {"images_per_concept": 1, "sampler_steps": 2, "lora_steps": 2, "prompts_per_concept": 4},
+    })
+    checked = []
+    real_check = erasure.spec.check_concepts_against_tokenizer
+
+    def counting(concepts, tokenizer, first_index=0):
+        checked.extend(c.name for c in concepts)
+        return real_check(concepts, tokenizer, first_index)
+
+    import tasks.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "check_concepts_against_tokenizer", counting)
+    monkeypatch.setattr(erasure.spec, "check_concepts_against_tokenizer", counting)
+    worker = ConceptWorker("builtin:tiny", str(tmp_path / "store"), device="cpu", threads=1)
+    worker.run(PriorJob("builtin:tiny", "priors/p", request.preserve, request.fusion, None, request.concepts))
+    keys = [f"concepts/c{i}" for i in range(3)]
+    results = [worker.run(ConceptJob.of(request, i, keys[i], "priors/p")) for i in range(3)]
+    assert [r.reused for r in results] == [False] * 3 and all(r.summary for r in results)
+    assert sorted(checked) == sorted(["cat", "dog", "car"] * 2)
+    worker.run(FuseJob("builtin:tiny", "models/m", "priors/p", tuple(keys), request.preserve, request.fusion))
+
+    fused = load_folder(tmp_path / "store" / "models" / "m").unet.state_dict()
+    base = load_components("builtin:tiny").unet.state_dict()
+    expected = run_stages(load_components("builtin:tiny"), request).weights
+    assert max(float((fused[f"{n}.weight"] - base[f"{n}.weight"]).abs().max()) for n in expected) > 1e-4  # an edit happened
+    for name, weight in expected.items():
+        assert (fused[f"{name}.weight"] - weight.to(fused[f"{name}.weight"].dtype)).abs().max() < 1e-6, name
+
+
+def test_a_concept_that_tokenises_to_nothing_is_named_by_its_place_in_the_request(tmp_path):
+    from tasks.worker import ConceptWorker
+
+    request = parse_request({"model": "builtin:tiny", "fusion": TINY_FUSION,
+                             "concepts": [{"name": "cat", "anchor": "house"}, {"name": "<|endoftext|>", "anchor": "house"}]})
+    worker = ConceptWorker("builtin:tiny", str(tmp_path / "store"), device="cpu", threads=1)
+    with pytest.raises(RequestError, match=r"concepts\.1\.name"):
+        worker.run(PriorJob("builtin:tiny", "priors/p", request.preserve, request.fusion, None, request.concepts))
+    with pytest.raises(RequestError, match=r"concepts\.1\.name"):
+        worker.run(ConceptJob.of(request, 1, "concepts/x", "priors/p"))

@@ -59,14 +59,14 @@ def test_a_version_registered_without_evaluation_skips_only_the_evaluation(monke
     from erasure.spec import parse_request
 
     calls = []
-    from tasks.jobs import Evaluation, FuseJob
+    from tasks.jobs import FuseJob, StageReport
 
     def run_stage(job, workers):
         assert isinstance(job, FuseJob) and job.concept_keys == ("concepts/c",)
         calls.append("fuse")
 
     monkeypatch.setattr(erase_module, "run_stage", run_stage)
-    monkeypatch.setattr(erase_module, "run_evaluation", lambda job, workers: calls.append("evaluate") or Evaluation({"acc_e": 0.1}, "<html>"))
+    monkeypatch.setattr(erase_module, "evaluation_stage", lambda job, workers: calls.append("evaluate") or StageReport({"acc_e": 0.1}, "<html>"))
     monkeypatch.setattr(erase_module, "stage_model_reference", lambda key: {"model_key": key})
     registered = {}
 
@@ -127,7 +127,9 @@ def test_published_concepts_submit_no_task(monkeypatch):
     monkeypatch.setattr(erase_module, "run_stage", run_stage)
     seconds = {}
     stages = erase_module._concept_stages(request, 1, seconds)
-    assert submitted == ["dog"] and priors == []  # only "dog" was missing; the prior was published
+    assert submitted == ["dog"]  # only "dog" was missing
+    # the prior was published: its job runs only to check the concepts' names before any concept's work
+    assert [job.concepts for job in priors] == [request.concepts]
     assert stages["ran"] == [concept_key(base, request.concepts[1], request)] and stages["worker_of"] == {concept_key(base, request.concepts[1], request): "host:1"}
     assert len(stages["keys"]) == 3 and set(seconds) == {"prior", "concepts"}
 
@@ -170,7 +172,7 @@ def test_a_takedown_of_a_preserved_concept_says_before_it_starts_that_every_conc
     request = parse_request({"concepts": [{"name": "red", "anchor": "white"}, {"name": "circle", "anchor": "square"}],
                              "preserve": {"concepts": ["blue", "green"]}})
     monkeypatch.setattr(flows.takedown, "resolve", lambda reference: parent)
-    monkeypatch.setattr(flows.takedown, "version_request", lambda version: request.model_dump_json())
+    monkeypatch.setattr(flows.takedown, "verified_request", lambda version: request)
     order = []
     monkeypatch.setattr(cli.pipeline, "warn", lambda messages: order.extend(f"warned: {m}" for m in messages))
     monkeypatch.setattr(cli.pipeline, "_warm_pool_for", lambda *args: order.append("workers"))

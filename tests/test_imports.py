@@ -81,7 +81,7 @@ def test_no_import_cycle_among_the_projects_modules_lazy_imports_included():
         if node not in state:
             visit(node)
     assert cycles == []
-    assert len(modules) > 50 and graph["erasure.loading"] >= {"erasure.worlds.registry", "erasure.diffusion.models"}
+    assert len(modules) > 50 and graph["erasure.loading"] >= {"erasure.worlds.builtins", "erasure.diffusion.models"}
 
 
 def test_the_science_imports_no_orchestration_anywhere_in_it():
@@ -113,3 +113,41 @@ def test_versions_registered_before_the_sub_packages_still_serve():
 
     assert (load_components, sampling_defaults, sample) == (current_load, current_defaults, current_sample)
     assert load_components("builtin:tiny").unet is not None
+
+
+# the layers of erasure/, lowest first (docs/architecture.md): a module imports only from its own
+# layer or the ones below it
+LAYERS = [
+    ("erasure", "erasure.errors", "erasure.spec", "erasure.probes"),
+    ("erasure.core",),
+    ("erasure.diffusion",),
+    ("erasure.methods", "erasure.artifacts"),
+    ("erasure.worlds",),
+    ("erasure.loading",),
+    ("erasure.evaluation",),
+    ("erasure.audit",),
+    ("erasure.erase",),
+    ("erasure.models", "erasure.sampling"),  # the shims older registered versions import
+]
+
+
+def _layer(module: str) -> int:
+    best = None
+    for rank, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if module == prefix or (prefix != "erasure" and module.startswith(prefix + ".")):
+                best = rank
+    return 0 if best is None and module == "erasure" else best
+
+
+def test_the_science_imports_only_from_its_own_layer_or_below():
+    modules = _modules()
+    science = {name: path for name, path in modules.items() if name.split(".")[0] == "erasure"}
+    assert all(_layer(name) is not None for name in science), [n for n in science if _layer(n) is None]
+    upward = sorted(
+        f"{name} ({_layer(name)}) imports {target} ({_layer(target)})"
+        for name, path in science.items()
+        for target in _imports(path, modules)
+        if target in science and _layer(target) > _layer(name)
+    )
+    assert upward == []

@@ -6,7 +6,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from erasure.diffusion.sampling import from_pil
-from erasure.evaluation.evaluate import NoJudgeError
+from erasure.errors import NoJudgeError
 from erasure.evaluation.judges import (
     ATTACK_THRESHOLD,
     COUNT_THRESHOLD,
@@ -366,7 +366,7 @@ def test_entry_point_judges_load_from_a_module_with_options(tmp_path, monkeypatc
 def test_the_policys_judges_share_one_clip_model_across_kinds_and_refuse_an_uncalibratable_one(clip_folder, monkeypatch):
     from erasure.audit.policy import AuditPolicy
     from erasure.audit.run import audit_probes_and_judge
-    from erasure.evaluation.evaluate import NoJudgeError
+    from erasure.errors import NoJudgeError
     from erasure.spec import parse_request
 
     request = parse_request({

@@ -163,7 +163,7 @@ def test_a_users_probe_file_is_read_and_bad_lines_are_named(tmp_path):
 
 def test_a_real_model_without_a_judge_for_a_kind_says_how_to_configure_one():
     from erasure.audit.run import audit_probes_and_judge
-    from erasure.evaluation.evaluate import NoJudgeError
+    from erasure.errors import NoJudgeError
 
     request = parse_request({"model": "CompVis/stable-diffusion-v1-4", "concepts": [{"name": "nudity", "kind": "explicit"}]})
     with pytest.raises(NoJudgeError, match=r"explicit.*judges.*nudenet: true"):

@@ -285,3 +285,19 @@ def test_deleting_an_audit_run_or_its_experiment_hides_nothing_from_promotion(re
     client.delete_experiment(client.get_experiment_by_name("erasure/m").experiment_id)
     with pytest.raises(RegistryError, match="experiment erasure/m is deleted.*restore it"):
         registry.version_audits("m", version.version, policy.digest(), reference.sha256)
+
+
+def test_a_version_whose_request_json_was_edited_is_never_built_upon(reference):
+    """takedown and restore read the parent's request.json; one edited after registration (a
+    concept deleted from it, say) must not become the next version's request."""
+    from mlflow.tracking import MlflowClient
+
+    from erasure.spec import RequestError
+    from tasks.registry import resolve, verified_request
+
+    register(reference, concepts=("cat", "dog"))
+    version = resolve("m/1")
+    assert [c.name for c in verified_request(version).concepts] == ["cat", "dog"]
+    MlflowClient().log_text(version.run_id, request_of(("cat",)).model_dump_json(), "request.json")
+    with pytest.raises(RequestError, match="request.json is not the request it was registered with"):
+        verified_request(resolve("m/1"))

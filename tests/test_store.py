@@ -406,3 +406,8 @@ def test_a_holder_whose_renewals_hang_knows_its_lease_lapsed():
 def test_s3_lock_refuses_an_endpoint_that_ignores_conditional_writes():
     with pytest.raises(LockError, match="ignores conditional writes"):
         S3Lock(FakeS3(conditional=False), "bucket", "locks/m", wait_s=1).acquire()
+
+
+def test_an_s3_endpoint_with_a_password_in_it_never_shows_the_password():
+    store = S3Store("bucket", "prefix", endpoint_url="http://alice:s3cr3t@127.0.0.1:9000", client=object())
+    assert "s3cr3t" not in store.url and "alice:***@127.0.0.1:9000" in store.url

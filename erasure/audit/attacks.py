@@ -37,6 +37,7 @@ from erasure.core.prompts import fill
 from erasure.core.text import encode, encoder_states, tokenize
 from erasure.diffusion.sampling import encode_images, predicted_noise, sample, sample_from_states
 from erasure.methods.mining import candidate_words, word_position
+from erasure.spec import RequestError
 
 # Prefix search scores every candidate (a word, or a pair of words) one by one up to this many;
 # beyond it, it searches by straight-through gradients. 4096 candidates at 8 draws each is about
@@ -288,7 +289,7 @@ def concept_inversion(
 def _initial_embedding(components, words: str) -> torch.Tensor:
     ids = _token_ids(components.tokenizer, words)
     if not ids:
-        raise ValueError(f"initializer {words!r} has no tokens: give a word, e.g. the concept's anchor")
+        raise RequestError(f"initializer {words!r} has no tokens: give a word, e.g. the concept's anchor")
     table = components.text_encoder.get_input_embeddings().weight
     return table[ids].detach().float().mean(dim=0)  # float32 whatever the encoder's dtype: Adam steps on it
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from erasure.audit.policy import MIN_GUIDANCE_SCALE, MIN_SAMPLER_STEPS, AuditPolicy, wilson_interval
-from erasure.evaluation.evaluate import Evaluation, NoJudgeError, evaluate
+from erasure.errors import NoJudgeError
+from erasure.evaluation.evaluate import Evaluation, evaluate
 from erasure.probes import SEEDS, Probe, with_drawn_seeds
 from erasure.spec import CONCEPT_KINDS, ErasureRequest, RequestError, inside_input_root, normalise, printable_text
 
@@ -185,7 +186,7 @@ def deployment_judge(request: ErasureRequest, policy: AuditPolicy, probes: list[
 def audit_probes_and_judge(request: ErasureRequest, policy: AuditPolicy, seed: int, device: str = "cpu"):
     """Probes and judge of an audit: a built-in world's own (held-out probes), else the policy's
     judges on held-out templates and the policy's probe file."""
-    from erasure.worlds.registry import find_builtin
+    from erasure.worlds.builtins import find_builtin
 
     builtin = find_builtin(request.model)
     if builtin is not None:

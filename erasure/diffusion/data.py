@@ -15,7 +15,7 @@ import torch
 from erasure.core.prompts import GENERATION_TEMPLATES, fill
 from erasure.core.text import align_tokens, tokenize
 from erasure.diffusion.sampling import sample
-from erasure.spec import ConceptSpec, MethodSettings
+from erasure.spec import ConceptSpec, MethodSettings, RequestError
 
 
 @dataclass
@@ -32,7 +32,7 @@ def concept_token_span(tokenizer, prompt: str, concept: str, anchor: str) -> tup
     ids, lengths = tokenize(tokenizer, [prompt, prompt.replace(concept, anchor, 1)])
     alignment = align_tokens(ids[0].tolist(), int(lengths[0]), ids[1].tolist(), int(lengths[1]))
     if not alignment.concept_span:
-        raise ValueError(f"the concept {concept!r} was cut off in {prompt!r} by the tokenizer's length limit")
+        raise RequestError(f"the concept {concept!r} was cut off in {prompt!r} by the tokenizer's length limit")
     return alignment.concept_span
 
 

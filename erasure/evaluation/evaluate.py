@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from erasure.diffusion.sampling import sample
-from erasure.errors import NoVerdict
+from erasure.errors import NoJudgeError
 from erasure.evaluation.metrics import harmonic_o, pixel_drift, unconditional_drift
 
 
@@ -100,13 +100,9 @@ def evaluate(
     )
 
 
-class NoJudgeError(NoVerdict, ValueError):
-    """The base model has no judge: nothing can say whether its images show a concept."""
-
-
 def has_judge(model: str) -> bool:
     """Whether ``model`` is a built-in model whose world has a judge (only those are evaluated after a run)."""
-    from erasure.worlds.registry import find_builtin
+    from erasure.worlds.builtins import find_builtin
 
     try:
         builtin = find_builtin(model)
@@ -116,9 +112,9 @@ def has_judge(model: str) -> bool:
 
 
 def probes_and_judge(request, base: str | None = None):
-    """The probes and the judge of the base model's world (``erasure.worlds.registry``)."""
+    """The probes and the judge of the base model's world (``erasure.worlds.builtins``)."""
     from erasure.spec import builtin_names
-    from erasure.worlds.registry import find_builtin
+    from erasure.worlds.builtins import find_builtin
 
     base = base or request.model
     builtin = find_builtin(base) if has_judge(base) else None

@@ -35,8 +35,9 @@ import torch
 from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer
 
 from erasure.diffusion.sampling import to_pil
-from erasure.errors import NoVerdict
+from erasure.errors import NoJudgeError, NoVerdict
 from erasure.probes import Probe
+from erasure.spec import RequestError
 
 
 class JudgeLoadError(NoVerdict, ValueError):
@@ -266,7 +267,7 @@ class ClipJudge:
         kinds = {probes[i].concept: probes[i].kind for i in chosen}
         concepts = list(kinds)
         if len(concepts) < 2:
-            raise ValueError(
+            raise RequestError(
                 f"calibrating the CLIP judge needs base-model images of at least two distinct concepts "
                 f"(probes of groups {', '.join(CALIBRATION_GROUPS)}); got {concepts or 'none'}: "
                 "list retained concepts to preserve"
@@ -401,7 +402,6 @@ class KindJudge:
 
     def _by_judge(self, probes: list[Probe]) -> dict[int, tuple[object, list[int], list[str]]]:
         """id(judge) -> (judge, probe indices, kinds) for every judge the probes need."""
-        from erasure.evaluation.evaluate import NoJudgeError  # here: evaluate may come to import this module
 
         missing = sorted({p.kind for p in probes} - set(self.judges))
         if missing:

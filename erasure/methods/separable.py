@@ -68,7 +68,7 @@ def empty_prompt_null_basis(components) -> torch.Tensor:
     rank = int((singular > 1e-9 * singular.max()).sum())
     basis = vh[rank:].contiguous()
     if not len(basis):
-        raise ValueError(
+        raise RequestError(
             "the empty prompt's text states span the whole text space: there is no direction SepME's increment "
             "could use without moving the unconditional prediction"
         )
