@@ -29,14 +29,15 @@ At fusion (``separable_weights``) each increment is projected once more, on the 
 the prior and of the other concepts' states: that is where SepME's separability comes from,
 and doing it at fusion keeps a concept's artifact independent of the other concepts.
 
-Settings: ``lr = 0.1`` is the paper's; ``scale`` is 1e-3, not the paper's 1e-4 (which was
+Settings (a request's ``method.separable_lr``, ``separable_scale``, ``separable_l1``,
+``separable_stop_below``): ``lr = 0.1`` is the paper's; ``scale`` is 1e-3, not the paper's 1e-4 (which was
 chosen for SD). Within our step budget (``method.lora_steps``, 50 by default) 1e-4 hardly moves
 anything: on ``builtin:toyworld``, 50 steps changed the concept prompts' K/V by 1.3% and
 lowered the decorrelation loss on fixed noise by 2%; 1e-3 changed them by 25% and lowered
 it by 39%, the empty prompt's K/V untouched to 1e-8; 1e-2 overshot (the guidance direction
 reversed, the conditional prediction moved by 5x the guidance's size). Each entry of
 ``alpha`` moves by about ``lr`` per Adam step, so ``dW``'s left factor by about
-``lr * scale``; on SD, start from the paper's ``scale = 1e-4``.
+``lr * scale``; on SD, start from the paper's ``method.separable_scale: 1e-4``.
 """
 
 from __future__ import annotations
