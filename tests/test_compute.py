@@ -25,7 +25,7 @@ REQUEST = parse_request({"model": "builtin:tiny", "concepts": [{"name": n, "anch
 class FakeWorker:
     """ConceptWorker's interface, no model. ``model`` names a file holding the base fingerprint
     (read at start-up); a key ``sleep:S`` makes the stage take S seconds; ``hold:PATH`` creates
-    PATH.started, then runs until PATH exists (at most 120 s)."""
+    PATH.started, then runs until PATH exists and does not name this process's pid (at most 120 s)."""
 
     def __init__(self, model, store_url, s3_endpoint=None, device=None, threads=None):
         self.base = Path(model).read_text()
@@ -41,7 +41,8 @@ class FakeWorker:
             release = Path(key.split(":", 1)[1])
             Path(f"{release}.started").touch()
             deadline = time.time() + 120
-            while not release.exists() and time.time() < deadline:
+            # a release naming this process's pid does not release it (the actor about to be killed)
+            while not (release.exists() and release.read_text() != str(os.getpid())) and time.time() < deadline:
                 time.sleep(0.05)
         return {"key": key, "reused": False, "pid": os.getpid(), **extra}
 
@@ -151,8 +152,8 @@ def test_actor_killed_mid_stage_reruns_the_stage_on_a_new_actor(base, tmp_path):
         while not Path(f"{release}.started").exists():  # killed mid-stage, whenever the stage starts
             assert not running.done(), running.result()
             time.sleep(0.05)
+        release.write_text(str(first))  # the victim never finishes the stage; a new actor does at once
         ray.kill(victim)
-        release.touch()  # the rerun on the new actor finishes at once
         result = running.result()
     assert result["pid"] != first and result["concept"] == "cat"
 
