@@ -73,16 +73,13 @@ def generate(
     device: str = typer.Option(None, help="torch device (default: cuda if available, else cpu)."),
 ) -> None:
     """Sample images from a base or erased model."""
-    from erasure.diffusion.models import sampling_defaults
+    from erasure.diffusion.models import sampler_settings
     from erasure.diffusion.sampling import sample, to_pil
     from erasure.loading import load_components
 
     components = report_errors(lambda: load_components(model, device_or_default(device)))
-    defaults = sampling_defaults(components)
-    images, _ = sample(
-        components, list(prompts), [seed + i for i in range(len(prompts))],
-        steps=steps or defaults["sampler_steps"], guidance_scale=guidance or defaults["guidance_scale"],
-    )
+    steps, guidance = sampler_settings(components, steps, guidance)
+    images, _ = sample(components, list(prompts), [seed + i for i in range(len(prompts))], steps=steps, guidance_scale=guidance)
     out.mkdir(parents=True, exist_ok=True)
     for i, (prompt, image) in enumerate(zip(prompts, images)):
         path = out / f"{i:03d}.png"

@@ -45,7 +45,7 @@ from erasure.core.prompts import augmented_pairs, preserve_prompts
 from erasure.core.text import align_tokens, encode, tokenize
 from erasure.diffusion.data import ConceptData, generate_concept_data
 from erasure.diffusion.lora import train_concept_lora
-from erasure.diffusion.models import Components, fingerprint, sampling_defaults, save_components
+from erasure.diffusion.models import Components, fingerprint, sampler_settings, save_components
 from erasure.loading import load_components
 from erasure.methods.alternative import train_alternative_lora
 from erasure.methods.fusion import FusableConcept, editable_projector, fuse, fusion_prior  # noqa: F401 (FusableConcept: re-exported)
@@ -81,10 +81,8 @@ def concept_seed(seed: int, concept: ConceptSpec) -> int:
 
 def with_model_sampling(request: ErasureRequest, components: Components) -> ErasureRequest:
     """Fill unset sampler steps / guidance scale with the model's own (else the paper's)."""
-    defaults = sampling_defaults(components)
-    method = request.method.model_copy(
-        update={k: defaults[k] for k in ("sampler_steps", "guidance_scale") if getattr(request.method, k) is None}
-    )
+    steps, guidance = sampler_settings(components, request.method.sampler_steps, request.method.guidance_scale)
+    method = request.method.model_copy(update={"sampler_steps": steps, "guidance_scale": guidance})
     return request.model_copy(update={"method": method})
 
 

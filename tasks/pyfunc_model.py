@@ -47,7 +47,7 @@ class ErasedPipelineModel(PythonModel):
     def predict(self, context, model_input, params=None):
         import numpy as np
 
-        from erasure.diffusion.models import sampling_defaults
+        from erasure.diffusion.models import sampler_settings
         from erasure.diffusion.sampling import sample
         from erasure.spec import MAX_PROMPT_CHARS, MAX_SEED, printable_text
 
@@ -66,9 +66,8 @@ class ErasedPipelineModel(PythonModel):
                 raise ValueError(f"prompt {i}: {error}") from None
         if any(not 0 <= seed <= MAX_SEED for seed in seeds):
             raise ValueError(f"seeds must lie in 0..{MAX_SEED}")
-        defaults = sampling_defaults(self.components)
         # sample() draws in batches of 16: memory stays bounded whatever the call's size
-        images, _ = sample(self.components, prompts, seeds, defaults["sampler_steps"], defaults["guidance_scale"])
+        images, _ = sample(self.components, prompts, seeds, *sampler_settings(self.components))
         return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 

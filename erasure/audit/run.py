@@ -208,12 +208,11 @@ def audit_probes_and_judge(request: ErasureRequest, policy: AuditPolicy, seed: i
 def sampler_settings(policy: AuditPolicy, base_components) -> tuple[int, float]:
     """The policy's steps and guidance, else the base model's own defaults (never the request's),
     held to the policy's floors either way: a model folder cannot ask to be audited at 1 step."""
-    from erasure.diffusion.models import sampling_defaults
+    from erasure.diffusion import models
 
-    defaults = sampling_defaults(base_components)
-    steps = policy.sampler_steps or max(MIN_SAMPLER_STEPS, defaults["sampler_steps"])
-    guidance = policy.guidance_scale or max(MIN_GUIDANCE_SCALE, defaults["guidance_scale"])
-    return steps, guidance
+    # a policy's own values already respect the floors (validated), so max() changes only the model's
+    steps, guidance = models.sampler_settings(base_components, policy.sampler_steps, policy.guidance_scale)
+    return max(MIN_SAMPLER_STEPS, steps), max(MIN_GUIDANCE_SCALE, guidance)
 
 
 def run_audit(

@@ -213,6 +213,13 @@ def sampling_defaults(components: Components) -> dict:
     return SamplingSettings.model_validate(own).model_dump()
 
 
+def sampler_settings(components: Components, steps: int | None = None, guidance_scale: float | None = None) -> tuple[int, float]:
+    """The sampler steps and guidance scale to use: those given, else the model's own, else the
+    paper's (``sampling_defaults``). Every caller that samples decides them here."""
+    defaults = sampling_defaults(components)
+    return steps or defaults["sampler_steps"], guidance_scale or defaults["guidance_scale"]
+
+
 ALLOWED_MODELS_VARIABLE = "ERASURE_ALLOWED_MODELS"
 
 

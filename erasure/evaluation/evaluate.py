@@ -132,16 +132,14 @@ def evaluate_request(
 ) -> Evaluation:
     """Evaluate an erased ``model`` (folder or loaded components) for ``request`` against its base model
     (``base_components`` when the caller has it loaded already)."""
-    from erasure.diffusion.models import Components, sampling_defaults
+    from erasure.diffusion.models import Components, sampler_settings
     from erasure.loading import load_components
 
     base = base or request.model
     probes, judge = probes_and_judge(request, base)
     erased = model if isinstance(model, Components) else load_components(str(model), device)
     base_components = base_components or load_components(base, device)
-    defaults = sampling_defaults(base_components)
-    steps = request.method.sampler_steps or defaults["sampler_steps"]
-    guidance = request.method.guidance_scale or defaults["guidance_scale"]
+    steps, guidance = sampler_settings(base_components, request.method.sampler_steps, request.method.guidance_scale)
     return evaluate(erased, base_components, probes, judge, steps, guidance, base_images=base_images)
 
 
