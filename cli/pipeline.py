@@ -43,12 +43,12 @@ def _print_version(result: dict) -> None:
 
 def _warm_pool_for(model: str, workers: int) -> None:
     """Start the workers for a registered version's base model while Prefect starts."""
-    from erasure.spec import registered_request
     from flows.takedown import parent_reference
     from tasks.compute import warm_pool
-    from tasks.registry import resolve, version_request
+    from tasks.registry import resolve, verified_request
 
-    warm_pool(lambda: registered_request(version_request(resolve(parent_reference(model)))).model, workers)
+    # verified: an edited request.json must not even start workers for the model it names
+    warm_pool(lambda: verified_request(resolve(parent_reference(model))).model, workers)
 
 
 @app.command()

@@ -34,7 +34,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from erasure.errors import ErasureError
-from erasure.spec import RequestError
+from erasure.spec import ErasureRequest, RequestError
 from tasks.jobs import ModelReference
 from tasks.state import private_dir, state_dir, without_password
 
@@ -308,7 +308,7 @@ def version_request(version: RegisteredVersion) -> str:
         return Path(path).read_text()
 
 
-def verified_request(version: RegisteredVersion):
+def verified_request(version: RegisteredVersion) -> ErasureRequest:
     """The request a version was registered with, checked against what the version serves: the
     request hash and model key recorded in its own logged pyfunc. A ``request.json`` or a
     ``model_key`` tag edited after registration is refused: a takedown or restore must never
@@ -317,7 +317,10 @@ def verified_request(version: RegisteredVersion):
     from tasks.keys import request_hash
 
     request = registered_request(version_request(version))
-    served = served_reference(version)
+    try:
+        served = served_reference(version)
+    except LookupError:  # registered before versions logged what they serve: nothing recorded to check against
+        return request
     what = f"{version.name} version {version.version}"
     if served.request_hash and request_hash(request) != served.request_hash:
         raise RequestError(

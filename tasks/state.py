@@ -53,4 +53,4 @@ def env_seconds(variable: str, default: float) -> float:
 
 def without_password(url: str) -> str:
     """``url`` as a message may show it: a password in it (``scheme://user:password@host``) becomes ``***``."""
-    return re.sub(r"(//[^/:@]*:)[^/@]*@", r"\1***@", url)
+    return re.sub(r"(//[^/:@]*:)[^/]*@", r"\1***@", url)  # up to the last "@" before the path

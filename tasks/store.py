@@ -454,7 +454,14 @@ def store_settings() -> tuple[str, str | None]:
     url = os.environ.get("ERASURE_STORE") or str(private_dir(state_dir() / "store"))
     if not url.startswith("s3://"):
         url = str(Path(url).expanduser().resolve())  # workers may run in another folder
-    return url, os.environ.get("ERASURE_S3_ENDPOINT") or None
+    endpoint = os.environ.get("ERASURE_S3_ENDPOINT") or None
+    if endpoint and re.match(r"^[a-z][a-z0-9+.-]*://[^/]*@", endpoint, re.IGNORECASE):
+        # the endpoint is recorded in every registered version: credentials come from the environment
+        raise ArtifactError(
+            f"ERASURE_S3_ENDPOINT={without_password(endpoint)!r} carries credentials: give the host alone, and the "
+            "credentials as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or a profile)"
+        )
+    return url, endpoint
 
 
 def model_lock(name: str, wait_s: float | None = None):

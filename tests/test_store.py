@@ -411,3 +411,16 @@ def test_s3_lock_refuses_an_endpoint_that_ignores_conditional_writes():
 def test_an_s3_endpoint_with_a_password_in_it_never_shows_the_password():
     store = S3Store("bucket", "prefix", endpoint_url="http://alice:s3cr3t@127.0.0.1:9000", client=object())
     assert "s3cr3t" not in store.url and "alice:***@127.0.0.1:9000" in store.url
+
+
+def test_an_s3_endpoint_carrying_credentials_is_refused_and_no_password_part_is_ever_shown(monkeypatch):
+    from tasks.state import without_password
+    from tasks.store import store_settings
+
+    assert without_password("http://alice:p@ss@host:9000/x") == "http://alice:***@host:9000/x"
+    monkeypatch.setenv("ERASURE_S3_ENDPOINT", "http://alice:s3cr3t@127.0.0.1:9000")
+    with pytest.raises(ArtifactError, match="carries credentials.*AWS_ACCESS_KEY_ID") as refused:
+        store_settings()
+    assert "s3cr3t" not in str(refused.value)
+    monkeypatch.setenv("ERASURE_S3_ENDPOINT", "http://127.0.0.1:9000")
+    assert store_settings()[1] == "http://127.0.0.1:9000"
