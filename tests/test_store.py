@@ -360,13 +360,14 @@ def test_s3_lock_excludes_and_an_expired_lease_is_taken_over():
     [t.join() for t in threads]
     assert overlaps == [] and "locks/m" not in client.objects  # every holder released it
 
-    crashed = S3Lock(client, "bucket", "locks/m", lease_s=2)
+    # leases long enough that a loaded machine's pauses cannot expire one before the test means it to
+    crashed = S3Lock(client, "bucket", "locks/m", lease_s=4)
     crashed.acquire()
     crashed._stop.set()  # the holder dies: no more renewals
     with pytest.raises(LockTimeout, match="locked by"):
         S3Lock(client, "bucket", "locks/m", wait_s=0.2).acquire()
     # taken once the dead holder's lease ran out (a lock that never expired would raise LockTimeout)
-    with S3Lock(client, "bucket", "locks/m", wait_s=10) as taker:
+    with S3Lock(client, "bucket", "locks/m", wait_s=30) as taker:
         assert json.loads(client.objects["locks/m"])["owner"] == taker.owner
         crashed.release()  # the old holder's late release must not free the new holder's lock
         assert json.loads(client.objects["locks/m"])["owner"] == taker.owner
@@ -374,8 +375,9 @@ def test_s3_lock_excludes_and_an_expired_lease_is_taken_over():
 
 def test_s3_lock_renews_its_lease():
     client = FakeS3()
-    with S3Lock(client, "bucket", "locks/m", lease_s=0.4) as held:
-        time.sleep(1.2)  # three leases long
+    # renewed every quarter lease: 1.5 s leaves a loaded machine's scheduler pauses far inside it
+    with S3Lock(client, "bucket", "locks/m", lease_s=1.5) as held:
+        time.sleep(4.5)  # three leases long
         with pytest.raises(LockTimeout):
             S3Lock(client, "bucket", "locks/m", wait_s=0.3).acquire()
         held.ensure()
@@ -390,14 +392,14 @@ def test_a_holder_whose_renewals_hang_knows_its_lease_lapsed():
 
         def put_object(self, **kwargs):
             if self.stall.is_set():
-                time.sleep(2)  # the endpoint hangs; boto would retry for minutes
+                time.sleep(4)  # the endpoint hangs; boto would retry for minutes
             return super().put_object(**kwargs)
 
     client = Stalling()
-    held = S3Lock(client, "bucket", "locks/m", lease_s=0.5).acquire()
+    held = S3Lock(client, "bucket", "locks/m", lease_s=2).acquire()  # 2 s: no pause of a loaded machine lapses it here
     held.ensure()
     client.stall.set()
-    time.sleep(0.6)  # longer than the lease: a waiter may take the lock over now
+    time.sleep(2.5)  # longer than the lease: a waiter may take the lock over now
     with pytest.raises(LockLost, match="lease expired"):
         held.ensure()
     held.release()
