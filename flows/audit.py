@@ -18,8 +18,8 @@ from erasure.audit.policy import AuditPolicy, judge_verdict, load_policy, parse_
 from erasure.errors import LeakFound, NoVerdict
 from erasure.probes import SEEDS
 from erasure.spec import RequestError, inside_input_root, parse_request, registered_request
-from tasks.jobs import AuditJob, ModelReference, StageReport
-from tasks.registry import log_audit, resolve, served_reference, start_audit, version_request
+from tasks.jobs import AuditJob, StageReport
+from tasks.registry import log_audit, registration_changes, resolve, served_reference, start_audit, version_request
 from tasks.stages import audit_stage
 from tasks.store import ArtifactError
 
@@ -89,7 +89,7 @@ def _judge(version, reference, spec, target, label, policy, seed, attacks, worke
             spec = registered_request(version_request(version))
         except RequestError as error:  # the registration cannot be read back: not what was registered
             return "failed", [f"the version's request.json does not load: {error}"], None
-        failures = registration_failures(version, reference, spec)
+        failures = registration_changes(version, reference, spec)
         if failures:  # nothing to sample: the registration itself is not what it claims
             return "failed", failures, None
     try:
@@ -100,26 +100,6 @@ def _judge(version, reference, spec, target, label, policy, seed, attacks, worke
         return "inconclusive", [str(error)], None  # calibrate, bad probes): recorded, and never a pass
     verdict = judge_verdict(result.metrics, policy, result.summary["calibration"], result.summary["attacks"])
     return verdict.outcome, verdict.failures + verdict.inconclusive, result
-
-
-def registration_failures(version, reference: ModelReference, spec) -> list[str]:
-    """How a registered version is no longer what was registered: its request.json or its
-    ``model_key`` tag edited afterwards."""
-    from tasks.keys import request_hash
-
-    failures = []
-    if reference.request_hash and request_hash(spec) != reference.request_hash:
-        failures.append(
-            f"the version's request.json is not the request it was registered with (hash {request_hash(spec)}, "
-            f"registered {reference.request_hash}): it was edited after registration"
-        )
-    if version.tags.get("model_key") != reference.model_key:
-        # the tag that lineage and takedowns read no longer names what the version serves
-        failures.append(
-            f"the version's model_key tag ({version.tags.get('model_key')}) is not the model it serves "
-            f"({reference.model_key}): its tags were edited after registration"
-        )
-    return failures
 
 
 BUNDLED_POLICY = Path(__file__).resolve().parents[1] / "audit-policy.yaml"  # the deployment's, shipped with it

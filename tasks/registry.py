@@ -308,30 +308,41 @@ def version_request(version: RegisteredVersion) -> str:
         return Path(path).read_text()
 
 
-def verified_request(version: RegisteredVersion) -> ErasureRequest:
-    """The request a version was registered with, checked against what the version serves: the
-    request hash and model key recorded in its own logged pyfunc. A ``request.json`` or a
-    ``model_key`` tag edited after registration is refused: a takedown or restore must never
-    rebuild a model from a request someone changed (it could drop an erased concept)."""
-    from erasure.spec import registered_request
+def registration_changes(version: RegisteredVersion, served: ModelReference, request: ErasureRequest) -> list[str]:
+    """How a registered version is no longer what was registered, judged by what its own logged
+    pyfunc recorded: its ``request.json`` (the request's hash) or its ``model_key`` tag edited
+    afterwards. Empty when it is as registered."""
     from tasks.keys import request_hash
+
+    changes = []
+    if served.request_hash and request_hash(request) != served.request_hash:
+        changes.append(
+            f"the version's request.json is not the request it was registered with (hash {request_hash(request)}, "
+            f"registered {served.request_hash}): it was edited after registration"
+        )
+    if version.tags.get("model_key") != served.model_key:
+        # the tag that lineage and takedowns read no longer names what the version serves
+        changes.append(
+            f"the version's model_key tag ({version.tags.get('model_key')}) is not the model it serves "
+            f"({served.model_key}): its tags were edited after registration"
+        )
+    return changes
+
+
+def verified_request(version: RegisteredVersion) -> ErasureRequest:
+    """The request a version was registered with, refused when the version is no longer what was
+    registered (``registration_changes``): a takedown or restore must never rebuild a model from a
+    request someone changed (it could drop an erased concept)."""
+    from erasure.spec import registered_request
 
     request = registered_request(version_request(version))
     try:
         served = served_reference(version)
     except LookupError:  # registered before versions logged what they serve: nothing recorded to check against
         return request
-    what = f"{version.name} version {version.version}"
-    if served.request_hash and request_hash(request) != served.request_hash:
-        raise RequestError(
-            f"{what}: its request.json is not the request it was registered with (hash {request_hash(request)}, "
-            f"registered {served.request_hash}); it was edited after registration. Build on another version"
-        )
-    if version.tags.get("model_key") != served.model_key:
-        raise RequestError(
-            f"{what}: its model_key tag ({version.tags.get('model_key')}) is not the model it serves "
-            f"({served.model_key}); its tags were edited after registration. Build on another version"
-        )
+    changes = registration_changes(version, served, request)
+    if changes:
+        raise RequestError(f"{version.name} version {version.version}: " + "; ".join(changes) + ". Build on another version")
     return request
 
 

@@ -455,7 +455,7 @@ def store_settings() -> tuple[str, str | None]:
     if not url.startswith("s3://"):
         url = str(Path(url).expanduser().resolve())  # workers may run in another folder
     endpoint = os.environ.get("ERASURE_S3_ENDPOINT") or None
-    if endpoint and re.match(r"^[a-z][a-z0-9+.-]*://[^/]*@", endpoint, re.IGNORECASE):
+    if endpoint and without_password(endpoint) != endpoint:
         # the endpoint is recorded in every registered version: credentials come from the environment
         raise ArtifactError(
             f"ERASURE_S3_ENDPOINT={without_password(endpoint)!r} carries credentials: give the host alone, and the "

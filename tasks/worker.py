@@ -22,7 +22,7 @@ from erasure.artifacts import PRIOR_FILE, ConceptArtifact, load_concept, load_pr
 from erasure.diffusion.models import fingerprint, save_components
 from erasure.erase import base_prior, erase_concept, fuse, prepare_request, with_weights
 from erasure.loading import load_components
-from erasure.spec import ErasureRequest, check_concepts_against_tokenizer
+from erasure.spec import check_concepts_against_tokenizer
 from tasks.jobs import (
     AuditJob,
     ConceptJob,
@@ -67,10 +67,6 @@ class ConceptWorker:
         if handler is None:
             raise TypeError(f"a worker runs the jobs of tasks.jobs, not {type(job).__name__}")
         return handler(job)
-
-    def _prepared(self, request: ErasureRequest) -> ErasureRequest:
-        """A request checked against this model's tokenizer, with its sampling defaults filled in."""
-        return prepare_request(request, self.components)
 
     def _prior(self, job: PriorJob) -> StageResult:
         """Publish the base prior's statistics under the job's key (skipped if published)."""
@@ -139,7 +135,7 @@ class ConceptWorker:
 
         if not has_judge(job.request.model):
             return None
-        request = self._prepared(job.request)
+        request = prepare_request(job.request, self.components)
         with tempfile.TemporaryDirectory() as folder:
             model = self.store.fetch(job.model_key, Path(folder) / "model") if job.model_key else self.components
             result = evaluate_request(model, request, device=self.device, base_components=self.components)
@@ -152,7 +148,7 @@ class ConceptWorker:
         from erasure.evaluation.evaluate import evaluation_json
         from erasure.evaluation.report import write_report
 
-        request, target = self._prepared(job.request), job.target
+        request, target = prepare_request(job.request, self.components), job.target
         with tempfile.TemporaryDirectory() as folder:
             if isinstance(target, ModelReference):
                 store = store_from_url(target.store_url, target.s3_endpoint)
