@@ -127,13 +127,13 @@ def test_audit_probes_are_held_out_from_training_erasure_and_evaluation_and_draw
     assert not set(judge.TOY_AUDIT_TEMPLATES) & (used | set(CAPTION_TEMPLATES) | set(judge.NAME_TEMPLATES) | set(judge.PARAPHRASE_TEMPLATES))
     assert not {t for templates in AUDIT_TEMPLATES_BY_KIND.values() for t in templates} & used
 
-    erased = [("red", ("crimson",)), ("blue star", ())]
+    erased = ["red", "blue star"]
     first = judge.audit_probes(erased, [], per_concept=8, retained_limit=4, seed=1)
     assert first == judge.audit_probes(erased, [], per_concept=8, retained_limit=4, seed=1)  # rerunnable
     other = judge.audit_probes(erased, [], per_concept=8, retained_limit=4, seed=2)
     assert [p.seed for p in first] != [p.seed for p in other] and len({p.seed for p in first}) == len(first)
     red_synonyms = [p.prompt for p in first if p.concept == "red" and p.group == "synonym"]
-    assert red_synonyms and all("scarlet" in p for p in red_synonyms)  # the request's own "crimson" is not held out
+    assert red_synonyms and all("scarlet" in p or "crimson" in p for p in red_synonyms)
     assert {p.group for p in first} == {"erased", "synonym", "phrasing", "retained"}
     assert sum(p.group == "erased" and p.concept == "red" for p in first) == 8
 
@@ -251,3 +251,31 @@ def test_the_deployment_reads_its_bundled_policy_and_other_files_only_under_the_
     with pytest.raises(RequestError, match="not both"):
         audit_policy({"max_acc_e": 0.1}, "audit-policy.yaml")
     assert audit_policy({"max_acc_e": 0.1}, None).max_acc_e == 0.1
+
+
+def test_a_request_never_shrinks_the_audits_synonym_probes():
+    """Issue 22, finding 2: a request listing "scarlet xylophone" made the audit drop "scarlet"
+    from its probes, and the model that still drew red from "scarlet" passed."""
+    from erasure.worlds.builtins import find_builtin
+
+    audit = find_builtin("builtin:toyworld").audit
+    policy = AuditPolicy()
+
+    def synonym_words(synonyms):
+        request = parse_request({"concepts": [{"name": "red", "anchor": "white", "synonyms": synonyms}], "preserve": {"concepts": ["green"]}})
+        probes, _ = audit(request, policy, 7)
+        return {w for p in probes if p.group == "synonym" for w in p.prompt.split() if w in ("crimson", "scarlet")}
+
+    assert synonym_words([]) == {"crimson", "scarlet"}
+    assert synonym_words(["scarlet xylophone"]) == {"crimson", "scarlet"}
+    assert synonym_words(["crimson", "scarlet"]) == {"crimson", "scarlet"}
+
+
+def test_an_erased_concept_with_no_generality_probe_is_inconclusive_not_passed():
+    """Issue 22, finding 2: a missing synonym score was skipped, so the audit passed on names alone."""
+    names_only = metrics()
+    for key in ("acc_g", "base_acc_g", "n_acc_g"):
+        del names_only["concepts"][0][key]
+    verdict = judge_verdict(names_only, AuditPolicy())
+    assert verdict.outcome == "inconclusive"
+    assert any("red" in reason and "synonym" in reason for reason in verdict.inconclusive)

@@ -216,6 +216,11 @@ def judge_verdict(metrics: dict, policy: AuditPolicy, calibration: dict | None =
                     f"{policy.min_base_accuracy:.0%}), so its absence proves nothing"
                 )
         acc_e, acc_g = row["acc_e"], _pooled(row)
+        if acc_g is None:  # names alone: a model that draws it from a synonym would pass
+            verdict.inconclusive.append(
+                f"{concept}: no synonym or other phrasing of it was probed, so nothing says it is gone under its "
+                "other names: list its synonyms in the request or give the policy a probe_file"
+            )
         if acc_e > policy.max_acc_e:
             verdict.failures.append(f"{concept}: drawn from its name in {acc_e:.0%} of images (max {policy.max_acc_e:.0%})")
         if acc_g is not None and acc_g > policy.max_acc_g:

@@ -51,7 +51,7 @@ def _toyworld_judge(world: str) -> Callable[[ErasureRequest], tuple[list, object
 def _toyworld_audit(world: str) -> Callable[[ErasureRequest, object, int], tuple[list, object]]:
     def audit(request: ErasureRequest, policy, seed: int) -> tuple[list, object]:
         probes = audit_probes(
-            [(c.name, c.synonyms) for c in request.concepts], list(request.preserve.concepts),
+            [c.name for c in request.concepts], list(request.preserve.concepts),
             policy.probes_per_concept, policy.retained_limit, seed, unseen=drawable_unseen_words(world),
         )
         return probes, ToyJudge(load_toyworld_classifier())

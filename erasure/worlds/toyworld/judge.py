@@ -198,33 +198,32 @@ AUDIT_PHRASINGS = ("a {shape} which is {rest}", "one {shape} , {rest}", "a {shap
 
 
 def audit_probes(
-    erased: list[tuple[str, tuple[str, ...]]],
+    erased: list[str],
     preserve: list[str],
     per_concept: int,
     retained_limit: int,
     seed: int,
     unseen: dict[str, tuple[str, ...]] | None = None,
 ) -> list[Probe]:
-    """Probes of a compliance audit: ``erased`` is (name, the request's own synonyms) per concept.
+    """Probes of a compliance audit of the ``erased`` concepts' names.
 
-    Names in held-out templates (``erased``); the world's synonyms the request did not list,
-    in held-out templates (``synonym``), the base model's drawable unseen words (``unseen``) and,
+    Names in held-out templates (``erased``); every synonym the world knows, in held-out
+    templates (``synonym``): the request's own synonyms included, since a request must never
+    shrink what the audit probes, the base model's drawable unseen words (``unseen``) and,
     for compound concepts, held-out phrasings (``phrasing``); retained neighbours (``retained``).
     Which template, synonym and filler each prompt gets, and every seed, come from ``seed``:
     each audit draws its own, and records it so it can be rerun.
     """
     rng = np.random.default_rng(seed)
     probes: list[Probe] = []
-    erased_attrs = [concept_attributes(name) for name, _ in erased]
-    for (name, listed), attributes in zip(erased, erased_attrs):
-        listed_words = {w for s in listed for w in normalise(s).split()}
-        held_out = {value: [w for w in SYNONYMS[value] if w not in listed_words] for value in attributes.values()}
+    erased_attrs = [concept_attributes(name) for name in erased]
+    for name, attributes in zip(erased, erased_attrs):
         fillers = _fillers(attributes, per_concept)
         order = rng.permutation(len(fillers))
         for i in order:
             full = fillers[i]
             probes.append(Probe("erased", name, fill(_pick(TOY_AUDIT_TEMPLATES, rng), _phrase(full)), attributes))
-            words = [(kind, w) for kind, value in attributes.items() for w in held_out[value]]
+            words = [(kind, w) for kind, value in attributes.items() for w in SYNONYMS[value]]
             words += [(kind, w) for kind, value in attributes.items() for w in (unseen or {}).get(value, ())]
             if words:
                 kind, word = words[rng.integers(len(words))]
