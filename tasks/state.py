@@ -4,7 +4,10 @@ The one local state folder holds the embedded default's artifact store and MLflo
 database, and the local services' data, credentials, logs and PIDs.
 
 ``$ERASURE_STATE_DIR``, else ``.erasure`` in the current folder (git-ignored). Created
-with mode 0700: nothing in it is meant for other users of the machine.
+with mode 0700: nothing in it is meant for other users of the machine. A marker file
+says the folder is ours: an existing folder without it is adopted only when it is empty
+or holds nothing but state entries (an older version's), and is otherwise refused, so
+that naming ``$HOME`` or ``/`` by mistake changes nothing there.
 """
 
 from __future__ import annotations
@@ -13,9 +16,56 @@ import os
 import re
 from pathlib import Path
 
+from erasure.errors import ErasureError
+
+
+STATE_MARKER = ".erasure-state"
+# What a state folder holds: an older version's folder (no marker yet) holding only these is ours
+STATE_ENTRIES = frozenset({
+    STATE_MARKER, "mlflow.db", "mlflow.db-journal", "mlflow.db-wal", "mlflow.db-shm", "mlflow-artifacts",
+    "store", "services", "prefect", "ray",
+})
+
+
+class StateDirError(ErasureError, PermissionError):
+    """The state folder named cannot be used (another user's, or a folder that is not a state folder)."""
+
+    retry_helps = False
+
 
 def state_dir() -> Path:
     return Path(os.environ.get("ERASURE_STATE_DIR") or ".erasure").resolve()
+
+
+def _claim_state_dir(state: Path) -> None:
+    """Create ``state`` or check it is ours, before anything is written or chmodded in it."""
+    try:
+        state.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        if not state.is_dir():
+            raise StateDirError(f"ERASURE_STATE_DIR={state} is not a folder: name a new or empty folder") from None
+        info = state.stat()
+        if info.st_uid != os.getuid():
+            raise StateDirError(
+                f"{state} belongs to another user (uid {info.st_uid}); set ERASURE_STATE_DIR to a folder of your own"
+            ) from None
+        if (state / STATE_MARKER).is_file():
+            return
+        try:
+            foreign = sorted(set(os.listdir(state)) - STATE_ENTRIES)
+        except OSError as error:
+            raise StateDirError(f"state folder {state} cannot be read ({error.strerror})") from None
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise StateDirError(
+                f"{state} is not an erasure state folder (it holds {shown}): set ERASURE_STATE_DIR to a new or "
+                "empty folder; nothing in it was changed"
+            ) from None
+    marker = state / STATE_MARKER
+    if not marker.exists():
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write("erasure state folder: MLflow database, artifact store, local services\n")
 
 
 def private_dir(path: Path) -> Path:
@@ -23,13 +73,16 @@ def private_dir(path: Path) -> Path:
     mode 0700, tightened to 0700 if an earlier version left them open; refused when another
     user owns them (their pid files and credentials would be trusted)."""
     state = state_dir()
-    folders = ([state] if state == path or state in path.parents else []) + ([path] if path != state else [])
+    inside = state == path or state in path.parents
+    if inside:
+        _claim_state_dir(state)  # first: nothing below is created or chmodded in a folder that is not ours
+    folders = ([state] if inside else []) + ([path] if path != state else [])
     path.parent.mkdir(parents=True, exist_ok=True)
     for folder in folders:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = folder.stat()
         if info.st_uid != os.getuid():
-            raise PermissionError(
+            raise StateDirError(
                 f"{folder} belongs to another user (uid {info.st_uid}); set ERASURE_STATE_DIR to a folder of your own"
             )
         if info.st_mode & 0o077:

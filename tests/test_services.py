@@ -176,6 +176,36 @@ def test_an_open_state_folder_left_by_an_earlier_version_is_tightened(tmp_path, 
     assert (state.stat().st_mode & 0o777, (state / "services").stat().st_mode & 0o777) == (0o700, 0o700)
 
 
+def test_a_state_folder_that_is_not_ours_is_refused_and_left_untouched(tmp_path, monkeypatch):
+    """Issue 22, finding 3: ERASURE_STATE_DIR=/ made / mode 0700 and wrote mlflow.db into it."""
+    from tasks.state import StateDirError, private_dir, state_dir
+
+    home = tmp_path / "home"
+    (home / "documents").mkdir(parents=True)
+    home.chmod(0o755)
+    monkeypatch.setenv("ERASURE_STATE_DIR", str(home))
+    for path in (state_dir(), state_dir() / "store", state_dir() / "services"):
+        with pytest.raises(StateDirError, match="not an erasure state folder .*documents.*new or empty folder"):
+            private_dir(path)
+    assert home.stat().st_mode & 0o777 == 0o755 and sorted(os.listdir(home)) == ["documents"]
+
+    # the registry's default MLflow database is refused before anything is written
+    from tasks import registry
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(StateDirError):
+        registry.configure()
+    assert sorted(os.listdir(home)) == ["documents"]
+
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o755)
+    monkeypatch.setenv("ERASURE_STATE_DIR", str(empty))
+    private_dir(empty / "store")  # an empty folder is adopted and marked
+    assert (empty / ".erasure-state").is_file() and empty.stat().st_mode & 0o777 == 0o700
+    (empty / "notes.txt").write_text("mine")
+    private_dir(empty / "services")  # marked: ours, whatever it holds now
+
+
 def test_two_services_up_at_once_start_one_server(tmp_path, monkeypatch):
     """Both used to pass the "already running?" check and launch; the loser then deleted the
     winner's pid file, leaving a server nobody could stop."""
