@@ -21,7 +21,7 @@ from erasure.spec import RequestError, inside_input_root, parse_request, registe
 from tasks.jobs import AuditJob, StageReport
 from tasks.registry import log_audit, registration_changes, resolve, served_reference, start_audit, version_request
 from tasks.stages import audit_stage
-from tasks.store import ArtifactError
+from tasks.store import ArtifactMismatch
 
 
 class ConceptLeak(LeakFound, RuntimeError):
@@ -94,7 +94,7 @@ def _judge(version, reference, spec, target, label, policy, seed, attacks, worke
             return "failed", failures, None
     try:
         result = audit_stage(AuditJob(spec, target, policy, seed, attacks, label), workers)
-    except ArtifactError as error:
+    except ArtifactMismatch as error:  # read whole, and not what was registered: a verdict on the version
         return "failed", [f"the served artifact does not match its registration: {error}"], None
     except (NoVerdict, RequestError) as error:  # nothing was judged (no judge, one that does not load or
         return "inconclusive", [str(error)], None  # calibrate, bad probes): recorded, and never a pass

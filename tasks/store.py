@@ -46,6 +46,13 @@ class ArtifactError(ErasureError, RuntimeError):
     """An artifact is missing, corrupt, or the store cannot be reached."""
 
 
+class ArtifactMismatch(ArtifactError):
+    """The artifact was read whole, and its content is not the one referenced: a fact about the
+    artifact, where every other ``ArtifactError`` may be the store's (an outage, a bad read)."""
+
+    retry_helps = False
+
+
 class _Corrupt(Exception):
     """Internal: what is wrong with a published artifact."""
 
@@ -130,7 +137,7 @@ def _inside(folder: Path, rel: str) -> Path:
 
 def _verify(key: str, manifest: dict, expect_sha256: str | None, url: str) -> None:
     if expect_sha256 is not None and manifest_digest(manifest) != expect_sha256:
-        raise ArtifactError(
+        raise ArtifactMismatch(
             f"artifact {key!r} in {url} has content {manifest_digest(manifest)[:16]}..., not the expected "
             f"{expect_sha256[:16]}... (it was recomputed with different bytes since it was referenced)"
         )

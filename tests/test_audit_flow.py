@@ -102,3 +102,48 @@ def test_a_registered_version_whose_request_does_not_load_fails_its_audit_on_rec
         audit_module.audit_flow.fn("m/1", {"attacks": []})
     run = MlflowClient().get_run(caught.value.result["run_id"])
     assert run.data.tags["erasure.outcome"] == "failed" and run.data.tags["erasure.model_sha256"] == "s" * 64
+
+
+def _registered(audit_module, monkeypatch, request=REQUEST):
+    """A registered version m/1 whose request and served artifact read back as registered."""
+    import json
+    from types import SimpleNamespace
+
+    from tasks.jobs import ModelReference
+    from tasks.keys import request_hash
+    from erasure.spec import parse_request
+
+    monkeypatch.setattr(audit_module, "get_run_logger", lambda: logging.getLogger("audit-test"))
+    version = SimpleNamespace(name="m", version="1", tags={"model_key": "models/a"})
+    served = ModelReference("/store", "models/a", "s" * 64, request_hash(parse_request(request)))
+    monkeypatch.setattr(audit_module, "resolve", lambda model: version)
+    monkeypatch.setattr(audit_module, "served_reference", lambda v: served)
+    monkeypatch.setattr(audit_module, "version_request", lambda v: json.dumps(request))
+    return version
+
+
+def test_a_store_outage_during_an_audit_is_an_error_on_record_not_a_failed_verdict(embedded_mlflow, monkeypatch):
+    """Issue 22, finding 5: an S3 outage or one bad read was recorded as "failed", which blocks the
+    version for good; only an artifact read whole that is not the registered one is a verdict."""
+    from mlflow.tracking import MlflowClient
+
+    import flows.audit as audit_module
+    from tasks.registry import completed
+    from tasks.store import ArtifactError, ArtifactMismatch
+
+    _registered(audit_module, monkeypatch)
+    started = []
+    real_start = audit_module.start_audit
+    monkeypatch.setattr(audit_module, "start_audit", lambda *a, **k: started.append(real_start(*a, **k)) or started[-1])
+    for raised, outcome in (
+        (ArtifactError("get models/a/manifest.json failed on s3://bucket: Could not connect to the endpoint URL"), "error"),
+        (ArtifactMismatch("artifact 'models/a' has content 1234..., not the expected ssss..."), "failed"),
+    ):
+        def stage(job, workers, raised=raised):
+            raise raised
+
+        monkeypatch.setattr(audit_module, "audit_stage", stage)
+        with pytest.raises(ArtifactError if outcome == "error" else audit_module.ConceptLeak):
+            audit_module.audit_flow.fn("m/1", {"attacks": []})
+        run = MlflowClient().get_run(started[-1])
+        assert completed(run) and run.data.tags["erasure.outcome"] == outcome, outcome
