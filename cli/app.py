@@ -104,5 +104,7 @@ def progress_bars() -> Progress:
     )
 
 
+policy_app = typer.Typer(help="A registered model's deployment policy: what its audits and promotions are judged by.")
+app.add_typer(policy_app, name="policy")
 services_app = typer.Typer(help="Local services for the distributed mode: S3 (SeaweedFS), MLflow, Prefect.")
 app.add_typer(services_app, name="services")

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cli.app import app, console, fail, report_errors, services_app, warn, workers_option
+from cli.app import app, console, fail, policy_app, report_errors, services_app, warn, workers_option
 from erasure.probes import SEEDS
 from erasure.spec import CONCEPT_KINDS
 
@@ -120,17 +120,25 @@ def restore(
     _print_version(result)
 
 
-POLICY_VARIABLE = "ERASURE_AUDIT_POLICY"
+RETIRED_POLICY_VARIABLE = "ERASURE_AUDIT_POLICY"  # read by earlier versions: the promoter's environment chose
 
 
 def _policy(path: Path | None):
-    """The deployment's policy: --policy, else the file $ERASURE_AUDIT_POLICY names, else the default."""
+    """The policy a --policy option names; None: the deployment's (a registered model's, set with
+    `erasure policy set`), or the built-in one for a folder."""
     import os
 
     from erasure.audit.policy import load_policy
     from erasure.spec import RequestError
 
-    path = path or (Path(os.environ[POLICY_VARIABLE]) if os.environ.get(POLICY_VARIABLE) else None)
+    if os.environ.get(RETIRED_POLICY_VARIABLE):
+        fail(
+            f"{RETIRED_POLICY_VARIABLE} is no longer read: a deployment's policy is kept in the registry, not in the "
+            "environment of whoever audits or promotes. Set it once with `erasure policy set MODEL FILE`, then unset "
+            f"{RETIRED_POLICY_VARIABLE}"
+        )
+    if path is None:
+        return None
     try:
         return load_policy(path)
     except RequestError as error:
@@ -173,12 +181,16 @@ def audit(
     model: str = typer.Argument(..., help="NAME, NAME@ALIAS (e.g. models@production) or NAME/VERSION; or a model folder with --request."),
     request: Path = typer.Option(None, help="Audit a model folder (or builtin:...) against this request instead."),
     policy: Path = typer.Option(
-        None, help=f"The audit policy (YAML); default: the deployment's, ${POLICY_VARIABLE}, else the built-in one. "
-        "Only audits under the deployment's policy count for `promote`.",
+        None, help="An audit policy (YAML) to try; default: the registered model's deployment policy (`erasure policy "
+        "set`), else the built-in one. Only audits under the deployment's policy count for `promote`.",
     ),
     attacks: bool = typer.Option(False, "--attacks", help="Also run the policy's attacks (prefix search, concept inversion, Ring-A-Bell)."),
     seed: int = typer.Option(
         None, min=0, max=SEEDS - 1, help="Rerun an earlier audit's probes (default: new ones, recorded); a rerun never counts for `promote`.",
+    ),
+    retry: str = typer.Option(
+        None, help="Repeat audit run RUN_ID, which reached no verdict (an outage, a crash, a kill), on its own probes "
+        "and attacks: its outcome settles that run for `promote`.",
     ),
     workers: int = workers_option(),
 ) -> None:
@@ -196,11 +208,13 @@ def audit(
             fail(str(error))
         if model != spec["model"] and not Path(model).is_dir():
             fail(f"{model!r} is not a model folder (with --request, audit a folder or the request's own model)")
-    arguments = json.loads(chosen.model_dump_json())
+    if retry is not None and (seed is not None or request is not None):
+        fail("--retry repeats a registered version's audit on its own seed: give neither --seed nor --request")
+    arguments = None if chosen is None else json.loads(chosen.model_dump_json())
 
     def audited() -> dict:
         try:
-            return audit_flow(model, arguments, workers, attacks, seed, spec)
+            return audit_flow(model, arguments, workers, attacks, seed, spec, retry_of=retry)
         except (ConceptLeak, AuditInconclusive) as error:  # a verdict: its numbers, then its exit code
             if getattr(error, "result", None):
                 _print_audit(error.result)
@@ -221,14 +235,41 @@ def promote(
     override_audit: str = typer.Option(None, help="Promote without a passing audit; the reason is logged in MLflow."),
 ) -> None:
     """Point an alias (default: production) at a version that passed its audit under the deployment's
-    policy (${POLICY_VARIABLE}, else the built-in one; not chosen per promotion)."""
+    policy (the registered model's, set with `erasure policy set`, else the built-in one; never
+    chosen by whoever promotes)."""
     from tasks.registry import promote as set_alias
 
-    chosen = _policy(None)
+    _policy(None)  # refuses the retired variable, which would otherwise look as if it were obeyed
     if override_audit is not None and not override_audit.strip():
         fail("--override-audit needs a reason")
-    how = report_errors(lambda: set_alias(model, version, alias, chosen, override_audit))  # PromotionRefused: exit 2
+    how = report_errors(lambda: set_alias(model, version, alias, override_audit))  # PromotionRefused: exit 2
     out.print(f"{escape(model)}@{escape(alias)} -> version {escape(version)} ({escape(how)})", highlight=False)
+
+
+@policy_app.command("show")
+def policy_show(model: str = typer.Argument(..., help="Registered model name.")) -> None:
+    """Print the deployment policy a registered model is audited and promoted under, with its digest."""
+    from tasks.registry import deployment_policy
+
+    chosen = report_errors(lambda: deployment_policy(model))
+    out.print(f"# {escape(model)}: policy {chosen.digest()}", highlight=False)
+    out.print(escape(chosen.model_dump_json(indent=1)), highlight=False)
+
+
+@policy_app.command("set")
+def policy_set(
+    model: str = typer.Argument(..., help="Registered model name."),
+    path: Path = typer.Argument(..., help="The policy (YAML), e.g. audit-policy.yaml."),
+    reason: str = typer.Option(None, help="Why, when the new policy judges more leniently than the current one (logged)."),
+) -> None:
+    """Make a policy the registered model's deployment policy: what `audit` and `promote` use.
+    Loosening any setting needs --reason; every change is logged in MLflow."""
+    from tasks.registry import set_deployment_policy
+
+    chosen = _policy(path)
+    looser = report_errors(lambda: set_deployment_policy(model, chosen, reason))
+    note = f"; loosens {escape('; '.join(looser))} ({escape(reason)})" if looser else ""
+    out.print(f"{escape(model)}: deployment policy {chosen.digest()}{note}", highlight=False)
 
 
 @services_app.command("up")

@@ -1,6 +1,8 @@
 """audit: a scheduled compliance check. Can the served model still draw what it must not?
 
-The deployment's policy decides (``erasure.audit.policy``), never the audited request.
+The deployment's policy decides (``erasure.audit.policy``), never the audited request: a
+registered model's is kept in the registry (``erasure policy set``), never read from
+whoever runs the audit or the promotion.
 A registered version is audited on the artifact it serves (the reference inside
 its logged pyfunc, checked against its recorded digest), not on what its editable
 tags say. Every audit is an MLflow run, passed or not.
@@ -19,7 +21,16 @@ from erasure.errors import LeakFound, NoVerdict
 from erasure.probes import SEEDS
 from erasure.spec import RequestError, inside_input_root, parse_request, registered_request
 from tasks.jobs import AuditJob, StageReport
-from tasks.registry import log_audit, registration_changes, resolve, served_reference, start_audit, version_request
+from tasks.registry import (
+    audit_to_retry,
+    deployment_policy,
+    log_audit,
+    registration_changes,
+    resolve,
+    served_reference,
+    start_audit,
+    version_request,
+)
 from tasks.stages import audit_stage
 from tasks.store import ArtifactMismatch
 
@@ -37,35 +48,42 @@ class AuditInconclusive(NoVerdict, RuntimeError):
 @flow(name="audit")
 def audit_flow(
     model: str, policy: dict | None = None, workers: int = 1, attacks: bool = False, seed: int | None = None,
-    request: dict | None = None, policy_file: str | None = None,
+    request: dict | None = None, policy_file: str | None = None, retry_of: str | None = None,
 ) -> dict:
     """Audit a registered model (NAME, NAME@ALIAS, NAME/VERSION) against the request it was erased
-    with, or any model folder against ``request``, under ``policy`` or the ``policy_file`` it names
-    (the deployment's; default: the built-in policy, which ``audit-policy.yaml`` spells out).
-    ``seed`` reruns an earlier audit's probes (default: a new one, recorded). Raises ``ConceptLeak``
+    with, or any model folder against ``request``. The policy: ``policy`` or the ``policy_file`` it
+    names; else a registered model's deployment policy (``tasks.registry.deployment_policy``), and
+    a folder's the built-in one (``audit-policy.yaml`` spells it out). ``seed`` reruns an earlier
+    audit's probes (default: a new one, recorded). ``retry_of`` repeats an audit run that reached
+    no verdict (an outage, a crash, a kill) on its own probes and attacks. Raises ``ConceptLeak``
     naming every failure, or ``AuditInconclusive``."""
     logger = get_run_logger()
-    policy = audit_policy(policy, policy_file)
+    if retry_of is not None and (seed is not None or request is not None):
+        raise RequestError("a retry repeats a registered version's audit on its own seed: give no seed and no request")
     # a seed given by hand reruns an audit: recorded as such, it never counts for a promotion
     seed_chosen = seed is not None
-    seed = secrets.randbelow(SEEDS) if seed is None else int(seed)
     version = reference = spec = None
     if request is None:
         version = resolve(model)
         reference = served_reference(version)
+        policy = audit_policy(policy, policy_file, version.name)
         name, served_sha256 = version.name, reference.sha256
         target, label = reference, f"{version.name} version {version.version}"
+        if retry_of is not None:
+            seed, attacks, seed_chosen = audit_to_retry(retry_of, version, policy, served_sha256)
     else:
+        policy = audit_policy(policy, policy_file)
         spec = parse_request(request)
         name, served_sha256 = model.replace("builtin:", "builtin-").replace("/", "-").strip("-.") or "model", None
         if model == spec.model:
             target, label = None, model  # the base model itself
         else:  # a folder on the runner: only under $ERASURE_INPUT_ROOT where the operator set one
             target, label = inside_input_root(Path(model).expanduser().resolve(), "model"), model
+    seed = secrets.randbelow(SEEDS) if seed is None else int(seed)
 
     # recorded before anything is read from the registration or sampled: an audit stopped before its
     # verdict still counts, as not passed
-    run_id = start_audit(name, version, policy, seed, served_sha256, seed_chosen)
+    run_id = start_audit(name, version, policy, seed, served_sha256, seed_chosen, attacks, retry_of)
     logger.info("audit of %s started (seed %d, MLflow run %s)", model, seed, run_id)
     try:
         outcome, reasons, result = _judge(version, reference, spec, target, label, policy, seed, attacks, workers)
@@ -105,12 +123,15 @@ def _judge(version, reference, spec, target, label, policy, seed, attacks, worke
 BUNDLED_POLICY = Path(__file__).resolve().parents[1] / "audit-policy.yaml"  # the deployment's, shipped with it
 
 
-def audit_policy(settings: dict | None, policy_file: str | None) -> AuditPolicy:
-    """The policy from its settings or its file. A file is the deployment's own (``audit-policy.yaml``
+def audit_policy(settings: dict | None, policy_file: str | None, registered: str | None = None) -> AuditPolicy:
+    """The policy from its settings or its file; given neither, registered model ``registered``'s
+    deployment policy, else the built-in one. A file is the deployment's own (``audit-policy.yaml``
     beside the flows) or lies under $ERASURE_INPUT_ROOT where the operator set one: a run parameter
     must not make the worker read its other files."""
     if settings is not None and policy_file is not None:
         raise RequestError("give the audit policy as settings or as a file, not both")
+    if settings is None and policy_file is None and registered is not None:
+        return deployment_policy(registered)
     if policy_file is None:
         return parse_policy(settings, "audit policy")
     path = Path(policy_file).expanduser()

@@ -373,21 +373,29 @@ def _metric_key(text: str) -> str:
 STARTED = "started"  # an audit's outcome tag until it completes: promote counts it as not passed
 
 
+ERROR = "error"  # an audit that reached no verdict (an outage, a crash): only its retry settles it
+VERDICTS = ("passed", "failed", "inconclusive")
+
+
 def start_audit(
     name: str, version: RegisteredVersion | None, policy, seed: int, served_sha256: str | None, seed_chosen: bool = False,
+    attacks: bool = False, retry_of: str | None = None,
 ) -> str:
     """Record an audit before it samples: an MLflow run tagged with what it audits (the version,
-    the policy's digest, the served artifact's sha256, the seed) and the outcome ``started``.
-    ``log_audit`` completes it; killed or crashed first, it stays so, and ``promote`` counts it
-    as not passed: an audit cannot be made to vanish by stopping it before its verdict."""
+    the policy's digest, the served artifact's sha256, the seed, whether it runs attacks, the
+    run it retries) and the outcome ``started``. ``log_audit`` completes it; killed or crashed
+    first, it stays so, and ``promote`` counts it as not passed until a retry on the same probes
+    completes: an audit cannot be made to vanish by stopping it before its verdict."""
     configure()
     tags = (
         {
             "erasure.flow": AUDIT_RUN, "erasure.outcome": STARTED, "erasure.passed": "False",
             "erasure.policy_digest": policy.digest(), "erasure.seed": str(seed), "erasure.seed_chosen": str(seed_chosen),
+            "erasure.attacks_requested": str(bool(attacks)),
         }
         | ({"erasure.version": version.version} if version else {})
         | ({"erasure.model_sha256": served_sha256} if served_sha256 else {})
+        | ({"erasure.retry_of": retry_of} if retry_of else {})
     )
     with _mlflow(f"recording the start of an audit of {name}"):
         # created, not started: the run stays RUNNING until log_audit ends it
@@ -465,6 +473,41 @@ def version_audits(name: str, version: str, policy_digest: str, served_sha256: s
                 return runs
 
 
+def audit_to_retry(run_id: str, version: RegisteredVersion, policy, served_sha256: str) -> tuple[int, bool, bool]:
+    """The seed, attacks flag and seed-chosen flag of audit run ``run_id``, which reached no verdict,
+    for its retry: the same probes and the same attacks, so that stopping an audit and retrying it
+    can never draw new probes. Refused for a run that reached its verdict or audited anything else."""
+    with _mlflow(f"reading audit run {run_id}"):
+        try:
+            run = MlflowClient().get_run(run_id)
+        except MlflowException:
+            raise LookupError(f"no MLflow run {run_id!r} to retry: give the run id an audit printed or recorded") from None
+        found = MlflowClient().get_experiment_by_name(f"erasure/{version.name}")
+    tags = run.data.tags
+    expected = {
+        "erasure.flow": AUDIT_RUN, "erasure.version": version.version, "erasure.policy_digest": policy.digest(),
+        "erasure.model_sha256": served_sha256,
+    }
+    differs = [key.removeprefix("erasure.") for key, value in expected.items() if tags.get(key) != value]
+    if differs or found is None or run.info.experiment_id != found.experiment_id:
+        raise RequestError(
+            f"run {run_id} is not an audit of {version.name} version {version.version}'s served artifact under this policy "
+            f"({', '.join(differs) or 'experiment'} differ): a retry repeats that audit exactly"
+        )
+    if completed(run) and tags.get("erasure.outcome") in VERDICTS:
+        raise RequestError(
+            f"audit run {run_id} reached its verdict ({tags['erasure.outcome']}); only an audit without one "
+            "(an error, or one that never completed) is retried"
+        )
+    try:
+        seed = int(tags["erasure.seed"])
+    except (KeyError, ValueError):
+        raise RequestError(f"audit run {run_id} records no seed, so it cannot be repeated") from None
+    # recorded before attacks were: assume they were asked for, the stricter reading
+    attacks = tags.get("erasure.attacks_requested", "True") == "True"
+    return seed, attacks, tags.get("erasure.seed_chosen") == "True"
+
+
 def completed(run) -> bool:
     """Whether an audit run reached its verdict: finished, with the completion tag written last."""
     return run.info.status == "FINISHED" and run.data.tags.get(COMPLETE_TAG) == "true"
@@ -477,20 +520,84 @@ def audit_record(run_id: str) -> dict:
         return json.loads(Path(path).read_text())
 
 
+POLICY_TAG, POLICY_DIGEST_TAG = "erasure.audit_policy", "erasure.audit_policy_digest"  # on the registered model
+POLICY_RUN = "policy"
+
+
+def deployment_policy(name: str):
+    """The policy registered model ``name`` is audited and promoted under: the one set with
+    ``set_deployment_policy`` (a tag on the registered model), else the built-in default. Never
+    the environment of whoever audits or promotes: a laxer policy there proves nothing."""
+    from erasure.audit.policy import AuditPolicy, parse_policy
+
+    configure()
+    with _mlflow(f"reading the deployment policy of {name}"):
+        tags = MlflowClient().get_registered_model(name).tags
+    text = tags.get(POLICY_TAG)
+    if text is None:
+        return AuditPolicy()
+    where = f"the deployment policy of {name} (registered model tag {POLICY_TAG})"
+    try:
+        policy = parse_policy(json.loads(text), where)
+    except (json.JSONDecodeError, RequestError) as error:
+        raise RegistryError(f"{where} does not load ({error}): set it again with `erasure policy set {name} FILE`") from None
+    if policy.digest() != tags.get(POLICY_DIGEST_TAG):
+        raise RegistryError(
+            f"{where} is not the policy that was set (digest {policy.digest()}, recorded {tags.get(POLICY_DIGEST_TAG)}): "
+            f"its tags or its probe file changed since; set it again with `erasure policy set {name} FILE`"
+        )
+    return policy
+
+
+class PolicyRefused(ErasureError, RuntimeError):
+    """A deployment policy that judges more leniently than the current one, with no reason given."""
+
+    retry_helps = False
+
+
+def set_deployment_policy(name: str, policy, reason: str | None = None) -> list[str]:
+    """Make ``policy`` registered model ``name``'s deployment policy. One that judges more
+    leniently than the current one (``erasure.audit.policy.loosening``) needs ``reason``. Every
+    change is logged as an MLflow run (who, the previous and new digests, what it loosens, why)
+    before the registered model's tags change. Returns what it loosens."""
+    import getpass
+
+    from erasure.audit.policy import loosening
+
+    current = deployment_policy(name)
+    looser = loosening(current, policy)
+    if looser and not (reason and reason.strip()):
+        raise PolicyRefused(
+            f"the new policy for {name} judges more leniently than the current one ({'; '.join(looser)}): "
+            "give --reason REASON (logged) if that is the deployment's decision"
+        )
+    experiment(name)
+    with _mlflow(f"logging the policy change of {name}"), mlflow.start_run(run_name=POLICY_RUN):
+        mlflow.set_tags({
+            "erasure.flow": POLICY_RUN, "erasure.previous_policy_digest": current.digest(),
+            "erasure.policy_digest": policy.digest(), "erasure.changed_by": getpass.getuser(),
+            "erasure.loosens": "; ".join(looser)[:MAX_TAG_CHARS], "erasure.reason": (reason or "")[:MAX_TAG_CHARS],
+        })
+        mlflow.log_text(policy.model_dump_json(indent=1), "policy.json")
+    client = MlflowClient()
+    with _mlflow(f"setting the deployment policy of {name}"):
+        client.set_registered_model_tag(name, POLICY_TAG, policy.model_dump_json())
+        client.set_registered_model_tag(name, POLICY_DIGEST_TAG, policy.digest())
+    return looser
+
+
 class PromotionRefused(ErasureError, RuntimeError):
     """A version without a passing audit under the current policy cannot be promoted."""
 
     retry_helps = False
 
 
-def promote(name: str, version: str, alias: str = PRODUCTION, policy=None, override_reason: str | None = None) -> str:
+def promote(name: str, version: str, alias: str = PRODUCTION, override_reason: str | None = None) -> str:
     """Point ``alias`` at ``version``. Every alias but ``candidate`` needs a passing audit of that
-    version under the deployment's ``policy`` (see ``_check_audit``); ``override_reason`` skips
-    the check. Every promotion is logged as an MLflow run (who, what, under which policy, why).
-    Returns how it was allowed."""
+    version under the deployment's policy (``deployment_policy``; see ``_check_audit``);
+    ``override_reason`` skips the check. Every promotion is logged as an MLflow run (who, what,
+    under which policy, why). Returns how it was allowed."""
     import getpass
-
-    from erasure.audit.policy import AuditPolicy
 
     configure()
     client = MlflowClient()
@@ -498,7 +605,7 @@ def promote(name: str, version: str, alias: str = PRODUCTION, policy=None, overr
         found = client.get_model_version(name, version)  # a missing version is a LookupError, not an alias to nowhere
         if not is_ready(found):
             raise LookupError(f"{name} version {version} is incomplete (its registration was interrupted)")
-    policy = policy or AuditPolicy()
+    policy = deployment_policy(name)
     if alias == CANDIDATE:
         how = "no audit needed for the candidate alias"
     elif override_reason:
@@ -537,14 +644,22 @@ def _check_audit(name: str, version: str, policy) -> str:
         raise PromotionRefused(f"{name} version {version}: its model_key tag no longer names the model it serves: {fix}")
     runs = version_audits(name, version, digest, served.sha256)
     override = "only --override-audit REASON (logged) promotes this artifact under this policy now"
-    unfinished = [r for r in runs if not completed(r)]
-    if unfinished:
+    # a retry repeats an audit's probes and attacks exactly: its own outcome replaces the missing verdict
+    retried = {r.data.tags.get("erasure.retry_of") for r in runs if completed(r)}
+    unsettled = [
+        r for r in runs
+        if (not completed(r) or r.data.tags.get("erasure.outcome") == ERROR) and r.info.run_id not in retried
+    ]
+    if unsettled:
+        run = unsettled[0]
+        state = "ended in an error" if completed(run) else "has not completed"
         raise PromotionRefused(
-            f"{name} version {version}: an audit under the current policy (run {unfinished[0].info.run_id}, seed "
-            f"{unfinished[0].data.tags.get('erasure.seed', '?')}) has not completed. It counts as not passed: if it is "
-            f"still running, promote once it has passed; if it was killed or crashed, a later pass does not undo it, and {override}"
+            f"{name} version {version}: an audit under the current policy (run {run.info.run_id}, seed "
+            f"{run.data.tags.get('erasure.seed', '?')}) {state}. It counts as not passed, and a fresh pass does not undo it: "
+            f"if it is still running, wait for its verdict; else repeat it on the same probes with "
+            f"`erasure audit {name}/{version} --retry {run.info.run_id}`, or {override.removeprefix('only ')}"
         )
-    bad = [r for r in runs if r.data.tags.get("erasure.outcome") != "passed"]
+    bad = [r for r in runs if completed(r) and r.data.tags.get("erasure.outcome") not in ("passed", ERROR)]
     if bad:
         raise PromotionRefused(
             f"{name} version {version}: an audit under the current policy did not pass "

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from erasure.errors import ErasureError
 
-
 STATE_MARKER = ".erasure-state"
 # What a state folder holds: an older version's folder (no marker yet) holding only these is ours
 STATE_ENTRIES = frozenset({

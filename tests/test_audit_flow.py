@@ -5,6 +5,8 @@ import logging
 import pytest
 import typer
 
+from erasure.spec import RequestError
+
 REQUEST = {
     "model": "CompVis/stable-diffusion-v1-4",
     "concepts": [{"name": "snoopy", "anchor": "a dog"}],
@@ -109,9 +111,9 @@ def _registered(audit_module, monkeypatch, request=REQUEST):
     import json
     from types import SimpleNamespace
 
+    from erasure.spec import parse_request
     from tasks.jobs import ModelReference
     from tasks.keys import request_hash
-    from erasure.spec import parse_request
 
     monkeypatch.setattr(audit_module, "get_run_logger", lambda: logging.getLogger("audit-test"))
     version = SimpleNamespace(name="m", version="1", tags={"model_key": "models/a"})
@@ -147,3 +149,41 @@ def test_a_store_outage_during_an_audit_is_an_error_on_record_not_a_failed_verdi
             audit_module.audit_flow.fn("m/1", {"attacks": []})
         run = MlflowClient().get_run(started[-1])
         assert completed(run) and run.data.tags["erasure.outcome"] == outcome, outcome
+
+
+def test_a_retry_repeats_the_audit_on_its_seed_and_attacks_and_names_the_run_it_settles(embedded_mlflow, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    import flows.audit as audit_module
+    from erasure.errors import NoVerdict
+    from tasks.store import ArtifactError
+
+    _registered(audit_module, monkeypatch)
+    jobs = []
+
+    def outage(job, workers):
+        jobs.append(job)
+        raise ArtifactError("get failed on s3://bucket: Could not connect")
+
+    monkeypatch.setattr(audit_module, "audit_stage", outage)
+    policy = {"max_acc_e": 0.2}
+    with pytest.raises(ArtifactError):
+        audit_module.audit_flow.fn("m/1", policy, attacks=True)
+    first = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("erasure/m").experiment_id], "tags.`erasure.outcome` = 'error'"
+    )[0]
+
+    def judged(job, workers):
+        jobs.append(job)
+        raise NoVerdict("the judge is blind")
+
+    monkeypatch.setattr(audit_module, "audit_stage", judged)
+    with pytest.raises(audit_module.AuditInconclusive) as caught:
+        audit_module.audit_flow.fn("m/1", policy, attacks=False, retry_of=first.info.run_id)  # attacks come from the run
+    assert (jobs[1].seed, jobs[1].attacks) == (jobs[0].seed, True)
+    retry = MlflowClient().get_run(caught.value.result["run_id"])
+    assert retry.data.tags["erasure.retry_of"] == first.info.run_id and retry.data.tags["erasure.seed_chosen"] == "False"
+    with pytest.raises(RequestError, match="reached its verdict"):  # the retry itself reached one
+        audit_module.audit_flow.fn("m/1", policy, retry_of=retry.info.run_id)
+    with pytest.raises(RequestError, match="give no seed"):
+        audit_module.audit_flow.fn("m/1", policy, seed=3, retry_of=first.info.run_id)

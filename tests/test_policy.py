@@ -182,13 +182,13 @@ def test_the_committed_deployment_policy_is_the_default_policy_spelled_out():
 
 class FakeRun:
     def __init__(self, run_id, outcome="passed", attacks="run", seed_chosen="False", status="FINISHED", complete=True,
-                 deleted=False):
+                 deleted=False, retry_of=None):
         from tasks.registry import COMPLETE_TAG
 
         self.info = type("Info", (), {"run_id": run_id, "status": status, "lifecycle_stage": "deleted" if deleted else "active"})()
         self.data = type("Data", (), {"tags": {
             "erasure.outcome": outcome, "erasure.attacks": attacks, "erasure.seed_chosen": seed_chosen, "erasure.reasons": "x",
-        } | ({COMPLETE_TAG: "true"} if complete else {})})()
+        } | ({COMPLETE_TAG: "true"} if complete else {}) | ({"erasure.retry_of": retry_of} if retry_of else {})})()
 
 
 def test_promotion_needs_a_pass_of_the_served_artifact_no_failure_and_a_record_that_still_passes(monkeypatch):
@@ -216,7 +216,12 @@ def test_promotion_needs_a_pass_of_the_served_artifact_no_failure_and_a_record_t
         ([], "no audit under the current policy"),
         ([FakeRun("pass"), FakeRun("old", outcome="failed")], "did not pass.*a later pass does not undo it"),
         ([FakeRun("pass"), FakeRun("old", outcome="failed", deleted=True)], r"did not pass \(failed, run old"),  # deleting hides nothing
-        ([FakeRun("pass"), FakeRun("crash", outcome="error")], r"did not pass \(error, run crash"),
+        ([FakeRun("pass"), FakeRun("crash", outcome="error")], r"run crash.*ended in an error.*--retry crash"),
+        # a retry that has not completed, or that failed, settles nothing / fails the version
+        ([FakeRun("r", outcome="started", status="RUNNING", complete=False, retry_of="crash"), FakeRun("pass"),
+          FakeRun("crash", outcome="error")], r"run r\b.*has not completed"),
+        ([FakeRun("r", outcome="failed", retry_of="crash"), FakeRun("pass"), FakeRun("crash", outcome="error")], r"did not pass \(failed, run r"),
+        ([FakeRun("r", outcome="error", retry_of="crash"), FakeRun("pass"), FakeRun("crash", outcome="error")], r"run r\b.*ended in an error"),
         # killed before its verdict (the run is still RUNNING, its outcome tag says started)
         ([FakeRun("pass"), FakeRun("killed", outcome="started", status="RUNNING", complete=False)], r"run killed.*has not completed"),
         # ended by MLflow's own cleanup without our completion tag
@@ -231,6 +236,11 @@ def test_promotion_needs_a_pass_of_the_served_artifact_no_failure_and_a_record_t
         runs = runs_now
         with pytest.raises(registry.PromotionRefused, match=message):
             registry._check_audit("m", "1", policy)
+    # an outage or a kill is settled by its retry on the same probes, whatever the retry's verdict says
+    runs = [FakeRun("pass", retry_of="crash"), FakeRun("crash", outcome="error")]
+    assert registry._check_audit("m", "1", policy) == "audit passed (run pass)"
+    runs = [FakeRun("pass", retry_of="killed"), FakeRun("killed", outcome="started", status="RUNNING", complete=False)]
+    assert registry._check_audit("m", "1", policy) == "audit passed (run pass)"
     runs = [FakeRun("pass", attacks="skipped")]
     with pytest.raises(registry.PromotionRefused, match="with its attacks"):
         registry._check_audit("m", "1", AuditPolicy())  # the default policy lists attacks

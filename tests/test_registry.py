@@ -275,13 +275,14 @@ def test_deleting_an_audit_run_or_its_experiment_hides_nothing_from_promotion(re
 
     version = register(reference)
     policy = AuditPolicy(attacks=[])
+    registry.set_deployment_policy("m", policy, reason="this test runs no attacks")
     killed = registry.start_audit("m", version, policy, 7, reference.sha256)
     client = MlflowClient()
     client.delete_run(killed)
     runs = registry.version_audits("m", version.version, policy.digest(), reference.sha256)
     assert [r.info.run_id for r in runs] == [killed]
     with pytest.raises(registry.PromotionRefused, match="has not completed"):
-        registry.promote("m", version.version, policy=policy)
+        registry.promote("m", version.version)
     client.delete_experiment(client.get_experiment_by_name("erasure/m").experiment_id)
     with pytest.raises(RegistryError, match="experiment erasure/m is deleted.*restore it"):
         registry.version_audits("m", version.version, policy.digest(), reference.sha256)
@@ -301,3 +302,72 @@ def test_a_version_whose_request_json_was_edited_is_never_built_upon(reference):
     MlflowClient().log_text(version.run_id, request_of(("cat",)).model_dump_json(), "request.json")
     with pytest.raises(RequestError, match="request.json is not the request it was registered with"):
         verified_request(resolve("m/1"))
+
+
+def test_promotion_is_judged_by_the_registered_deployment_policy_never_the_promoters_environment(reference, monkeypatch):
+    """Issue 22, finding 7: `promote` used whatever policy the promoter's ERASURE_AUDIT_POLICY
+    named, so a laxer policy with no attacks was recorded as "audit passed"."""
+    from mlflow.tracking import MlflowClient
+
+    from erasure.audit.policy import AuditPolicy
+    from tasks import registry
+
+    version = register(reference)
+    strict, lax = AuditPolicy(), AuditPolicy(attacks=[], max_acc_e=0.5)
+    assert registry.deployment_policy("m").digest() == strict.digest()  # none set: the built-in default
+    # an audit that passed under the lax policy, with no attacks
+    run = registry.start_audit("m", version, lax, 5, reference.sha256)
+    registry.log_audit(run, "m", "passed", [], lax, False, {"concepts": [], "base": {}}, {}, None)
+    with pytest.raises(registry.PromotionRefused, match="no audit under the current policy"):
+        registry.promote("m", version.version)
+    with pytest.raises(registry.PolicyRefused, match="more leniently.*max_acc_e 0.25 -> 0.5.*attack prefix dropped.*--reason"):
+        registry.set_deployment_policy("m", lax)
+    assert registry.deployment_policy("m").digest() == strict.digest()  # refused: nothing changed
+    assert registry.set_deployment_policy("m", AuditPolicy(max_acc_e=0.1)) == []  # stricter: no reason needed
+    assert registry.set_deployment_policy("m", lax, reason="the toy test model") != []
+    assert registry.deployment_policy("m").digest() == lax.digest()
+    changes = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("erasure/m").experiment_id], "tags.`erasure.flow` = 'policy'"
+    )
+    assert len(changes) == 2 and {r.data.tags["erasure.reason"] for r in changes} == {"", "the toy test model"}
+    # an edited policy tag is refused, not obeyed
+    MlflowClient().set_registered_model_tag("m", registry.POLICY_TAG, AuditPolicy(max_acc_e=0.5, attacks=[], max_acc_g=0.5).model_dump_json())
+    with pytest.raises(RegistryError, match="not the policy that was set"):
+        registry.promote("m", version.version)
+
+
+def test_the_retired_policy_variable_is_refused_not_silently_ignored(monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.setenv("ERASURE_AUDIT_POLICY", "lax.yaml")
+    for command in (["promote", "m", "1"], ["audit", "m/1"]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2 and "ERASURE_AUDIT_POLICY is no longer read" in result.output, command
+
+
+def test_an_audit_without_a_verdict_is_retried_on_its_own_probes_and_attacks_only(reference):
+    """Issue 22, finding 5: an outage's "error" must not block a version for good, and retrying
+    it must not draw new probes (that would let a caller stop bad audits until one passes)."""
+    from erasure.audit.policy import AuditPolicy
+    from erasure.spec import RequestError
+    from tasks import registry
+
+    version = register(reference)
+    policy = AuditPolicy()
+    crashed = registry.start_audit("m", version, policy, 11, reference.sha256, attacks=True)
+    registry.log_audit(crashed, "m", "error", ["ArtifactError: S3 down"], policy, False, {}, {}, None)
+    assert registry.audit_to_retry(crashed, version, policy, reference.sha256) == (11, True, False)
+    killed = registry.start_audit("m", version, policy, 12, reference.sha256, attacks=False)
+    assert registry.audit_to_retry(killed, version, policy, reference.sha256) == (12, False, False)
+    judged = registry.start_audit("m", version, policy, 13, reference.sha256)
+    registry.log_audit(judged, "m", "failed", ["red drawn"], policy, False, {}, {}, None)
+    with pytest.raises(RequestError, match="reached its verdict \\(failed\\)"):
+        registry.audit_to_retry(judged, version, policy, reference.sha256)
+    with pytest.raises(RequestError, match="policy_digest"):
+        registry.audit_to_retry(crashed, version, AuditPolicy(max_acc_e=0.1), reference.sha256)
+    with pytest.raises(RequestError, match="model_sha256"):
+        registry.audit_to_retry(crashed, version, policy, "0" * 64)
+    with pytest.raises(LookupError, match="no MLflow run"):
+        registry.audit_to_retry("f" * 32, version, policy, reference.sha256)

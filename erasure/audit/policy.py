@@ -188,6 +188,34 @@ class Verdict:
         return "inconclusive" if self.inconclusive else "passed"
 
 
+def loosening(current: AuditPolicy, new: AuditPolicy) -> list[str]:
+    """How ``new`` judges more leniently than ``current``, setting by setting: a higher ceiling, a
+    lower floor, fewer probes, an attack dropped or weakened, and any change of sampler, judges or
+    probe file (they decide what is measured, so each is a judgement an operator signs). Empty
+    when ``new`` is at least as strict."""
+    looser = []
+    for setting in ("max_acc_e", "max_acc_g", "max_unconditional_drift"):
+        if getattr(new, setting) > getattr(current, setting):
+            looser.append(f"{setting} {getattr(current, setting)} -> {getattr(new, setting)}")
+    for setting in ("min_acc_s_ratio", "min_base_accuracy", "probes_per_concept", "retained_limit"):
+        if getattr(new, setting) < getattr(current, setting):
+            looser.append(f"{setting} {getattr(current, setting)} -> {getattr(new, setting)}")
+    for setting in ("images", "inversion_steps", "prefix_tokens", "ring_a_bell_tokens"):
+        if getattr(new.attack_budget, setting) < getattr(current.attack_budget, setting):
+            looser.append(f"attack_budget.{setting} {getattr(current.attack_budget, setting)} -> {getattr(new.attack_budget, setting)}")
+    looser += [f"attack {a} dropped" for a in current.attacks if a not in new.attacks]
+    for attack, limit in current.max_attack_success.items():
+        now = new.max_attack_success.get(attack)
+        if limit is not None and (now is None or now > limit):
+            looser.append(f"max_attack_success.{attack} {limit} -> {now}")
+    for setting in ("sampler_steps", "guidance_scale", "judges", "probe_file"):
+        if getattr(new, setting) != getattr(current, setting):
+            looser.append(f"{setting} changed")
+    if new.probe_file is not None and new.probe_file == current.probe_file and new.digest() != current.digest():
+        looser.append("probe_file's content changed")
+    return looser
+
+
 def judge_verdict(metrics: dict, policy: AuditPolicy, calibration: dict | None = None, attacks: list[dict] | None = None) -> Verdict:
     """Check an evaluation (``erasure.evaluation.evaluate.evaluation_json``) and attack rows against ``policy``.
 
