@@ -52,7 +52,9 @@ def warn(messages: list[str]) -> None:
 
 
 def fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
+    from tasks.state import scrub
+
+    console.print(f"[bold red]error:[/] {escape(scrub(message))}", soft_wrap=True, highlight=False)
     raise typer.Exit(code=code)
 
 
@@ -63,23 +65,27 @@ def report_errors(call):
     """Run ``call``. A product error (``erasure.errors``) is printed as its message, never a
     traceback, and the command exits with the error's own code; anything else is printed with
     its traceback and exits 4."""
+    import traceback
+
     from pydantic import ValidationError
 
     from erasure.errors import ErasureError, NoVerdict
+    from tasks.state import scrub
 
     try:
         return call()
     except typer.Exit:
         raise
     except NoVerdict as error:  # nothing was judged: neither a pass nor a leak
-        console.print(f"[bold yellow]no verdict:[/] {escape(str(error))}", soft_wrap=True, highlight=False)
+        console.print(f"[bold yellow]no verdict:[/] {escape(scrub(str(error)))}", soft_wrap=True, highlight=False)
         raise typer.Exit(code=error.exit_code) from None
     except ErasureError as error:
         fail(str(error), error.exit_code)
     except (LookupError, ValidationError) as error:  # a registered name or version that is not there
         fail(str(error))
-    except Exception:  # noqa: BLE001 (reported whole, with its own exit code)
-        console.print_exception()
+    except Exception as error:  # noqa: BLE001 (reported whole, with its own exit code)
+        # the traceback as text, scrubbed: a library's message may quote a URL with its password
+        console.print(escape(scrub("".join(traceback.format_exception(error)))), soft_wrap=True, highlight=False)
         console.print(f"[bold red]unexpected error[/] (exit {UNEXPECTED_EXIT}): the traceback above says where", highlight=False)
         raise typer.Exit(code=UNEXPECTED_EXIT) from None
 

@@ -36,7 +36,7 @@ from mlflow.tracking import MlflowClient
 from erasure.errors import ErasureError
 from erasure.spec import ErasureRequest, RequestError
 from tasks.jobs import ModelReference
-from tasks.state import private_dir, state_dir, without_password
+from tasks.state import private_dir, scrub, state_dir, without_password
 
 CANDIDATE, PRODUCTION = "candidate", "production"
 STATUS_TAG, READY, PENDING = "erasure.status", "ready", "pending"
@@ -105,12 +105,13 @@ def _mlflow(what: str) -> Iterator[None]:
         if error.error_code == "RESOURCE_DOES_NOT_EXIST" or (
             error.error_code == "INVALID_PARAMETER_VALUE" and "not found" in error.message  # a missing alias
         ):
-            raise LookupError(f"{what}: {error.message}") from None
+            raise LookupError(scrub(f"{what}: {error.message}")) from None
         if error.error_code in _LOGICAL:
             raise
-        raise RegistryError(f"MLflow at {tracking_uri()}: {what} failed: {error.message}") from None
+        # MLflow's own message repeats the request's full URL, password and all
+        raise RegistryError(scrub(f"MLflow at {tracking_uri()}: {what} failed: {error.message}")) from None
     except OSError as error:  # requests' connection errors and timeouts are OSErrors
-        raise RegistryError(f"MLflow at {tracking_uri()}: {what} failed: {error}") from None
+        raise RegistryError(scrub(f"MLflow at {tracking_uri()}: {what} failed: {error}")) from None
 
 
 def _requirements() -> list[str]:
@@ -410,6 +411,7 @@ def log_audit(
     params and as a file), every metric overall and per concept (history over nightly audits),
     attack success, and the HTML report; the completion tag last."""
     configure()
+    reasons = [scrub(reason) for reason in reasons]  # an error's message may quote a server's URL
     with _mlflow(f"logging the audit of {name}"):
         experiment(name)
     with _mlflow(f"logging the audit of {name}"), mlflow.start_run(run_id=run_id) as run:

@@ -105,4 +105,32 @@ def env_seconds(variable: str, default: float) -> float:
 
 def without_password(url: str) -> str:
     """``url`` as a message may show it: a password in it (``scheme://user:password@host``) becomes ``***``."""
-    return re.sub(r"(//[^/:@]*:)[^/]*@", r"\1***@", url)  # up to the last "@" before the path
+    return re.sub(r"(//[^/:@\s]*:)[^/\s]*@", r"\1***@", url)  # up to the last "@" before the path
+
+
+# Variables whose values are secrets wherever they appear (a server may echo one back in an error)
+SECRET_VARIABLES = (
+    "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "PGPASSWORD",
+    "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "RAY_AUTH_TOKEN",
+)
+URL_VARIABLES = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "ERASURE_S3_ENDPOINT", "RAY_ADDRESS")
+
+
+def scrub(text: str) -> str:
+    """``text`` as a message or a record may show it: every URL's password masked, and every
+    secret this process holds (``SECRET_VARIABLES``, passwords inside ``URL_VARIABLES``, raw or
+    percent-encoded) replaced by ``***``, for servers that repeat them in their own messages."""
+    from urllib.parse import quote, unquote, urlsplit
+
+    secrets = {os.environ.get(v, "") for v in SECRET_VARIABLES}
+    for variable in URL_VARIABLES:
+        try:
+            password = urlsplit(os.environ.get(variable, "")).password
+        except ValueError:
+            password = None
+        if password:
+            secrets |= {password, unquote(password), quote(unquote(password), safe="")}
+    text = without_password(str(text))
+    for secret in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):  # a longer one may hold a shorter
+        text = text.replace(secret, "***")
+    return text

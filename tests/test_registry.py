@@ -371,3 +371,28 @@ def test_an_audit_without_a_verdict_is_retried_on_its_own_probes_and_attacks_onl
         registry.audit_to_retry(crashed, version, policy, "0" * 64)
     with pytest.raises(LookupError, match="no MLflow run"):
         registry.audit_to_retry("f" * 32, version, policy, reference.sha256)
+
+
+def test_a_password_mlflow_repeats_in_its_own_message_never_reaches_one_of_ours(monkeypatch, capsys):
+    """Issue 22, finding 6: the URL prefix was masked, but MLflow's message repeated the full URL."""
+    import typer
+    from mlflow.exceptions import MlflowException
+
+    from cli.app import report_errors
+    from tasks import registry
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:pa%40ss-w0rd@127.0.0.1:1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-value")
+    echoed = "API request to http://alice:pa%40ss-w0rd@127.0.0.1:1/api/2.0/mlflow/runs/get failed (password pa@ss-w0rd)"
+    with pytest.raises(RegistryError) as caught, registry._mlflow("reading a run"):
+        raise MlflowException(echoed)
+    assert "pa%40ss-w0rd" not in str(caught.value) and "pa@ss-w0rd" not in str(caught.value)
+    assert "alice:***@127.0.0.1" in str(caught.value)
+    for error in (caught.value, RuntimeError(f"{echoed}; key aws-secret-value"), LookupError(echoed)):
+        def call(error=error):
+            raise error
+
+        with pytest.raises(typer.Exit):
+            report_errors(call)
+        printed = capsys.readouterr().err
+        assert "w0rd" not in printed and "aws-secret-value" not in printed and "***" in printed, printed
