@@ -43,10 +43,15 @@ def _print_version(result: dict) -> None:
 
 def _warm_pool_for(model: str, workers: int) -> None:
     """Start the workers for a registered version's base model while Prefect starts."""
+    import sqlalchemy.orm  # noqa: F401 (see below)
+
     from flows.takedown import parent_reference
     from tasks.compute import warm_pool
     from tasks.registry import resolve, verified_request
 
+    # The thread reads MLflow (SQLAlchemy) while Prefect starts (SQLAlchemy too): two threads
+    # importing sqlalchemy.orm for the first time at once crashed half the concurrent takedowns
+    # ("partially initialized module"). Imported here first, it is whole before either starts.
     # verified: an edited request.json must not even start workers for the model it names
     warm_pool(lambda: verified_request(resolve(parent_reference(model))).model, workers)
 

@@ -186,3 +186,24 @@ def test_a_takedown_of_a_preserved_concept_says_before_it_starts_that_every_conc
     order.clear()
     quiet = CliRunner().invoke(app, ["takedown", "demo/2", "purple", "--anchor", "white"])
     assert quiet.exit_code == 0 and order == ["workers", "flow"]
+
+
+def test_the_warm_up_thread_starts_only_once_sqlalchemy_orm_is_imported_whole():
+    """Issue 22, finding 4: two takedowns at once crashed in 4 of 8 runs, because the warm-up
+    thread (MLflow) and Prefect's start-up imported sqlalchemy.orm together. The race itself
+    needs two processes' timing; this checks what prevents it, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "import tasks.compute as compute\n"
+        "seen = []\n"
+        "compute.warm_pool = lambda model, workers: seen.append('sqlalchemy.orm' in sys.modules)\n"
+        "from cli import pipeline\n"
+        "pipeline._warm_pool_for('m@candidate', 1)\n"
+        "print(seen)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[True]"
