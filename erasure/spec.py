@@ -445,14 +445,47 @@ def registered_request(text: str) -> ErasureRequest:
 INPUT_ROOT_VARIABLE = "ERASURE_INPUT_ROOT"
 
 
+MAX_INPUT_ENTRIES = 100_000  # files and folders inside one input folder: a model's are a few dozen
+
+
 def inside_input_root(path: Path, field: str) -> Path:
     """On a shared runner (a deployment's worker) requests may name files only under the folder
     the operator set in ``$ERASURE_INPUT_ROOT``: a request must not read the runner's secrets as
-    captions or load an arbitrary folder as a model. Unset (a laptop): any path."""
+    captions or load an arbitrary folder as a model. ``path`` is resolved, then checked, and so is
+    everything inside a folder (a symlinked ``unet/`` leading outside is refused too). Called
+    wherever a path is used, not only where a request is first read: a registered request's paths
+    were checked on another machine, or before the root was set. Unset (a laptop): any path."""
     root = os.environ.get(INPUT_ROOT_VARIABLE)
-    if root and not path.is_relative_to(Path(root).resolve()):
+    if not root:
+        return path
+    top, resolved = Path(root).resolve(), Path(path).expanduser().resolve()
+    if not resolved.is_relative_to(top):
         raise RequestError(f"{field}: {str(path)!r} is outside {INPUT_ROOT_VARIABLE} ({root}); put the file there")
-    return path
+    if resolved.is_dir():
+        _check_tree_inside(resolved, top, field, root)
+    return resolved
+
+
+def _check_tree_inside(folder: Path, top: Path, field: str, root: str) -> None:
+    seen, entries = {folder}, 0
+    for current, folders, files in os.walk(folder, followlinks=True):
+        for name in folders + files:
+            entries += 1
+            if entries > MAX_INPUT_ENTRIES:
+                raise RequestError(f"{field}: {str(folder)!r} holds more than {MAX_INPUT_ENTRIES} files and folders")
+            target = (Path(current) / name).resolve()
+            if not target.is_relative_to(top):
+                raise RequestError(
+                    f"{field}: {str(Path(current) / name)!r} inside {str(folder)!r} leads outside {INPUT_ROOT_VARIABLE} "
+                    f"({root}) (a symlink); copy what it points to into the folder instead"
+                )
+        kept = []
+        for name in folders:  # a symlink loop would walk for ever: each real folder once
+            target = (Path(current) / name).resolve()
+            if target not in seen:
+                seen.add(target)
+                kept.append(name)
+        folders[:] = kept
 
 
 def read_captions(path: Path, expected_sha256: str | None = None) -> tuple[list[str], str]:

@@ -34,7 +34,7 @@ def stage_captions(request: ErasureRequest) -> str | None:
     import tempfile
     from pathlib import Path
 
-    from erasure.spec import read_captions
+    from erasure.spec import inside_input_root, read_captions
     from tasks.keys import CAPTIONS_FILE, captions_key
     from tasks.store import store_from_url, store_settings
 
@@ -45,7 +45,8 @@ def stage_captions(request: ErasureRequest) -> str | None:
     if not store.exists(key):
         with tempfile.TemporaryDirectory() as folder:
             copy = Path(folder) / CAPTIONS_FILE
-            shutil.copyfile(request.preserve.captions, copy)
+            # checked again: a registered request's path was checked on another machine, or before a root was set
+            shutil.copyfile(inside_input_root(Path(request.preserve.captions), "preserve.captions"), copy)
             read_captions(copy, request.preserve.captions_sha256)  # the copy is the validated content
             store.publish(key, Path(folder))
     return key

@@ -22,7 +22,7 @@ from erasure.artifacts import PRIOR_FILE, ConceptArtifact, load_concept, load_pr
 from erasure.diffusion.models import fingerprint, save_components
 from erasure.erase import base_prior, erase_concept, fuse, prepare_request, with_weights
 from erasure.loading import load_components
-from erasure.spec import check_concepts_against_tokenizer
+from erasure.spec import BUILTIN_PREFIX, check_concepts_against_tokenizer, inside_input_root
 from tasks.jobs import (
     AuditJob,
     ConceptJob,
@@ -51,6 +51,8 @@ class ConceptWorker:
             )
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model
+        if not model.startswith(BUILTIN_PREFIX) and Path(model).expanduser().is_dir():
+            inside_input_root(Path(model), "model")  # checked again here: a registered request's path was checked elsewhere
         self.components = load_components(model, self.device)
         self.base_fingerprint = fingerprint(self.components)
         self.store = store_from_url(store_url, s3_endpoint)
@@ -155,7 +157,7 @@ class ConceptWorker:
                 path = store.fetch(target.model_key, Path(folder) / "model", expect_sha256=target.sha256)
                 model = load_components(str(path), self.device)
             elif target is not None:
-                model = load_components(str(target), self.device)
+                model = load_components(str(inside_input_root(Path(target), "model")), self.device)
             else:
                 model = self.components
             result = run_audit(model, self.components, request, job.policy, job.seed, attacks=job.attacks, device=self.device)

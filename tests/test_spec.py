@@ -203,3 +203,27 @@ def test_a_runner_with_an_input_root_refuses_files_outside_it(tmp_path, monkeypa
         parse_request(with_(preserve={"captions": "../secrets/token"}), base_dir=inside)
     with pytest.raises(RequestError, match="model: .* is outside ERASURE_INPUT_ROOT"):
         parse_request(with_(model=str(outside)))
+
+
+def test_an_input_root_is_checked_through_symlinks_inside_it_and_again_when_a_worker_loads(tmp_path, monkeypatch, tiny_folder):
+    """Issue 22, finding 9: a model folder under ERASURE_INPUT_ROOT whose unet/ was a symlink to a
+    UNet outside it was loaded and erased; and takedown, restore and audit of a registered version
+    reused its request.json's paths without checking the root again."""
+    import shutil
+
+    from tasks.worker import ConceptWorker
+
+    inside, outside = tmp_path / "inputs", tmp_path / "elsewhere"
+    inside.mkdir(), outside.mkdir()
+    shutil.copytree(tiny_folder, inside / "model")
+    shutil.move(inside / "model" / "unet", outside / "unet")
+    (inside / "model" / "unet").symlink_to(outside / "unet", target_is_directory=True)
+    monkeypatch.setenv("ERASURE_INPUT_ROOT", str(inside))
+    with pytest.raises(RequestError, match="model: .*unet.* leads outside ERASURE_INPUT_ROOT"):
+        parse_request(with_(model=str(inside / "model")))
+    # a registered request's path, never validated under this root: the worker checks it itself
+    (outside / "model").mkdir()
+    with pytest.raises(RequestError, match="model: .* is outside ERASURE_INPUT_ROOT"):
+        ConceptWorker(str(outside / "model"), str(tmp_path / "store"))
+    with pytest.raises(RequestError, match="model: .*unet.* leads outside ERASURE_INPUT_ROOT"):
+        ConceptWorker(str(inside / "model"), str(tmp_path / "store"))
