@@ -41,6 +41,14 @@ def _print_version(result: dict) -> None:
         out.print(json.dumps(result["metrics"]))
 
 
+def _private_state() -> None:
+    """Before a flow starts Prefect: the state folder claimed (or refused) and Prefect's home in
+    it created private, so its database of every run's parameters is no one else's to read."""
+    from tasks.state import private_prefect_home
+
+    report_errors(private_prefect_home)
+
+
 def _warm_pool_for(model: str, workers: int) -> None:
     """Start the workers for a registered version's base model while Prefect starts."""
     import sqlalchemy.orm  # noqa: F401 (see below)
@@ -73,6 +81,7 @@ def run(
     except RequestError as error:
         fail(str(error))
     warn(spec.specificity_warnings())
+    _private_state()
     from flows.erase import erase_flow
     from tasks.compute import warm_pool
 
@@ -100,6 +109,7 @@ def takedown(
         parse_concepts(specs)
     except RequestError as error:
         fail(str(error))
+    _private_state()
     from flows.takedown import rerun_notice, takedown_flow
 
     notice = report_errors(lambda: rerun_notice(model, specs))
@@ -118,6 +128,7 @@ def restore(
     evaluate: bool = typer.Option(True, help="Evaluate the new version; the audit judges it before any promotion either way."),
 ) -> None:
     """Remove concepts from a registered model's erasure: a new version, fused without them."""
+    _private_state()
     from flows.restore import restore_flow
 
     _warm_pool_for(model, workers)
@@ -202,6 +213,8 @@ def audit(
     """Compliance check under the deployment's policy: exit 0 passed, 1 failed (every reason named),
     2 bad input or a failed service, 3 inconclusive or no judge (nothing was proved)."""
     from erasure.spec import RequestError, load_request
+
+    _private_state()
     from flows.audit import AuditInconclusive, ConceptLeak, audit_flow
 
     chosen = _policy(policy)

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from unittest import mock
 
 import ray
@@ -33,7 +35,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from erasure.errors import ErasureError
 from tasks.jobs import Job
-from tasks.state import env_seconds
+from tasks.state import StateDirError, env_seconds, private_dir, state_dir
 from tasks.store import store_settings
 from tasks.worker import ConceptWorker
 
@@ -107,6 +109,7 @@ def ensure_ray() -> None:
             )
 
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        temp_dir = _private_ray_files()
         with (
             mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False),
             mock.patch.object(Node, "start_api_server", _no_api_server),
@@ -117,7 +120,51 @@ def ensure_ray() -> None:
                 dashboard_host="127.0.0.1",
                 log_to_driver=False,
                 num_cpus=int(os.environ.get("ERASURE_RAY_CPUS", os.cpu_count() or 1)),
+                _temp_dir=str(temp_dir),
             )
+
+
+# Ray's Unix sockets live at <temp>/session_<date>_<time>_<us>_<pid>/sockets/plasma_store, about
+# 62 characters below its temp folder, and a socket path may have at most 107
+RAY_TEMP_MAX_CHARS = 40
+_token_set: list[str | None] = [None]  # the token path this process set, not an operator's
+
+
+def _private_ray_files() -> Path:
+    """Where a local Ray keeps its files, and its authentication token: ``<state>/ray`` (0700; Ray
+    makes its own temp folder inside 0777, which the private parent closes), the token a 0600 file
+    in it. Ray 2.60 turns token authentication on for local clusters and would otherwise write the
+    token to ``~/.ray/auth_token`` (0644) and its sessions to ``/tmp/ray`` (0777), shared by every
+    state folder. A state folder too deep for Ray's socket paths gets a private folder of this
+    user's under the system's temp folder instead, named after it."""
+    import hashlib
+    import secrets
+    import tempfile
+
+    folder = private_dir(state_dir() / "ray")
+    token = folder / "auth-token"
+    if not token.exists():
+        fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # an operator's own choice wins
+    if os.environ.get("RAY_AUTH_TOKEN_PATH") in (None, "", _token_set[0]):  # ours from an earlier state folder
+        os.environ["RAY_AUTH_TOKEN_PATH"] = _token_set[0] = str(token)
+    # Ray read both when it was imported (its config and token loader cache them): read again
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+    if len(str(folder / "tmp")) <= RAY_TEMP_MAX_CHARS:
+        return folder / "tmp"
+    short = Path(tempfile.gettempdir()) / f"erasure-{os.getuid()}"
+    short.mkdir(mode=0o700, exist_ok=True)
+    info = short.lstat()  # a symlink planted there by another user is not followed
+    if info.st_uid != os.getuid() or not stat.S_ISDIR(info.st_mode):
+        raise StateDirError(f"{short} is not a folder of this user's: remove it, or use a shorter ERASURE_STATE_DIR")
+    if info.st_mode & 0o077:
+        short.chmod(0o700)
+    return short / hashlib.sha256(str(folder).encode()).hexdigest()[:12]
 
 
 def resolve_device(device: str | None = None) -> str:

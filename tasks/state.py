@@ -89,6 +89,15 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def private_prefect_home() -> None:
+    """Create Prefect's home private (0700, claiming the state folder first) when it lies in the
+    state folder (``tasks/__init__.py`` puts it there): Prefect would create it, and the state
+    folder above it, with the process's umask."""
+    home = Path(os.environ.get("PREFECT_HOME", "")).expanduser().resolve()
+    if os.environ.get("PREFECT_HOME") and (home == state_dir() or state_dir() in home.parents):
+        private_dir(home)
+
+
 def env_seconds(variable: str, default: float) -> float:
     """A positive number of seconds from ``$variable``, else ``default``; a bad value is an error naming it."""
     text = os.environ.get(variable)

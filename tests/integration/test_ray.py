@@ -3,6 +3,7 @@
 import ipaddress
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +99,54 @@ def test_local_ray_listens_on_loopback_only_and_runs_no_dashboard(fresh_local_ra
     dashboards = [describe(p) for p in ray_processes() if any("dashboard/dashboard.py" in part for part in p.cmdline())]
     assert not dashboards, f"a dashboard process runs: {dashboards}"
     ray.kill(probe)
+
+
+RAY_AND_PREFECT_FILES = """
+import json, os, sys
+import ray
+from tasks.compute import ensure_ray
+from prefect.settings import get_current_settings
+
+ensure_ray()
+
+@ray.remote
+def one():
+    return 1
+
+assert ray.get(one.remote()) == 1
+print(json.dumps({"temp": ray._private.worker._global_node.get_temp_dir_path(), "prefect": str(get_current_settings().home)}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.parametrize("depth", ["short", "deep"])
+def test_ray_and_prefect_keep_their_files_and_token_in_the_private_state_folder(tmp_path, depth):
+    """Issue 22, finding 11: ~/.prefect/prefect.db held every run's request, shared across state
+    folders; Ray used /tmp/ray (0777) and wrote its token to ~/.ray/auth_token (0644)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    home = tmp_path / "home"
+    home.mkdir()
+    short = Path(tempfile.mkdtemp(prefix="es", dir="/tmp"))  # deep enough paths exceed Ray's socket limit
+    state = short / "s" if depth == "short" else tmp_path / ("deep-" * 8) / "state"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PREFECT_HOME"))}
+    env |= {"HOME": str(home), "ERASURE_STATE_DIR": str(state), "ERASURE_RAY_CPUS": "1"}
+    try:
+        result = subprocess.run([sys.executable, "-c", RAY_AND_PREFECT_FILES], env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        where = json.loads(result.stdout.strip().splitlines()[-1])
+        assert where["prefect"] == str(state.resolve() / "prefect")
+        assert not (home / ".ray").exists() and not (home / ".prefect").exists()
+        token = state / "ray" / "auth-token"
+        assert token.stat().st_mode & 0o777 == 0o600 and (state / "ray").stat().st_mode & 0o777 == 0o700
+        temp = Path(where["temp"])
+        if depth == "short":
+            assert temp == (state / "ray" / "tmp").resolve()
+        else:  # a private folder of this user's, named after the state folder
+            assert temp.parent.name == f"erasure-{os.getuid()}" and temp.parent.stat().st_mode & 0o777 == 0o700
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
