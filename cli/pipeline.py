@@ -49,6 +49,14 @@ def _private_state() -> None:
     report_errors(private_prefect_home)
 
 
+def _start_prefect() -> None:
+    """Prefect's temporary server, started here (while the workers warm) and stopped by a reaper
+    if this command is killed (``tasks.prefect_server``); nothing where PREFECT_API_URL is set."""
+    from tasks.prefect_server import start_temporary_server
+
+    report_errors(start_temporary_server)
+
+
 def _warm_pool_for(model: str, workers: int) -> None:
     """Start the workers for a registered version's base model while Prefect starts."""
     import sqlalchemy.orm  # noqa: F401 (see below)
@@ -87,6 +95,7 @@ def run(
 
     warm_pool(spec.model, workers)  # while Prefect starts its API server
 
+    _start_prefect()
     result = report_errors(lambda: erase_flow(json.loads(spec.model_dump_json()), name or request.stem, workers, evaluate))
     _print_version(result)
 
@@ -116,6 +125,7 @@ def takedown(
     if notice:
         warn([notice])
     _warm_pool_for(model, workers)
+    _start_prefect()
     result = report_errors(lambda: takedown_flow(model, specs, workers, evaluate))
     _print_version(result)
 
@@ -132,6 +142,7 @@ def restore(
     from flows.restore import restore_flow
 
     _warm_pool_for(model, workers)
+    _start_prefect()
     result = report_errors(lambda: restore_flow(model, list(concepts), workers, evaluate))
     _print_version(result)
 
@@ -229,6 +240,8 @@ def audit(
     if retry is not None and (seed is not None or request is not None):
         fail("--retry repeats a registered version's audit on its own seed: give neither --seed nor --request")
     arguments = None if chosen is None else json.loads(chosen.model_dump_json())
+
+    _start_prefect()
 
     def audited() -> dict:
         try:
