@@ -50,7 +50,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from erasure.errors import ErasureError
@@ -70,11 +70,26 @@ def services_dir() -> Path:
 
 
 
+def _port_variable(variable: str, default: int) -> int:
+    """``$variable`` as a TCP port, else ``default``; anything else is an error naming it."""
+    text = os.environ.get(variable)
+    if not text:
+        return default
+    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
+        raise ServiceError(f"{variable}={text!r} is not a port: give a number from 1 to 65535, or unset it")
+    return int(text)
+
+
 @dataclass
 class Ports:
-    s3: int = int(os.environ.get("ERASURE_S3_PORT", 8333))
-    mlflow: int = int(os.environ.get("ERASURE_MLFLOW_PORT", 5000))
-    prefect: int = int(os.environ.get("ERASURE_PREFECT_PORT", 4200))
+    """The ports the servers listen on; read from the environment when made, not when imported."""
+
+    s3: int = field(default_factory=lambda: _port_variable("ERASURE_S3_PORT", 8333))
+    mlflow: int = field(default_factory=lambda: _port_variable("ERASURE_MLFLOW_PORT", 5000))
+    prefect: int = field(default_factory=lambda: _port_variable("ERASURE_PREFECT_PORT", 4200))
+
+
+PORT_VARIABLES = {"s3": "ERASURE_S3_PORT", "mlflow": "ERASURE_MLFLOW_PORT", "prefect": "ERASURE_PREFECT_PORT"}
 
 
 def _bin(name: str) -> str:
@@ -277,6 +292,12 @@ def _start(name: str, command: list[str], env: dict, ready, timeout: float, port
 def _start_locked(name: str, command: list[str], env: dict, ready, timeout: float, port: int, **extra) -> float:
     record, _ = _recorded(name)
     if record:
+        running = (record.get("ports") or {}).get(name)
+        if running is not None and running != port:  # the env file would point where nothing listens
+            raise ServiceError(
+                f"{name} already runs (pid {record['pid']}) on port {running}, not {port}: run `erasure services down` "
+                f"to move it, or set {PORT_VARIABLES[name]}={running}"
+            )
         return 0.0
     for _ in range(50):  # a server we just stopped may still be closing its socket
         if not _port_open(port):
@@ -306,7 +327,8 @@ def _start_locked(name: str, command: list[str], env: dict, ready, timeout: floa
     raise ServiceError(f"{name} was not ready after {timeout:.0f} s; see {log_path}")
 
 
-def start_s3(ports: Ports = Ports()) -> float:
+def start_s3(ports: Ports | None = None) -> float:
+    ports = ports or Ports()
     key, secret = credentials()
     data = private_dir(services_dir() / "seaweedfs")
     names = ("s3.grpc", "master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "admin", "admin.grpc")
@@ -328,7 +350,8 @@ def start_s3(ports: Ports = Ports()) -> float:
     return _start("s3", command, env, ready, 60, ports.s3, ports={"s3": ports.s3, **internal})
 
 
-def start_mlflow(ports: Ports = Ports(), backend_uri: str | None = None) -> float:
+def start_mlflow(ports: Ports | None = None, backend_uri: str | None = None) -> float:
+    ports = ports or Ports()
     folder = private_dir(services_dir())
     backend_uri = backend_uri or f"sqlite:///{folder / 'mlflow.db'}"
     command = [
@@ -342,7 +365,8 @@ def start_mlflow(ports: Ports = Ports(), backend_uri: str | None = None) -> floa
     return _start("mlflow", command, env, ready, 120, ports.mlflow, ports={"mlflow": ports.mlflow})
 
 
-def start_prefect(ports: Ports = Ports(), database_url: str | None = None) -> float:
+def start_prefect(ports: Ports | None = None, database_url: str | None = None) -> float:
+    ports = ports or Ports()
     folder = private_dir(services_dir())
     env = {"PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(ports.prefect), "PREFECT_HOME": str(folder / "prefect")}
     if database_url:
@@ -400,8 +424,9 @@ def status() -> dict[str, int | None]:
     return running
 
 
-def environment(ports: Ports = Ports(), prefect: bool = False) -> dict[str, str]:
+def environment(ports: Ports | None = None, prefect: bool = False) -> dict[str, str]:
     """The variables that point the pipeline at these services."""
+    ports = ports or Ports()
     key, secret = credentials()
     env = {
         "ERASURE_STORE": "s3://erasure/artifacts",

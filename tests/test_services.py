@@ -265,3 +265,34 @@ def test_a_server_is_recorded_by_its_command_line_even_when_read_before_it_has_o
     while real_identity(pid) not in (None,) and real_identity(pid)[2] != "Z" and time.time() < deadline:
         time.sleep(0.1)
     assert real_identity(pid) is None or real_identity(pid)[2] == "Z"  # signalled, not orphaned
+
+
+def test_services_up_with_other_ports_than_the_running_servers_is_refused_not_pointed_at_nothing(state, sleeper, monkeypatch):
+    """Issue 22, finding 12: `services up` with changed port variables said "already running" and
+    wrote an env file pointing at ports where nothing listened."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    _write_pid_file("mlflow", sleeper.pid, ports={"mlflow": 5123})
+    _write_pid_file("s3", sleeper.pid, ports={"s3": 8444})
+    with pytest.raises(svc.ServiceError, match="mlflow already runs .* on port 5123, not 5999.*services down"):
+        svc.start_mlflow(svc.Ports(mlflow=5999))
+    assert svc.start_mlflow(svc.Ports(mlflow=5123)) == 0.0  # the same port: already running
+    monkeypatch.setenv("ERASURE_S3_PORT", "8444")
+    monkeypatch.setenv("ERASURE_MLFLOW_PORT", "5999")
+    result = CliRunner().invoke(app, ["services", "up"])
+    assert result.exit_code == 2 and "port 5123, not 5999" in result.output, result.output
+    assert not (svc.services_dir() / "env").exists()
+    assert sleeper.poll() is None
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "70000", "-1"])
+def test_a_bad_port_variable_is_a_message_naming_it(state, value, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.setenv("ERASURE_MLFLOW_PORT", value)
+    result = CliRunner().invoke(app, ["services", "up"])
+    assert result.exit_code == 2 and "ERASURE_MLFLOW_PORT" in result.output and "Traceback" not in result.output, result.output
