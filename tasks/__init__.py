@@ -5,8 +5,6 @@
 
 import os
 
-from tasks.state import state_dir
-
 # Prefect reads its settings when it is imported, so they are set here, before any task or flow
 # module imports it; an operator's own environment wins. Offline and in production Prefect must
 # not phone home (its SDK and server analytics), and on a busy fresh machine the ephemeral
@@ -21,4 +19,5 @@ for _name, _value in PREFECT_DEFAULTS.items():
 # Prefect's own database (every flow run's parameters: requests included) lives in the state
 # folder, not in ~/.prefect shared by every state folder; the commands create it private
 # (``tasks.state.private_prefect_home``) before a flow starts Prefect's temporary server.
-os.environ.setdefault("PREFECT_HOME", str(state_dir() / "prefect"))
+# (tasks.state.state_dir's rule, spelled out: the package does not import its own modules)
+os.environ.setdefault("PREFECT_HOME", os.path.join(os.path.realpath(os.environ.get("ERASURE_STATE_DIR") or ".erasure"), "prefect"))

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -297,3 +298,53 @@ def test_a_concept_with_a_reused_prior_leaving_no_room_fails_before_its_images(t
     with pytest.raises(RequestError, match="retained states use every direction"):
         erase_module.erase_concept(tiny, request.concepts[0], request, prior)
     assert drawn == []
+
+
+def _unet_config(folder):
+    return json.loads((folder / "unet" / "config.json").read_text())
+
+
+def _nan_unet(folder):
+    from safetensors.torch import load_file, save_file
+
+    path = next((folder / "unet").glob("*.safetensors"))
+    tensors = load_file(path)
+    first = next(iter(tensors))
+    tensors[first] = torch.full_like(tensors[first], float("nan"))
+    save_file(tensors, path)
+
+
+MALFORMED_FOLDERS = {
+    # a config asking for a UNet no weight file could hold: used to allocate 3.2 GB before failing
+    "huge UNet": (lambda f: (f / "unet/config.json").write_text(json.dumps(_unet_config(f) | {"block_out_channels": [4096, 8192], "layers_per_block": 8})),
+                  "describes 70,619,238,404 parameters, more than its weight files"),
+    "NaN weights": (_nan_unet, "unet holds NaN or infinite weights"),  # used to load silently
+    "no UNet config": (lambda f: (f / "unet/config.json").unlink(), "unet/config.json does not load"),
+    "UNet config not JSON": (lambda f: (f / "unet/config.json").write_text("{oops"), "unet/config.json does not load"),
+    "UNet config a list": (lambda f: (f / "unet/config.json").write_text("[1, 2]"), "must hold a JSON object"),
+    "UNet config of the wrong type": (lambda f: (f / "unet/config.json").write_text(json.dumps(_unet_config(f) | {"block_out_channels": "abc"})),
+                                      "unet/config.json does not load"),
+    "truncated weights": (lambda f: next((f / "unet").glob("*.safetensors")).write_bytes(b"x" * 1000), "more than its weight files"),
+    "weights of another shape": (lambda f: (f / "unet/config.json").write_text(json.dumps(_unet_config(f) | {"cross_attention_dim": 64})),
+                                 "unet does not load"),
+    "scheduler config not JSON": (lambda f: (f / "scheduler/scheduler_config.json").write_text("{"), "scheduler does not load"),
+    "text encoder config not JSON": (lambda f: (f / "text_encoder/config.json").write_text("{"), "text_encoder does not load"),
+    "defaults not JSON": (lambda f: (f / "erasure_defaults.json").write_text("{"), "erasure_defaults.json does not load"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_FOLDERS))
+def test_a_malformed_model_folder_is_a_message_naming_the_part_never_a_traceback(tmp_path, tiny_folder, case):
+    """Issue 22, finding 13: a huge config grew to 3.2 GB, all-NaN weights loaded silently, and
+    malformed folders gave tracebacks."""
+    import shutil
+
+    from erasure.diffusion.models import load_folder
+    from erasure.spec import RequestError
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    mutate, message = MALFORMED_FOLDERS[case]
+    mutate(folder)
+    with pytest.raises(RequestError, match=re.escape(message)):
+        load_folder(folder)

