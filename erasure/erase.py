@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,6 +61,7 @@ from erasure.spec import (
     normalise,
     read_captions,
 )
+from erasure.staging import make_staging, remove_stale_staging
 
 Progress = Callable[[str, int, int], None]
 
@@ -388,7 +388,10 @@ def erase(
 
     timer = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    remove_stale_staging(out_dir.parent, out_dir.name)  # a killed run's: "a failed run leaves nothing behind"
+    if _is_erasure_output(out_dir):  # a killed --overwrite's previous output, superseded (else it is the only copy)
+        remove_stale_staging(out_dir.parent, f"{out_dir.name}.old")
+    staging = make_staging(out_dir.parent, out_dir.name)
     try:
         apply_weights(components.unet, weights)
         save_components(components, staging / "model")
@@ -453,7 +456,7 @@ def publish_output(staging: Path, out_dir: Path, overwrite: bool = False) -> Non
     """Move the complete ``staging`` folder to ``out_dir``. A previous output (only with
     ``overwrite``) is moved aside first and deleted only once the new one is in place, so a crash
     at any point leaves either the old output or the new one (and at worst the old one beside it
-    as ``.NAME.old-*``). Without ``overwrite`` an output that appeared meanwhile is never touched."""
+    as ``.NAME.old.staging-*``). Without ``overwrite`` an output that appeared meanwhile is never touched."""
     if not overwrite or not out_dir.exists():
         try:
             os.rename(staging, out_dir)  # fails on a non-empty folder (another run's output)
@@ -464,7 +467,7 @@ def publish_output(staging: Path, out_dir: Path, overwrite: bool = False) -> Non
                 ) from None
             raise error
         return
-    aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    aside = make_staging(out_dir.parent, f"{out_dir.name}.old")
     os.replace(out_dir, aside / out_dir.name)
     try:
         os.replace(staging, out_dir)

@@ -27,12 +27,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from erasure.errors import ErasureError
+from erasure.staging import make_staging, remove_stale_staging
 from tasks.locks import WAIT_S, S3Lock, file_lock, safe_name
 from tasks.state import env_seconds, private_dir, state_dir, without_password
 
@@ -190,7 +190,10 @@ class LocalStore:
     def publish(self, key: str, folder: Path) -> dict:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging: Path | None = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+        remove_stale_staging(target.parent, target.name)  # a killed writer's
+        for trash in target.parent.glob(".trash-*"):  # discarded already: a kill cut its removal short
+            shutil.rmtree(trash, ignore_errors=True)
+        staging: Path | None = make_staging(target.parent, target.name)
         try:
             shutil.copytree(folder, staging, dirs_exist_ok=True)
             manifest = folder_manifest(staging) | {"publish_id": uuid.uuid4().hex}

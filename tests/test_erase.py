@@ -1,4 +1,5 @@
 import json
+import os
 import re
 from pathlib import Path
 
@@ -348,3 +349,44 @@ def test_a_malformed_model_folder_is_a_message_naming_the_part_never_a_traceback
     mutate(folder)
     with pytest.raises(RequestError, match=re.escape(message)):
         load_folder(folder)
+
+
+KILLED_WHILE_WRITING = """
+import json, os, signal, sys
+import erasure.erase as erase_module
+from erasure.spec import parse_request
+
+def killed(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+erase_module.save_prior = killed
+erase_module.erase(parse_request(json.loads(sys.argv[1])), sys.argv[2])
+"""
+
+
+def test_a_run_killed_while_writing_leaves_a_staging_folder_that_the_next_run_removes(tmp_path):
+    """Issue 22, finding 14: a `kill -9` during the write phase left hidden `.out.xxxx` folders
+    that nothing removed."""
+    import subprocess
+    import sys
+
+    request = REQUEST | {"concepts": REQUEST["concepts"][:1]}
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_WRITING, json.dumps(request), str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".out.staging-"), left  # nothing published
+    erase_module.erase(parse_request(request), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_live_writers_staging_folder_is_never_removed(tmp_path):
+    from erasure.staging import make_staging, remove_stale_staging
+
+    mine = make_staging(tmp_path, "out")
+    assert remove_stale_staging(tmp_path, "out") == [] and mine.is_dir()
+    other_host = tmp_path / ".out.staging-elsewhere.example-1-abc"
+    other_host.mkdir()
+    assert remove_stale_staging(tmp_path, "out") == [] and other_host.is_dir()  # its writer may still run
+    os.utime(other_host, (0, 0))  # older than any write phase
+    assert remove_stale_staging(tmp_path, "out") == [other_host]
