@@ -41,6 +41,17 @@ def _print_version(result: dict) -> None:
         out.print(json.dumps(result["metrics"]))
 
 
+def _reference(model: str) -> str:
+    """A registered-model reference checked before any server or worker starts."""
+    from erasure.spec import RequestError
+    from tasks.registry import check_reference
+
+    try:
+        return check_reference(model)
+    except RequestError as error:
+        fail(str(error))
+
+
 def _private_state() -> None:
     """Before a flow starts Prefect: the state folder claimed (or refused) and Prefect's home in
     it created private, so its database of every run's parameters is no one else's to read."""
@@ -113,6 +124,7 @@ def takedown(
     """Add concepts to a registered model: a new version; only the new concepts' work runs."""
     from erasure.spec import RequestError, parse_concepts
 
+    _reference(model)
     specs = _concepts(concepts, kind, anchor, synonym)
     try:  # bad input is said before any server or worker starts
         parse_concepts(specs)
@@ -138,6 +150,7 @@ def restore(
     evaluate: bool = typer.Option(True, help="Evaluate the new version; the audit judges it before any promotion either way."),
 ) -> None:
     """Remove concepts from a registered model's erasure: a new version, fused without them."""
+    _reference(model)
     _private_state()
     from flows.restore import restore_flow
 
@@ -230,6 +243,8 @@ def audit(
 
     chosen = _policy(policy)
     spec = None
+    if request is None:
+        _reference(model)
     if request is not None:
         try:
             spec = json.loads(load_request(request).model_dump_json())
@@ -271,6 +286,9 @@ def promote(
     from tasks.registry import promote as set_alias
 
     _policy(None)  # refuses the retired variable, which would otherwise look as if it were obeyed
+    if not version.isdigit():
+        fail(f"version {version!r} is not a version number (e.g. 3): `erasure promote NAME VERSION`")
+    _reference(f"{model}/{version}")
     if override_audit is not None and not override_audit.strip():
         fail("--override-audit needs a reason")
     how = report_errors(lambda: set_alias(model, version, alias, override_audit))  # PromotionRefused: exit 2
@@ -280,9 +298,9 @@ def promote(
 @policy_app.command("show")
 def policy_show(model: str = typer.Argument(..., help="Registered model name.")) -> None:
     """Print the deployment policy a registered model is audited and promoted under, with its digest."""
-    from tasks.registry import deployment_policy
+    from tasks.registry import check_model_name, deployment_policy
 
-    chosen = report_errors(lambda: deployment_policy(model))
+    chosen = report_errors(lambda: deployment_policy(check_model_name(model)))
     out.print(f"# {escape(model)}: policy {chosen.digest()}", highlight=False)
     out.print(escape(chosen.model_dump_json(indent=1)), highlight=False)
 
@@ -295,10 +313,10 @@ def policy_set(
 ) -> None:
     """Make a policy the registered model's deployment policy: what `audit` and `promote` use.
     Loosening any setting needs --reason; every change is logged in MLflow."""
-    from tasks.registry import set_deployment_policy
+    from tasks.registry import check_model_name, set_deployment_policy
 
     chosen = _policy(path)
-    looser = report_errors(lambda: set_deployment_policy(model, chosen, reason))
+    looser = report_errors(lambda: set_deployment_policy(check_model_name(model), chosen, reason))
     note = f"; loosens {escape('; '.join(looser))} ({escape(reason)})" if looser else ""
     out.print(f"{escape(model)}: deployment policy {chosen.digest()}{note}", highlight=False)
 

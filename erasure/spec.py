@@ -556,21 +556,38 @@ def parse_request(data: dict, base_dir: Path | str = ".") -> ErasureRequest:
     return request.check_paths(Path(base_dir))
 
 
+class _RefusedYAML(yaml.MarkedYAMLError):
+    """YAML that parses but that a request or policy file refuses; ``problem`` is ours to show."""
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """YAML without anchors/aliases (a few aliases can expand into gigabytes, "billion laughs")
-    and without duplicate keys (the second ``concepts:`` would silently replace the first)."""
+    """YAML without anchors/aliases (a few aliases can expand into gigabytes, "billion laughs"),
+    without duplicate keys (the second ``concepts:`` would silently replace the first) and with
+    plain keys only (a list or mapping as a key is no setting's name)."""
 
     def fetch_alias(self):
-        raise yaml.YAMLError("aliases (*name) are not allowed in a request; write the value out")
+        raise _RefusedYAML(problem="aliases (*name) are not allowed; write the value out", problem_mark=self.get_mark())
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.YAMLError(f"key {key!r} appears twice{key_node.start_mark}; give each key once")
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable: a list or a mapping used as a key
+                raise _RefusedYAML(problem="a key must be a plain name, not a list or mapping", problem_mark=key_node.start_mark) from None
+            if duplicate:
+                raise _RefusedYAML(problem="a key appears twice; give each key once", problem_mark=key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """What is wrong with a YAML file and where (line, column), never what the line says: the file
+    may not be what it was given as, and its lines may be secrets."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{error.problem if isinstance(error, _RefusedYAML) else 'not valid YAML'}{where}"
 
 
 def _json_no_duplicates(pairs: list[tuple]) -> dict:
@@ -598,6 +615,8 @@ def load_request(path: Path | str) -> ErasureRequest:
         raise RequestError(f"request file {str(path)!r} is not UTF-8 text") from None
     except RecursionError:
         raise RequestError(f"request file {str(path)!r} is nested too deeply to be a request") from None
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
-        raise RequestError(f"request file {str(path)!r} is not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {error}") from None
+    except json.JSONDecodeError as error:  # the position only: JSON's messages quote nothing
+        raise RequestError(f"request file {str(path)!r} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})") from None
+    except yaml.YAMLError as error:
+        raise RequestError(f"request file {str(path)!r}: {yaml_problem(error)}") from None
     return parse_request(data, base_dir=path.parent)

@@ -35,7 +35,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from erasure.errors import ErasureError
 from tasks.jobs import Job
-from tasks.state import StateDirError, env_seconds, private_dir, state_dir
+from tasks.state import ConfigError, StateDirError, env_count, env_seconds, private_dir, state_dir
 from tasks.store import store_settings
 from tasks.worker import ConceptWorker
 
@@ -119,7 +119,7 @@ def ensure_ray() -> None:
                 include_dashboard=False,
                 dashboard_host="127.0.0.1",
                 log_to_driver=False,
-                num_cpus=int(os.environ.get("ERASURE_RAY_CPUS", os.cpu_count() or 1)),
+                num_cpus=env_count("ERASURE_RAY_CPUS", os.cpu_count() or 1),
                 _temp_dir=str(temp_dir),
             )
 
@@ -171,7 +171,7 @@ def resolve_device(device: str | None = None) -> str:
     """``device`` (else ``ERASURE_DEVICE``, else ``auto``) as ``gpu`` or ``cpu`` on this cluster."""
     wanted = (device or os.environ.get("ERASURE_DEVICE") or "auto").strip().lower()
     if wanted not in DEVICES:
-        raise ValueError(f"device {wanted!r} is not one of {', '.join(DEVICES)} (parameter or ERASURE_DEVICE)")
+        raise ConfigError(f"device {wanted!r} is not one of {', '.join(DEVICES)} (parameter or ERASURE_DEVICE)")
     ensure_ray()
     gpus = ray.cluster_resources().get("GPU", 0)
     if wanted == "gpu" and gpus < 1:

@@ -252,15 +252,35 @@ def _log_and_create(client, name, reference, request_json, tags, params, metrics
     )
 
 
+ALIAS = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,99}")
+VERSION = re.compile(r"[1-9][0-9]{0,8}")
+REFERENCE_FORMS = "NAME, NAME@ALIAS (e.g. models@production) or NAME/VERSION (e.g. models/3)"
+
+
 def _split(reference: str) -> tuple[str, str | None, str | None]:
-    """``NAME``, ``NAME@ALIAS`` or ``NAME/VERSION`` -> (name, alias, version)."""
-    if "@" in reference:
-        name, alias = reference.split("@", 1)
-        return name, alias, None
-    if "/" in reference and reference.rsplit("/", 1)[1].isdigit():
-        name, number = reference.rsplit("/", 1)
-        return name, None, number
-    return reference, None, None
+    """``NAME``, ``NAME@ALIAS`` or ``NAME/VERSION`` -> (name, alias, version); anything else (an
+    empty alias, a version that is not a number, a space in the name) is a ``RequestError``
+    saying the forms, checked before any server is asked."""
+    text = reference if isinstance(reference, str) else ""
+    name, alias, number = text, None, None
+    if "@" in text:
+        name, alias = text.split("@", 1)
+    elif "/" in text:
+        name, number = text.rsplit("/", 1)
+    valid = (
+        MODEL_NAME.fullmatch(name) is not None
+        and (alias is None or ALIAS.fullmatch(alias) is not None)
+        and (number is None or VERSION.fullmatch(number) is not None)
+    )
+    if not valid:
+        raise RequestError(f"model reference {reference!r} is not one of {REFERENCE_FORMS}")
+    return name, alias, number
+
+
+def check_reference(reference: str) -> str:
+    """``reference`` if it is a registered-model reference in one of ``REFERENCE_FORMS``."""
+    _split(reference)
+    return reference
 
 
 def is_explicit(reference: str) -> bool:

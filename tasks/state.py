@@ -98,6 +98,12 @@ def private_prefect_home() -> None:
         private_dir(home)
 
 
+class ConfigError(ErasureError, ValueError):
+    """An environment variable the operator set holds a value that cannot be used."""
+
+    retry_helps = False
+
+
 def env_seconds(variable: str, default: float) -> float:
     """A positive number of seconds from ``$variable``, else ``default``; a bad value is an error naming it."""
     text = os.environ.get(variable)
@@ -106,10 +112,20 @@ def env_seconds(variable: str, default: float) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"{variable}={text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise ValueError(f"{variable}={text!r} must be positive")
+        raise ConfigError(f"{variable}={text!r} is not a number of seconds: give one, e.g. {variable}=60, or unset it") from None
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{variable}={text!r} must be a positive, finite number of seconds")
     return value
+
+
+def env_count(variable: str, default: int, most: int = 1 << 16) -> int:
+    """A whole number from 1 to ``most`` from ``$variable``, else ``default``; a bad value is an error naming it."""
+    text = os.environ.get(variable)
+    if not text:
+        return default
+    if not text.strip().isdigit() or not 1 <= int(text) <= most:
+        raise ConfigError(f"{variable}={text!r} is not a whole number from 1 to {most}: give one, or unset it")
+    return int(text)
 
 
 def without_password(url: str) -> str:

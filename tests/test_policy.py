@@ -159,6 +159,33 @@ def test_a_users_probe_file_is_read_and_bad_lines_are_named(tmp_path):
         path.write_text(line + "\n")
         with pytest.raises(RequestError, match=message):
             probe_file_probes(path, request, seed=0)
+    # issue 22, finding 15: these two were tracebacks
+    path.write_text("[" * 100_000 + "\n")
+    with pytest.raises(RequestError, match="line 1: nested too deeply"):
+        probe_file_probes(path, request, seed=0)
+    path.write_bytes(b'{"prompt": "\xff\xfe"}\n')
+    with pytest.raises(RequestError, match="not UTF-8"):
+        probe_file_probes(path, request, seed=0)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("? [max_acc_e, x]\n: 0.1\n", r"a key must be a plain name.*\(line 1, column 3\)"),
+    ("? {a: 1}\n: 0.1\n", "a key must be a plain name"),
+    ("max_acc_e: 0.1\nmax_acc_e: 0.2\n", r"a key appears twice.*\(line 2, column 1\)"),
+    ("max_acc_e: [s3cret-token\n", r"not valid YAML \(line"),
+    ("[" * 5000, "nested too deeply|not valid YAML"),
+])
+def test_request_and_policy_files_with_bad_yaml_are_a_message_that_quotes_none_of_their_lines(tmp_path, text, message):
+    """Issue 22, finding 15: list or mapping keys were tracebacks, and the request loader quoted
+    part of the offending line (the file may not be a request, and a line may be a secret)."""
+    from erasure.spec import load_request
+
+    for suffix, load, what in ((".yaml", load_request, "request"), (".yml", load_policy, "policy")):
+        path = tmp_path / f"file{suffix}"
+        path.write_text(text)
+        with pytest.raises(RequestError, match=message) as caught:
+            load(path)
+        assert "s3cret" not in str(caught.value) and f"{what} file" in str(caught.value)
 
 
 def test_a_real_model_without_a_judge_for_a_kind_says_how_to_configure_one():

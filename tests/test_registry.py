@@ -396,3 +396,24 @@ def test_a_password_mlflow_repeats_in_its_own_message_never_reaches_one_of_ours(
             report_errors(call)
         printed = capsys.readouterr().err
         assert "w0rd" not in printed and "aws-secret-value" not in printed and "***" in printed, printed
+
+
+@pytest.mark.parametrize("command, message", [
+    (["audit", "x@"], "model reference 'x@' is not one of"),
+    (["audit", "x/abc"], "model reference 'x/abc' is not one of"),
+    (["audit", "tm abc"], "model reference 'tm abc' is not one of"),
+    (["restore", "x/0", "cat"], "model reference 'x/0' is not one of"),
+    (["takedown", "m@", "cat", "--anchor", "dog"], "model reference 'm@' is not one of"),
+    (["promote", "x", "abc"], "version 'abc' is not a version number"),
+    (["policy", "show", "x@y"], "model name 'x@y'"),
+])
+def test_a_bad_model_reference_is_a_message_before_anything_starts(monkeypatch, tmp_path, command, message):
+    """Issue 22, finding 15: `tm abc`, `x@` and `x/abc` were tracebacks, after a Prefect server had started."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.setenv("ERASURE_STATE_DIR", str(tmp_path / "state"))
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "state" / "prefect").exists()  # refused before Prefect was started

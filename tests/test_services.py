@@ -296,3 +296,22 @@ def test_a_bad_port_variable_is_a_message_naming_it(state, value, monkeypatch):
     monkeypatch.setenv("ERASURE_MLFLOW_PORT", value)
     result = CliRunner().invoke(app, ["services", "up"])
     assert result.exit_code == 2 and "ERASURE_MLFLOW_PORT" in result.output and "Traceback" not in result.output, result.output
+
+
+@pytest.mark.parametrize("variable, value, read", [
+    ("ERASURE_LOCK_WAIT_S", "soon", lambda: __import__("tasks.state", fromlist=["x"]).env_seconds("ERASURE_LOCK_WAIT_S", 1)),
+    ("ERASURE_RAY_TIMEOUT", "inf", lambda: __import__("tasks.compute", fromlist=["x"]).stage_timeout()),
+    ("ERASURE_RAY_CPUS", "two", lambda: __import__("tasks.state", fromlist=["x"]).env_count("ERASURE_RAY_CPUS", 1)),
+    ("ERASURE_DEVICE", "tpu", lambda: __import__("tasks.compute", fromlist=["x"]).resolve_device()),
+])
+def test_a_bad_environment_variable_is_a_message_naming_it_not_a_traceback(monkeypatch, capsys, variable, value, read):
+    """Issue 22, finding 15: bad environment variables ended commands with tracebacks (exit 4)."""
+    import typer
+
+    from cli.app import report_errors
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(typer.Exit) as exited:
+        report_errors(read)
+    printed = capsys.readouterr().err
+    assert exited.value.exit_code == 2 and variable in printed and "Traceback" not in printed, printed

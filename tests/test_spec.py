@@ -164,7 +164,7 @@ def test_duplicate_keys_and_deep_nesting_are_refused(tmp_path):
     (tmp_path / "twice.yaml").write_text(
         "model: builtin:tiny\nconcepts: [{name: cat, anchor: dog}]\nconcepts: [{name: car, anchor: bus}]\n"
     )
-    with pytest.raises(RequestError, match="'concepts' appears twice"):
+    with pytest.raises(RequestError, match=r"a key appears twice; give each key once \(line 3, column 1\)"):
         load_request(tmp_path / "twice.yaml")
     (tmp_path / "twice.json").write_text('{"model": "builtin:tiny", "seed": 1, "seed": 2, "concepts": []}')
     with pytest.raises(RequestError, match="'seed' appears twice"):

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from erasure.spec import CONCEPT_KINDS, RequestError, _Strict, _StrictLoader
+from erasure.spec import CONCEPT_KINDS, RequestError, _Strict, _StrictLoader, yaml_problem
 
 ATTACKS = ("prefix", "inversion", "ring-a-bell")
 MAX_POLICY_BYTES = 64 * 1024
@@ -144,12 +144,10 @@ def load_policy(path: Path | str | None) -> AuditPolicy:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}  # noqa: S506 (a SafeLoader)
     except UnicodeDecodeError:
         raise RequestError(f"policy file {str(path)!r} is not UTF-8 text") from None
-    except yaml.YAMLError as error:
-        # where, not what: the file may not be a policy at all, and its lines may be secrets
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        reason = "aliases are not allowed" if "alias" in str(error) else "not valid YAML"
-        raise RequestError(f"policy file {str(path)!r}: {reason}{where}") from None
+    except RecursionError:
+        raise RequestError(f"policy file {str(path)!r} is nested too deeply to be a policy") from None
+    except yaml.YAMLError as error:  # where, not what (``yaml_problem``)
+        raise RequestError(f"policy file {str(path)!r}: {yaml_problem(error)}") from None
     return parse_policy(data, str(path))
 
 

@@ -76,7 +76,10 @@ def probe_file_probes(path: Path, request: ErasureRequest, seed: int) -> list[Pr
     erased = {normalise(c.name): c for c in request.concepts}
     rng = np.random.default_rng(seed)
     probes = []
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise RequestError(f"probe file {path}: not UTF-8 text (one JSON object a line)") from None
     if len(lines) > MAX_PROBE_FILE_LINES:
         raise RequestError(f"probe file {path}: more than {MAX_PROBE_FILE_LINES} lines")
     for number, line in enumerate(lines, 1):
@@ -87,6 +90,8 @@ def probe_file_probes(path: Path, request: ErasureRequest, seed: int) -> list[Pr
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise RequestError(f"{where}: not JSON ({error.msg})") from None
+        except RecursionError:
+            raise RequestError(f"{where}: nested too deeply to be a probe") from None
         if not isinstance(row, dict) or set(row) - {"prompt", "concept", "expected", "kind"}:
             raise RequestError(f"{where}: give an object with prompt, concept, expected and optionally kind")
         try:
