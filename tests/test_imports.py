@@ -95,9 +95,9 @@ def test_erasure_is_sub_packages_over_a_small_ground():
     top = sorted(p.stem for p in (ROOT / "erasure").glob("*.py") if p.stem != "__init__")
     packages = sorted(p.name for p in (ROOT / "erasure").iterdir() if (p / "__init__.py").is_file())
     assert packages == ["audit", "core", "diffusion", "evaluation", "methods", "worlds"]
-    # the ground (errors, the request, probes), the stage sequence and its artifacts, any model's loading,
-    # and the two names older registered versions' serving code imports
-    assert top == ["artifacts", "erase", "errors", "loading", "models", "probes", "sampling", "spec"]
+    # the ground (errors, the request, probes, staging folders), the stage sequence and its artifacts,
+    # any model's loading, and the two names older registered versions' serving code imports
+    assert top == ["artifacts", "erase", "errors", "loading", "models", "probes", "sampling", "spec", "staging"]
 
 
 def test_versions_registered_before_the_sub_packages_still_serve():
@@ -118,7 +118,7 @@ def test_versions_registered_before_the_sub_packages_still_serve():
 # the layers of erasure/, lowest first (docs/architecture.md): a module imports only from its own
 # layer or the ones below it
 LAYERS = [
-    ("erasure", "erasure.errors", "erasure.spec", "erasure.probes"),
+    ("erasure", "erasure.errors", "erasure.spec", "erasure.probes", "erasure.staging"),
     ("erasure.core",),
     ("erasure.diffusion",),
     ("erasure.methods", "erasure.artifacts"),
