@@ -248,19 +248,25 @@ class WorkerPool:
     def _run(self, stage: str, submit: Callable[[ray.actor.ActorHandle], ray.ObjectRef]):
         """``submit`` the stage to an idle actor and wait for it (at most ``ERASURE_RAY_TIMEOUT``).
 
-        An actor that died is replaced and the stage runs once more on the new one; an
-        actor past the timeout is killed and replaced, and the stage fails."""
+        An actor that died is replaced and the stage runs again. Several actors may have died
+        while idle (a node lost, actors killed), so a stage may meet each of them once; it fails
+        when it has lost a worker started for it twice (the stage itself kills its workers), or
+        has lost one worker more than the pool holds. An actor past the timeout is killed and
+        replaced, and the stage fails."""
         timeout = stage_timeout()
-        for attempt in (1, 2):
+        lost, lost_new = 0, 0
+        while True:
             slot = self._acquire(stage)
+            new = not slot.verified  # started since the pool last saw it work: not a stale corpse
             try:
                 if not slot.verified:
                     self._verify(slot)
                 result = self._get(submit(slot.actor), timeout, f"stage {stage}", "ERASURE_RAY_TIMEOUT")
             except RayActorError as error:
                 self._replace(slot)
-                if attempt == 2:
-                    raise WorkerLost(f"stage {stage} lost its Ray worker twice: {error}") from error
+                lost, lost_new = lost + 1, lost_new + new
+                if lost_new == 2 or lost > len(self._slots):
+                    raise WorkerLost(f"stage {stage} lost its Ray worker {lost} times ({lost_new} started for it): {error}") from error
                 logger.warning("stage %s lost its Ray worker (%s); running it on a new worker", stage, error)
                 continue
             except (StageTimeout, FingerprintMismatch):
@@ -280,7 +286,6 @@ class WorkerPool:
                 raise
             self._release(slot)
             return result
-        raise AssertionError("unreachable")
 
     def _get(self, refs, timeout: float, what: str, variable: str):
         try:
