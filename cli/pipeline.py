@@ -55,9 +55,9 @@ def _reference(model: str) -> str:
 def _private_state() -> None:
     """Before a flow starts Prefect: the state folder claimed (or refused) and Prefect's home in
     it created private, so its database of every run's parameters is no one else's to read."""
-    from tasks.state import private_prefect_home
+    from tasks.state import private_prefect_database
 
-    report_errors(private_prefect_home)
+    report_errors(private_prefect_database)
 
 
 def _start_prefect() -> None:
@@ -237,14 +237,15 @@ def audit(
     """Compliance check under the deployment's policy: exit 0 passed, 1 failed (every reason named),
     2 bad input or a failed service, 3 inconclusive or no judge (nothing was proved)."""
     from erasure.spec import RequestError, load_request
+    from tasks.state import scrub
 
+    if request is None:
+        _reference(model)
     _private_state()
     from flows.audit import AuditInconclusive, ConceptLeak, audit_flow
 
     chosen = _policy(policy)
     spec = None
-    if request is None:
-        _reference(model)
     if request is not None:
         try:
             spec = json.loads(load_request(request).model_dump_json())
@@ -265,7 +266,7 @@ def audit(
             if getattr(error, "result", None):
                 _print_audit(error.result)
             label = "[bold yellow]audit inconclusive:[/]" if isinstance(error, AuditInconclusive) else "[bold red]audit failed:[/]"
-            console.print(f"{label} {escape(str(error))}", soft_wrap=True, highlight=False)
+            console.print(f"{label} {escape(scrub(str(error)))}", soft_wrap=True, highlight=False)
             raise typer.Exit(code=error.exit_code) from None
 
     result = report_errors(audited)

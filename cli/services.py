@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from erasure.errors import ErasureError
-from tasks.state import private_dir, state_dir
+from tasks.state import ConfigError, env_count, private_dir, state_dir
 
 NAMES = ("s3", "mlflow", "prefect")
 _children: dict[str, subprocess.Popen] = {}  # servers this process started: reaped when stopped
@@ -72,12 +72,10 @@ def services_dir() -> Path:
 
 def _port_variable(variable: str, default: int) -> int:
     """``$variable`` as a TCP port, else ``default``; anything else is an error naming it."""
-    text = os.environ.get(variable)
-    if not text:
-        return default
-    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
-        raise ServiceError(f"{variable}={text!r} is not a port: give a number from 1 to 65535, or unset it")
-    return int(text)
+    try:
+        return env_count(variable, default, most=65535)
+    except ConfigError as error:
+        raise ServiceError(f"{error} (a port)") from None
 
 
 @dataclass
@@ -368,9 +366,10 @@ def start_mlflow(ports: Ports | None = None, backend_uri: str | None = None) -> 
 def start_prefect(ports: Ports | None = None, database_url: str | None = None) -> float:
     ports = ports or Ports()
     folder = private_dir(services_dir())
-    env = {"PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(ports.prefect), "PREFECT_HOME": str(folder / "prefect")}
-    if database_url:
-        env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+    home = private_dir(folder / "prefect")
+    env = {"PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(ports.prefect), "PREFECT_HOME": str(home),
+           # its own database: never the embedded default's, which ``tasks`` names in this environment
+           "PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url or f"sqlite+aiosqlite:///{home / 'prefect.db'}"}
     command = [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(ports.prefect), "--no-services"]
     ready = lambda: _http_ok(f"http://127.0.0.1:{ports.prefect}/api/health")  # noqa: E731
     return _start("prefect", command, env, ready, 120, ports.prefect, ports={"prefect": ports.prefect})

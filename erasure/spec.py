@@ -473,14 +473,17 @@ def _check_tree_inside(folder: Path, top: Path, field: str, root: str) -> None:
             entries += 1
             if entries > MAX_INPUT_ENTRIES:
                 raise RequestError(f"{field}: {str(folder)!r} holds more than {MAX_INPUT_ENTRIES} files and folders")
-            target = (Path(current) / name).resolve()
+            try:
+                target = (Path(current) / name).resolve()
+            except (RuntimeError, OSError):  # a symlink loop, or one that cannot be followed
+                raise RequestError(f"{field}: {str(Path(current) / name)!r} inside {str(folder)!r} is a symlink that cannot be followed") from None
             if not target.is_relative_to(top):
                 raise RequestError(
                     f"{field}: {str(Path(current) / name)!r} inside {str(folder)!r} leads outside {INPUT_ROOT_VARIABLE} "
                     f"({root}) (a symlink); copy what it points to into the folder instead"
                 )
         kept = []
-        for name in folders:  # a symlink loop would walk for ever: each real folder once
+        for name in folders:  # a symlink loop would walk for ever: each real folder once (all resolved above)
             target = (Path(current) / name).resolve()
             if target not in seen:
                 seen.add(target)

@@ -16,8 +16,10 @@ PREFECT_DEFAULTS = {
 }
 for _name, _value in PREFECT_DEFAULTS.items():
     os.environ.setdefault(_name, _value)
-# Prefect's own database (every flow run's parameters: requests included) lives in the state
-# folder, not in ~/.prefect shared by every state folder; the commands create it private
-# (``tasks.state.private_prefect_home``) before a flow starts Prefect's temporary server.
-# (tasks.state.state_dir's rule, spelled out: the package does not import its own modules)
-os.environ.setdefault("PREFECT_HOME", os.path.join(os.path.realpath(os.environ.get("ERASURE_STATE_DIR") or ".erasure"), "prefect"))
+# The temporary server's database (every flow run's parameters: requests included) lives in the
+# state folder, not in ~/.prefect shared by every state folder. Only the database moves:
+# PREFECT_HOME keeps the user's profiles (an API URL set with `prefect config set` still counts).
+# (tasks.state's rule for the state folder, spelled out: the package does not import its own modules)
+if not (os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL") or os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")):
+    _state = os.path.realpath(os.environ.get("ERASURE_STATE_DIR") or ".erasure")
+    os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{os.path.join(_state, 'prefect', 'prefect.db')}"

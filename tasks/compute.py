@@ -35,7 +35,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from erasure.errors import ErasureError
 from tasks.jobs import Job
-from tasks.state import ConfigError, StateDirError, env_count, env_seconds, private_dir, state_dir
+from tasks.state import ConfigError, env_count, env_seconds, private_dir, state_dir
 from tasks.store import store_settings
 from tasks.worker import ConceptWorker
 
@@ -143,16 +143,28 @@ def _private_ray_files() -> Path:
 
     folder = private_dir(state_dir() / "ray")
     token = folder / "auth-token"
-    if not token.exists():
-        fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    if not token.exists():  # written whole, then linked into place: two first runs agree on one token
+        draft = folder / f".auth-token.{secrets.token_hex(6)}"
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets.token_hex(32))
+        try:
+            os.link(draft, token)
+        except FileExistsError:
+            pass  # another first run's: the same folder, so as good
+        finally:
+            draft.unlink()
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # an operator's own choice wins
     if os.environ.get("RAY_AUTH_TOKEN_PATH") in (None, "", _token_set[0]):  # ours from an earlier state folder
         os.environ["RAY_AUTH_TOKEN_PATH"] = _token_set[0] = str(token)
     # Ray read both when it was imported (its config and token loader cache them): read again
-    from ray._raylet import AuthenticationTokenLoader, Config
-
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError as error:
+        raise RuntimeError(
+            f"ray {ray.__version__} moved the token loader that local Ray's private token needs; install the "
+            "version pyproject.toml pins (tests/integration/test_ray.py checks the token's place)"
+        ) from error
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
     if len(str(folder / "tmp")) <= RAY_TEMP_MAX_CHARS:
@@ -161,7 +173,8 @@ def _private_ray_files() -> Path:
     short.mkdir(mode=0o700, exist_ok=True)
     info = short.lstat()  # a symlink planted there by another user is not followed
     if info.st_uid != os.getuid() or not stat.S_ISDIR(info.st_mode):
-        raise StateDirError(f"{short} is not a folder of this user's: remove it, or use a shorter ERASURE_STATE_DIR")
+        # planted by someone else (in a sticky /tmp its owner alone can remove it): a fresh private one
+        return Path(tempfile.mkdtemp(prefix=f"erasure-{os.getuid()}-"))
     if info.st_mode & 0o077:
         short.chmod(0o700)
     return short / hashlib.sha256(str(folder).encode()).hexdigest()[:12]
@@ -251,7 +264,7 @@ class WorkerPool:
         An actor that died is replaced and the stage runs again. Several actors may have died
         while idle (a node lost, actors killed), so a stage may meet each of them once; it fails
         when it has lost a worker started for it twice (the stage itself kills its workers), or
-        has lost one worker more than the pool holds. An actor past the timeout is killed and
+        three workers of any kind. An actor past the timeout is killed and
         replaced, and the stage fails."""
         timeout = stage_timeout()
         lost, lost_new = 0, 0
@@ -265,7 +278,7 @@ class WorkerPool:
             except RayActorError as error:
                 self._replace(slot)
                 lost, lost_new = lost + 1, lost_new + new
-                if lost_new == 2 or lost > len(self._slots):
+                if lost_new == 2 or lost > min(len(self._slots), 2):  # a stage that kills workers takes 3 at most
                     raise WorkerLost(f"stage {stage} lost its Ray worker {lost} times ({lost_new} started for it): {error}") from error
                 logger.warning("stage %s lost its Ray worker (%s); running it on a new worker", stage, error)
                 continue

@@ -51,11 +51,11 @@ def start_temporary_server() -> int | None:
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
-    from tasks.state import private_prefect_home
+    from tasks.state import private_prefect_database
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return None
-    private_prefect_home()  # its database's folder
+    private_prefect_database()  # its database's folder
     server = SubprocessASGIServer()
     already = server.running
     server.start()

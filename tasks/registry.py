@@ -464,10 +464,10 @@ def log_audit(
         mlflow.set_tag(COMPLETE_TAG, "true")
 
 
-def version_audits(name: str, version: str, policy_digest: str, served_sha256: str) -> list:
-    """Every audit run of ``name`` version ``version`` under the policy ``policy_digest`` of the
-    artifact ``served_sha256``, newest first: completed ones, those that never completed (still
-    running, killed or crashed) and deleted ones. Paged through, however many there are."""
+def version_audits(name: str, version: str, policy_digest: str | None, served_sha256: str) -> list:
+    """Every audit run of ``name`` version ``version`` of the artifact ``served_sha256`` (under the
+    policy ``policy_digest``; None: under any), newest first: completed ones, those that never
+    completed (still running, killed or crashed) and deleted ones. Paged through, however many."""
     configure()
     client = MlflowClient()
     with _mlflow(f"looking up audits of {name} version {version}"):
@@ -484,8 +484,8 @@ def version_audits(name: str, version: str, policy_digest: str, served_sha256: s
             page = client.search_runs(
                 [found.experiment_id],
                 f"tags.`erasure.flow` = '{AUDIT_RUN}' and tags.`erasure.version` = '{_quote(version)}' "
-                f"and tags.`erasure.policy_digest` = '{_quote(policy_digest)}' "
-                f"and tags.`erasure.model_sha256` = '{_quote(served_sha256)}'",
+                + (f"and tags.`erasure.policy_digest` = '{_quote(policy_digest)}' " if policy_digest else "")
+                + f"and tags.`erasure.model_sha256` = '{_quote(served_sha256)}'",
                 run_view_type=ViewType.ALL,  # a deleted run still counts: deleting a failure must not hide it
                 order_by=["attributes.start_time DESC"], max_results=AUDIT_PAGE, page_token=token,
             )
@@ -499,11 +499,10 @@ def audit_to_retry(run_id: str, version: RegisteredVersion, policy, served_sha25
     """The seed, attacks flag and seed-chosen flag of audit run ``run_id``, which reached no verdict,
     for its retry: the same probes and the same attacks, so that stopping an audit and retrying it
     can never draw new probes. Refused for a run that reached its verdict or audited anything else."""
-    with _mlflow(f"reading audit run {run_id}"):
-        try:
-            run = MlflowClient().get_run(run_id)
-        except MlflowException:
-            raise LookupError(f"no MLflow run {run_id!r} to retry: give the run id an audit printed or recorded") from None
+    if not re.fullmatch(r"[0-9a-f]{32}", run_id or ""):
+        raise RequestError(f"--retry {run_id!r}: give the 32-character MLflow run id an audit printed or recorded")
+    with _mlflow(f"reading audit run {run_id} to retry it"):  # missing: LookupError; an outage: RegistryError
+        run = MlflowClient().get_run(run_id)
         found = MlflowClient().get_experiment_by_name(f"erasure/{version.name}")
     tags = run.data.tags
     expected = {
@@ -586,8 +585,13 @@ def set_deployment_policy(name: str, policy, reason: str | None = None) -> list[
 
     from erasure.audit.policy import loosening
 
-    current = deployment_policy(name)
-    looser = loosening(current, policy)
+    try:
+        current = deployment_policy(name)
+        looser = loosening(current, policy)
+    except RegistryError as error:  # edited, or its probe file changed: replacing it is a judgement to sign
+        if "does not load" not in str(error) and "not the policy that was set" not in str(error):
+            raise
+        current, looser = None, [f"the current policy cannot be read ({error})"]
     if looser and not (reason and reason.strip()):
         raise PolicyRefused(
             f"the new policy for {name} judges more leniently than the current one ({'; '.join(looser)}): "
@@ -596,7 +600,7 @@ def set_deployment_policy(name: str, policy, reason: str | None = None) -> list[
     experiment(name)
     with _mlflow(f"logging the policy change of {name}"), mlflow.start_run(run_name=POLICY_RUN):
         mlflow.set_tags({
-            "erasure.flow": POLICY_RUN, "erasure.previous_policy_digest": current.digest(),
+            "erasure.flow": POLICY_RUN, "erasure.previous_policy_digest": current.digest() if current else "unreadable",
             "erasure.policy_digest": policy.digest(), "erasure.changed_by": getpass.getuser(),
             "erasure.loosens": "; ".join(looser)[:MAX_TAG_CHARS], "erasure.reason": (reason or "")[:MAX_TAG_CHARS],
         })
@@ -664,8 +668,10 @@ def _check_audit(name: str, version: str, policy) -> str:
     )
     if current.tags.get("model_key") != served.model_key:
         raise PromotionRefused(f"{name} version {version}: its model_key tag no longer names the model it serves: {fix}")
-    runs = version_audits(name, version, digest, served.sha256)
-    override = "only --override-audit REASON (logged) promotes this artifact under this policy now"
+    # every audit of this artifact, under any policy: changing the policy must not wipe a failure
+    # or a killed audit (a tightening needs no reason, and any change gives a new digest)
+    runs = version_audits(name, version, None, served.sha256)
+    override = "only --override-audit REASON (logged) promotes this artifact now"
     # a retry repeats an audit's probes and attacks exactly: its own outcome replaces the missing verdict
     retried = {r.data.tags.get("erasure.retry_of") for r in runs if completed(r)}
     unsettled = [
@@ -676,21 +682,25 @@ def _check_audit(name: str, version: str, policy) -> str:
         run = unsettled[0]
         state = "ended in an error" if completed(run) else "has not completed"
         raise PromotionRefused(
-            f"{name} version {version}: an audit under the current policy (run {run.info.run_id}, seed "
+            f"{name} version {version}: an audit of it (run {run.info.run_id}, seed "
             f"{run.data.tags.get('erasure.seed', '?')}) {state}. It counts as not passed, and a fresh pass does not undo it: "
             f"if it is still running, wait for its verdict; else repeat it on the same probes with "
-            f"`erasure audit {name}/{version} --retry {run.info.run_id}`, or {override.removeprefix('only ')}"
+            f"`erasure audit {name}/{version} --retry {run.info.run_id}` (under the policy it ran under), "
+            f"or {override.removeprefix('only ')}"
         )
     bad = [r for r in runs if completed(r) and r.data.tags.get("erasure.outcome") not in ("passed", ERROR)]
     if bad:
         raise PromotionRefused(
-            f"{name} version {version}: an audit under the current policy did not pass "
+            f"{name} version {version}: an audit of it did not pass "
             f"({bad[0].data.tags.get('erasure.outcome', 'failed')}, run {bad[0].info.run_id}: "
-            f"{bad[0].data.tags.get('erasure.reasons', '')[:500]}); a later pass does not undo it: {override}"
+            f"{bad[0].data.tags.get('erasure.reasons', '')[:500]}); a later pass, under this policy or another, "
+            f"does not undo it: {override}"
         )
     passes = [
         r for r in runs
-        if r.info.lifecycle_stage != "deleted" and r.data.tags.get("erasure.seed_chosen") != "True"
+        if r.data.tags.get("erasure.policy_digest") == digest and completed(r)
+        and r.data.tags.get("erasure.outcome") == "passed"
+        and r.info.lifecycle_stage != "deleted" and r.data.tags.get("erasure.seed_chosen") != "True"
         and (not policy.attacks or r.data.tags.get("erasure.attacks") == "run")
     ]
     if not passes:

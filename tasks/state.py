@@ -89,13 +89,18 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def private_prefect_home() -> None:
-    """Create Prefect's home private (0700, claiming the state folder first) when it lies in the
-    state folder (``tasks/__init__.py`` puts it there): Prefect would create it, and the state
-    folder above it, with the process's umask."""
-    home = Path(os.environ.get("PREFECT_HOME", "")).expanduser().resolve()
-    if os.environ.get("PREFECT_HOME") and (home == state_dir() or state_dir() in home.parents):
-        private_dir(home)
+PREFECT_DATABASE_VARIABLE = "PREFECT_SERVER_DATABASE_CONNECTION_URL"  # its default is set in tasks/__init__.py
+
+
+def private_prefect_database() -> None:
+    """Create the folder of Prefect's temporary-server database private (0700, claiming the state
+    folder first) when it lies in the state folder: Prefect creates no folder for it."""
+    url = os.environ.get(PREFECT_DATABASE_VARIABLE, "")
+    if os.environ.get("PREFECT_API_URL") or not url.startswith("sqlite+aiosqlite:///"):
+        return  # a Prefect server of the operator's: no temporary one, no local database
+    folder = Path(url.removeprefix("sqlite+aiosqlite://")).parent.resolve()
+    if folder == state_dir() or state_dir() in folder.parents:
+        private_dir(folder)
 
 
 class ConfigError(ErasureError, ValueError):
@@ -123,7 +128,7 @@ def env_count(variable: str, default: int, most: int = 1 << 16) -> int:
     text = os.environ.get(variable)
     if not text:
         return default
-    if not text.strip().isdigit() or not 1 <= int(text) <= most:
+    if not re.fullmatch(r"[0-9]{1,9}", text.strip()) or not 1 <= int(text) <= most:  # "²".isdigit() is True
         raise ConfigError(f"{variable}={text!r} is not a whole number from 1 to {most}: give one, or unset it")
     return int(text)
 
@@ -156,6 +161,9 @@ def scrub(text: str) -> str:
         if password:
             secrets |= {password, unquote(password), quote(unquote(password), safe="")}
     text = without_password(str(text))
+    # a password or token as a query parameter (postgresql://u@h/db?password=...)
+    text = re.sub(r"(?i)([?&;](?:password|passwd|pwd|token|secret|access_token)=)[^&;\s'\"]+", r"\1***", text)
     for secret in sorted((s for s in secrets if len(s) >= 4), key=len, reverse=True):  # a longer one may hold a shorter
-        text = text.replace(secret, "***")
+        # case-insensitive: percent-encoding may be written %2f or %2F
+        text = re.sub(re.escape(secret), "***", text, flags=re.IGNORECASE)
     return text

@@ -196,6 +196,7 @@ class LocalStore:
         staging: Path | None = make_staging(target.parent, target.name)
         try:
             shutil.copytree(folder, staging, dirs_exist_ok=True)
+            os.utime(staging)  # copytree gave it the source's mtime: an old source would look stale
             manifest = folder_manifest(staging) | {"publish_id": uuid.uuid4().hex}
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
             with self._lock(key):

@@ -209,12 +209,13 @@ def test_the_committed_deployment_policy_is_the_default_policy_spelled_out():
 
 class FakeRun:
     def __init__(self, run_id, outcome="passed", attacks="run", seed_chosen="False", status="FINISHED", complete=True,
-                 deleted=False, retry_of=None):
+                 deleted=False, retry_of=None, digest=None):
         from tasks.registry import COMPLETE_TAG
 
         self.info = type("Info", (), {"run_id": run_id, "status": status, "lifecycle_stage": "deleted" if deleted else "active"})()
         self.data = type("Data", (), {"tags": {
             "erasure.outcome": outcome, "erasure.attacks": attacks, "erasure.seed_chosen": seed_chosen, "erasure.reasons": "x",
+            "erasure.policy_digest": digest or AuditPolicy(attacks=[]).digest(),
         } | ({COMPLETE_TAG: "true"} if complete else {}) | ({"erasure.retry_of": retry_of} if retry_of else {})})()
 
 
@@ -241,7 +242,7 @@ def test_promotion_needs_a_pass_of_the_served_artifact_no_failure_and_a_record_t
     assert registry._check_audit("m", "1", policy) == "audit passed (run pass)" and seen["sha256"] == "s" * 64
     for runs_now, message in (
         ([], "no audit under the current policy"),
-        ([FakeRun("pass"), FakeRun("old", outcome="failed")], "did not pass.*a later pass does not undo it"),
+        ([FakeRun("pass"), FakeRun("old", outcome="failed")], "did not pass.*a later pass.*does not undo it"),
         ([FakeRun("pass"), FakeRun("old", outcome="failed", deleted=True)], r"did not pass \(failed, run old"),  # deleting hides nothing
         ([FakeRun("pass"), FakeRun("crash", outcome="error")], r"run crash.*ended in an error.*--retry crash"),
         # a retry that has not completed, or that failed, settles nothing / fails the version
@@ -258,6 +259,11 @@ def test_promotion_needs_a_pass_of_the_served_artifact_no_failure_and_a_record_t
         ([FakeRun("pass", deleted=True)], "no audit under the current policy"),  # a deleted pass is no pass
         ([FakeRun("pass", outcome="inconclusive")], "inconclusive"),
         ([FakeRun("pass", seed_chosen="True")], "on a seed of its own"),
+        # hostile review: a failure or a kill under another policy still counts (a policy nudge wiped them)
+        ([FakeRun("pass"), FakeRun("old", outcome="failed", digest="0" * 16)], r"did not pass \(failed, run old"),
+        ([FakeRun("pass"), FakeRun("k", outcome="started", status="RUNNING", complete=False, digest="0" * 16)], "run k.*has not completed"),
+        # a retry's pass that was deleted settles its run, but is no pass itself
+        ([FakeRun("r", retry_of="crash", deleted=True), FakeRun("crash", outcome="error")], "no audit under the current policy"),
         ([FakeRun("leaky")], "does not pass the current policy"),
     ):
         runs = runs_now

@@ -369,8 +369,10 @@ def test_an_audit_without_a_verdict_is_retried_on_its_own_probes_and_attacks_onl
         registry.audit_to_retry(crashed, version, AuditPolicy(max_acc_e=0.1), reference.sha256)
     with pytest.raises(RequestError, match="model_sha256"):
         registry.audit_to_retry(crashed, version, policy, "0" * 64)
-    with pytest.raises(LookupError, match="no MLflow run"):
+    with pytest.raises(LookupError, match="to retry it"):
         registry.audit_to_retry("f" * 32, version, policy, reference.sha256)
+    with pytest.raises(RequestError, match="32-character MLflow run id"):
+        registry.audit_to_retry("../x", version, policy, reference.sha256)
 
 
 def test_a_password_mlflow_repeats_in_its_own_message_never_reaches_one_of_ours(monkeypatch, capsys):
@@ -388,6 +390,10 @@ def test_a_password_mlflow_repeats_in_its_own_message_never_reaches_one_of_ours(
         raise MlflowException(echoed)
     assert "pa%40ss-w0rd" not in str(caught.value) and "pa@ss-w0rd" not in str(caught.value)
     assert "alice:***@127.0.0.1" in str(caught.value)
+    from tasks.state import scrub
+
+    assert "hunter22" not in scrub("postgresql://u@h/db?sslmode=require&password=hunter22 refused")
+    assert "w0rd" not in scrub("http://alice:pa%40ss-w0rd@x") and "pa%40ss" not in scrub("got pa%40ss-w0rd back".upper().lower())
     for error in (caught.value, RuntimeError(f"{echoed}; key aws-secret-value"), LookupError(echoed)):
         def call(error=error):
             raise error
@@ -411,9 +417,34 @@ def test_a_bad_model_reference_is_a_message_before_anything_starts(monkeypatch, 
     """Issue 22, finding 15: `tm abc`, `x@` and `x/abc` were tracebacks, after a Prefect server had started."""
     from typer.testing import CliRunner
 
+    from cli import pipeline
     from cli.main import app
 
+    def started(*args, **kwargs):
+        raise AssertionError("the state folder or Prefect was touched before the reference was checked")
+
+    monkeypatch.setattr(pipeline, "_private_state", started)
+    monkeypatch.setattr(pipeline, "_start_prefect", started)
     monkeypatch.setenv("ERASURE_STATE_DIR", str(tmp_path / "state"))
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
-    assert not (tmp_path / "state" / "prefect").exists()  # refused before Prefect was started
+
+
+def test_a_policy_whose_probe_file_changed_is_replaced_with_a_reason_and_tightening_needs_none(reference, tmp_path):
+    """Review: a policy whose probe file changed could not be set again (the command meant to fix
+    it failed the same way), and tightening a policy with a probe file was called loosening."""
+    from erasure.audit.policy import AuditPolicy
+    from tasks import registry
+
+    register(reference)
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text('{"prompt": "a cat", "concept": "cat", "expected": "absent"}\n')
+    assert registry.set_deployment_policy("m", AuditPolicy(probe_file=probes, max_acc_e=0.2)) == []
+    assert registry.set_deployment_policy("m", AuditPolicy(probe_file=probes, max_acc_e=0.1)) == []  # stricter
+    probes.write_text('{"prompt": "a dog", "concept": "cat", "expected": "absent"}\n')
+    with pytest.raises(RegistryError, match="not the policy that was set"):
+        registry.deployment_policy("m")
+    with pytest.raises(registry.PolicyRefused, match="cannot be read"):
+        registry.set_deployment_policy("m", AuditPolicy(probe_file=probes, max_acc_e=0.1))
+    registry.set_deployment_policy("m", AuditPolicy(probe_file=probes, max_acc_e=0.1), reason="probes revised")
+    assert registry.deployment_policy("m").max_acc_e == 0.1

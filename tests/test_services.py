@@ -315,3 +315,11 @@ def test_a_bad_environment_variable_is_a_message_naming_it_not_a_traceback(monke
         report_errors(read)
     printed = capsys.readouterr().err
     assert exited.value.exit_code == 2 and variable in printed and "Traceback" not in printed, printed
+
+
+def test_a_superscript_digit_is_no_number(monkeypatch):
+    from tasks.state import ConfigError, env_count
+
+    monkeypatch.setenv("ERASURE_RAY_CPUS", "²")  # str.isdigit() says yes, int() says no
+    with pytest.raises(ConfigError, match="ERASURE_RAY_CPUS"):
+        env_count("ERASURE_RAY_CPUS", 1)

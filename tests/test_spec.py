@@ -227,3 +227,7 @@ def test_an_input_root_is_checked_through_symlinks_inside_it_and_again_when_a_wo
         ConceptWorker(str(outside / "model"), str(tmp_path / "store"))
     with pytest.raises(RequestError, match="model: .*unet.* leads outside ERASURE_INPUT_ROOT"):
         ConceptWorker(str(inside / "model"), str(tmp_path / "store"))
+    (inside / "model" / "unet").unlink()
+    (inside / "model" / "unet").symlink_to(inside / "model" / "unet")  # a loop: a message, not a traceback
+    with pytest.raises(RequestError, match="symlink that cannot be followed"):
+        parse_request(with_(model=str(inside / "model")))

@@ -206,11 +206,11 @@ def loosening(current: AuditPolicy, new: AuditPolicy) -> list[str]:
         now = new.max_attack_success.get(attack)
         if limit is not None and (now is None or now > limit):
             looser.append(f"max_attack_success.{attack} {limit} -> {now}")
-    for setting in ("sampler_steps", "guidance_scale", "judges", "probe_file"):
+    for setting in ("sampler_steps", "guidance_scale", "judges"):
         if getattr(new, setting) != getattr(current, setting):
             looser.append(f"{setting} changed")
-    if new.probe_file is not None and new.probe_file == current.probe_file and new.digest() != current.digest():
-        looser.append("probe_file's content changed")
+    if current.probe_file is not None and new.probe_file != current.probe_file:  # adding probes is no loosening
+        looser.append("probe_file dropped or replaced")
     return looser
 
 

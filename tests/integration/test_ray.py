@@ -104,6 +104,7 @@ def test_local_ray_listens_on_loopback_only_and_runs_no_dashboard(fresh_local_ra
 RAY_AND_PREFECT_FILES = """
 import json, os, sys
 import ray
+import flows  # noqa: F401 (makes the temporary server's database folder)
 from tasks.compute import ensure_ray
 from prefect.settings import get_current_settings
 
@@ -114,7 +115,7 @@ def one():
     return 1
 
 assert ray.get(one.remote()) == 1
-print(json.dumps({"temp": ray._private.worker._global_node.get_temp_dir_path(), "prefect": str(get_current_settings().home)}))
+print(json.dumps({"temp": ray._private.worker._global_node.get_temp_dir_path(), "prefect": get_current_settings().server.database.connection_url.get_secret_value()}))
 ray.shutdown()
 """
 
@@ -133,14 +134,15 @@ def test_ray_and_prefect_keep_their_files_and_token_in_the_private_state_folder(
     home.mkdir()
     short = Path(tempfile.mkdtemp(prefix="es", dir="/tmp"))  # deep enough paths exceed Ray's socket limit
     state = short / "s" if depth == "short" else tmp_path / ("deep-" * 8) / "state"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PREFECT_HOME"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PREFECT_"))}
     env |= {"HOME": str(home), "ERASURE_STATE_DIR": str(state), "ERASURE_RAY_CPUS": "1"}
     try:
         result = subprocess.run([sys.executable, "-c", RAY_AND_PREFECT_FILES], env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         where = json.loads(result.stdout.strip().splitlines()[-1])
-        assert where["prefect"] == str(state.resolve() / "prefect")
-        assert not (home / ".ray").exists() and not (home / ".prefect").exists()
+        assert where["prefect"] == f"sqlite+aiosqlite:///{state.resolve() / 'prefect' / 'prefect.db'}"
+        assert (state / "prefect").stat().st_mode & 0o777 == 0o700
+        assert not (home / ".ray").exists()
         token = state / "ray" / "auth-token"
         assert token.stat().st_mode & 0o777 == 0o600 and (state / "ray").stat().st_mode & 0o777 == 0o700
         temp = Path(where["temp"])
