@@ -20,6 +20,11 @@ for _name, _value in PREFECT_DEFAULTS.items():
 # state folder, not in ~/.prefect shared by every state folder. Only the database moves:
 # PREFECT_HOME keeps the user's profiles (an API URL set with `prefect config set` still counts).
 # (tasks.state's rule for the state folder, spelled out: the package does not import its own modules)
-if not (os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL") or os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")):
+# A value this rule set in a parent process (marked by ERASURE_PREFECT_DATABASE_DEFAULT) is
+# derived again here: a child command with a state folder of its own uses its own database.
+_database = os.environ.get("PREFECT_SERVER_DATABASE_CONNECTION_URL")
+_inherited = _database and _database == os.environ.get("ERASURE_PREFECT_DATABASE_DEFAULT")
+if _inherited or not (_database or os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")):
     _state = os.path.realpath(os.environ.get("ERASURE_STATE_DIR") or ".erasure")
-    os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{os.path.join(_state, 'prefect', 'prefect.db')}"
+    _database = f"sqlite+aiosqlite:///{os.path.join(_state, 'prefect', 'prefect.db')}"
+    os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = os.environ["ERASURE_PREFECT_DATABASE_DEFAULT"] = _database

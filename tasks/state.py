@@ -101,6 +101,8 @@ def private_prefect_database() -> None:
     folder = Path(url.removeprefix("sqlite+aiosqlite://")).parent.resolve()
     if folder == state_dir() or state_dir() in folder.parents:
         private_dir(folder)
+    else:  # an operator's own path: made if missing (Prefect would fail to start), never chmodded
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
 class ConfigError(ErasureError, ValueError):

@@ -152,3 +152,19 @@ def test_ray_and_prefect_keep_their_files_and_token_in_the_private_state_folder(
             assert temp.parent.name == f"erasure-{os.getuid()}" and temp.parent.stat().st_mode & 0o777 == 0o700
     finally:
         shutil.rmtree(short, ignore_errors=True)
+
+
+def test_a_child_command_with_its_own_state_folder_uses_its_own_prefect_database(tmp_path):
+    """A command started from a process that had imported ``tasks`` inherited that process's
+    database path (the parent's state folder, which may not exist): Prefect failed to start."""
+    import subprocess
+    import sys
+
+    script = "import tasks, os; print(os.environ['PREFECT_SERVER_DATABASE_CONNECTION_URL'])"
+    parent = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "ERASURE_"))}
+    first = subprocess.run([sys.executable, "-c", f"import tasks, os, subprocess, sys; "
+                            f"os.environ['ERASURE_STATE_DIR'] = {str(tmp_path / 'child')!r}; "
+                            f"print(subprocess.run([sys.executable, '-c', {script!r}], capture_output=True, text=True).stdout)"],
+                           env=parent | {"ERASURE_STATE_DIR": str(tmp_path / "parent")}, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.strip() == f"sqlite+aiosqlite:///{(tmp_path / 'child').resolve() / 'prefect' / 'prefect.db'}"
