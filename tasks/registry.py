@@ -561,13 +561,17 @@ def deployment_policy(name: str):
     try:
         policy = parse_policy(json.loads(text), where)
     except (json.JSONDecodeError, RequestError) as error:
-        raise RegistryError(f"{where} does not load ({error}): set it again with `erasure policy set {name} FILE`") from None
+        raise UnreadablePolicy(f"{where} does not load ({error}): set it again with `erasure policy set {name} FILE`") from None
     if policy.digest() != tags.get(POLICY_DIGEST_TAG):
-        raise RegistryError(
+        raise UnreadablePolicy(
             f"{where} is not the policy that was set (digest {policy.digest()}, recorded {tags.get(POLICY_DIGEST_TAG)}): "
             f"its tags or its probe file changed since; set it again with `erasure policy set {name} FILE`"
         )
     return policy
+
+
+class UnreadablePolicy(RegistryError):
+    """The deployment policy on record does not load, or is not the one that was set."""
 
 
 class PolicyRefused(ErasureError, RuntimeError):
@@ -588,9 +592,7 @@ def set_deployment_policy(name: str, policy, reason: str | None = None) -> list[
     try:
         current = deployment_policy(name)
         looser = loosening(current, policy)
-    except RegistryError as error:  # edited, or its probe file changed: replacing it is a judgement to sign
-        if "does not load" not in str(error) and "not the policy that was set" not in str(error):
-            raise
+    except UnreadablePolicy as error:  # edited, or its probe file changed: replacing it is a judgement to sign
         current, looser = None, [f"the current policy cannot be read ({error})"]
     if looser and not (reason and reason.strip()):
         raise PolicyRefused(
