@@ -60,6 +60,7 @@ def save_concept(result, folder: Path) -> dict:
         "generation_prompt": result.data.prompt,
         "augmented_prompts": len(result.text.prompts),
         "mined_words": [[word, round(cosine, 4)] for word, cosine in result.text.mined_words],
+        "discovery": result.text.discovery.as_dict() if result.text.discovery is not None else None,
         "mask_coverage": round(float(result.data.masks.float().mean()), 4),
         "lora_loss_first": round(result.losses[0], 6) if result.losses else None,
         "lora_loss_last": round(result.losses[-1], 6) if result.losses else None,

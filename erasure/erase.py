@@ -47,6 +47,7 @@ from erasure.diffusion.lora import train_concept_lora
 from erasure.diffusion.models import Components, fingerprint, sampler_settings, save_components
 from erasure.loading import load_components
 from erasure.methods.alternative import train_alternative_lora
+from erasure.methods.discovery import Discovery, alias_phrases, discover_aliases
 from erasure.methods.fusion import FusableConcept, editable_projector, fuse, fusion_prior  # noqa: F401 (FusableConcept: re-exported)
 from erasure.methods.mining import mined_words, never_mined, with_perturbed_neighbours
 from erasure.methods.separable import train_separable_increment
@@ -62,6 +63,7 @@ from erasure.spec import (
     read_captions,
 )
 from erasure.staging import make_staging, remove_stale_staging
+from erasure.worlds.builtins import concept_judge
 
 Progress = Callable[[str, int, int], None]
 
@@ -91,6 +93,13 @@ def prepare_request(request: ErasureRequest, components: Components, first_index
     sampling defaults filled in. Every runner (``erase``, a worker, a benchmark) starts here.
     ``first_index``: where the request's first concept sits in the one the user wrote."""
     request.check_against_tokenizer(components.tokenizer, first_index)
+    if request.method.discovery is not None:
+        judge = concept_judge(request.model)
+        for index, concept in enumerate(request.concepts, start=first_index):
+            try:
+                judge.check(concept)
+            except ValueError as error:
+                raise RequestError(f"concepts.{index}.name: method.discovery: {error}") from None
     return with_model_sampling(request, components)
 
 
@@ -139,6 +148,7 @@ class ConceptText:
     spans: list[tuple[int, ...]]  # the concept's token positions in each
     anchor_prompts: list[str] = field(default_factory=list)  # the same prompts with the anchor instead
     mined_words: list[tuple[str, float]] = field(default_factory=list)  # text neighbours mined, with their cosine
+    discovery: Discovery | None = None  # the aliases found in the base model, erased with the concept
 
 
 def concept_pairs(
@@ -148,10 +158,12 @@ def concept_pairs(
     seed: int,
     mining: MiningSettings | None = None,
     exclude: frozenset[str] = frozenset(),
+    aliases: tuple[str, ...] = (),
 ) -> tuple[list[tuple[str, str]], list[tuple[str, float]]]:
-    """A concept's (concept prompt, anchor prompt) pairs, and the text neighbours mined for it."""
+    """A concept's (concept prompt, anchor prompt) pairs, and the text neighbours mined for it.
+    ``aliases``: phrases the base model draws as the concept (alias discovery), erased with it."""
     mined = mined_words(components, concept, mining, exclude) if mining is not None else []
-    variants = (*concept.variants, *(word for word, _ in mined))
+    variants = tuple(dict.fromkeys((*concept.variants, *aliases, *(word for word, _ in mined))))
     # the concept's own words keep their share, up to 4x the prompts (memory grows with them)
     count = min(prompt_count * len(variants) // len(concept.variants), 4 * prompt_count)
     pairs = augmented_pairs(concept.kind, variants, concept.anchor, count, (), seed)
@@ -169,9 +181,13 @@ def concept_text(
     edit_tokens: str = "after",
     mining: MiningSettings | None = None,
     exclude: frozenset[str] = frozenset(),
+    discovery: Discovery | None = None,
+    max_aliases: int = 0,
 ) -> ConceptText:
-    """Stage 2a: a concept's augmented prompt pairs, encoded, as sufficient statistics (CFR and fusion)."""
-    pairs, mined = concept_pairs(components, concept, prompt_count, seed, mining, exclude)
+    """Stage 2a: a concept's augmented prompt pairs, encoded, as sufficient statistics (CFR and fusion);
+    with ``discovery``, its aliases (at most ``max_aliases`` phrases) are erased with it."""
+    aliases = tuple(alias_phrases(concept, discovery, max_aliases)) if discovery is not None else ()
+    pairs, mined = concept_pairs(components, concept, prompt_count, seed, mining, exclude, aliases)
     concept_ids, concept_lens = tokenize(components.tokenizer, [c for c, _ in pairs])
     anchor_ids, anchor_lens = tokenize(components.tokenizer, [a for _, a in pairs])
     alignments = [
@@ -234,13 +250,22 @@ def erase_concept(
         # a prior published by an earlier run (MACE's fusion, say) skipped ``base_prior``'s check
         editable_projector(components, base_prior.gram(), request.fusion)
     timer = time.perf_counter()
+    exclude = never_mined(concept, request.preserve.concepts)
+    discovery = None
+    if settings.discovery is not None:
+        discovery = discover_aliases(
+            components, concept, settings.discovery, concept_judge(request.model), settings.sampler_steps,
+            settings.guidance_scale, seed, exclude, progress,
+        )
+    seconds = {"discovery": time.perf_counter() - timer}
+    timer = time.perf_counter()
     text = concept_text(
-        components, concept, settings.prompts_per_concept, seed, settings.edit_tokens, settings.mining,
-        never_mined(concept, request.preserve.concepts),
+        components, concept, settings.prompts_per_concept, seed, settings.edit_tokens, settings.mining, exclude,
+        discovery, settings.discovery.max_phrases if settings.discovery is not None else 0,
     )
     prior = base_prior.with_anchors([text.statistics]).gram()
     text_map = refinement_map([text.statistics], prior, request.preserve.lam1, request.preserve.ridge)
-    seconds = {"text": time.perf_counter() - timer}
+    seconds["text"] = time.perf_counter() - timer
 
     timer = time.perf_counter()
     data = data or generate_concept_data(components, concept, settings, seed)

@@ -128,6 +128,9 @@ class ConceptSpec(_Strict):
     anchor: Text | None = None
     synonyms: tuple[Text, ...] = Field(default=(), max_length=MAX_SYNONYMS)
     prompts: tuple[Prompt, ...] = Field(default=(), max_length=MAX_PROMPTS)
+    # words or phrases alias discovery (``method.discovery``) must never take for this concept: the
+    # operator's veto of an alias the report listed that should keep drawing
+    exclude_aliases: tuple[Text, ...] = Field(default=(), max_length=MAX_SYNONYMS)
 
     @model_validator(mode="after")
     def _anchor(self) -> ConceptSpec:
@@ -202,6 +205,22 @@ class MiningSettings(_Strict):
         return value
 
 
+class DiscoverySettings(_Strict):
+    """Alias discovery (docs/method.md, "Alias discovery"): the words the base model draws as each
+    concept, screened over an English vocabulary and confirmed by sampling and the world's judge;
+    found aliases are erased with the concept."""
+
+    vocabulary: int = Field(default=30_000, ge=1, le=200_000, description="most frequent English words screened (plus the tokenizer's own)")
+    screened: int = Field(default=2000, ge=1, le=200_000, description="kept by the text screen (cross-attention K/V) for the model screen")
+    confirmed: int = Field(default=16, ge=1, le=256, description="kept by the model screen (one UNet step) for sampling")
+    samples: int = Field(default=8, ge=2, le=64, description="images per candidate (and per control word)")
+    controls: int = Field(default=8, ge=1, le=256, description="random vocabulary words sampled for the base rate")
+    min_rate: float = Field(default=0.75, gt=0.0, le=1.0, description="share of a candidate's images the judge must see as the concept")
+    p_value: float = Field(default=1e-3, gt=0.0, lt=1.0, description="how improbable that share must be at the base rate")
+    max_per_word: int = Field(default=8, ge=1, le=64, description="aliases kept per word of the concept's name")
+    max_phrases: int = Field(default=16, ge=1, le=MAX_SYNONYMS, description="alias phrases erased per concept")
+
+
 class MethodSettings(_Strict):
     """MACE hyperparameters; defaults are the paper's (docs/method.md, "Data per concept" and "LoRA on attention")."""
 
@@ -233,6 +252,9 @@ class MethodSettings(_Strict):
     # concept (its own left to the LoRA), or also its last token, or its whole span
     edit_tokens: Literal["after", "last", "span"] = "span"
     mining: MiningSettings | None = None  # RealEra's neighbour mining; None: off
+    # alias discovery from the base model and its world's judge; None: off (a model with no judge
+    # cannot confirm an alias)
+    discovery: DiscoverySettings | None = None
 
 
 class FusionSettings(_Strict):
@@ -404,8 +426,13 @@ class ErasureRequest(_Strict):
 # every recorded hash, so the hash keeps them); never extend that part.
 HASH_NEUTRAL_SETTINGS = {
     # SepME's constants before they were settings
-    "method": {"separable_lr": 0.1, "separable_scale": 1e-3, "separable_l1": 1e-6, "separable_stop_below": 1e-4},
+    "method": {
+        "separable_lr": 0.1, "separable_scale": 1e-3, "separable_l1": 1e-6, "separable_stop_below": 1e-4,
+        "discovery": None,
+    },
 }
+# the same rule for a concept's own fields: left out of keys and hashes at these values
+HASH_NEUTRAL_CONCEPT_FIELDS = {"exclude_aliases": []}
 LEGACY_SETTINGS = {
     "method": {"objective": "attention", "edit_tokens": "after", "mining": None, **HASH_NEUTRAL_SETTINGS["method"]},
     "fusion": {"method": "mace"},

@@ -12,6 +12,7 @@ from typing import get_args
 
 from erasure.erase import slug
 from erasure.spec import (
+    HASH_NEUTRAL_CONCEPT_FIELDS,
     HASH_NEUTRAL_SETTINGS,
     LEGACY_SETTINGS,
     ConceptSpec,
@@ -74,13 +75,18 @@ def _method_inputs(request: ErasureRequest) -> dict:
     return method
 
 
+def _concept_inputs(concept: dict) -> dict:
+    """A concept's fields less those added later while at the value earlier concepts had."""
+    return {k: v for k, v in concept.items() if HASH_NEUTRAL_CONCEPT_FIELDS.get(k, object()) != v}
+
+
 def concept_key(base_fingerprint: str, concept: ConceptSpec, request: ErasureRequest) -> str:
     """A concept's key: the base model, the concept, the settings its objective reads, the preserve set and the seed."""
     payload = {
         "stage": "concept",
         "v": STAGE_VERSIONS["concept"],
         "base": base_fingerprint,
-        "concept": json.loads(concept.model_dump_json()),
+        "concept": _concept_inputs(json.loads(concept.model_dump_json())),
         "method": _method_inputs(request),
         "preserve": _preserve_inputs(request) | {"lam1": request.preserve.lam1, "ridge": request.preserve.ridge},
         "seed": request.seed,
@@ -111,6 +117,7 @@ def request_hash(request: ErasureRequest) -> str:
     """The request's content: the caption file counts by its hash, not by where it lay."""
     data = request.fingerprint_dict()
     data["preserve"].pop("captions", None)
+    data["concepts"] = [_concept_inputs(concept) for concept in data["concepts"]]
     for section, values in HASH_NEUTRAL_SETTINGS.items():
         for key, value in values.items():
             if data[section].get(key) == value:

@@ -93,11 +93,12 @@ def test_artifacts_made_before_the_new_method_settings_keep_their_keys():
 
     request = parse_request(BASE)
     added = ("objective", "alternative_drift_weight", "edit_tokens", "mining", "separable_lr", "separable_scale",
-             "separable_l1", "separable_stop_below")
+             "separable_l1", "separable_stop_below", "discovery")
+    old_concept = {k: v for k, v in json.loads(request.concepts[0].model_dump_json()).items() if k != "exclude_aliases"}
     old_method = {k: v for k, v in json.loads(request.method.model_dump_json()).items() if k not in added}
     payload = {
         "stage": "concept", "v": STAGE_VERSIONS["concept"], "base": "fp",
-        "concept": json.loads(request.concepts[0].model_dump_json()), "method": old_method,
+        "concept": old_concept, "method": old_method,
         "preserve": {"concepts": [], "captions_sha256": None, "lam1": 1.0, "ridge": 1e-3}, "seed": 0,
     }
     old_key = f"concepts/{slug('cat')}-" + hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -105,6 +106,8 @@ def test_artifacts_made_before_the_new_method_settings_keep_their_keys():
     old_json.pop("fusion")
     for key in added:
         old_json["method"].pop(key)
+    for concept in old_json["concepts"]:
+        concept.pop("exclude_aliases")
     registered = registered_request(json.dumps(old_json))
     assert registered.fusion.method == "mace" and registered.method.edit_tokens == "after"
     assert concept_key("fp", registered.concepts[0], registered) == old_key

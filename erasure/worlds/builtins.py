@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from erasure.diffusion.models import Components, build_tiny_components
-from erasure.spec import BUILTIN_MODELS, ErasureRequest, check_builtin
-from erasure.worlds.toyworld.judge import ToyJudge, audit_probes, erasure_probes
+from erasure.spec import BUILTIN_MODELS, ErasureRequest, RequestError, check_builtin
+from erasure.worlds.toyworld.judge import ToyConceptJudge, ToyJudge, audit_probes, erasure_probes
 from erasure.worlds.toyworld.model import drawable_unseen_words, load_toyworld_classifier, load_toyworld_components
 
 
@@ -28,6 +28,8 @@ class BuiltinModel:
     judge: Callable[[ErasureRequest], tuple[list, object]] | None = None
     # (request, audit policy, seed) -> (held-out probes, judge) of a compliance audit
     audit: Callable[[ErasureRequest, object, int], tuple[list, object]] | None = None
+    # () -> the judge alias discovery confirms candidates with (erasure.methods.discovery.ConceptJudge)
+    concept_judge: Callable[[], object] | None = None
 
 
 def _toyworld_loader(world: str) -> Callable[[], Components]:
@@ -59,17 +61,21 @@ def _toyworld_audit(world: str) -> Callable[[ErasureRequest, object, int], tuple
     return audit
 
 
+def _toy_concept_judge():
+    return ToyConceptJudge(load_toyworld_classifier())
+
+
 BUILTINS: dict[str, BuiltinModel] = {
     entry.name: entry
     for entry in (
         BuiltinModel("tiny", "a randomly initialised SD-shaped pipeline for tests (draws noise)", build_tiny_components),
         BuiltinModel(
             "toyworld", "the toy world, a frozen pretrained MiniLM encoder (the embedded default)",
-            _toyworld_loader("minilm"), _toyworld_judge("minilm"), _toyworld_audit("minilm"),
+            _toyworld_loader("minilm"), _toyworld_judge("minilm"), _toyworld_audit("minilm"), _toy_concept_judge,
         ),
         BuiltinModel(
             "toyworld-clip", "the toy world, a small causal CLIP encoder trained with the UNet",
-            _toyworld_loader("clip"), _toyworld_judge("clip"), _toyworld_audit("clip"),
+            _toyworld_loader("clip"), _toyworld_judge("clip"), _toyworld_audit("clip"), _toy_concept_judge,
         ),
     )
 }
@@ -82,3 +88,19 @@ def find_builtin(model: str) -> BuiltinModel | None:
     An unknown ``builtin:`` name is an error that lists the valid ones."""
     name = check_builtin(model)
     return None if name is None else BUILTINS[name]
+
+
+def concept_judge(model: str):
+    """The judge alias discovery confirms candidates with on ``model``; a ``RequestError`` for a model
+    whose world has none."""
+    try:
+        builtin = find_builtin(model)
+    except ValueError as error:
+        raise RequestError(str(error)) from None
+    if builtin is None or builtin.concept_judge is None:
+        judged = [f"builtin:{b.name}" for b in BUILTINS.values() if b.concept_judge is not None]
+        raise RequestError(
+            f"method.discovery: {model!r} has no judge to confirm an alias with (only {', '.join(judged)} ship one); "
+            "remove method.discovery, or list the concept's other names as its synonyms"
+        )
+    return builtin.concept_judge()

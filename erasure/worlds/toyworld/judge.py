@@ -174,6 +174,21 @@ def shows(predicted: dict[str, list[str]], index: int, expected: dict[str, str])
     return all(predicted[kind][index] == value for kind, value in expected.items())
 
 
+def class_attributes(name: str) -> dict[str, str]:
+    """{"colour": "blue", "shape": "star"} for "blue star": the classifier's own class names only,
+    never a synonym (alias discovery must not learn the world's synonyms from its judge)."""
+    attributes = {}
+    for word in normalise(name).split():
+        kind = next((k for k, values in ATTRIBUTES.items() if word in values), None)
+        if kind is None or kind in attributes:
+            raise ValueError(
+                f"{name!r}: the toy judge knows concepts by its class names only, at most one style, colour and "
+                f"shape (shapes {', '.join(SHAPES)}; colours {', '.join(COLOURS)}; styles {', '.join(STYLES)})"
+            )
+        attributes[kind] = word
+    return attributes
+
+
 class ToyJudge:
     """Wraps the toy classifier: images -> whether each shows its probe's concept."""
 
@@ -184,6 +199,24 @@ class ToyJudge:
     def verdicts(self, images: torch.Tensor, probes: list[Probe]) -> list[bool]:
         predicted = self.classifier.predict(images)
         return [shows(predicted, i, p.expected) for i, p in enumerate(probes)]
+
+
+class ToyConceptJudge:
+    """The toy classifier as alias discovery asks it (``erasure.methods.discovery.ConceptJudge``):
+    does each image show the concept named by its class words?"""
+
+    def __init__(self, classifier):
+        self.classifier = classifier
+
+    def check(self, concept) -> None:
+        """A ValueError, before any work, for a concept the judge cannot see."""
+        class_attributes(concept.name)
+
+    @torch.no_grad()
+    def shows(self, images: torch.Tensor, concept) -> list[bool]:
+        expected = class_attributes(concept.name)
+        predicted = self.classifier.predict(images)
+        return [shows(predicted, i, expected) for i in range(len(images))]
 
 
 # Audit probes: templates and phrasings that neither the world's training captions, the erasure's
