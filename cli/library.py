@@ -99,6 +99,7 @@ def evaluate(
     """Measure efficacy (acc_e), generality (acc_g), specificity (acc_s) and drift; write JSON and a report."""
     import json
 
+    from erasure.artifacts import discovered_aliases
     from erasure.evaluation.evaluate import evaluate_request, evaluation_json
     from erasure.evaluation.metrics import percent
     from erasure.evaluation.report import write_report
@@ -117,12 +118,14 @@ def evaluate(
     report_path = write_report(
         result, report or json_out.with_suffix(".html"), title=f"Erasure report: {model}",
         details={"request": str(request), "base model": base or spec.model, "probes": len(result.probes)},
+        aliases=discovered_aliases(model.parent),  # an erasure output's model/ sits beside its concepts/
     )
     table = Table(title="erasure metrics (%; acc_g: trained synonyms, paraphrases and other word orders; unseen: words never in training)")
-    for column in ("model", "acc_e ↓", "acc_g ↓", "of which phrasing ↓", "acc_g unseen ↓", "acc_s ↑", "h_o ↑"):
+    for column in ("model", "acc_e ↓", "acc_g ↓", "of which phrasing ↓", "acc_g unseen ↓", "acc_s ↑", "h_o ↑", "anchor ↑"):
         table.add_column(column)
     for label, values in (("base", result.base_metrics), ("erased", result.metrics)):
-        table.add_row(label, *(percent(values.get(k)) for k in ("acc_e", "acc_g", "acc_g_phrasing", "acc_g_unseen", "acc_s", "h_o")))
+        keys = ("acc_e", "acc_g", "acc_g_phrasing", "acc_g_unseen", "acc_s", "h_o", "anchor_fidelity")
+        table.add_row(label, *(percent(values.get(k)) for k in keys))
     Console().print(table)
     Console().print(f"metrics: {json_out}\nreport:  {report_path}")
 

@@ -85,6 +85,21 @@ def load_concept(folder: Path) -> ConceptArtifact:
     )
 
 
+def discovered_aliases(output: Path) -> dict[str, list[str]]:
+    """Concept name -> the alias phrases its discovery found, for every concept of an erasure output
+    folder (``output/concepts/*``) that ran discovery; {} for any other folder."""
+    found: dict[str, list[str]] = {}
+    for document_path in sorted(Path(output).glob(f"concepts/*/{CONCEPT_FILE}")):
+        try:
+            summary = json.loads(document_path.read_text())["summary"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        discovery = summary.get("discovery") if isinstance(summary, dict) else None
+        if isinstance(discovery, dict):
+            found[str(summary.get("name"))] = [str(a.get("phrase")) for a in discovery.get("aliases", [])]
+    return found
+
+
 def save_prior(prior: PriorStatistics, path: Path) -> None:
     """Write the prior's sufficient statistics (safetensors)."""
     save_file({"total": prior.total.contiguous(), "count": torch.tensor([prior.count])}, str(path))

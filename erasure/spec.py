@@ -212,13 +212,13 @@ class DiscoverySettings(_Strict):
 
     vocabulary: int = Field(default=30_000, ge=1, le=200_000, description="most frequent English words screened (plus the tokenizer's own)")
     screened: int = Field(default=2000, ge=1, le=200_000, description="kept by the text screen (cross-attention K/V) for the model screen")
-    confirmed: int = Field(default=16, ge=1, le=256, description="kept by the model screen (one UNet step) for sampling")
+    confirmed: int = Field(default=24, ge=1, le=256, description="kept by the model screen (one UNet step) for sampling")
     samples: int = Field(default=8, ge=2, le=64, description="images per candidate (and per control word)")
     controls: int = Field(default=8, ge=1, le=256, description="random vocabulary words sampled for the base rate")
     min_rate: float = Field(default=0.75, gt=0.0, le=1.0, description="share of a candidate's images the judge must see as the concept")
     p_value: float = Field(default=1e-3, gt=0.0, lt=1.0, description="how improbable that share must be at the base rate")
-    max_per_word: int = Field(default=8, ge=1, le=64, description="aliases kept per word of the concept's name")
-    max_phrases: int = Field(default=16, ge=1, le=MAX_SYNONYMS, description="alias phrases erased per concept")
+    max_per_word: int = Field(default=16, ge=1, le=64, description="aliases kept per word of the concept's name")
+    max_phrases: int = Field(default=32, ge=1, le=MAX_SYNONYMS, description="alias phrases erased per concept")
 
 
 class MethodSettings(_Strict):

@@ -320,10 +320,10 @@ def test_promotion_is_judged_by_the_registered_deployment_policy_never_the_promo
     registry.log_audit(run, "m", "passed", [], lax, False, {"concepts": [], "base": {}}, {}, None)
     with pytest.raises(registry.PromotionRefused, match="no audit under the current policy"):
         registry.promote("m", version.version)
-    with pytest.raises(registry.PolicyRefused, match="more leniently.*max_acc_e 0.25 -> 0.5.*attack prefix dropped.*--reason"):
+    with pytest.raises(registry.PolicyRefused, match="more leniently.*max_acc_e 0.1 -> 0.5.*attack prefix dropped.*--reason"):
         registry.set_deployment_policy("m", lax)
     assert registry.deployment_policy("m").digest() == strict.digest()  # refused: nothing changed
-    assert registry.set_deployment_policy("m", AuditPolicy(max_acc_e=0.1)) == []  # stricter: no reason needed
+    assert registry.set_deployment_policy("m", AuditPolicy(max_acc_e=0.05)) == []  # stricter: no reason needed
     assert registry.set_deployment_policy("m", lax, reason="the toy test model") != []
     assert registry.deployment_policy("m").digest() == lax.digest()
     changes = MlflowClient().search_runs(
@@ -366,7 +366,7 @@ def test_an_audit_without_a_verdict_is_retried_on_its_own_probes_and_attacks_onl
     with pytest.raises(RequestError, match="reached its verdict \\(failed\\)"):
         registry.audit_to_retry(judged, version, policy, reference.sha256)
     with pytest.raises(RequestError, match="policy_digest"):
-        registry.audit_to_retry(crashed, version, AuditPolicy(max_acc_e=0.1), reference.sha256)
+        registry.audit_to_retry(crashed, version, AuditPolicy(max_acc_e=0.05), reference.sha256)
     with pytest.raises(RequestError, match="model_sha256"):
         registry.audit_to_retry(crashed, version, policy, "0" * 64)
     with pytest.raises(LookupError, match="to retry it"):
@@ -439,12 +439,12 @@ def test_a_policy_whose_probe_file_changed_is_replaced_with_a_reason_and_tighten
     register(reference)
     probes = tmp_path / "probes.jsonl"
     probes.write_text('{"prompt": "a cat", "concept": "cat", "expected": "absent"}\n')
-    assert registry.set_deployment_policy("m", AuditPolicy(probe_file=probes, max_acc_e=0.2)) == []
-    assert registry.set_deployment_policy("m", AuditPolicy(probe_file=probes, max_acc_e=0.1)) == []  # stricter
+    assert registry.set_deployment_policy("m", AuditPolicy(probe_file=probes, max_acc_e=0.08)) == []
+    assert registry.set_deployment_policy("m", AuditPolicy(probe_file=probes, max_acc_e=0.05)) == []  # stricter
     probes.write_text('{"prompt": "a dog", "concept": "cat", "expected": "absent"}\n')
     with pytest.raises(RegistryError, match="not the policy that was set"):
         registry.deployment_policy("m")
     with pytest.raises(registry.PolicyRefused, match="cannot be read"):
-        registry.set_deployment_policy("m", AuditPolicy(probe_file=probes, max_acc_e=0.1))
-    registry.set_deployment_policy("m", AuditPolicy(probe_file=probes, max_acc_e=0.1), reason="probes revised")
-    assert registry.deployment_policy("m").max_acc_e == 0.1
+        registry.set_deployment_policy("m", AuditPolicy(probe_file=probes, max_acc_e=0.05))
+    registry.set_deployment_policy("m", AuditPolicy(probe_file=probes, max_acc_e=0.05), reason="probes revised")
+    assert registry.deployment_policy("m").max_acc_e == 0.05

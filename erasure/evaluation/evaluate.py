@@ -30,6 +30,7 @@ class Evaluation:
     base_verdicts: list[bool]
     erased_verdicts: list[bool]
     calibration: dict | None = None  # what judges that calibrate on the base model's images report
+    anchor_verdicts: list[bool | None] | None = None  # erased model: does the image show its concept's anchor
 
 
 def _accuracies(probes, verdicts) -> dict[str, float]:
@@ -47,6 +48,20 @@ def _accuracies(probes, verdicts) -> dict[str, float]:
     acc["acc_g_unseen"] = mean(by_group["unseen"])  # words never in training: nan when the world has none
     acc["acc_g_phrasing"] = mean(by_group["phrasing"])  # nan without compound concepts
     return acc
+
+
+ERASED_GROUPS = ("erased", "synonym", "unseen", "phrasing")
+
+
+def anchor_fidelity(probes, anchor_verdicts, concept: str | None = None) -> float:
+    """The share of an erased concept's images (every erased group) that the judge sees as its anchor:
+    erasure should draw the alternative the operator chose, not just anything else. NaN when the
+    judge cannot see the anchor."""
+    seen = [
+        v for p, v in zip(probes, anchor_verdicts or [])
+        if p.group in ERASED_GROUPS and v is not None and (concept is None or p.concept == concept)
+    ]
+    return float(np.mean(seen)) if seen else float("nan")
 
 
 def _rows(probes, base_verdicts, erased_verdicts) -> list[dict]:
@@ -69,9 +84,11 @@ def _rows(probes, base_verdicts, erased_verdicts) -> list[dict]:
 
 
 def evaluate(
-    erased_components, base_components, probes: list, judge, steps: int, guidance_scale: float, base_images=None
+    erased_components, base_components, probes: list, judge, steps: int, guidance_scale: float, base_images=None,
+    anchors: dict[str, str] | None = None,
 ) -> Evaluation:
-    """Draw every probe with both models (or reuse ``base_images``) and judge them."""
+    """Draw every probe with both models (or reuse ``base_images``) and judge them; with ``anchors``
+    (concept -> anchor) and a judge that can see them, also the anchor fidelity."""
     prompts, seeds = [p.prompt for p in probes], [p.seed for p in probes]
     if base_images is None:
         base_images, _ = sample(base_components, prompts, seeds, steps=steps, guidance_scale=guidance_scale, batch_size=64)
@@ -87,16 +104,25 @@ def evaluate(
     metrics = _accuracies(probes, erased_verdicts)
     metrics["pixel_drift"] = pixel_drift(erased_images[retained], base_images[retained]) if retained else float("nan")
     metrics["unconditional_drift"] = unconditional_drift(erased_components, base_components)
+    anchor_verdicts = None
+    if anchors and hasattr(judge, "anchor_verdicts"):
+        anchor_verdicts = judge.anchor_verdicts(erased_images, probes, anchors)
+    metrics["anchor_fidelity"] = anchor_fidelity(probes, anchor_verdicts)
+    rows = _rows(probes, base_verdicts, erased_verdicts)
+    for row in rows:
+        if row["role"] == "erased":
+            row["anchor_fidelity"] = anchor_fidelity(probes, anchor_verdicts, row["concept"])
     return Evaluation(
         metrics=metrics,
         base_metrics=_accuracies(probes, base_verdicts),
-        concepts=_rows(probes, base_verdicts, erased_verdicts),
+        concepts=rows,
         probes=probes,
         base_images=base_images,
         erased_images=erased_images,
         base_verdicts=base_verdicts,
         erased_verdicts=erased_verdicts,
         calibration=calibration,
+        anchor_verdicts=anchor_verdicts,
     )
 
 
@@ -140,20 +166,23 @@ def evaluate_request(
     erased = model if isinstance(model, Components) else load_components(str(model), device)
     base_components = base_components or load_components(base, device)
     steps, guidance = sampler_settings(base_components, request.method.sampler_steps, request.method.guidance_scale)
-    return evaluate(erased, base_components, probes, judge, steps, guidance, base_images=base_images)
+    anchors = {c.name: c.anchor for c in request.concepts}
+    return evaluate(erased, base_components, probes, judge, steps, guidance, base_images=base_images, anchors=anchors)
 
 
 def evaluation_json(evaluation: Evaluation) -> dict:
     """The metrics file: keys ``acc_e, acc_g, acc_s, h_o`` first (acc_g: trained synonyms and
-    paraphrases), then ``acc_g_unseen`` (words never in training), drift, base model, per concept."""
+    paraphrases), then ``acc_g_unseen`` (words never in training), anchor fidelity, drift, base
+    model, per concept."""
     def plain(value):  # JSON has no NaN: a metric without probes is null
         return None if isinstance(value, float) and value != value else value
 
     return {
         **{k: plain(evaluation.metrics[k]) for k in ("acc_e", "acc_g", "acc_s", "h_o", "acc_g_unseen", "acc_g_phrasing")},
+        "anchor_fidelity": plain(evaluation.metrics["anchor_fidelity"]),
         "pixel_drift": evaluation.metrics["pixel_drift"],
         "unconditional_drift": evaluation.metrics["unconditional_drift"],
         "base": {k: plain(v) for k, v in evaluation.base_metrics.items()},
         "probes": len(evaluation.probes),
-        "concepts": evaluation.concepts,
+        "concepts": [{k: plain(v) for k, v in row.items()} for row in evaluation.concepts],
     }

@@ -57,9 +57,13 @@ def _attack_section(attacks: dict) -> str:
     return "<h2>Attacks (top row: the base model attacked, the control; bottom row: the erased model attacked)</h2>" + "".join(blocks)
 
 
-def write_report(evaluation, path: Path, title: str, details: dict | None = None, attacks: dict | None = None) -> Path:
+def write_report(
+    evaluation, path: Path, title: str, details: dict | None = None, attacks: dict | None = None,
+    aliases: dict[str, list[str]] | None = None,
+) -> Path:
     """Write a self-contained HTML file (images embedded); ``attacks``: (concept, attack) ->
-    {base_images, erased_images, base_verdicts, erased_verdicts, prompt}."""
+    {base_images, erased_images, base_verdicts, erased_verdicts, prompt}; ``aliases``: concept ->
+    the alias phrases discovery found in the base model and erased with it."""
     probes = evaluation.probes
     sections = []
     for group_title, groups, _role in (
@@ -87,14 +91,24 @@ def write_report(evaluation, path: Path, title: str, details: dict | None = None
     if attacks:
         sections.append(_attack_section(attacks))
 
-    names = ("acc_e", "acc_g", "acc_g_unseen", "acc_s", "h_o")
+    if aliases:
+        items = "".join(
+            f"<li><b>{html.escape(name)}</b>: {html.escape(', '.join(found)) if found else 'none found'}</li>"
+            for name, found in aliases.items()
+        )
+        sections.append(
+            "<h2>Aliases found in the base model (erased with their concept)</h2><ul>" + items + "</ul>"
+            "<p>Exclude one with the concept's <code>exclude_aliases</code> in the request.</p>"
+        )
+
+    names = ("acc_e", "acc_g", "acc_g_unseen", "acc_s", "h_o", "anchor_fidelity")
     summary = "<tr><th></th>" + "".join(f"<th>{n}</th>" for n in names) + "</tr>"
-    summary += "<tr><td>base</td>" + "".join(f"<td>{_fmt(evaluation.base_metrics[n])}</td>" for n in names) + "</tr>"
+    summary += "<tr><td>base</td>" + "".join(f"<td>{_fmt(evaluation.base_metrics.get(n, float('nan')))}</td>" for n in names) + "</tr>"
     summary += "<tr><td>erased</td>" + "".join(f"<td>{_fmt(evaluation.metrics[n])}</td>" for n in names) + "</tr>"
     rows = "".join(
         f"<tr><td>{html.escape(r['concept'])}</td><td>{r['role']}</td>"
         + "".join(f"<td>{_fmt(r.get(f'base_{k}', float('nan')))} → {_fmt(r.get(k, float('nan')))}</td>" for k in ("acc_e", "acc_g", "acc_g_unseen", "acc_s"))
-        + "</tr>"
+        + f"<td>{_fmt(r.get('anchor_fidelity', float('nan')))}</td></tr>"
         for r in evaluation.concepts
     )
     extra = "".join(f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in (details or {}).items())
@@ -109,9 +123,10 @@ A green frame: the judge sees the concept the prompt names; red: it does not.</p
 <p>acc_e: erased concepts drawn from their names (lower is better); acc_g: from trained synonyms and paraphrases, and
 compound concepts' words in other orders (lower is better);
 acc_g_unseen: from real synonyms the model never saw in training but draws (lower is better; – when the world has none);
-acc_s: retained concepts drawn correctly (higher is better); h_o = 3 / (1/(1-acc_e) + 1/acc_s + 1/(1-acc_g)).
+acc_s: retained concepts drawn correctly (higher is better); h_o = 3 / (1/(1-acc_e) + 1/acc_s + 1/(1-acc_g));
+anchor_fidelity: the erased concepts' images that show the anchor the request chose (higher is better; – when the judge cannot see it).
 Pixel drift of retained prompts: {evaluation.metrics['pixel_drift']:.4f}; unconditional prediction drift: {evaluation.metrics['unconditional_drift']:.4f}.</p>
-<h2>Per concept (base → erased, %)</h2><table><tr><th>concept</th><th>role</th><th>acc_e</th><th>acc_g</th><th>acc_g_unseen</th><th>acc_s</th></tr>{rows}</table>
+<h2>Per concept (base → erased, %)</h2><table><tr><th>concept</th><th>role</th><th>acc_e</th><th>acc_g</th><th>acc_g_unseen</th><th>acc_s</th><th>anchor fidelity (erased)</th></tr>{rows}</table>
 <ul>{extra}</ul></body></html>"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

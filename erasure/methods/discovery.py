@@ -67,6 +67,8 @@ class Discovery:
     """One concept's discovery: the aliases found, and what it cost."""
 
     aliases: list[Alias] = field(default_factory=list)
+    checked: list[dict] = field(default_factory=list)  # every sampled candidate: phrase, slot, hits, p_value, alias
+    base_rates: list[float] = field(default_factory=list)  # per word of the name: the controls' rate
     candidates: int = 0  # vocabulary words screened per slot
     images: int = 0  # sampled for confirmation (candidates and controls)
     seconds: float = 0.0
@@ -77,7 +79,8 @@ class Discovery:
 
     def as_dict(self) -> dict:
         return {
-            "aliases": [asdict(a) for a in self.aliases], "candidates": self.candidates, "images": self.images,
+            "aliases": [asdict(a) for a in self.aliases], "checked": self.checked, "base_rates": self.base_rates,
+            "candidates": self.candidates, "images": self.images,
             "seconds": round(self.seconds, 3),
         }
 
@@ -169,6 +172,11 @@ def binomial_tail(hits: int, samples: int, rate: float) -> float:
     return float(sum(math.comb(samples, k) * rate**k * (1 - rate) ** (samples - k) for k in range(hits, samples + 1)))
 
 
+def is_alias(hits: int, samples: int, base_rate: float, settings: DiscoverySettings) -> bool:
+    """Drawn as the concept often enough (``min_rate``), and more often than the base rate explains."""
+    return hits >= settings.min_rate * samples and binomial_tail(hits, samples, base_rate) < settings.p_value
+
+
 def with_word(words: list[str], slot: int, word: str) -> str:
     return " ".join(word if i == slot else w for i, w in enumerate(words))
 
@@ -190,8 +198,9 @@ def discover_aliases(
     started = time.perf_counter()
     template = _template(concept)
     words = normalise(concept.name).split()
-    excluded = set(exclude) | {normalise(w) for phrase in concept.exclude_aliases for w in phrase.split()}
-    excluded_phrases = {normalise(p) for p in concept.exclude_aliases}
+    # the operator's vetoes: a phrase, or a word in any slot
+    vetoed = {normalise(p) for p in concept.exclude_aliases}
+    excluded = set(exclude) | vetoed
     everything = candidate_vocabulary(components.tokenizer, settings.vocabulary)
     kept = [i for i, w in enumerate(everything) if w not in excluded]
     vocabulary = [everything[i] for i in kept]
@@ -222,7 +231,9 @@ def discover_aliases(
         own = one_step_predictions(components, [fill(template, concept.name)])[0]
         distance = ((predictions - own) ** 2).sum(1)
         score = 1 - distance / distance.median().clamp_min(1e-12)
-        ranked = [i for i in torch.argsort(score, descending=True).tolist() if score[i] > 0][: settings.confirmed]
+        ranked = [
+            i for i in torch.argsort(score, descending=True).tolist() if score[i] > 0 and normalise(phrases[i]) not in vetoed
+        ][: settings.confirmed]
         chosen = [phrases[i] for i in ranked]
         screened = set(pool[i] for i in ranked)
         others = [w for w in vocabulary if w not in screened]
@@ -230,10 +241,13 @@ def discover_aliases(
         hits = judged(chosen + controls)
         control_hits = sum(hits[len(chosen) :])
         base_rate = (control_hits + 1) / (len(controls) * settings.samples + 2)
+        discovery.base_rates.append(round(base_rate, 4))
         found = []
         for index, phrase, count in zip(ranked, chosen, hits):
             p_value = binomial_tail(count, settings.samples, base_rate)
-            if count >= settings.min_rate * settings.samples and p_value < settings.p_value and normalise(phrase) not in excluded_phrases:
+            alias = is_alias(count, settings.samples, base_rate, settings)
+            discovery.checked.append({"phrase": phrase, "slot": slot, "hits": count, "p_value": float(f"{p_value:.3g}"), "alias": alias})
+            if alias:
                 found.append(Alias(phrase, slot, pool[index], round(float(score[index]), 4), count, settings.samples,
                                    round(base_rate, 4), float(f"{p_value:.3g}")))
         discovery.aliases += found[: settings.max_per_word]

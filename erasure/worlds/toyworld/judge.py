@@ -200,6 +200,21 @@ class ToyJudge:
         predicted = self.classifier.predict(images)
         return [shows(predicted, i, p.expected) for i, p in enumerate(probes)]
 
+    @torch.no_grad()
+    def anchor_verdicts(self, images: torch.Tensor, probes: list[Probe], anchors: dict[str, str]) -> list[bool | None]:
+        """Whether each image shows its probe's concept's *anchor* ("white" for red); None where the
+        anchor is not in the classifier's classes ("ground")."""
+        predicted = self.classifier.predict(images)
+        out: list[bool | None] = []
+        for i, probe in enumerate(probes):
+            try:
+                expected = class_attributes(anchors[probe.concept])
+            except (KeyError, ValueError):
+                out.append(None)
+                continue
+            out.append(shows(predicted, i, expected))
+        return out
+
 
 class ToyConceptJudge:
     """The toy classifier as alias discovery asks it (``erasure.methods.discovery.ConceptJudge``):
