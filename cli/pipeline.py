@@ -37,6 +37,11 @@ def _print_version(result: dict) -> None:
                   highlight=False, soft_wrap=True)
     if result.get("note"):  # rebased on a newer candidate, or candidate left where another flow moved it
         out.print(f"note: {escape(result['note'])}", highlight=False)
+    for name, found in result.get("aliases", {}).items():
+        out.print(
+            f"aliases of {escape(name)} found in the base model, erased with it: {escape(', '.join(found)) or 'none'} "
+            "(a concept's exclude_aliases keeps one drawing)", highlight=False, soft_wrap=True,
+        )
     if result.get("metrics"):
         out.print(json.dumps(result["metrics"]))
 

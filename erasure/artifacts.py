@@ -100,9 +100,25 @@ def discovered_aliases(output: Path) -> dict[str, list[str]]:
     return found
 
 
-def save_prior(prior: PriorStatistics, path: Path) -> None:
-    """Write the prior's sufficient statistics (safetensors)."""
+PRIOR_LINEAGE_FILE = "prior.json"
+
+
+def save_prior(prior: PriorStatistics, path: Path, made_from: tuple[str, ...] | None = None, removed: tuple[str, ...] = ()) -> None:
+    """Write the prior's sufficient statistics (safetensors) and, given ``made_from``, beside them
+    which retained concepts its prompts were drawn for and which have left it since (``removed``)."""
     save_file({"total": prior.total.contiguous(), "count": torch.tensor([prior.count])}, str(path))
+    if made_from is not None:
+        lineage = {"made_from": list(made_from), "removed": list(removed)}
+        (Path(path).parent / PRIOR_LINEAGE_FILE).write_text(json.dumps(lineage, indent=1) + "\n")
+
+
+def prior_lineage(folder: Path) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(made_from, removed) of a prior folder ``save_prior`` wrote with them; None for one without."""
+    path = Path(folder) / PRIOR_LINEAGE_FILE
+    if not path.is_file():
+        return None
+    lineage = json.loads(path.read_text())
+    return tuple(lineage["made_from"]), tuple(lineage["removed"])
 
 
 def load_prior(path: Path) -> PriorStatistics:

@@ -40,7 +40,7 @@ from erasure.core.closed_form import (
     concept_statistics,
     refinement_map,
 )
-from erasure.core.prompts import augmented_pairs, preserve_prompts
+from erasure.core.prompts import augmented_pairs, preserve_prompt_groups, preserve_prompts
 from erasure.core.text import align_tokens, encode, tokenize
 from erasure.diffusion.data import ConceptData, generate_concept_data
 from erasure.diffusion.lora import train_concept_lora
@@ -117,6 +117,30 @@ def prior_prompts(preserve: PreserveSpec) -> list[str]:
         captions, _ = read_captions(preserve.captions, preserve.captions_sha256)
         prompts.extend(captions)
     return prompts
+
+
+def retained_prompts(made_from: tuple[str, ...], names: tuple[str, ...]) -> list[str]:
+    """The prompts ``names`` contributed to a prior whose retained concepts were ``made_from`` (in
+    order): what the prior loses when they stop being retained."""
+    wanted = {normalise(n) for n in names}
+    missing = wanted - {normalise(n) for n in made_from}
+    if missing:
+        raise ValueError(f"not retained in the prior: {', '.join(sorted(missing))}")
+    return [
+        prompt for kind in CONCEPT_KINDS
+        for name, prompts in preserve_prompt_groups({name: kind for name in made_from}) if normalise(name) in wanted
+        for prompt in prompts
+    ]
+
+
+def without_retained(
+    components: Components, prior: PriorStatistics, made_from: tuple[str, ...], names: tuple[str, ...]
+) -> PriorStatistics:
+    """``prior`` less the states of retained concepts ``names`` (a takedown of a concept the prior
+    kept): exact, since a prior is a sum of ``e e^T`` and a count. ``made_from``: the retained
+    concepts the prior's prompts were drawn for."""
+    removed = prior_statistics(components, retained_prompts(made_from, names))
+    return PriorStatistics(prior.total - removed.total, prior.count - removed.count)
 
 
 def prior_statistics(components: Components, prompts: list[str], batch_size: int = 256) -> PriorStatistics:

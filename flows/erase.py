@@ -12,7 +12,16 @@ from erasure.errors import ErasureError
 from erasure.spec import ErasureRequest, parse_request
 from tasks.compute import worker_pool
 from tasks.jobs import ConceptJob, EvaluateJob, FuseJob, PriorJob
-from tasks.keys import concept_key, concept_set_hash, model_key, prior_key, request_hash
+from tasks.keys import (
+    concept_key,
+    concept_set_hash,
+    concept_slug,
+    key_slug,
+    model_key,
+    prior_key,
+    request_hash,
+    subtracted_prior_key,
+)
 from tasks.registry import check_model_name
 from tasks.stages import evaluation_stage, run_stage, stage_captions, stage_model_reference, stage_register
 from tasks.store import ArtifactError, model_lock, store_from_url, store_settings
@@ -23,6 +32,24 @@ class BaseModelChanged(ErasureError, ValueError):
     request names today: fusing its concepts onto this model would be meaningless."""
 
     retry_helps = False
+
+
+@dataclass(frozen=True)
+class Inheritance:
+    """What a takedown or restore keeps from its parent version: each carried concept's artifact
+    (by the concept's slug) and the parent's prior, less the retained concepts the takedown erases
+    (``removed``, drawn for ``made_from``, the parent's retained concepts). A takedown of a concept
+    the parent preserved then runs that concept alone: the others were made against a prior that
+    also kept it, which protects more, never less."""
+
+    concept_keys: dict[str, str]
+    prior_key: str
+    made_from: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, keys: list[str], prior: str, made_from: tuple[str, ...] = (), removed: tuple[str, ...] = ()) -> Inheritance:
+        return cls({key_slug(key): key for key in keys}, prior, made_from, removed)
 
 
 @dataclass
@@ -38,6 +65,7 @@ class Lineage:
 def run_erasure(
     request: ErasureRequest, name: str, workers: int, flow_label: str, parent_version: str | None,
     rebase: Callable[[], Lineage] | None = None, parent_base: str | None = None, evaluate: bool = True,
+    inheritance: Inheritance | None = None,
 ) -> dict:
     """The shared DAG of erase, takedown and restore (they differ only in the concept set and lineage).
 
@@ -57,7 +85,7 @@ def run_erasure(
             f"but {request.model} now loads {base[:12]}... (a different model: e.g. builtin:toyworld became the "
             "MiniLM world; the CLIP world is builtin:toyworld-clip); erase the concepts anew from the intended model"
         )
-    first = _concept_stages(request, workers, seconds)
+    first = _concept_stages(request, workers, seconds, inheritance)
     timer = time.perf_counter()
     with model_lock(name) as lock:
         seconds["lock"] = time.perf_counter() - timer  # waiting for another flow on this model
@@ -70,6 +98,7 @@ def run_erasure(
     logger.info("stage seconds: %s", ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     return version | {
         "ran": ran, "reused": [k for k in stages["keys"] if k not in ran],
+        "aliases": first["aliases"] | stages["aliases"],  # of the concepts that ran here, by name
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "concept_workers": _per_worker(ran, first["worker_of"] | stages["worker_of"]),
     }
@@ -83,7 +112,9 @@ def _per_worker(ran: list[str], worker_of: dict[str, str]) -> dict[str, int]:
     return counts
 
 
-def _concept_stages(request: ErasureRequest, workers: int, seconds: dict[str, float]) -> dict:
+def _concept_stages(
+    request: ErasureRequest, workers: int, seconds: dict[str, float], inheritance: Inheritance | None = None
+) -> dict:
     """The prior and the per-concept stages: the heavy, parallel part. A stage whose artifact is
     already published is not submitted at all (a restore, or a takedown on a large model, runs
     no task per concept it reuses); the worker checks again, so a race only costs a lookup. The
@@ -94,12 +125,24 @@ def _concept_stages(request: ErasureRequest, workers: int, seconds: dict[str, fl
     store = store_from_url(*store_settings())
 
     timer = time.perf_counter()
-    p_key = prior_key(base, request)
     captions = stage_captions(request)
-    keys = [concept_key(base, concept, request) for concept in request.concepts]
+    own = [concept_key(base, concept, request) for concept in request.concepts]
+    keys, prior_job = list(own), PriorJob(request.model, prior_key(base, request), request.preserve, request.fusion, captions, request.concepts)
+    if inheritance is not None:
+        # a carried concept keeps its parent's artifact while it is published (else it is made anew)
+        kept = [inheritance.concept_keys.get(concept_slug(c)) for c in request.concepts]
+        keys = [key if key is not None and _published(store, key) else mine for key, mine in zip(kept, own)]
+        if inheritance.removed:
+            prior_job = PriorJob(
+                request.model, subtracted_prior_key(inheritance.prior_key, inheritance.removed), request.preserve,
+                request.fusion, captions, request.concepts, inheritance.prior_key, inheritance.made_from, inheritance.removed,
+            )
+        elif _published(store, inheritance.prior_key):
+            prior_job = PriorJob(request.model, inheritance.prior_key, request.preserve, request.fusion, captions, request.concepts)
+    p_key = prior_job.key
     missing = [i for i, key in enumerate(keys) if not _published(store, key)]
     if missing or not _published(store, p_key):  # the prior's job also checks the concepts' names first
-        run_stage(PriorJob(request.model, p_key, request.preserve, request.fusion, captions, request.concepts), workers)
+        run_stage(prior_job, workers)
     seconds["prior"] = seconds.get("prior", 0.0) + time.perf_counter() - timer  # with the captions and the lookups
 
     timer = time.perf_counter()
@@ -110,7 +153,19 @@ def _concept_stages(request: ErasureRequest, workers: int, seconds: dict[str, fl
     ran = [c.key for c in concepts if not c.reused]
     worker_of = {c.key: c.worker or "unknown" for c in concepts if not c.reused}  # which actor ran each
     logger.info("per-concept stages: %d ran, %d reused", len(ran), len(keys) - len(ran))
-    return {"base": base, "prior_key": p_key, "keys": keys, "ran": ran, "worker_of": worker_of}
+    aliases = {c.summary["name"]: discovered(c.summary) for c in concepts if not c.reused and c.summary.get("discovery")}
+    for name, found in aliases.items():
+        logger.info("aliases of %s found in the base model and erased with it: %s", name, ", ".join(found) or "none")
+    return {
+        "base": base, "prior_key": p_key, "keys": keys, "ran": ran, "worker_of": worker_of, "aliases": aliases,
+        # the prior is named in the model's key when it is not the request's own (keys kept from a parent)
+        "own": keys == own and p_key == prior_key(base, request),
+    }
+
+
+def discovered(summary: dict) -> list[str]:
+    """The alias phrases a concept's discovery found (its summary in ``concept.json``)."""
+    return [alias["phrase"] for alias in summary["discovery"]["aliases"]]
 
 
 def _published(store, key: str) -> bool:
@@ -130,7 +185,7 @@ def _fuse_and_register(
     """Fusion, evaluation (unless ``evaluate`` is False: a takedown in a hurry; the audit judges the
     version before any promotion anyway), registration (under the model's lock)."""
     request, base, p_key, keys = lineage.request, stages["base"], stages["prior_key"], stages["keys"]
-    m_key = model_key(base, keys, request)
+    m_key = model_key(base, keys, request, None if stages["own"] else p_key)
     timer = time.perf_counter()
     run_stage(FuseJob(request.model, m_key, p_key, tuple(keys), request.preserve, request.fusion), workers)
     seconds["fuse"] = time.perf_counter() - timer
@@ -148,6 +203,7 @@ def _fuse_and_register(
         "request_hash": request_hash(request),
         "parent_version": lineage.parent_version or "",
         "model_key": m_key,
+        "prior_key": p_key,
     }
     params = {
         "concepts": len(request.concepts), "lam1": request.preserve.lam1, "lam2": request.preserve.lam2,

@@ -10,7 +10,7 @@ from prefect import flow
 
 from erasure.spec import ErasureRequest, normalise
 from flows.erase import run_erasure
-from flows.takedown import ConceptStateError, parent_reference, under_lock
+from flows.takedown import ConceptStateError, inheritance, parent_reference, under_lock
 from tasks.registry import RegisteredVersion, resolve, verified_request
 
 
@@ -37,10 +37,11 @@ def restore_flow(model: str, concepts: list[str], workers: int = 1, evaluate: bo
     ``concepts``: names to restore; ``evaluate`` False skips the new version's evaluation."""
     reference = parent_reference(model)
     parent = resolve(reference)
-    request = remove_concepts(parent, verified_request(parent), concepts)
+    parent_request = verified_request(parent)
+    request = remove_concepts(parent, parent_request, concepts)
     return run_erasure(
         request, parent.name, workers, "restore", parent_version=parent.version,
         parent_base=parent.tags.get("base_fingerprint"),
         rebase=lambda: under_lock(reference, parent, request, lambda current, base: remove_concepts(current, base, concepts)),
-        evaluate=evaluate,
+        evaluate=evaluate, inheritance=inheritance(parent, parent_request),
     )

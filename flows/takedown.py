@@ -18,8 +18,16 @@ from prefect import flow, get_run_logger
 
 from erasure.errors import ErasureError
 from erasure.spec import ConceptSpec, ErasureRequest, normalise, parse_concepts
-from flows.erase import Lineage, run_erasure
-from tasks.registry import CANDIDATE, RegisteredVersion, alias_version, is_explicit, resolve, verified_request
+from flows.erase import Inheritance, Lineage, run_erasure
+from tasks.registry import (
+    CANDIDATE,
+    RegisteredVersion,
+    alias_version,
+    is_explicit,
+    resolve,
+    verified_request,
+    version_lineage,
+)
 
 
 class ConceptStateError(ErasureError, ValueError):
@@ -82,19 +90,35 @@ def no_longer_preserved(request: ErasureRequest, new: list[ConceptSpec]) -> list
     return [p for p in request.preserve.concepts if normalise(p) in taken]
 
 
+def inheritance(parent: RegisteredVersion, request: ErasureRequest, removed: tuple[str, ...] = ()) -> Inheritance | None:
+    """What a change of ``parent`` keeps: its concepts' artifacts and its prior, less the retained
+    concepts ``removed``; None for a version registered before it logged them (everything reruns)."""
+    found = version_lineage(parent, request)
+    if found is None:
+        return None
+    keys, prior = found
+    return Inheritance.of(keys, prior, tuple(request.preserve.concepts), removed)
+
+
 def rerun_notice(model: str, concepts: list[dict]) -> str | None:
-    """What to tell the operator before a takedown starts when it will rerun every concept: taking
-    down a concept the parent preserves changes the prior (the retained states), and every
-    concept's refinement and LoRA were made against that prior. None when only the new concepts run."""
+    """What to tell the operator before a takedown of a concept the parent preserves starts: it
+    leaves the prior by subtraction and the other concepts' artifacts are kept, or, for a parent
+    registered before versions logged their artifacts, every concept reruns. None otherwise."""
     parent = resolve(parent_reference(model))
     request = verified_request(parent)
     moved = no_longer_preserved(request, parse_concepts(concepts))
     if not moved:
         return None
-    return (
-        f"{', '.join(moved)} {'is' if len(moved) == 1 else 'are'} preserved in {parent.name} version {parent.version}: "
-        f"taking {'it' if len(moved) == 1 else 'them'} down changes the prior that every concept was made against, so all "
-        f"{len(request.concepts) + len(concepts)} concepts rerun (as long as erasing them from scratch), not only the new one"
+    said = f"{', '.join(moved)} {'is' if len(moved) == 1 else 'are'} preserved in {parent.name} version {parent.version}: "
+    if inheritance(parent, request, tuple(moved)) is not None:
+        return said + (
+            f"{'it leaves' if len(moved) == 1 else 'they leave'} the prior by subtraction, and the other concepts keep "
+            "their artifacts (made against a prior that also kept it: they protect more, never less)"
+        )
+    return said + (
+        f"taking {'it' if len(moved) == 1 else 'them'} down changes the prior that every concept was made against, and "
+        f"version {parent.version} predates logged artifact keys, so all {len(request.concepts) + len(concepts)} concepts "
+        "rerun (as long as erasing them from scratch), not only the new one"
     )
 
 
@@ -108,15 +132,18 @@ def takedown_flow(model: str, concepts: list[dict], workers: int = 1, evaluate: 
     parent_request = verified_request(parent)
     request = add_concepts(parent, parent_request, new)
     moved = no_longer_preserved(parent_request, new)
+    kept = inheritance(parent, parent_request, tuple(moved))
     if moved:  # a deployment run's log says it too (the command line says it before the flow starts)
         get_run_logger().warning(
-            "%s no longer preserved: every concept reruns against the changed prior", ", ".join(moved)
+            "%s no longer preserved: %s", ", ".join(moved),
+            "it leaves the parent's prior by subtraction; the other concepts keep their artifacts" if kept is not None
+            else "the parent predates logged artifact keys, so every concept reruns against the changed prior",
         )
     result = run_erasure(
         request, parent.name, workers, "takedown", parent_version=parent.version,
         parent_base=parent.tags.get("base_fingerprint"),
         rebase=lambda: under_lock(reference, parent, request, lambda current, base: add_concepts(current, base, new)),
-        evaluate=evaluate,
+        evaluate=evaluate, inheritance=kept,
     )
     if moved:
         said = f"no longer preserved, now erased: {', '.join(moved)}"

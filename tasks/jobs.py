@@ -63,6 +63,12 @@ class PriorJob:
     captions_key: str | None = None  # the caption file as the store holds it (by content hash)
     # the request's concepts, checked against the tokenizer once, before any concept's work
     concepts: tuple[ConceptSpec, ...] = ()
+    # a takedown of retained concepts: this prior is ``subtract_from`` (the parent version's) less
+    # the prompts of ``removed``, drawn for ``made_from`` (the parent's retained concepts, when the
+    # parent's prior does not record its own)
+    subtract_from: str | None = None
+    made_from: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:

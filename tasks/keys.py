@@ -47,6 +47,14 @@ def prior_key(base_fingerprint: str, request: ErasureRequest) -> str:
     return f"priors/{_digest(payload)}"
 
 
+def subtracted_prior_key(parent_prior_key: str, removed: tuple[str, ...]) -> str:
+    """A prior that is ``parent_prior_key``'s less the retained concepts ``removed`` (a takedown of
+    concepts the parent kept): named by where it came from, since its prompts are the parent's."""
+    payload = {"stage": "prior-less", "v": STAGE_VERSIONS["prior"], "from": parent_prior_key,
+               "removed": sorted(normalise(n) for n in removed)}
+    return f"priors/{_digest(payload)}"
+
+
 OBJECTIVES = set(get_args(MethodSettings.model_fields["objective"].annotation))
 _misdeclared = {
     name: info.json_schema_extra["read_by"] for name, info in MethodSettings.model_fields.items()
@@ -94,8 +102,20 @@ def concept_key(base_fingerprint: str, concept: ConceptSpec, request: ErasureReq
     return f"concepts/{slug(concept.name)}-{_digest(payload)}"
 
 
-def model_key(base_fingerprint: str, concept_keys: list[str], request: ErasureRequest) -> str:
-    """An erased model's key: the base model, its concepts' keys (as a set) and the fusion's settings."""
+def concept_slug(concept: ConceptSpec) -> str:
+    """The part of a concept's key that names the concept (``key_slug`` of its key)."""
+    return slug(concept.name)
+
+
+def key_slug(key: str) -> str:
+    """``concepts/<slug>-<digest>`` -> ``<slug>``: which concept a key is of."""
+    return key.split("/", 1)[1].rsplit("-", 1)[0]
+
+
+def model_key(base_fingerprint: str, concept_keys: list[str], request: ErasureRequest, prior: str | None = None) -> str:
+    """An erased model's key: the base model, its concepts' keys (as a set) and the fusion's settings;
+    and ``prior``, the prior's key, when it is not the one the request itself implies (concepts kept
+    from a parent version, whose prior lost a retained concept: ``flows.erase.Inheritance``)."""
     payload = {
         "stage": "model",
         "v": STAGE_VERSIONS["model"],
@@ -104,7 +124,7 @@ def model_key(base_fingerprint: str, concept_keys: list[str], request: ErasureRe
         "lam2": request.preserve.lam2,
         "ridge": request.preserve.ridge,
         "fusion": json.loads(request.fusion.model_dump_json()),
-    }
+    } | ({"prior": prior} if prior is not None else {})
     return f"models/{_digest(payload)}"
 
 

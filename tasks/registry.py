@@ -329,6 +329,33 @@ def version_request(version: RegisteredVersion) -> str:
         return Path(path).read_text()
 
 
+def version_lineage(version: RegisteredVersion, request: ErasureRequest) -> tuple[list[str], str] | None:
+    """The concept keys a version was fused from (its ``concept_keys.json``) and its prior's key,
+    both checked against the model key its own logged pyfunc serves (which commits to them); None
+    for a version registered before it logged them. ``request``: its verified request."""
+    from tasks.keys import model_key, prior_key
+
+    base = version.tags.get("base_fingerprint", "")
+    try:
+        with _mlflow(f"reading the concept keys of {version.name} version {version.version}"), tempfile.TemporaryDirectory() as folder:
+            path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path="concept_keys.json", dst_path=folder)
+            keys = json.loads(Path(path).read_text())
+        served = served_reference(version)
+    except (RegistryError, LookupError, OSError, ValueError):
+        return None
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        keys = None
+    tagged = version.tags.get("prior_key")
+    if keys is not None and served.model_key == model_key(base, keys, request):
+        return keys, prior_key(base, request)  # fused from the request's own prior
+    if keys is not None and tagged and served.model_key == model_key(base, keys, request, tagged):
+        return keys, tagged
+    raise RequestError(
+        f"{version.name} version {version.version}: its concept_keys.json or prior_key tag does not give the model it "
+        f"serves ({served.model_key}): they were edited after registration. Build on another version"
+    )
+
+
 def registration_changes(version: RegisteredVersion, served: ModelReference, request: ErasureRequest) -> list[str]:
     """How a registered version is no longer what was registered, judged by what its own logged
     pyfunc recorded: its ``request.json`` (the request's hash) or its ``model_key`` tag edited

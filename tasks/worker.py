@@ -18,9 +18,25 @@ from pathlib import Path
 
 import torch
 
-from erasure.artifacts import PRIOR_FILE, ConceptArtifact, load_concept, load_prior, save_concept, save_prior
+from erasure.artifacts import (
+    PRIOR_FILE,
+    ConceptArtifact,
+    load_concept,
+    load_prior,
+    prior_lineage,
+    save_concept,
+    save_prior,
+)
 from erasure.diffusion.models import fingerprint, save_components
-from erasure.erase import base_prior, erase_concept, fuse, prepare_request, with_weights
+from erasure.erase import (
+    base_prior,
+    editable_projector,
+    erase_concept,
+    fuse,
+    prepare_request,
+    with_weights,
+    without_retained,
+)
 from erasure.loading import load_components
 from erasure.spec import BUILTIN_PREFIX, check_concepts_against_tokenizer, inside_input_root
 from tasks.jobs import (
@@ -78,6 +94,8 @@ class ConceptWorker:
         if self.store.exists(job.key):
             return StageResult(job.key, reused=True)
         started = time.perf_counter()
+        if job.subtract_from is not None:
+            return self._subtracted_prior(job, started)
         with tempfile.TemporaryDirectory() as folder:
             preserve = job.preserve
             if preserve.captions is not None:
@@ -87,7 +105,21 @@ class ConceptWorker:
                 preserve = preserve.model_copy(update={"captions": fetched / CAPTIONS_FILE})
             prior = base_prior(self.components, preserve, job.fusion)
             (Path(folder) / "prior").mkdir()
-            save_prior(prior, Path(folder) / "prior" / PRIOR_FILE)
+            save_prior(prior, Path(folder) / "prior" / PRIOR_FILE, made_from=preserve.concepts)
+            self.store.publish(job.key, Path(folder) / "prior")
+        return StageResult(job.key, reused=False, seconds=time.perf_counter() - started, worker=self._name())
+
+    def _subtracted_prior(self, job: PriorJob, started: float) -> StageResult:
+        """The parent's prior less the states of the retained concepts a takedown erases: nothing
+        else is encoded again (a caption corpus stays as it was summed)."""
+        with tempfile.TemporaryDirectory() as folder:
+            fetched = self.store.fetch(job.subtract_from, Path(folder) / "parent")
+            made_from, removed = prior_lineage(fetched) or (job.made_from, ())
+            prior = without_retained(self.components, load_prior(fetched / PRIOR_FILE), made_from, job.removed)
+            if job.fusion.method == "constrained":
+                editable_projector(self.components, prior.gram(), job.fusion)
+            (Path(folder) / "prior").mkdir()
+            save_prior(prior, Path(folder) / "prior" / PRIOR_FILE, made_from, (*removed, *job.removed))
             self.store.publish(job.key, Path(folder) / "prior")
         return StageResult(job.key, reused=False, seconds=time.perf_counter() - started, worker=self._name())
 

@@ -390,3 +390,24 @@ def test_a_live_writers_staging_folder_is_never_removed(tmp_path):
     assert remove_stale_staging(tmp_path, "out") == [] and other_host.is_dir()  # its writer may still run
     os.utime(other_host, (0, 0))  # older than any write phase
     assert remove_stale_staging(tmp_path, "out") == [other_host]
+
+
+def test_a_prior_loses_a_retained_concept_exactly_by_subtraction(tiny):
+    """Issue 18, incremental prior: a takedown of a concept the prior kept subtracts its states;
+    the result is the prior of the same prompts without that concept's, to float64 rounding."""
+    from erasure.erase import prior_prompts, prior_statistics, retained_prompts, without_retained
+    from erasure.spec import PreserveSpec
+
+    preserve = PreserveSpec(concepts=("bird", "car", "monet"))
+    full = prior_statistics(tiny, prior_prompts(preserve))
+    less = without_retained(tiny, full, preserve.concepts, ("Car",))
+    car = retained_prompts(preserve.concepts, ("car",))
+    assert car and all("car" in prompt for prompt in car)
+    rest = list(prior_prompts(preserve))
+    for prompt in car:
+        rest.remove(prompt)
+    expected = prior_statistics(tiny, rest)
+    assert less.count == expected.count
+    assert torch.allclose(less.total, expected.total, atol=1e-9 * float(expected.total.abs().max()))
+    with pytest.raises(ValueError, match="not retained in the prior: dog"):
+        retained_prompts(preserve.concepts, ("dog",))

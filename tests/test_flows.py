@@ -160,8 +160,11 @@ def test_the_worker_pool_is_warmed_in_the_background_and_its_failures_left_to_th
     assert calls[-1][0] == "broken"
 
 
-def test_a_takedown_of_a_preserved_concept_says_before_it_starts_that_every_concept_reruns(monkeypatch):
-    """`takedown green` on the README example printed "5 ran, 0 reused" with no word before."""
+def test_a_takedown_of_a_preserved_concept_says_before_it_starts_what_reruns(monkeypatch):
+    """`takedown green` on the README example printed "5 ran, 0 reused" with no word before. Now
+    green leaves the parent's prior by subtraction and the others keep their artifacts (issue 18);
+    a parent registered before versions logged their artifact keys still reruns everything, and
+    says so first."""
     from typer.testing import CliRunner
 
     import cli.pipeline
@@ -178,11 +181,17 @@ def test_a_takedown_of_a_preserved_concept_says_before_it_starts_that_every_conc
     monkeypatch.setattr(cli.pipeline, "_warm_pool_for", lambda *args: order.append("workers"))
     monkeypatch.setattr(flows.takedown, "takedown_flow", lambda *args: order.append("flow") or {
         "name": "demo", "version": "3", "ran": [], "reused": []})
-    said = CliRunner().invoke(app, ["takedown", "demo/2", "green", "--anchor", "white"])
-    assert said.exit_code == 0, said.output
-    warned, *started = order
-    assert "green is preserved in demo version 2" in warned and "all 3 concepts rerun" in warned
-    assert started == ["workers", "flow"]  # said before anything started
+    for lineage, said in (
+        ((["concepts/red-1-a", "concepts/circle-2-b"], "priors/p"), "green leaves the prior by subtraction"),
+        (None, "all 3 concepts rerun"),
+    ):
+        monkeypatch.setattr(flows.takedown, "version_lineage", lambda version, request, found=lineage: found)
+        order.clear()
+        result = CliRunner().invoke(app, ["takedown", "demo/2", "green", "--anchor", "white"])
+        assert result.exit_code == 0, result.output
+        warned, *started = order
+        assert "green is preserved in demo version 2" in warned and said.split(" ", 1)[1] in warned, warned
+        assert started == ["workers", "flow"]  # said before anything started
     order.clear()
     quiet = CliRunner().invoke(app, ["takedown", "demo/2", "purple", "--anchor", "white"])
     assert quiet.exit_code == 0 and order == ["workers", "flow"]

@@ -191,13 +191,20 @@ def augmented_pairs(
 
 def preserve_prompts(kind_of: dict[str, str], count_per_concept: int = 10, seed: int = 0) -> list[str]:
     """Prompts of retained concepts, each in ``count_per_concept`` templates of its kind."""
+    return [prompt for _, prompts in preserve_prompt_groups(kind_of, count_per_concept, seed) for prompt in prompts]
+
+
+def preserve_prompt_groups(kind_of: dict[str, str], count_per_concept: int = 10, seed: int = 0) -> list[tuple[str, list[str]]]:
+    """``preserve_prompts`` concept by concept: (name, its prompts). One random stream runs through
+    the concepts in order, so a concept's prompts depend on its place: the prior's statistics lose
+    one concept exactly only by replaying the list they were made from (``erasure.erase``)."""
     rng = random.Random(seed)
-    prompts = []
+    groups = []
     for name, kind in kind_of.items():
         templates = list(TEMPLATES[kind])
         rng.shuffle(templates)
-        prompts.extend(fill(t, name) for t in templates[:count_per_concept])
-    return prompts
+        groups.append((name, [fill(t, name) for t in templates[:count_per_concept]]))
+    return groups
 
 
 def template_words() -> list[str]:

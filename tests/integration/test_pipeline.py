@@ -109,6 +109,40 @@ def test_erase_takedown_restore_lineage_and_reuse():
     print(f"\nerase + reuse + takedown + restore: {time.time() - started:.1f} s")
 
 
+def test_a_takedown_of_a_preserved_concept_runs_that_concept_alone():
+    """Issue 18, incremental prior: taking down a concept the parent preserved reran every concept
+    (its prior changed). Now the prior loses it by subtraction and the others keep their artifacts."""
+    import tempfile
+    from pathlib import Path
+
+    from erasure.artifacts import PRIOR_FILE, load_prior, prior_lineage
+    from flows.erase import erase_flow
+    from flows.restore import restore_flow
+    from flows.takedown import takedown_flow
+
+    spec = parse_request({
+        "model": "builtin:tiny", "concepts": CONCEPTS[:2], "method": FAST, "fusion": TINY_FUSION,
+        "preserve": {"concepts": ["bird", "car"]},
+    }).model_dump(mode="json")
+    first = erase_flow(spec, "moved", workers=2)
+    taken = takedown_flow("moved/1", [{"name": "bird", "anchor": "fish"}], workers=2)
+    assert len(taken["ran"]) == 1 and taken["ran"][0].startswith("concepts/bird-"), taken
+    assert sorted(taken["reused"]) == sorted(first["ran"])
+    assert "no longer preserved, now erased: bird" in taken["note"]
+    before, after = version_tags("moved", "1")["prior_key"], version_tags("moved", "2")["prior_key"]
+    with tempfile.TemporaryDirectory() as folder:
+        parent = load_prior(store().fetch(before, Path(folder) / "a") / PRIOR_FILE)
+        fetched = store().fetch(after, Path(folder) / "b")
+        child = load_prior(fetched / PRIOR_FILE)
+        assert prior_lineage(fetched) == (("bird", "car"), ("bird",))
+    assert child.count < parent.count  # bird's states left it
+    # the next change keeps building on that lineage: a restore reruns nothing, and its model
+    # names its prior (not the one its request alone implies)
+    restored = restore_flow("moved/2", ["bird"], workers=2)
+    assert restored["ran"] == [] and version_tags("moved", "3")["prior_key"] == after
+    assert restored["model_key"] != first["model_key"]  # version 1 kept bird; version 3 neither keeps nor erases it
+
+
 def test_registered_model_generates_through_pyfunc():
     import mlflow
 
