@@ -23,17 +23,27 @@ NAME_TEMPLATES = ("a {}", "a photo of the {}", "a picture of a {}", "one {}")
 PARAPHRASE_TEMPLATES = ("an image of a {}", "the {} in the middle of the picture", "a drawing of a {}", "look at the {}")
 
 
+CLASSES = f"(shapes {', '.join(SHAPES)}; colours {', '.join(COLOURS)}; styles {', '.join(STYLES)})"
+
+
 def concept_attributes(name: str) -> dict[str, str]:
     """{"colour": "red", "shape": "star"} for "crimson star"; ValueError for words outside the world."""
+    return _attributes(name, canonical, "is not a toy-world concept: use up to one style, colour and shape word")
+
+
+def class_attributes(name: str) -> dict[str, str]:
+    """{"colour": "blue", "shape": "star"} for "blue star": the classifier's own class names only,
+    never a synonym (alias discovery must not learn the world's synonyms from its judge)."""
+    return _attributes(name, lambda word: word, "the toy judge knows concepts by its class names only, at most one style, colour and shape")
+
+
+def _attributes(name: str, value_of, problem: str) -> dict[str, str]:
     attributes = {}
     for word in normalise(name).split():
-        value = canonical(word)
+        value = value_of(word)
         kind = next((k for k, values in ATTRIBUTES.items() if value in values), None)
         if kind is None or kind in attributes:
-            raise ValueError(
-                f"{name!r} is not a toy-world concept: use up to one style, colour and shape word "
-                f"(shapes {', '.join(SHAPES)}; colours {', '.join(COLOURS)}; styles {', '.join(STYLES)})"
-            )
+            raise ValueError(f"{name!r}: {problem} {CLASSES}")
         attributes[kind] = value
     return attributes
 
@@ -172,21 +182,6 @@ def retained_neighbours(erased: list[dict[str, str]], limit: int, rng: np.random
 
 def shows(predicted: dict[str, list[str]], index: int, expected: dict[str, str]) -> bool:
     return all(predicted[kind][index] == value for kind, value in expected.items())
-
-
-def class_attributes(name: str) -> dict[str, str]:
-    """{"colour": "blue", "shape": "star"} for "blue star": the classifier's own class names only,
-    never a synonym (alias discovery must not learn the world's synonyms from its judge)."""
-    attributes = {}
-    for word in normalise(name).split():
-        kind = next((k for k, values in ATTRIBUTES.items() if word in values), None)
-        if kind is None or kind in attributes:
-            raise ValueError(
-                f"{name!r}: the toy judge knows concepts by its class names only, at most one style, colour and "
-                f"shape (shapes {', '.join(SHAPES)}; colours {', '.join(COLOURS)}; styles {', '.join(STYLES)})"
-            )
-        attributes[kind] = word
-    return attributes
 
 
 class ToyJudge:
