@@ -118,7 +118,8 @@ def evaluate(
     report_path = write_report(
         result, report or json_out.with_suffix(".html"), title=f"Erasure report: {model}",
         details={"request": str(request), "base model": base or spec.model, "probes": len(result.probes)},
-        aliases=discovered_aliases(model.parent),  # an erasure output's model/ sits beside its concepts/
+        # an erasure output's model/ sits beside its concepts/
+        aliases=discovered_aliases(model.parent, [c.name for c in spec.concepts]),
     )
     table = Table(title="erasure metrics (%; acc_g: trained synonyms, paraphrases and other word orders; unseen: words never in training)")
     for column in ("model", "acc_e ↓", "acc_g ↓", "of which phrasing ↓", "acc_g unseen ↓", "acc_s ↑", "h_o ↑", "anchor ↑"):

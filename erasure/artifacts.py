@@ -12,7 +12,9 @@ Takedown and restore rebuild a model from these folders alone.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,15 @@ from safetensors.torch import load_file, save_file
 from erasure.core.closed_form import DTYPE, ConceptStatistics, PriorStatistics
 from erasure.diffusion.lora import load_lora_factors, save_lora
 from erasure.diffusion.sampling import save_mask, to_pil
-from erasure.spec import ConceptSpec
+from erasure.spec import ConceptSpec, normalise
+
+
+def slug(name: str) -> str:
+    """A concept's folder name: readable, and unique per normalised name ("van gogh" and
+    "van-gogh", or two non-Latin names, differ in their hash suffix)."""
+    readable = re.sub(r"[^a-z0-9]+", "-", normalise(name)).strip("-")[:40].strip("-") or "concept"
+    return f"{readable}-{hashlib.sha256(normalise(name).encode()).hexdigest()[:8]}"
+
 
 STATISTICS_FILE = "statistics.safetensors"
 CONCEPT_FILE = "concept.json"
@@ -60,7 +70,9 @@ def save_concept(result, folder: Path) -> dict:
         "generation_prompt": result.data.prompt,
         "augmented_prompts": len(result.text.prompts),
         "mined_words": [[word, round(cosine, 4)] for word, cosine in result.text.mined_words],
-        "discovery": result.text.discovery.as_dict() if result.text.discovery is not None else None,
+        "discovery": (
+            result.text.discovery.as_dict() | {"erased": result.text.erased_aliases} if result.text.discovery is not None else None
+        ),
         "mask_coverage": round(float(result.data.masks.float().mean()), 4),
         "lora_loss_first": round(result.losses[0], 6) if result.losses else None,
         "lora_loss_last": round(result.losses[-1], 6) if result.losses else None,
@@ -85,18 +97,28 @@ def load_concept(folder: Path) -> ConceptArtifact:
     )
 
 
-def discovered_aliases(output: Path) -> dict[str, list[str]]:
-    """Concept name -> the alias phrases its discovery found, for every concept of an erasure output
-    folder (``output/concepts/*``) that ran discovery; {} for any other folder."""
+def summary_aliases(summary: dict) -> list[str] | None:
+    """The alias phrases erased with a concept (those its discovery found, combined across the words
+    of its name, at most ``max_phrases``), from its ``concept.json`` summary (what ``save_concept``
+    returns); None when discovery did not run for it."""
+    discovery = summary.get("discovery") if isinstance(summary, dict) else None
+    if not isinstance(discovery, dict) or not isinstance(discovery.get("erased"), list):
+        return None
+    return [str(phrase) for phrase in discovery["erased"]]
+
+
+def discovered_aliases(output: Path, names: list[str]) -> dict[str, list[str]]:
+    """Concept name -> the alias phrases its discovery found, for the concepts ``names`` of an
+    erasure output folder (``output/concepts/<slug>/``) that ran discovery; {} for any other folder."""
     found: dict[str, list[str]] = {}
-    for document_path in sorted(Path(output).glob(f"concepts/*/{CONCEPT_FILE}")):
+    for name in names:
         try:
-            summary = json.loads(document_path.read_text())["summary"]
+            summary = json.loads((Path(output) / "concepts" / slug(name) / CONCEPT_FILE).read_text())["summary"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        discovery = summary.get("discovery") if isinstance(summary, dict) else None
-        if isinstance(discovery, dict):
-            found[str(summary.get("name"))] = [str(a.get("phrase")) for a in discovery.get("aliases", [])]
+        aliases = summary_aliases(summary)
+        if aliases is not None:
+            found[name] = aliases
     return found
 
 

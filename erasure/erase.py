@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 from erasure import __version__
-from erasure.artifacts import PRIOR_FILE, save_concept, save_prior
+from erasure.artifacts import PRIOR_FILE, save_concept, save_prior, slug  # noqa: F401 (slug: re-exported)
 from erasure.core.attention import cross_attention_projections
 from erasure.core.closed_form import (
     ConceptStatistics,
@@ -40,7 +39,7 @@ from erasure.core.closed_form import (
     concept_statistics,
     refinement_map,
 )
-from erasure.core.prompts import augmented_pairs, preserve_prompt_groups, preserve_prompts
+from erasure.core.prompts import augmented_pairs, preserve_prompt_groups
 from erasure.core.text import align_tokens, encode, tokenize
 from erasure.diffusion.data import ConceptData, generate_concept_data
 from erasure.diffusion.lora import train_concept_lora
@@ -66,13 +65,6 @@ from erasure.staging import make_staging, remove_stale_staging
 from erasure.worlds.builtins import concept_judge
 
 Progress = Callable[[str, int, int], None]
-
-
-def slug(name: str) -> str:
-    """A concept's folder name: readable, and unique per normalised name ("van gogh" and
-    "van-gogh", or two non-Latin names, differ in their hash suffix)."""
-    readable = re.sub(r"[^a-z0-9]+", "-", normalise(name)).strip("-")[:40].strip("-") or "concept"
-    return f"{readable}-{hashlib.sha256(normalise(name).encode()).hexdigest()[:8]}"
 
 
 def concept_seed(seed: int, concept: ConceptSpec) -> int:
@@ -110,13 +102,16 @@ def prior_prompts(preserve: PreserveSpec) -> list[str]:
     """The base prior's prompts, whose K/V must not move: "", retained concepts (in the
     templates of every kind), captions. Independent of which concepts are erased;
     each concept adds its own anchor prompts (``PriorStatistics.with_anchors``)."""
-    prompts = [""]
-    for kind in CONCEPT_KINDS:
-        prompts.extend(preserve_prompts({name: kind for name in preserve.concepts}))
+    prompts = [""] + [prompt for _, group in retained_prompt_groups(preserve.concepts) for prompt in group]
     if preserve.captions is not None:
         captions, _ = read_captions(preserve.captions, preserve.captions_sha256)
         prompts.extend(captions)
     return prompts
+
+
+def retained_prompt_groups(concepts: tuple[str, ...]) -> list[tuple[str, list[str]]]:
+    """(retained concept, its prompts) in the order the prior draws them: every kind's templates."""
+    return [group for kind in CONCEPT_KINDS for group in preserve_prompt_groups({name: kind for name in concepts})]
 
 
 def retained_prompts(made_from: tuple[str, ...], names: tuple[str, ...]) -> list[str]:
@@ -126,11 +121,7 @@ def retained_prompts(made_from: tuple[str, ...], names: tuple[str, ...]) -> list
     missing = wanted - {normalise(n) for n in made_from}
     if missing:
         raise ValueError(f"not retained in the prior: {', '.join(sorted(missing))}")
-    return [
-        prompt for kind in CONCEPT_KINDS
-        for name, prompts in preserve_prompt_groups({name: kind for name in made_from}) if normalise(name) in wanted
-        for prompt in prompts
-    ]
+    return [prompt for name, group in retained_prompt_groups(made_from) if normalise(name) in wanted for prompt in group]
 
 
 def without_retained(
@@ -172,7 +163,8 @@ class ConceptText:
     spans: list[tuple[int, ...]]  # the concept's token positions in each
     anchor_prompts: list[str] = field(default_factory=list)  # the same prompts with the anchor instead
     mined_words: list[tuple[str, float]] = field(default_factory=list)  # text neighbours mined, with their cosine
-    discovery: Discovery | None = None  # the aliases found in the base model, erased with the concept
+    discovery: Discovery | None = None  # the aliases found in the base model
+    erased_aliases: list[str] = field(default_factory=list)  # the alias phrases erased with the concept (at most max_phrases)
 
 
 def concept_pairs(
@@ -232,7 +224,7 @@ def concept_text(
         statistics = with_perturbed_neighbours(statistics, span_states, mining, seed)
     return ConceptText(
         statistics, [pairs[i][0] for i in kept], [alignments[i].concept_span for i in kept], [pairs[i][1] for i in kept],
-        mined,
+        mined, discovery, list(aliases),
     )
 
 

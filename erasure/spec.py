@@ -210,15 +210,28 @@ class DiscoverySettings(_Strict):
     concept, screened over an English vocabulary and confirmed by sampling and the world's judge;
     found aliases are erased with the concept."""
 
-    vocabulary: int = Field(default=30_000, ge=1, le=200_000, description="most frequent English words screened (plus the tokenizer's own)")
-    screened: int = Field(default=2000, ge=1, le=200_000, description="kept by the text screen (cross-attention K/V) for the model screen")
-    confirmed: int = Field(default=24, ge=1, le=256, description="kept by the model screen (one UNet step) for sampling")
-    samples: int = Field(default=8, ge=2, le=64, description="images per candidate (and per control word)")
-    controls: int = Field(default=8, ge=1, le=256, description="random vocabulary words sampled for the base rate")
+    # bounded so a request cannot make it run for days: at most 64 x 16 images per word of the name
+    vocabulary: int = Field(default=30_000, ge=10, le=100_000, description="most frequent English words screened")
+    screened: int = Field(default=2000, ge=3, le=20_000, description="kept by the text screen (cross-attention K/V) for the model screen")
+    confirmed: int = Field(default=24, ge=1, le=64, description="kept by the model screen (one UNet step) for sampling")
+    samples: int = Field(default=8, ge=2, le=16, description="images per candidate (and per control word)")
+    controls: int = Field(default=8, ge=1, le=64, description="random vocabulary words sampled for the base rate")
     min_rate: float = Field(default=0.75, gt=0.0, le=1.0, description="share of a candidate's images the judge must see as the concept")
     p_value: float = Field(default=1e-3, gt=0.0, lt=1.0, description="how improbable that share must be at the base rate")
     max_per_word: int = Field(default=16, ge=1, le=64, description="aliases kept per word of the concept's name")
     max_phrases: int = Field(default=32, ge=1, le=MAX_SYNONYMS, description="alias phrases erased per concept")
+
+    @model_validator(mode="after")
+    def _can_find(self) -> DiscoverySettings:
+        # the lowest base rate the controls can show is 1 / (controls * samples + 2): a candidate
+        # drawn as the concept every time must beat p_value there, or nothing can ever be found
+        floor = (1 / (self.controls * self.samples + 2)) ** self.samples
+        if floor >= self.p_value:
+            raise ValueError(
+                f"with samples {self.samples} and controls {self.controls} no candidate can reach p_value {self.p_value:g} "
+                f"(the best possible is {floor:.2g}): raise samples or controls, or raise p_value"
+            )
+        return self
 
 
 class MethodSettings(_Strict):

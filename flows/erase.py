@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from prefect import flow, get_run_logger
 
+from erasure.artifacts import summary_aliases
 from erasure.errors import ErasureError
 from erasure.spec import ErasureRequest, parse_request
 from tasks.compute import worker_pool
@@ -60,6 +62,7 @@ class Lineage:
     parent_version: str | None
     move_candidate: bool = True  # False: register without moving the candidate alias (``note`` says why)
     note: str = ""
+    inheritance: Inheritance | None = None  # what it keeps of the version it was rebased on
 
 
 def run_erasure(
@@ -90,7 +93,7 @@ def run_erasure(
     with model_lock(name) as lock:
         seconds["lock"] = time.perf_counter() - timer  # waiting for another flow on this model
         lineage = rebase() if rebase is not None else Lineage(request, parent_version)
-        stages = first if lineage.request == request else _concept_stages(lineage.request, workers, seconds)
+        stages = first if lineage.request == request else _concept_stages(lineage.request, workers, seconds, lineage.inheritance)
         version = _fuse_and_register(lineage, name, workers, flow_label, stages, lock, evaluate, seconds)
     if lineage.note:
         logger.info(lineage.note)
@@ -126,20 +129,25 @@ def _concept_stages(
 
     timer = time.perf_counter()
     captions = stage_captions(request)
-    own = [concept_key(base, concept, request) for concept in request.concepts]
-    keys, prior_job = list(own), PriorJob(request.model, prior_key(base, request), request.preserve, request.fusion, captions, request.concepts)
+    prior_job = PriorJob(request.model, prior_key(base, request), request.preserve, request.fusion, captions, request.concepts)
+    request_prior = prior_job.key
+    kept: list[str | None] = [None] * len(request.concepts)
+    if inheritance is not None and _published(store, inheritance.prior_key):  # else: the request's own prior
+        if inheritance.removed:
+            prior_job = dataclasses.replace(
+                prior_job, key=subtracted_prior_key(inheritance.prior_key, inheritance.removed),
+                subtract_from=inheritance.prior_key, made_from=inheritance.made_from, removed=inheritance.removed,
+            )
+        else:
+            prior_job = dataclasses.replace(prior_job, key=inheritance.prior_key)
     if inheritance is not None:
         # a carried concept keeps its parent's artifact while it is published (else it is made anew)
         kept = [inheritance.concept_keys.get(concept_slug(c)) for c in request.concepts]
-        keys = [key if key is not None and _published(store, key) else mine for key, mine in zip(kept, own)]
-        if inheritance.removed:
-            prior_job = PriorJob(
-                request.model, subtracted_prior_key(inheritance.prior_key, inheritance.removed), request.preserve,
-                request.fusion, captions, request.concepts, inheritance.prior_key, inheritance.made_from, inheritance.removed,
-            )
-        elif _published(store, inheritance.prior_key):
-            prior_job = PriorJob(request.model, inheritance.prior_key, request.preserve, request.fusion, captions, request.concepts)
     p_key = prior_job.key
+    # a concept made here against another prior than the request's own names it in its key
+    made = [concept_key(base, c, request, None if p_key == request_prior else p_key) for c in request.concepts]
+    keys = [key if key is not None and _published(store, key) else mine for key, mine in zip(kept, made)]
+    own = p_key == request_prior and keys == made
     missing = [i for i, key in enumerate(keys) if not _published(store, key)]
     if missing or not _published(store, p_key):  # the prior's job also checks the concepts' names first
         run_stage(prior_job, workers)
@@ -153,19 +161,15 @@ def _concept_stages(
     ran = [c.key for c in concepts if not c.reused]
     worker_of = {c.key: c.worker or "unknown" for c in concepts if not c.reused}  # which actor ran each
     logger.info("per-concept stages: %d ran, %d reused", len(ran), len(keys) - len(ran))
-    aliases = {c.summary["name"]: discovered(c.summary) for c in concepts if not c.reused and c.summary.get("discovery")}
+    aliases = {c.summary["name"]: summary_aliases(c.summary) for c in concepts if summary_aliases(c.summary) is not None}
     for name, found in aliases.items():
         logger.info("aliases of %s found in the base model and erased with it: %s", name, ", ".join(found) or "none")
     return {
         "base": base, "prior_key": p_key, "keys": keys, "ran": ran, "worker_of": worker_of, "aliases": aliases,
         # the prior is named in the model's key when it is not the request's own (keys kept from a parent)
-        "own": keys == own and p_key == prior_key(base, request),
+        "own": own,
     }
 
-
-def discovered(summary: dict) -> list[str]:
-    """The alias phrases a concept's discovery found (its summary in ``concept.json``)."""
-    return [alias["phrase"] for alias in summary["discovery"]["aliases"]]
 
 
 def _published(store, key: str) -> bool:

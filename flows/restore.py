@@ -42,6 +42,8 @@ def restore_flow(model: str, concepts: list[str], workers: int = 1, evaluate: bo
     return run_erasure(
         request, parent.name, workers, "restore", parent_version=parent.version,
         parent_base=parent.tags.get("base_fingerprint"),
-        rebase=lambda: under_lock(reference, parent, request, lambda current, base: remove_concepts(current, base, concepts)),
+        rebase=lambda: under_lock(
+            reference, parent, request, lambda current, base: remove_concepts(current, base, concepts), inheritance,
+        ),
         evaluate=evaluate, inheritance=inheritance(parent, parent_request),
     )

@@ -46,15 +46,18 @@ def parent_reference(model: str) -> str:
 def under_lock(
     reference: str, parent: RegisteredVersion, request: ErasureRequest,
     build: Callable[[RegisteredVersion, ErasureRequest], ErasureRequest],
+    keep: Callable[[RegisteredVersion, ErasureRequest], Inheritance | None] | None = None,
 ) -> Lineage:
     """The lineage of a change prepared on ``parent`` (giving ``request``), decided under the model's
     lock: rebased on what ``reference`` points at now (``build`` applies the change to that
-    version's request), or kept on an explicit version; ``candidate`` moves to the result only if
-    it points at the parent used (or does not exist)."""
+    version's request, ``keep`` says what of that version it keeps), or kept on an explicit version;
+    ``candidate`` moves to the result only if it points at the parent used (or does not exist)."""
     current = parent if is_explicit(reference) else resolve(reference)
-    note = ""
+    note, kept = "", None
     if current.version != parent.version:
-        request = build(current, verified_request(current))
+        current_request = verified_request(current)
+        request = build(current, current_request)
+        kept = keep(current, current_request) if keep is not None else None
         note = f"rebased on version {current.version}: {reference} moved from version {parent.version} while this ran"
     candidate = alias_version(parent.name, CANDIDATE)
     if candidate not in (None, current.version):
@@ -62,8 +65,8 @@ def under_lock(
             f"{CANDIDATE} stays at version {candidate}: it no longer points at the parent, version "
             f"{current.version} (another flow moved it); promote this version explicitly if it should replace it"
         )
-        return Lineage(request, current.version, move_candidate=False, note=note)
-    return Lineage(request, current.version, move_candidate=True, note=note)
+        return Lineage(request, current.version, move_candidate=False, note=note, inheritance=kept)
+    return Lineage(request, current.version, move_candidate=True, note=note, inheritance=kept)
 
 
 def add_concepts(parent: RegisteredVersion, request: ErasureRequest, new: list[ConceptSpec]) -> ErasureRequest:
@@ -142,7 +145,10 @@ def takedown_flow(model: str, concepts: list[dict], workers: int = 1, evaluate: 
     result = run_erasure(
         request, parent.name, workers, "takedown", parent_version=parent.version,
         parent_base=parent.tags.get("base_fingerprint"),
-        rebase=lambda: under_lock(reference, parent, request, lambda current, base: add_concepts(current, base, new)),
+        rebase=lambda: under_lock(
+            reference, parent, request, lambda current, base: add_concepts(current, base, new),
+            lambda current, base: inheritance(current, base, tuple(no_longer_preserved(base, new))),
+        ),
         evaluate=evaluate, inheritance=kept,
     )
     if moved:

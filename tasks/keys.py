@@ -7,10 +7,11 @@ Bump a stage's version when its code changes what it produces.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 from typing import get_args
 
-from erasure.erase import slug
+from erasure.artifacts import slug
 from erasure.spec import (
     HASH_NEUTRAL_CONCEPT_FIELDS,
     HASH_NEUTRAL_SETTINGS,
@@ -76,6 +77,9 @@ def _method_inputs(request: ErasureRequest) -> dict:
     for key, value in LEGACY_SETTINGS["method"].items():
         if key in method and method[key] == value:
             method.pop(key)
+    if request.method.discovery is not None:
+        # the word list discovery screens comes from the wordfreq package: another release, other aliases
+        method["discovery_vocabulary"] = "wordfreq " + importlib.metadata.version("wordfreq")
     if request.method.mining is not None:
         # mined neighbours changed meaning (they take their source's target; words join as
         # synonyms): artifacts mined before that must not be reused
@@ -88,8 +92,10 @@ def _concept_inputs(concept: dict) -> dict:
     return {k: v for k, v in concept.items() if HASH_NEUTRAL_CONCEPT_FIELDS.get(k, object()) != v}
 
 
-def concept_key(base_fingerprint: str, concept: ConceptSpec, request: ErasureRequest) -> str:
-    """A concept's key: the base model, the concept, the settings its objective reads, the preserve set and the seed."""
+def concept_key(base_fingerprint: str, concept: ConceptSpec, request: ErasureRequest, prior: str | None = None) -> str:
+    """A concept's key: the base model, the concept, the settings its objective reads, the preserve set and the seed;
+    and ``prior``, the prior's key, when the concept is made against another prior than the one the
+    request implies (a takedown's, which subtracted a retained concept from its parent's)."""
     payload = {
         "stage": "concept",
         "v": STAGE_VERSIONS["concept"],
@@ -98,7 +104,7 @@ def concept_key(base_fingerprint: str, concept: ConceptSpec, request: ErasureReq
         "method": _method_inputs(request),
         "preserve": _preserve_inputs(request) | {"lam1": request.preserve.lam1, "ridge": request.preserve.ridge},
         "seed": request.seed,
-    }
+    } | ({"prior": prior} if prior is not None else {})
     return f"concepts/{slug(concept.name)}-{_digest(payload)}"
 
 

@@ -332,7 +332,8 @@ def version_request(version: RegisteredVersion) -> str:
 def version_lineage(version: RegisteredVersion, request: ErasureRequest) -> tuple[list[str], str] | None:
     """The concept keys a version was fused from (its ``concept_keys.json``) and its prior's key,
     both checked against the model key its own logged pyfunc serves (which commits to them); None
-    for a version registered before it logged them. ``request``: its verified request."""
+    when they cannot be read or do not give that key (registered before versions logged them, by
+    an earlier key scheme, or edited). ``request``: its verified request."""
     from tasks.keys import model_key, prior_key
 
     base = version.tags.get("base_fingerprint", "")
@@ -350,10 +351,9 @@ def version_lineage(version: RegisteredVersion, request: ErasureRequest) -> tupl
         return keys, prior_key(base, request)  # fused from the request's own prior
     if keys is not None and tagged and served.model_key == model_key(base, keys, request, tagged):
         return keys, tagged
-    raise RequestError(
-        f"{version.name} version {version.version}: its concept_keys.json or prior_key tag does not give the model it "
-        f"serves ({served.model_key}): they were edited after registration. Build on another version"
-    )
+    # edited after registration, or keyed by an earlier release: nothing of it is trusted, so
+    # every concept is made anew from the request (slower, never wrong)
+    return None
 
 
 def registration_changes(version: RegisteredVersion, served: ModelReference, request: ErasureRequest) -> list[str]:

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVICE_VARIABLES = ("MLFLOW_TRACKING_URI", "ERASURE_STORE", "ERASURE_S3_ENDPOINT", "RAY_ADDRESS", "PREFECT_API_URL",
                      "ERASURE_AUDIT_POLICY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # the last three: never inherited
 # the CLIP world erases a colour within this small budget (on the MiniLM world one colour keeps
-# acc_g above the policy's 35 %: see the README's table)
+# acc_g above the default policy without alias discovery: see the README's table)
 REQUEST = """model: builtin:toyworld-clip
 concepts: [{name: red, anchor: white}]
 preserve: {concepts: [green, blue, yellow, purple, orange, cyan, white], lam1: 5, lam2: 5}

@@ -55,16 +55,22 @@ class Refuses(dict):
 
 
 def test_a_planted_alias_is_found_from_the_model_and_judge_alone(toyworld, judge, monkeypatch):
+    import erasure.worlds.builtins as builtins
+    import erasure.worlds.toyworld.accuracy as accuracy
     import erasure.worlds.toyworld.judge as toy_judge
     import erasure.worlds.toyworld.model as toy_model
     import erasure.worlds.toyworld.world as world
     from erasure.methods.discovery import candidate_vocabulary
 
-    assert "music" in candidate_vocabulary(toyworld.tokenizer, SMALL.vocabulary)
+    assert "music" in candidate_vocabulary(SMALL.vocabulary)
     model = planted(toyworld, "music", "heart")
-    for module, table in ((world, "SYNONYMS"), (world, "HELD_OUT"), (toy_judge, "SYNONYMS")):
+    tables = ((world, "SYNONYMS"), (world, "HELD_OUT"), (toy_judge, "SYNONYMS"), (accuracy, "SYNONYMS"), (accuracy, "HELD_OUT"))
+    for module, table in tables:
         monkeypatch.setattr(module, table, Refuses())
-    for module, function in ((toy_judge, "erasure_probes"), (toy_judge, "audit_probes"), (toy_model, "drawable_unseen_words")):
+    for module, function in (
+        (toy_judge, "erasure_probes"), (toy_judge, "audit_probes"), (toy_model, "drawable_unseen_words"),
+        (builtins, "erasure_probes"), (builtins, "audit_probes"), (builtins, "drawable_unseen_words"),
+    ):  # the evaluation's and the audit's probes, wherever they are imported from
         monkeypatch.setattr(module, function, Refuses()._refuse)
 
     found = discover(model, judge, "heart")
@@ -152,7 +158,7 @@ def test_the_binomial_tail_is_exact():
     assert binomial_tail(0, 8, 0.3) == pytest.approx(1.0)
     assert binomial_tail(8, 8, 0.5) == pytest.approx(0.5**8)
     assert binomial_tail(7, 8, 0.5) == pytest.approx(9 / 256)
-    assert torch.tensor(binomial_tail(6, 8, 0.1)) < 1e-3
+    assert binomial_tail(6, 8, 0.1) == pytest.approx(28 * 0.1**6 * 0.9**2 + 8 * 0.1**7 * 0.9 + 0.1**8)
 
 
 def test_anchor_fidelity_counts_the_erased_images_the_judge_sees_as_the_anchor():
@@ -177,3 +183,33 @@ def test_anchor_fidelity_counts_the_erased_images_the_judge_sees_as_the_anchor()
     # an anchor outside the judge's classes is not measured, rather than counted as a miss
     unseen = ToyJudge(Classifier()).anchor_verdicts(torch.zeros(4, 3, 16, 16), probes, {"blue star": "the ground"})
     assert unseen == [None] * 4 and anchor_fidelity(probes, unseen) != anchor_fidelity(probes, unseen)  # NaN
+
+
+def test_a_concepts_artifact_records_its_discovery_and_the_phrases_erased(toyworld, tmp_path, monkeypatch):
+    """Review: concept.json said discovery had not run (the text statistics dropped it), and listed
+    every alias found as erased where only ``max_phrases`` are."""
+    from erasure.artifacts import save_concept, summary_aliases
+    from erasure.erase import concept_text
+    from erasure.methods.discovery import Alias, Discovery
+
+    concept = ConceptSpec(name="blue star", anchor="white star")
+    found = Discovery(aliases=[
+        Alias("azure star", 0, "azure", 0.9, 8, 8, 0.1, 1e-8), Alias("blue asterisk", 1, "asterisk", 0.9, 8, 8, 0.1, 1e-8),
+    ])
+    text = concept_text(toyworld, concept, 6, seed=0, edit_tokens="span", discovery=found, max_aliases=2)
+    assert text.discovery is found and text.erased_aliases == ["azure star", "blue asterisk"]  # "azure asterisk" cut
+    assert any("azure" in prompt for prompt in text.prompts)
+
+    class Result:  # what save_concept reads of a ConceptResult
+        def __init__(self):
+            from erasure.diffusion.data import ConceptData
+
+            self.concept, self.text, self.text_map = concept, text, torch.eye(4)
+            self.data = ConceptData("a photo of the blue star", torch.zeros(0, 3, 16, 16), torch.zeros(0, 16, 16))
+            self.lora_state, self.losses, self.seconds = {}, [], {}
+            self.statistics = text.statistics
+
+    monkeypatch.setattr("erasure.artifacts.save_lora", lambda state, folder: folder.mkdir(parents=True, exist_ok=True))
+    summary = save_concept(Result(), tmp_path / "concept")
+    assert summary_aliases(summary) == ["azure star", "blue asterisk"]
+    assert [a["phrase"] for a in summary["discovery"]["aliases"]] == ["azure star", "blue asterisk"]

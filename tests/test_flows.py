@@ -78,7 +78,7 @@ def test_a_version_registered_without_evaluation_skips_only_the_evaluation(monke
     monkeypatch.setattr(erase_module, "stage_register", register)
     lock = type("Lock", (), {"ensure": lambda self: None})()
     request = parse_request({"concepts": [{"name": "red", "anchor": "white"}]})
-    stages = {"base": "f" * 64, "prior_key": "priors/p", "keys": ["concepts/c"]}
+    stages = {"base": "f" * 64, "prior_key": "priors/p", "keys": ["concepts/c"], "own": True}
     lineage = erase_module.Lineage(request, "1")
     seconds = {}
     erase_module._fuse_and_register(lineage, "m", 1, "takedown", stages, lock, False, seconds)

@@ -107,7 +107,7 @@ def test_verdicts_pass_fail_and_inconclusive():
 def test_generality_pools_held_out_synonyms_unseen_words_and_phrasings_by_prompt_count():
     row = metrics()
     row["concepts"][0] |= {"acc_g": 0.0, "n_acc_g": 8, "acc_g_unseen": 1.0, "n_acc_g_unseen": 8}
-    verdict = judge_verdict(row, AuditPolicy())  # pooled 50 % > 35 %
+    verdict = judge_verdict(row, AuditPolicy())  # pooled 50 % > 15 %
     assert verdict.outcome == "failed" and "synonyms" in verdict.failures[0]
 
 

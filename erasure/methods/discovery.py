@@ -26,9 +26,11 @@ vocabulary and the judge, so it works the same on a real model.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
@@ -40,7 +42,6 @@ from erasure.core.attention import cross_attention_projections
 from erasure.core.prompts import TEMPLATES, fill
 from erasure.core.text import encode, tokenize
 from erasure.diffusion.sampling import initial_noise, predicted_noise, sample
-from erasure.methods.mining import candidate_words
 from erasure.spec import ConceptSpec, DiscoverySettings, normalise
 
 SCREEN_TIMESTEP = 0.7  # of the training schedule: late enough that the prompt decides the colour and shape
@@ -86,21 +87,24 @@ class Discovery:
 
 
 class ConceptJudge(Protocol):
-    """What discovery asks of a judge (a world's, ``erasure.worlds.builtins``): does each image show ``concept``?"""
+    """What discovery asks of a judge (a world's, ``erasure.worlds.builtins``): can it see ``concept``
+    at all (``check`` raises a ValueError saying why not), and does each image show it?"""
+
+    def check(self, concept: ConceptSpec) -> None: ...
 
     def shows(self, images: torch.Tensor, concept: ConceptSpec) -> list[bool]: ...
 
 
 @functools.lru_cache(maxsize=4)
-def candidate_vocabulary(tokenizer, limit: int) -> tuple[str, ...]:
+def candidate_vocabulary(limit: int) -> tuple[str, ...]:
     """Where aliases are looked for: the ``limit`` most frequent English words (wordfreq's list,
-    alphabetic, three letters or more), then every whole word the tokenizer writes as one token of
-    its own. Real words of several tokens ("asterisk" is ``as ##ter ##isk`` to MiniLM) are in the
-    first list only."""
+    alphabetic, three letters or more), words of several tokens included ("asterisk" is
+    ``as ##ter ##isk`` to MiniLM). Not the tokenizer's own vocabulary: a model's tokenizer may have
+    been built from the very captions (and synonyms) the model was trained on, as the CLIP toy
+    world's was, and what discovery reads must be independent of them."""
     import wordfreq
 
-    english = [w for w in wordfreq.top_n_list("en", limit * 2) if re.fullmatch(r"[a-z]{3,}", w)][:limit]
-    return tuple(dict.fromkeys([*english, *candidate_words(tokenizer, limit)]))
+    return tuple(w for w in wordfreq.top_n_list("en", limit * 2) if re.fullmatch(r"[a-z]{3,}", w))[:limit]
 
 
 def _template(concept: ConceptSpec) -> str:
@@ -117,21 +121,22 @@ def _span_states(components, prompts: list[str], words: list[str], template: str
     return out.double()
 
 
-# (text encoder, template, vocabulary) -> states: every concept of a run screens the same words
-_VOCABULARY_STATES: dict[tuple, torch.Tensor] = {}
+# text encoder -> {(template, vocabulary): states}: every concept of a run screens the same words;
+# weak, so a model let go takes its states with it (and a new one never finds an old one's)
+_VOCABULARY_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def vocabulary_states(components, template: str, words: tuple[str, ...]) -> torch.Tensor:
     """(n, d): each word's mean token state in ``template``, computed once per model and template."""
-    key = (id(components.text_encoder), template, words)
-    if key not in _VOCABULARY_STATES:
-        _VOCABULARY_STATES.clear()  # one model's at a time
+    cache = _VOCABULARY_STATES.setdefault(components.text_encoder, {})
+    if (template, words) not in cache:
+        cache.clear()  # one template's at a time
         parts = [
             _span_states(components, [fill(template, w) for w in words[i : i + BATCH]], list(words[i : i + BATCH]), template)
             for i in range(0, len(words), BATCH)
         ]
-        _VOCABULARY_STATES[key] = torch.cat(parts)
-    return _VOCABULARY_STATES[key]
+        cache[(template, words)] = torch.cat(parts)
+    return cache[(template, words)]
 
 
 def text_screen(components, states: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -198,10 +203,9 @@ def discover_aliases(
     started = time.perf_counter()
     template = _template(concept)
     words = normalise(concept.name).split()
-    # the operator's vetoes: a phrase, or a word in any slot
-    vetoed = {normalise(p) for p in concept.exclude_aliases}
+    vetoed = vetoes(concept)
     excluded = set(exclude) | vetoed
-    everything = candidate_vocabulary(components.tokenizer, settings.vocabulary)
+    everything = candidate_vocabulary(settings.vocabulary)
     kept = [i for i, w in enumerate(everything) if w not in excluded]
     vocabulary = [everything[i] for i in kept]
     discovery = Discovery(candidates=len(vocabulary))
@@ -262,15 +266,12 @@ def alias_phrases(concept: ConceptSpec, discovery: Discovery, limit: int) -> lis
     several words, the aliases of different slots combined ("azure asterisk"), at most ``limit``."""
     words = normalise(concept.name).split()
     options = [[w] + [a.word for a in discovery.aliases if a.slot == slot] for slot, w in enumerate(words)]
-    combined = [" ".join(choice) for choice in _product(options)]
+    combined = [" ".join(choice) for choice in itertools.product(*options)]
     own = {normalise(v) for v in concept.variants}
-    excluded = {normalise(p) for p in concept.exclude_aliases}
-    phrases = [p for p in dict.fromkeys([*discovery.phrases, *combined]) if p not in own and p not in excluded]
+    phrases = [p for p in dict.fromkeys([*discovery.phrases, *combined]) if p not in own and p not in vetoes(concept)]
     return phrases[:limit]
 
 
-def _product(options: list[list[str]]) -> list[list[str]]:
-    out: list[list[str]] = [[]]
-    for choices in options:
-        out = [prefix + [c] for prefix in out for c in choices]
-    return out
+def vetoes(concept: ConceptSpec) -> set[str]:
+    """The operator's vetoes (``exclude_aliases``), normalised: a whole phrase, or a word in any slot."""
+    return {normalise(p) for p in concept.exclude_aliases}

@@ -4,6 +4,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from erasure.spec import parse_request
 
@@ -62,6 +63,14 @@ def mlflow_files(name, version):
     with tempfile.TemporaryDirectory() as folder:
         path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=folder)
         return sorted(p.relative_to(path).as_posix() for p in Path(path).rglob("*") if p.is_file())
+
+
+def version_request_json(name, version):
+    import json
+
+    from tasks.registry import resolve, version_request
+
+    return json.loads(version_request(resolve(f"{name}/{version}")))
 
 
 def version_tags(name, version):
@@ -135,7 +144,18 @@ def test_a_takedown_of_a_preserved_concept_runs_that_concept_alone():
         fetched = store().fetch(after, Path(folder) / "b")
         child = load_prior(fetched / PRIOR_FILE)
         assert prior_lineage(fetched) == (("bird", "car"), ("bird",))
-    assert child.count < parent.count  # bird's states left it
+    from erasure.erase import without_retained
+    from erasure.loading import load_components
+
+    expected = without_retained(load_components("builtin:tiny"), parent, ("bird", "car"), ("bird",))
+    assert child.count == expected.count < parent.count  # bird's states, and only they, left it
+    assert torch.allclose(child.total, expected.total)
+    # the new concept was made against that prior: its key says so (a run of the request alone differs)
+    from tasks.keys import concept_key
+
+    spec_now = parse_request(version_request_json("moved", "2"))
+    bird = next(c for c in spec_now.concepts if c.name == "bird")
+    assert taken["ran"][0] != concept_key(version_tags("moved", "2")["base_fingerprint"], bird, spec_now)
     # the next change keeps building on that lineage: a restore reruns nothing, and its model
     # names its prior (not the one its request alone implies)
     restored = restore_flow("moved/2", ["bird"], workers=2)
@@ -333,16 +353,16 @@ def test_audit_passes_on_the_erased_model_and_names_the_leak_on_the_base_model()
 
     spec = parse_request({
         # a model with a judge, where this small erasure (4 images, 30 LoRA steps) reaches acc_e 0: the
-        # CLIP world (on the MiniLM world one colour keeps acc_g above the policy's 35 %, see the README)
+        # CLIP world (on the MiniLM world one colour keeps acc_g above the policy without alias discovery, see the README)
         "model": "builtin:toyworld-clip",
         "concepts": [{"name": "red", "anchor": "white"}],
         "preserve": {"concepts": ["green", "blue", "yellow", "purple", "orange", "cyan", "white"], "lam1": 5, "lam2": 5},
         "method": {"images_per_concept": 4, "lora_steps": 30},
     }).model_dump(mode="json")
     result = erase_flow(spec, "toy-audit", workers=2)
-    assert result["metrics"]["acc_e"] <= 0.25
+    assert result["metrics"]["acc_e"] <= 0.10
     policy = {"probes_per_concept": 8, "retained_limit": 7}  # the default policy's checks, fewer prompts
     passed = audit_flow("toy-audit@candidate", policy, workers=2, seed=3)
-    assert passed["outcome"] == "passed" and passed["metrics"]["acc_e"] <= 0.25
+    assert passed["outcome"] == "passed" and passed["metrics"]["acc_e"] <= 0.10
     with pytest.raises(ConceptLeak, match=r"red: drawn from its name in 100%"):
         audit_flow("builtin:toyworld-clip", policy, seed=3, request=spec)
