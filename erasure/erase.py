@@ -86,13 +86,19 @@ def prepare_request(request: ErasureRequest, components: Components, first_index
     ``first_index``: where the request's first concept sits in the one the user wrote."""
     request.check_against_tokenizer(components.tokenizer, first_index)
     if request.method.discovery is not None:
-        judge = concept_judge(request.model)
-        for index, concept in enumerate(request.concepts, start=first_index):
-            try:
-                judge.check(concept)
-            except ValueError as error:
-                raise RequestError(f"concepts.{index}.name: method.discovery: {error}") from None
+        check_judge_sees(request.model, request.concepts, first_index)
     return with_model_sampling(request, components)
+
+
+def check_judge_sees(model: str, concepts, first_index: int = 0) -> None:
+    """Alias discovery confirms with the judge of ``model``'s world: a ``RequestError`` naming the
+    field when there is none, or when it cannot see one of ``concepts``."""
+    judge = concept_judge(model)
+    for index, concept in enumerate(concepts, start=first_index):
+        try:
+            judge.check(concept)
+        except ValueError as error:
+            raise RequestError(f"concepts.{index}.name: method.discovery: {error}") from None
 
 
 # --------------------------------------------------------------------------- stage 1: prior

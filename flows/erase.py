@@ -129,7 +129,10 @@ def _concept_stages(
 
     timer = time.perf_counter()
     captions = stage_captions(request)
-    prior_job = PriorJob(request.model, prior_key(base, request), request.preserve, request.fusion, captions, request.concepts)
+    prior_job = PriorJob(
+        request.model, prior_key(base, request), request.preserve, request.fusion, captions, request.concepts,
+        discovery=request.method.discovery is not None,
+    )
     request_prior = prior_job.key
     kept: list[str | None] = [None] * len(request.concepts)
     if inheritance is not None and _published(store, inheritance.prior_key):  # else: the request's own prior

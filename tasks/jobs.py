@@ -69,6 +69,7 @@ class PriorJob:
     subtract_from: str | None = None
     made_from: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
+    discovery: bool = False  # the concepts run alias discovery: the world's judge must see each, checked here too
 
     @property
     def label(self) -> str:

@@ -30,6 +30,7 @@ from erasure.artifacts import (
 from erasure.diffusion.models import fingerprint, save_components
 from erasure.erase import (
     base_prior,
+    check_judge_sees,
     editable_projector,
     erase_concept,
     fuse,
@@ -91,6 +92,8 @@ class ConceptWorker:
         # the request's concepts are checked even when the prior is reused: a takedown's new names
         # must fail here, before any concept's work, not in their own jobs beside the others
         check_concepts_against_tokenizer(job.concepts, self.components.tokenizer)
+        if job.discovery:
+            check_judge_sees(self.model, job.concepts)
         if self.store.exists(job.key):
             return StageResult(job.key, reused=True)
         started = time.perf_counter()

@@ -381,3 +381,17 @@ def test_a_concept_that_tokenises_to_nothing_is_named_by_its_place_in_the_reques
         worker.run(PriorJob("builtin:tiny", "priors/p", request.preserve, request.fusion, None, request.concepts))
     with pytest.raises(RequestError, match=r"concepts\.1\.name"):
         worker.run(ConceptJob.of(request, 1, "concepts/x", "priors/p"))
+
+
+def test_a_concept_the_judge_cannot_see_fails_the_prior_job_before_any_concept_runs(tmp_path):
+    """Review: with alias discovery, a name the world's judge cannot see ("crimson" on the toy
+    world) failed only in its own concept job, after the others' discovery had started."""
+    from tasks.worker import ConceptWorker
+
+    request = parse_request({"concepts": [{"name": "red", "anchor": "white"}, {"name": "crimson", "anchor": "white"}],
+                             "method": {"discovery": {}}})
+    worker = ConceptWorker("builtin:toyworld", str(tmp_path / "store"), device="cpu", threads=1)
+    job = PriorJob("builtin:toyworld", "priors/p", request.preserve, request.fusion, None, request.concepts, discovery=True)
+    with pytest.raises(RequestError, match=r"concepts\.1\.name: method.discovery: 'crimson'"):
+        worker.run(job)
+    assert not worker.store.exists("priors/p")

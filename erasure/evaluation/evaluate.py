@@ -7,6 +7,7 @@ report can show them before/after.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,7 +176,7 @@ def evaluation_json(evaluation: Evaluation) -> dict:
     paraphrases), then ``acc_g_unseen`` (words never in training), anchor fidelity, drift, base
     model, per concept."""
     def plain(value):  # JSON has no NaN: a metric without probes is null
-        return None if isinstance(value, float) and value != value else value
+        return None if isinstance(value, float) and math.isnan(value) else value
 
     return {
         **{k: plain(evaluation.metrics[k]) for k in ("acc_e", "acc_g", "acc_s", "h_o", "acc_g_unseen", "acc_g_phrasing")},
