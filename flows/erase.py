@@ -164,7 +164,7 @@ def _concept_stages(
     ran = [c.key for c in concepts if not c.reused]
     worker_of = {c.key: c.worker or "unknown" for c in concepts if not c.reused}  # which actor ran each
     logger.info("per-concept stages: %d ran, %d reused", len(ran), len(keys) - len(ran))
-    aliases = {c.summary["name"]: summary_aliases(c.summary) for c in concepts if summary_aliases(c.summary) is not None}
+    aliases = {c.summary["name"]: found for c in concepts if (found := summary_aliases(c.summary)) is not None}
     for name, found in aliases.items():
         logger.info("aliases of %s found in the base model and erased with it: %s", name, ", ".join(found) or "none")
     return {

@@ -42,6 +42,7 @@ from erasure.core.attention import cross_attention_projections
 from erasure.core.prompts import TEMPLATES, fill
 from erasure.core.text import encode, tokenize
 from erasure.diffusion.sampling import initial_noise, predicted_noise, sample
+from erasure.methods.mining import word_position
 from erasure.spec import ConceptSpec, DiscoverySettings, normalise
 
 SCREEN_TIMESTEP = 0.7  # of the training schedule: late enough that the prompt decides the colour and shape
@@ -107,13 +108,9 @@ def candidate_vocabulary(limit: int) -> tuple[str, ...]:
     return tuple(w for w in wordfreq.top_n_list("en", limit * 2) if re.fullmatch(r"[a-z]{3,}", w))[:limit]
 
 
-def _template(concept: ConceptSpec) -> str:
-    return TEMPLATES[concept.kind][0]
-
-
 def _span_states(components, prompts: list[str], words: list[str], template: str) -> torch.Tensor:
     """(n, d): the mean state of each word's own tokens in its prompt (the template's prefix first)."""
-    prefix = len(components.tokenizer(template.split("{}")[0].strip())["input_ids"]) - 1
+    prefix = word_position(components.tokenizer, template)
     ids, _ = tokenize(components.tokenizer, prompts)
     states = encode(components.text_encoder, ids)
     lengths = [max(1, len(components.tokenizer(w, add_special_tokens=False)["input_ids"])) for w in words]
@@ -201,7 +198,7 @@ def discover_aliases(
     ``exclude``: words never taken (retained concepts', the concept's own, the templates'); the
     concept's ``exclude_aliases`` are added. Deterministic per ``seed``."""
     started = time.perf_counter()
-    template = _template(concept)
+    template = TEMPLATES[concept.kind][0]
     words = normalise(concept.name).split()
     vetoed = vetoes(concept)
     excluded = set(exclude) | vetoed
