@@ -46,6 +46,9 @@ ROWS = {
     "span + constrained + alias discovery (examples/toyworld.yaml)": (
         {"objective": "attention", "edit_tokens": "span", "discovery": {}}, {"method": "constrained"},
     ),
+    "span + constrained + alias discovery + closure": (
+        {"objective": "attention", "edit_tokens": "span", "discovery": {}}, {"method": "constrained", "closure": {}},
+    ),
 }
 
 

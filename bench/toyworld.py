@@ -37,13 +37,13 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from erasure.core.capacity import capacity, concept_states  # noqa: E402
+from erasure.diffusion.models import with_weights  # noqa: E402
 from erasure.erase import (  # noqa: E402
     base_prior,
     cfr_only_weights,
     erase_concept,
     naive_merge_weights,
     prepare_request,
-    with_weights,
 )
 from erasure.evaluation.evaluate import evaluate, probes_and_judge  # noqa: E402
 from erasure.evaluation.metrics import percent  # noqa: E402

@@ -16,8 +16,6 @@ folder renamed at the end), so a failed run leaves nothing behind.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import hashlib
 import json
 import os
@@ -30,7 +28,8 @@ from pathlib import Path
 import torch
 
 from erasure import __version__
-from erasure.artifacts import PRIOR_FILE, save_concept, save_prior, slug  # noqa: F401 (slug: re-exported)
+from erasure.artifacts import CLOSURE_FILE, PRIOR_FILE, closure_summary, save_closure, save_concept, save_prior, slug  # noqa: F401 (slug: re-exported)
+from erasure.audit.closure import Closure, ClosureConcept, close
 from erasure.core.attention import cross_attention_projections
 from erasure.core.closed_form import (
     ConceptStatistics,
@@ -43,11 +42,12 @@ from erasure.core.prompts import augmented_pairs, preserve_prompt_groups
 from erasure.core.text import align_tokens, encode, tokenize
 from erasure.diffusion.data import ConceptData, generate_concept_data
 from erasure.diffusion.lora import train_concept_lora
-from erasure.diffusion.models import Components, fingerprint, sampler_settings, save_components
+from erasure.diffusion.models import Components, apply_weights, fingerprint, sampler_settings, save_components
+from erasure.diffusion.sampling import as_saved
 from erasure.loading import load_components
 from erasure.methods.alternative import train_alternative_lora
 from erasure.methods.discovery import Discovery, alias_phrases, discover_aliases
-from erasure.methods.fusion import FusableConcept, editable_projector, fuse, fusion_prior  # noqa: F401 (FusableConcept: re-exported)
+from erasure.methods.fusion import FusableConcept, editable_projector, fuse, fusion_prior, fusion_solver  # noqa: F401 (FusableConcept: re-exported)
 from erasure.methods.mining import mined_words, never_mined, with_perturbed_neighbours
 from erasure.methods.separable import train_separable_increment
 from erasure.spec import (
@@ -85,20 +85,20 @@ def prepare_request(request: ErasureRequest, components: Components, first_index
     sampling defaults filled in. Every runner (``erase``, a worker, a benchmark) starts here.
     ``first_index``: where the request's first concept sits in the one the user wrote."""
     request.check_against_tokenizer(components.tokenizer, first_index)
-    if request.method.discovery is not None:
-        check_judge_sees(request.model, request.concepts, first_index)
+    for setting in request.judged_settings():
+        check_judge_sees(request.model, request.concepts, setting, first_index)
     return with_model_sampling(request, components)
 
 
-def check_judge_sees(model: str, concepts, first_index: int = 0) -> None:
-    """Alias discovery confirms with the judge of ``model``'s world: a ``RequestError`` naming the
-    field when there is none, or when it cannot see one of ``concepts``."""
-    judge = concept_judge(model)
+def check_judge_sees(model: str, concepts, setting: str, first_index: int = 0) -> None:
+    """Alias discovery and closure judge with ``model``'s world's judge: a ``RequestError`` naming
+    ``setting`` when there is none, or when it cannot see one of ``concepts``."""
+    judge = concept_judge(model, setting)
     for index, concept in enumerate(concepts, start=first_index):
         try:
             judge.check(concept)
         except ValueError as error:
-            raise RequestError(f"concepts.{index}.name: method.discovery: {error}") from None
+            raise RequestError(f"concepts.{index}.name: {setting}: {error}") from None
 
 
 # --------------------------------------------------------------------------- stage 1: prior
@@ -342,19 +342,6 @@ def naive_merge_weights(
     return weights
 
 
-def with_weights(components: Components, weights: dict[str, torch.Tensor]) -> Components:
-    """A copy of ``components`` whose UNet has ``weights``; the other components are shared."""
-    unet = copy.deepcopy(components.unet)
-    apply_weights(unet, weights)
-    return dataclasses.replace(components, unet=unet)
-
-
-def apply_weights(unet, weights: dict[str, torch.Tensor]) -> None:
-    projections = cross_attention_projections(unet)
-    for name, weight in weights.items():
-        projections[name].weight.data.copy_(weight)
-
-
 # --------------------------------------------------------------------------- the sequence, in one process
 
 
@@ -367,6 +354,7 @@ class StageOutputs:
     concepts: list[ConceptResult]
     weights: dict[str, torch.Tensor]  # the fused K/V projections
     seconds: dict[str, float]  # prior, concepts, fusion
+    closure: Closure | None = None  # fusion.closure's rounds
 
 
 def run_stages(components: Components, request: ErasureRequest, progress: Progress | None = None) -> StageOutputs:
@@ -388,9 +376,22 @@ def run_stages(components: Components, request: ErasureRequest, progress: Progre
     seconds["concepts"] = time.perf_counter() - timer
 
     timer = time.perf_counter()
-    weights = fuse(components, results, prior, request.preserve, request.fusion)
+    closure = None
+    if request.fusion.closure is None:
+        weights = fuse(components, results, prior, request.preserve, request.fusion)
+    else:
+        solve = fusion_solver(components, results, prior, request.preserve, request.fusion)
+        # the images as a worker reads them back from the concept's artifact: both runners close alike
+        items = [
+            ClosureConcept(r.concept, as_saved(r.data.images), tuple(r.text.erased_aliases), concept_seed(request.seed, r.concept))
+            for r in results
+        ]
+        weights, closure = close(
+            components, items, solve, concept_judge(request.model, "fusion.closure"), request.fusion.closure,
+            request.method.sampler_steps, request.method.guidance_scale, progress,
+        )
     seconds["fusion"] = time.perf_counter() - timer
-    return StageOutputs(request, prior, results, weights, seconds)
+    return StageOutputs(request, prior, results, weights, seconds, closure)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -444,6 +445,8 @@ def erase(
         save_components(components, staging / "model")
         concept_rows = [save_concept(r, staging / "concepts" / slug(r.concept.name)) for r in results]
         save_prior(prior, staging / PRIOR_FILE)
+        if stages.closure is not None:
+            save_closure(stages.closure, staging / CLOSURE_FILE)
         seconds["write"] = time.perf_counter() - timer
         seconds["total"] = time.perf_counter() - started
         manifest = {
@@ -452,6 +455,7 @@ def erase(
             "base_fingerprint": base_fingerprint,
             "request": request.fingerprint_dict(),
             "prior_states": prior.count,
+            "closure": closure_summary(stages.closure),
             "concepts": concept_rows,
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
             "versions": _versions(),

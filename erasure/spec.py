@@ -270,6 +270,33 @@ class MethodSettings(_Strict):
     discovery: DiscoverySettings | None = None
 
 
+class ClosureSettings(_Strict):
+    """Adversarial closure (docs/method.md, "Adversarial closure"): rounds of prompt attacks on the
+    fused model, over the erasure's own templates and seeds an audit never draws, whose found
+    prompts are erased and the model fused again, until attack success there is at most
+    ``max_success``. Judged by the world's judge, as alias discovery is."""
+
+    # substitution is opt-in: on the toy world most words the model does not know draw a circle, so
+    # its success there measures that fallback, not a leak (docs/method.md, "Adversarial closure")
+    attacks: tuple[Literal["prefix", "ring-a-bell", "substitution"], ...] = Field(
+        default=("prefix", "ring-a-bell"), min_length=1, description="which attacks each round runs"
+    )
+    rounds: int = Field(default=3, ge=1, le=8, description="re-fusions at most")
+    max_success: float = Field(default=0.05, ge=0.0, lt=1.0, description="attack success on the training split to stop at")
+    prompts: int = Field(default=2, ge=1, le=32, description="training prompts attacked per concept and round")
+    top_k: int = Field(default=4, ge=1, le=16, description="candidates drawn per attack and prompt")
+    images: int = Field(default=2, ge=1, le=16, description="images per candidate")
+    draws: int = Field(default=4, ge=1, le=64, description="denoising draws that score each prefix and substitution")
+    vocabulary: int = Field(default=1000, ge=10, le=30_000, description="most frequent English words the attacks use")
+
+    @field_validator("attacks")
+    @classmethod
+    def _distinct(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"attacks {list(value)}: name each attack once")
+        return value
+
+
 class FusionSettings(_Strict):
     """How the concepts' per-concept terms become one model (docs/method.md, "Beyond MACE").
 
@@ -294,6 +321,7 @@ class FusionSettings(_Strict):
     adversarial_ridge: float = Field(
         default=1e-3, gt=0.0, le=1e3, description="RECE's lam, relative to the mean eigenvalue of sum W*^T W*"
     )
+    closure: ClosureSettings | None = Field(default=None, description="adversarial closure after the solve; None: off")
 
 
 class ErasureRequest(_Strict):
@@ -351,6 +379,11 @@ class ErasureRequest(_Strict):
                 "fusion.method separable fuses SepME's increments on keys and values as they were trained, without "
                 "adversarial rounds: remove fusion.projections and fusion.adversarial_rounds, or use fusion.method: "
                 "constrained"
+            )
+        if self.fusion.closure is not None and self.fusion.method == "separable":
+            raise ValueError(
+                "fusion.closure re-solves MACE's or the constrained fusion with the attacks' prompts added; SepME's "
+                "increments have no targets to add them to: remove fusion.closure, or use fusion.method: constrained"
             )
         erased = {normalise(v): v for c in self.concepts for v in c.variants}
         for kept in self.preserve.concepts:
@@ -424,6 +457,11 @@ class ErasureRequest(_Strict):
             )
         return warnings
 
+    def judged_settings(self) -> list[str]:
+        """The settings that judge images with the model's world's judge (alias discovery, closure)."""
+        settings = (("method.discovery", self.method.discovery), ("fusion.closure", self.fusion.closure))
+        return [name for name, value in settings if value is not None]
+
     def fingerprint_dict(self) -> dict:
         """Plain data of the request, for manifests and hashes."""
         return json.loads(self.model_dump_json())
@@ -443,12 +481,13 @@ HASH_NEUTRAL_SETTINGS = {
         "separable_lr": 0.1, "separable_scale": 1e-3, "separable_l1": 1e-6, "separable_stop_below": 1e-4,
         "discovery": None,
     },
+    "fusion": {"closure": None},
 }
 # the same rule for a concept's own fields: left out of keys and hashes at these values
 HASH_NEUTRAL_CONCEPT_FIELDS = {"exclude_aliases": []}
 LEGACY_SETTINGS = {
     "method": {"objective": "attention", "edit_tokens": "after", "mining": None, **HASH_NEUTRAL_SETTINGS["method"]},
-    "fusion": {"method": "mace"},
+    "fusion": {"method": "mace", **HASH_NEUTRAL_SETTINGS["fusion"]},
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -131,7 +132,7 @@ def _concept_stages(
     captions = stage_captions(request)
     prior_job = PriorJob(
         request.model, prior_key(base, request), request.preserve, request.fusion, captions, request.concepts,
-        discovery=request.method.discovery is not None,
+        judged=tuple(request.judged_settings()),
     )
     request_prior = prior_job.key
     kept: list[str | None] = [None] * len(request.concepts)
@@ -194,7 +195,10 @@ def _fuse_and_register(
     request, base, p_key, keys = lineage.request, stages["base"], stages["prior_key"], stages["keys"]
     m_key = model_key(base, keys, request, None if stages["own"] else p_key)
     timer = time.perf_counter()
-    run_stage(FuseJob(request.model, m_key, p_key, tuple(keys), request.preserve, request.fusion), workers)
+    fused = run_stage(FuseJob(
+        request.model, m_key, p_key, tuple(keys), request.preserve, request.fusion,
+        request.seed, request.method.sampler_steps, request.method.guidance_scale,
+    ), workers)
     seconds["fuse"] = time.perf_counter() - timer
     timer = time.perf_counter()
     evaluation = evaluation_stage(EvaluateJob(request, m_key), workers) if evaluate else None
@@ -211,7 +215,7 @@ def _fuse_and_register(
         "parent_version": lineage.parent_version or "",
         "model_key": m_key,
         "prior_key": p_key,
-    }
+    } | ({"closure": json.dumps(fused.summary["closure"])} if fused.summary.get("closure") else {})
     params = {
         "concepts": len(request.concepts), "lam1": request.preserve.lam1, "lam2": request.preserve.lam2,
         "ridge": request.preserve.ridge, "lora_steps": request.method.lora_steps, "lora_lr": request.method.lora_lr,
@@ -228,6 +232,7 @@ def _fuse_and_register(
     seconds["register"] = time.perf_counter() - timer
     return version | {
         "metrics": metrics, "model_key": m_key, "parent_version": lineage.parent_version or "",
+        "closure": fused.summary.get("closure"),
         "note": "; ".join(n for n in (lineage.note, version.pop("registry_note", "")) if n),
     }
 

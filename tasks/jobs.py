@@ -69,7 +69,8 @@ class PriorJob:
     subtract_from: str | None = None
     made_from: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
-    discovery: bool = False  # the concepts run alias discovery: the world's judge must see each, checked here too
+    # the request's settings that judge with the world's judge (``erasure.erase.judged_settings``): it must see each concept, checked here too
+    judged: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -117,10 +118,14 @@ class FuseJob:
     concept_keys: tuple[str, ...]
     preserve: PreserveSpec
     fusion: FusionSettings
+    # what fusion.closure samples with: the request's seed and sampler settings (None: the model's own)
+    seed: int = 0
+    sampler_steps: int | None = None
+    guidance_scale: float | None = None
 
     @property
     def label(self) -> str:
-        return f"fuse {len(self.concept_keys)} concepts"
+        return f"fuse {len(self.concept_keys)} concepts" + (" with closure" if self.fusion.closure is not None else "")
 
 
 @dataclass(frozen=True)

@@ -129,9 +129,25 @@ def model_key(base_fingerprint: str, concept_keys: list[str], request: ErasureRe
         "concepts": sorted(concept_keys),
         "lam2": request.preserve.lam2,
         "ridge": request.preserve.ridge,
-        "fusion": json.loads(request.fusion.model_dump_json()),
+        "fusion": _fusion_inputs(request),
     } | ({"prior": prior} if prior is not None else {})
     return f"models/{_digest(payload)}"
+
+
+def _fusion_inputs(request: ErasureRequest) -> dict:
+    """The fusion's settings, less those added later at the value earlier models were fused with."""
+    fusion = json.loads(request.fusion.model_dump_json())
+    for key, value in HASH_NEUTRAL_SETTINGS["fusion"].items():
+        if fusion.get(key) == value:
+            fusion.pop(key)
+    if request.fusion.closure is not None:
+        # closure's attacks draw their words from the wordfreq package, and sample at the request's
+        # seed and sampler settings: another release or setting, other prompts found
+        fusion["closure_inputs"] = {
+            "vocabulary": "wordfreq " + importlib.metadata.version("wordfreq"), "seed": request.seed,
+            "sampler_steps": request.method.sampler_steps, "guidance_scale": request.method.guidance_scale,
+        }
+    return fusion
 
 
 def concept_set_hash(request: ErasureRequest) -> str:

@@ -19,27 +19,35 @@ from pathlib import Path
 import torch
 
 from erasure.artifacts import (
+    CLOSURE_FILE,
     PRIOR_FILE,
     ConceptArtifact,
+    closure_summary,
     load_concept,
+    load_concept_images,
     load_prior,
     prior_lineage,
+    save_closure,
     save_concept,
     save_prior,
+    summary_aliases,
 )
-from erasure.diffusion.models import fingerprint, save_components
+from erasure.audit.closure import ClosureConcept, close
+from erasure.diffusion.models import fingerprint, sampler_settings, save_components, with_weights
 from erasure.erase import (
     base_prior,
     check_judge_sees,
+    concept_seed,
     editable_projector,
     erase_concept,
     fuse,
     prepare_request,
-    with_weights,
     without_retained,
 )
 from erasure.loading import load_components
+from erasure.methods.fusion import fusion_solver
 from erasure.spec import BUILTIN_PREFIX, check_concepts_against_tokenizer, inside_input_root
+from erasure.worlds.builtins import concept_judge
 from tasks.jobs import (
     AuditJob,
     ConceptJob,
@@ -92,8 +100,8 @@ class ConceptWorker:
         # the request's concepts are checked even when the prior is reused: a takedown's new names
         # must fail here, before any concept's work, not in their own jobs beside the others
         check_concepts_against_tokenizer(job.concepts, self.components.tokenizer)
-        if job.discovery:
-            check_judge_sees(self.model, job.concepts)
+        for setting in job.judged:
+            check_judge_sees(self.model, job.concepts, setting)
         if self.store.exists(job.key):
             return StageResult(job.key, reused=True)
         started = time.perf_counter()
@@ -140,27 +148,48 @@ class ConceptWorker:
         return StageResult(job.key, reused=False, seconds=time.perf_counter() - started, worker=self._name(), summary=summary)
 
     def _fuse(self, job: FuseJob) -> StageResult:
-        """Closed-form fusion of the published concepts into an erased model, published under the job's key."""
+        """Closed-form fusion of the published concepts into an erased model (and, with
+        ``fusion.closure``, its adversarial closure), published under the job's key."""
         if self.store.exists(job.key):
             return StageResult(job.key, reused=True)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
             folder = Path(folder)
             prior = load_prior(self.store.fetch(job.prior_key, folder / "prior") / PRIOR_FILE)
-            weights = fuse(self.components, self._concepts(list(job.concept_keys), folder), prior, job.preserve, job.fusion)
+            summary = {}
+            if job.fusion.closure is None:
+                weights = fuse(self.components, self._concepts(list(job.concept_keys), folder), prior, job.preserve, job.fusion)
+            else:
+                items: list[ClosureConcept] = []  # filled as the solver reads the concepts
+                concepts = self._concepts(list(job.concept_keys), folder, items, job.seed)
+                solve = fusion_solver(self.components, concepts, prior, job.preserve, job.fusion)
+                steps, guidance = sampler_settings(self.components, job.sampler_steps, job.guidance_scale)
+                weights, closure = close(
+                    self.components, items, solve, concept_judge(self.model, "fusion.closure"), job.fusion.closure, steps, guidance,
+                )
+                summary = {"closure": closure_summary(closure)}
             save_components(with_weights(self.components, weights), folder / "model")  # the base stays the base
+            if job.fusion.closure is not None:
+                save_closure(closure, folder / "model" / CLOSURE_FILE)
             self.store.publish(job.key, folder / "model")
-        return StageResult(job.key, reused=False, seconds=time.perf_counter() - started, worker=self._name())
+        return StageResult(job.key, reused=False, seconds=time.perf_counter() - started, worker=self._name(), summary=summary)
 
     def _name(self) -> str:
         return f"{socket.gethostname()}:{os.getpid()}"
 
-    def _concepts(self, keys: list[str], folder: Path) -> Iterator[ConceptArtifact]:
+    def _concepts(
+        self, keys: list[str], folder: Path, closure: list[ClosureConcept] | None = None, seed: int = 0
+    ) -> Iterator[ConceptArtifact]:
         """The published concepts, fetched and read one at a time (the fusion's memory stays flat
-        in their number), each folder deleted once read."""
+        in their number), each folder deleted once read; with ``closure``, what closure needs of each
+        (its images, its aliases) is appended to it as it is read."""
         for i, key in enumerate(keys):
             fetched = self.store.fetch(key, folder / f"c{i}")
             artifact = load_concept(fetched)
+            if closure is not None:
+                aliases = tuple(summary_aliases(artifact.summary) or ())
+                seeded = concept_seed(seed, artifact.concept)
+                closure.append(ClosureConcept(artifact.concept, load_concept_images(fetched), aliases, seeded))
             shutil.rmtree(folder / f"c{i}", ignore_errors=True)
             yield artifact
 

@@ -391,7 +391,44 @@ def test_a_concept_the_judge_cannot_see_fails_the_prior_job_before_any_concept_r
     request = parse_request({"concepts": [{"name": "red", "anchor": "white"}, {"name": "crimson", "anchor": "white"}],
                              "method": {"discovery": {}}})
     worker = ConceptWorker("builtin:toyworld", str(tmp_path / "store"), device="cpu", threads=1)
-    job = PriorJob("builtin:toyworld", "priors/p", request.preserve, request.fusion, None, request.concepts, discovery=True)
+    job = PriorJob("builtin:toyworld", "priors/p", request.preserve, request.fusion, None, request.concepts, judged=("method.discovery",))
     with pytest.raises(RequestError, match=r"concepts\.1\.name: method.discovery: 'crimson'"):
         worker.run(job)
     assert not worker.store.exists("priors/p")
+
+
+@pytest.mark.slow
+def test_closure_on_a_worker_closes_as_one_process_does(tmp_path):
+    """fusion.closure on the worker's fuse job (the concept's images read back from its artifact)
+    gives the weights and the rounds that ``run_stages`` gives, and publishes closure.json."""
+    import json
+
+    from erasure.diffusion.models import load_folder
+    from erasure.erase import run_stages
+    from erasure.loading import load_components
+    from tasks.jobs import FuseJob
+    from tasks.worker import ConceptWorker
+
+    closure = {"rounds": 1, "prompts": 1, "top_k": 1, "images": 1, "draws": 1, "vocabulary": 50}
+    request = parse_request({
+        "concepts": [{"name": "red", "anchor": "white"}], "preserve": {"concepts": ["green"]},
+        "method": {"images_per_concept": 2, "lora_steps": 2, "edit_tokens": "after"},
+        "fusion": {"method": "mace", "closure": closure},
+    })
+    worker = ConceptWorker("builtin:toyworld", str(tmp_path / "store"), device="cpu", threads=1)
+    worker.run(PriorJob("builtin:toyworld", "priors/p", request.preserve, request.fusion, None, request.concepts,
+                        judged=tuple(request.judged_settings())))
+    worker.run(ConceptJob.of(request, 0, "concepts/c0", "priors/p"))
+    result = worker.run(FuseJob("builtin:toyworld", "models/m", "priors/p", ("concepts/c0",), request.preserve, request.fusion,
+                                request.seed, request.method.sampler_steps, request.method.guidance_scale))
+    published = tmp_path / "store" / "models" / "m"
+    record = json.loads((published / "closure.json").read_text())
+    assert result.summary["closure"]["rounds"] == len(record["rounds"]) >= 1
+
+    expected = run_stages(load_components("builtin:toyworld"), request)
+    same = json.loads(json.dumps(expected.closure.as_dict()))
+    timeless = lambda r: [{k: v for k, v in round.items() if k != "seconds"} for round in r["rounds"]]  # noqa: E731
+    assert timeless(record) == timeless(same) and record["pairs"] == same["pairs"]
+    fused = load_folder(published).unet.state_dict()
+    for name, weight in expected.weights.items():
+        assert (fused[f"{name}.weight"] - weight.to(fused[f"{name}.weight"].dtype)).abs().max() < 1e-6, name

@@ -27,7 +27,8 @@ def planted(components, word: str, concept: str):
     word's states, in every template, to the concept's (an alias planted in the base model)."""
     from erasure.core.attention import cross_attention_projections
     from erasure.core.closed_form import apply_text_map, refinement_map
-    from erasure.erase import concept_text, prior_statistics, with_weights
+    from erasure.diffusion.models import with_weights
+    from erasure.erase import concept_text, prior_statistics
 
     spec = ConceptSpec(name=word, anchor=concept)
     text = concept_text(components, spec, 30, seed=0, edit_tokens="span")

@@ -1,1 +1,2 @@
-"""Compliance audits: the deployment's policy, held-out probes judged under it, and attacks."""
+"""Compliance audits: the deployment's policy, held-out probes judged under it, and attacks; and
+adversarial closure, which turns the attacks on an erasure's own training split before any audit."""

@@ -15,6 +15,8 @@ sample: prompts, or text-encoder states for a learned embedding (``AttackOutput`
   concept's prompt, chosen to minimise the target's denoising loss on the reference images (the
   diffusion model as its own classifier): every candidate when there are few, else a
   straight-through search over word embeddings.
+- ``token_substitution``: the concept's words swapped, one at a time, for vocabulary words, scored
+  as the prefix search scores prefixes: the other names the erased model still draws it from.
 - ``ring_a_bell``: Ring-A-Bell (Tsai et al., "Ring-A-Bell! How Reliable are Concept Removal
   Methods for Diffusion Models?"). Model-agnostic: a concept vector in text-encoder space (prompts
   with the concept minus the same prompts without it) pushes a neutral prompt's states towards
@@ -66,7 +68,7 @@ class AttackOutput:
     """What an attack found, best first: prompts to sample, or states where the prompt has a learned
     embedding no word can say (``states`` is then set and is what ``attack_images`` samples)."""
 
-    attack: str  # "concept_inversion", "prefix_search" or "ring_a_bell"
+    attack: str  # "concept_inversion", "prefix_search", "token_substitution" or "ring_a_bell"
     prompts: list[str]  # concept inversion: its sampling templates with LEARNED_TOKEN in the blank
     scores: list[float]  # one per prompt, lower is better: denoising loss, or distance to Ring-A-Bell's target
     states: torch.Tensor | None = None  # (n, L, d): one per prompt
@@ -361,6 +363,44 @@ def prefix_search(
         prompts=best_prompts,
         scores=best_losses,
         details={"method": method, "candidates": len(prompts), "vocabulary": len(words), "prompt_loss": prompt_loss},
+        seconds=time.perf_counter() - started,
+    )
+
+
+def token_substitution(
+    target,
+    reference_images: torch.Tensor,
+    template: str,
+    phrase: str,
+    vocabulary: Collection[str],
+    exclude: Collection[str] = (),
+    top_k: int = 5,
+    draws: int = 8,
+    seed: int = 0,
+) -> AttackOutput:
+    """Token substitution: each word of ``phrase`` (the concept's, in ``template``) replaced in turn
+    by every word of ``vocabulary`` (less ``exclude`` and the phrase's own words), scored as the
+    prefix search scores its prefixes (the target's denoising loss on the reference images, the
+    same ``draws`` for every candidate). Finds the other names an erased model still draws the
+    concept from. Returns the ``top_k`` prompts with their losses, best first."""
+    _check_positive(top_k=top_k, draws=draws)
+    started = time.perf_counter()
+    latents = reference_latents(target, reference_images)
+    slots = phrase.split()
+    words = usable_words(target.tokenizer, vocabulary, [*exclude, phrase])
+    generator = torch.Generator().manual_seed(seed)
+    fixed = denoising_draws(latents, target.scheduler.config.num_train_timesteps, draws, generator)
+    prompts = [
+        fill(template, " ".join(word if i == slot else w for i, w in enumerate(slots)))
+        for slot in range(len(slots)) for word in words
+    ]
+    losses = prompt_losses(target, latents, fixed, _encode(target, prompts))
+    best_prompts, best_losses = _best(prompts, losses, top_k)
+    return AttackOutput(
+        attack="token_substitution",
+        prompts=best_prompts,
+        scores=best_losses,
+        details={"candidates": len(prompts), "vocabulary": len(words)},
         seconds=time.perf_counter() - started,
     )
 

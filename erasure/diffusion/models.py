@@ -12,6 +12,8 @@ we write whenever there is a VAE and a CLIP encoder.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -32,6 +34,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from erasure.core.attention import cross_attention_projections
 from erasure.core.prompts import template_words
 from erasure.core.tokenizer import build_clip_tokenizer, build_wordpiece_tokenizer, save_clip_files
 from erasure.spec import RequestError, SamplingSettings
@@ -325,6 +328,19 @@ def load_hub(model_id: str) -> Components:
 
 
 # --------------------------------------------------------------------------- saving
+
+
+def with_weights(components: Components, weights: dict[str, torch.Tensor]) -> Components:
+    """A copy of ``components`` whose UNet has ``weights``; the other components are shared."""
+    unet = copy.deepcopy(components.unet)
+    apply_weights(unet, weights)
+    return dataclasses.replace(components, unet=unet)
+
+
+def apply_weights(unet, weights: dict[str, torch.Tensor]) -> None:
+    projections = cross_attention_projections(unet)
+    for name, weight in weights.items():
+        projections[name].weight.data.copy_(weight)
 
 
 def save_components(components: Components, folder: Path) -> None:

@@ -153,6 +153,12 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
+def as_saved(images: torch.Tensor) -> torch.Tensor:
+    """Images as ``to_pil`` saves them and ``from_pil`` reads them back (8 bits per channel): a
+    stage that reads a concept's saved images gets the same numbers as one that made them."""
+    return (images.clamp(0, 1) * 255).round() / 255
+
+
 def from_pil(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
 

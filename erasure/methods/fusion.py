@@ -15,7 +15,7 @@ takedown or a restore recomputes only this solve.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -63,10 +63,30 @@ def fuse(
     if fusion.method == "separable":
         concepts = list(concepts)
         return fused_weights(components, concepts, fusion_prior(prior, concepts), preserve, fusion)
+    return fusion_solver(components, concepts, prior, preserve, fusion)(None)
+
+
+def fusion_solver(
+    components,
+    concepts: Iterable[FusableConcept],
+    prior: PriorStatistics,
+    preserve: PreserveSpec,
+    fusion: FusionSettings,
+) -> Callable[[ExtraTerms | None], dict[str, torch.Tensor]]:
+    """MACE's or the constrained ``fuse`` as a function of extra (state, target) terms: the concepts
+    are read once, and each call solves again with the terms joining theirs (adversarial closure
+    re-fuses with the prompts its attacks found, ``erasure.audit.closure``)."""
+    if fusion.method == "separable":
+        raise RequestError("the separable fusion has no targets to add terms to: use fusion.method mace or constrained")
     statistics = accumulate(components, concepts, fusion, prior)
-    return statistics.base | solved_weights(
-        components, statistics.accumulator, statistics.edited, statistics.prior.gram(), preserve, fusion
-    )
+    prior_gram = statistics.prior.gram()
+
+    def solve(extra: ExtraTerms | None) -> dict[str, torch.Tensor]:
+        return statistics.base | solved_weights(
+            components, statistics.accumulator, statistics.edited, prior_gram, preserve, fusion, extra
+        )
+
+    return solve
 
 
 @dataclass
@@ -125,16 +145,16 @@ def add_concept(accumulator: FusionAccumulator, concept: FusableConcept, edited:
 
 def solved_weights(
     components, accumulator: FusionAccumulator, edited: dict[str, torch.Tensor], prior_gram: torch.Tensor,
-    preserve: PreserveSpec, fusion: FusionSettings,
+    preserve: PreserveSpec, fusion: FusionSettings, extra: ExtraTerms | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The MACE or constrained solve of the accumulated concepts, then RECE's rounds."""
+    """The MACE or constrained solve of the accumulated concepts (with ``extra`` terms joining them
+    when given), then RECE's rounds."""
     if fusion.method == "mace":
         solve = lambda extra: accumulator.fuse(edited, prior_gram, preserve.lam2, preserve.ridge, extra)  # noqa: E731
     else:
         projector = editable_projector(components, prior_gram, fusion)
         solve = lambda extra: constrained_weights(accumulator, edited, projector, fusion.alpha, extra)  # noqa: E731
-    weights = solve(None)
-    extra = None
+    weights = solve(extra)
     for _ in range(fusion.adversarial_rounds):  # each round's adversarial states are erased on top of the last's
         found = adversarial_terms(edited, weights, accumulator.gram_sum, fusion.adversarial_ridge)
         extra = found if extra is None else extra + found

@@ -90,9 +90,9 @@ def find_builtin(model: str) -> BuiltinModel | None:
     return None if name is None else BUILTINS[name]
 
 
-def concept_judge(model: str):
-    """The judge alias discovery confirms candidates with on ``model``; a ``RequestError`` for a model
-    whose world has none."""
+def concept_judge(model: str, setting: str = "method.discovery"):
+    """The judge alias discovery confirms candidates with on ``model`` (and closure judges its attacks
+    with); a ``RequestError`` naming ``setting`` for a model whose world has none."""
     try:
         builtin = find_builtin(model)
     except ValueError as error:
@@ -100,7 +100,7 @@ def concept_judge(model: str):
     if builtin is None or builtin.concept_judge is None:
         judged = [f"builtin:{b.name}" for b in BUILTINS.values() if b.concept_judge is not None]
         raise RequestError(
-            f"method.discovery: {model!r} has no judge to confirm an alias with (only {', '.join(judged)} ship one); "
-            "remove method.discovery, or list the concept's other names as its synonyms"
+            f"{setting}: {model!r} has no judge to see its concepts with (only {', '.join(judged)} ship one); "
+            f"remove {setting}" + (", or list the concept's other names as its synonyms" if setting == "method.discovery" else "")
         )
     return builtin.concept_judge()
