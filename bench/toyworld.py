@@ -42,13 +42,14 @@ from erasure.erase import (  # noqa: E402
     base_prior,
     cfr_only_weights,
     erase_concept,
+    erased_weights,
     naive_merge_weights,
     prepare_request,
 )
 from erasure.evaluation.evaluate import evaluate, probes_and_judge  # noqa: E402
 from erasure.evaluation.metrics import percent  # noqa: E402
 from erasure.loading import load_components  # noqa: E402
-from erasure.methods.fusion import fuse, fusion_prior  # noqa: E402
+from erasure.methods.fusion import fusion_prior  # noqa: E402
 from erasure.spec import RequestError, parse_request  # noqa: E402
 from erasure.worlds.toyworld.world import COLOURS, SHAPES, STYLES, WORLD_TEMPLATES  # noqa: E402
 
@@ -129,6 +130,10 @@ ROWS = [
     ("All-but-One + MACE fusion", {"objective": "alternative", "edit_tokens": "after", "lora_lr": 1e-3}, {"method": "mace"}),
     ("All-but-One + span + constrained", {"objective": "alternative", "edit_tokens": "span", "lora_lr": 1e-3},
      {"method": "constrained"}),
+    # generality: the names the model draws the concept by, and what attacks find (judged by the world's judge)
+    ("span + constrained + output edit 0.9", SPAN, {"method": "constrained", "output_edit": 0.9}),
+    ("span + constrained + discovery", SPAN | {"discovery": {}}, {"method": "constrained"}),
+    ("span + constrained + discovery + closure", SPAN | {"discovery": {}}, {"method": "constrained", "closure": {}}),
 ]
 AT_SCALE = {
     "32 pairs": {"MACE (reference)", "constrained K+V", "span + constrained", "span + constrained V only",
@@ -181,8 +186,8 @@ def run_scale(
                     data[concept.name] = result.data
                     data_seconds[concept.name] = result.seconds["data"]
                 results.append(result)
-            # what a run of this method alone would take: its own text and training, and the images
-            seconds = sum(r.seconds["text"] + r.seconds["lora"] + data_seconds[r.concept.name] for r in results)
+            # what a run of this method alone would take: its own discovery, text and training, and the images
+            seconds = sum(r.seconds["discovery"] + r.seconds["text"] + r.seconds["lora"] + data_seconds[r.concept.name] for r in results)
             groups[key] = (results, seconds)
         results, t_concepts = groups[key]
         timer = time.perf_counter()
@@ -191,8 +196,8 @@ def run_scale(
                 weights = cfr_only_weights(base, results, fusion_prior(prior, results), row_request.preserve.lam1, row_request.preserve.ridge)
             elif fusion["method"] == "naive":
                 weights = naive_merge_weights(base, results, fusion_prior(prior, results), row_request.preserve.lam1, row_request.preserve.ridge)
-            else:
-                weights = fuse(base, results, prior, row_request.preserve, row_request.fusion)
+            else:  # closure, when the row asks for it, attacks the fused model and fuses again
+                weights, _ = erased_weights(base, results, prior, row_request)
         except RequestError as error:  # a method's own limit (SepME's capacity): a row that says so
             rows.append({"scale": label, "method": name, "seconds": float("nan"), "capacity": "", "error": str(error)})
             print(f"  {label} / {name}: {error}", flush=True)

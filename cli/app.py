@@ -103,6 +103,15 @@ class Bars:
         self.progress.update(self.tasks[label], completed=done, total=total)
 
 
+def closure_line(closure: dict, where: str) -> str:
+    """One line on fusion.closure's outcome (``erasure.artifacts.closure_summary``); ``where``: its closure.json."""
+    state = "closed" if closure["closed"] else "NOT closed"
+    return (
+        f"adversarial closure: {state} after {closure['rounds']} round(s), worst attack success on its training split "
+        f"{100 * closure['worst_success']:.1f} %, {closure['erased_prompts']} found prompts erased ({where})"
+    )
+
+
 def progress_bars() -> Progress:
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

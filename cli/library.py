@@ -11,7 +11,18 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cli.app import Bars, app, console, device_or_default, progress_bars, report_errors, setting, toyworld_app, warn
+from cli.app import (
+    Bars,
+    app,
+    closure_line,
+    console,
+    device_or_default,
+    progress_bars,
+    report_errors,
+    setting,
+    toyworld_app,
+    warn,
+)
 from erasure.spec import DEFAULT_MODEL, SamplingSettings, builtin_names
 from erasure.worlds.toyworld.settings import SAMPLING as TOY_SAMPLING
 from erasure.worlds.toyworld.settings import TRAINING
@@ -54,6 +65,8 @@ def erase(
             f"{sum(row['seconds'].values()):.1f}",
         )
     Console().print(table)
+    if summary.closure:
+        Console().print(closure_line(summary.closure, str(summary.out_dir / "model" / "closure.json")), highlight=False, soft_wrap=True)
     Console().print(
         "stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in summary.seconds.items())
         + f"\nmodel: {summary.out_dir / 'model'}   try: erasure generate {summary.out_dir / 'model'} \"a photo of ...\""

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cli.app import app, console, fail, policy_app, report_errors, services_app, warn, workers_option
+from cli.app import app, closure_line, console, fail, policy_app, report_errors, services_app, warn, workers_option
 from erasure.probes import SEEDS
 from erasure.spec import CONCEPT_KINDS
 
@@ -42,6 +42,8 @@ def _print_version(result: dict) -> None:
             f"aliases of {escape(name)} found in the base model, erased with it: {escape(', '.join(found)) or 'none'} "
             "(a concept's exclude_aliases keeps one drawing)", highlight=False, soft_wrap=True,
         )
+    if result.get("closure"):  # fusion.closure ran in this flow's fuse
+        out.print(closure_line(result["closure"], "closure.json in the model's artifact"), highlight=False, soft_wrap=True)
     if result.get("metrics"):
         out.print(json.dumps(result["metrics"]))
 

@@ -376,22 +376,29 @@ def run_stages(components: Components, request: ErasureRequest, progress: Progre
     seconds["concepts"] = time.perf_counter() - timer
 
     timer = time.perf_counter()
-    closure = None
-    if request.fusion.closure is None:
-        weights = fuse(components, results, prior, request.preserve, request.fusion)
-    else:
-        solve = fusion_solver(components, results, prior, request.preserve, request.fusion)
-        # the images as a worker reads them back from the concept's artifact: both runners close alike
-        items = [
-            ClosureConcept(r.concept, as_saved(r.data.images), tuple(r.text.erased_aliases), concept_seed(request.seed, r.concept))
-            for r in results
-        ]
-        weights, closure = close(
-            components, items, solve, concept_judge(request.model, "fusion.closure"), request.fusion.closure,
-            request.method.sampler_steps, request.method.guidance_scale, progress,
-        )
+    weights, closure = erased_weights(components, results, prior, request, progress)
     seconds["fusion"] = time.perf_counter() - timer
     return StageOutputs(request, prior, results, weights, seconds, closure)
+
+
+def erased_weights(
+    components: Components, results: list[ConceptResult], prior: PriorStatistics, request: ErasureRequest,
+    progress: Progress | None = None,
+) -> tuple[dict[str, torch.Tensor], Closure | None]:
+    """Stage 3: the fused weights of ``results``, and with ``fusion.closure`` its adversarial closure
+    (``erasure.audit.closure``) and its record (else None)."""
+    if request.fusion.closure is None:
+        return fuse(components, results, prior, request.preserve, request.fusion), None
+    solve = fusion_solver(components, results, prior, request.preserve, request.fusion)
+    # the images as a worker reads them back from the concept's artifact: both runners close alike
+    items = [
+        ClosureConcept(r.concept, as_saved(r.data.images), tuple(r.text.erased_aliases), concept_seed(request.seed, r.concept))
+        for r in results
+    ]
+    return close(
+        components, items, solve, concept_judge(request.model, "fusion.closure"), request.fusion.closure,
+        request.method.sampler_steps, request.method.guidance_scale, progress,
+    )
 
 
 # --------------------------------------------------------------------------- end to end
@@ -405,6 +412,7 @@ class ErasureSummary:
     fingerprint: str
     seconds: dict[str, float]
     concepts: list[dict]
+    closure: dict | None = None  # ``closure_summary`` of fusion.closure, when it ran
 
 
 def erase(
@@ -446,7 +454,7 @@ def erase(
         concept_rows = [save_concept(r, staging / "concepts" / slug(r.concept.name)) for r in results]
         save_prior(prior, staging / PRIOR_FILE)
         if stages.closure is not None:
-            save_closure(stages.closure, staging / CLOSURE_FILE)
+            save_closure(stages.closure, staging / "model" / CLOSURE_FILE)  # the model carries it, as the pipeline's does
         seconds["write"] = time.perf_counter() - timer
         seconds["total"] = time.perf_counter() - started
         manifest = {
@@ -466,7 +474,7 @@ def erase(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return ErasureSummary(out_dir, base_fingerprint, seconds, concept_rows)
+    return ErasureSummary(out_dir, base_fingerprint, seconds, concept_rows, closure_summary(stages.closure))
 
 
 MANIFEST_FILE = "manifest.json"

@@ -322,6 +322,11 @@ class FusionSettings(_Strict):
         default=1e-3, gt=0.0, le=1e3, description="RECE's lam, relative to the mean eigenvalue of sum W*^T W*"
     )
     closure: ClosureSettings | None = Field(default=None, description="adversarial closure after the solve; None: off")
+    output_edit: float | None = Field(
+        default=None, gt=0.0, lt=1.0,
+        description="constrained: also remove, from free directions the erased states do not span, the output directions "
+        "holding this share of the erased states' outputs (docs/method.md, \"Output-side edit\"); None: off",
+    )
 
 
 class ErasureRequest(_Strict):
@@ -379,6 +384,11 @@ class ErasureRequest(_Strict):
                 "fusion.method separable fuses SepME's increments on keys and values as they were trained, without "
                 "adversarial rounds: remove fusion.projections and fusion.adversarial_rounds, or use fusion.method: "
                 "constrained"
+            )
+        if self.fusion.output_edit is not None and self.fusion.method != "constrained":
+            raise ValueError(
+                "fusion.output_edit acts on the constrained fusion's free directions: set fusion.method: constrained, "
+                "or remove fusion.output_edit"
             )
         if self.fusion.closure is not None and self.fusion.method == "separable":
             raise ValueError(
@@ -481,7 +491,7 @@ HASH_NEUTRAL_SETTINGS = {
         "separable_lr": 0.1, "separable_scale": 1e-3, "separable_l1": 1e-6, "separable_stop_below": 1e-4,
         "discovery": None,
     },
-    "fusion": {"closure": None},
+    "fusion": {"closure": None, "output_edit": None},
 }
 # the same rule for a concept's own fields: left out of keys and hashes at these values
 HASH_NEUTRAL_CONCEPT_FIELDS = {"exclude_aliases": []}

@@ -265,3 +265,29 @@ def test_requests_likely_to_damage_retained_concepts_are_warned_about():
     assert not parse_request({"concepts": many, "preserve": keep, "fusion": {"method": "constrained"}}).specificity_warnings()
     bare = parse_request({"concepts": many, "fusion": {"method": "constrained"}})
     assert any("preserve lists no concepts" in w for w in bare.specificity_warnings())
+
+
+def test_the_output_side_edit_spares_retained_and_erased_states_and_reaches_an_unseen_one():
+    """fusion.output_edit: a retained state (outside P's range) and an erased one (in the span the
+    erased states cover) keep their outputs; a state they never saw, whose outputs lie in the erased
+    states' output directions, loses them."""
+    from erasure.methods.constrained import null_space_projector, output_side_edit
+
+    torch.manual_seed(0)
+    d, d_out = 12, 6
+    retained = torch.randn(4, d, dtype=torch.float64)
+    projector = null_space_projector(retained.T @ retained, 1e-3)
+    free = torch.linalg.eigh(projector).eigenvectors[:, -8:]  # an orthonormal basis of P's 8 free directions
+    erased = torch.randn(5, 3, dtype=torch.float64) @ free[:, :3].T  # the erased states span 3 of them
+    weight = torch.randn(d_out, d, dtype=torch.float64)
+    delta = output_side_edit({"v": weight}, erased.T @ erased / 5, projector, energy=0.99)["v"]
+    assert (delta @ retained.T).abs().max() < 1e-9
+    assert (delta @ erased.T).abs().max() < 1e-9
+    # an unseen free direction that the weight sends where the erased states speak
+    unseen = free[:, 3]
+    heard = torch.linalg.svd(weight @ erased.T, full_matrices=False).U[:, :3]  # the erased states' 3 output directions
+    steered = weight + torch.outer(heard[:, 0], unseen) * 5.0
+    delta = output_side_edit({"v": steered}, erased.T @ erased / 5, projector, energy=0.99)["v"]
+    before = heard.T @ (steered @ unseen)
+    after = heard.T @ ((steered + delta) @ unseen)
+    assert after.norm() < 1e-6 * before.norm()

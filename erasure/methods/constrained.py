@@ -64,3 +64,34 @@ def constrained_text_side(gram_sum: torch.Tensor, projector: torch.Tensor, alpha
     factor = torch.linalg.cholesky(system)
     # (P G P + aI) commutes with P, so T is symmetric: solve from the right with P itself
     return torch.cholesky_solve(projector.contiguous(), factor).T
+
+
+def output_side_edit(
+    base: dict[str, torch.Tensor], gram_sum: torch.Tensor, projector: torch.Tensor, energy: float, seen: float = 1e-3,
+) -> dict[str, torch.Tensor]:
+    """An edit keyed on the outputs, not the inputs (docs/method.md, "Output-side edit"): per
+    projection, ``-U U^T W Q``, to be added to the solve's weights.
+
+    - ``U``: the fewest top eigenvectors of ``W P G_E P W^T`` that hold ``energy`` of its trace:
+      the output directions in which the erased states' free parts speak to the UNet;
+    - ``Q``: the free directions (``P``'s range) the erased states hardly span, ``P - V V^T``
+      with ``V`` the eigenvectors of ``P G_E P`` above ``seen`` times its largest eigenvalue.
+
+    A state in the retained span (``P c = 0``) or an erased one (in ``V``'s span) keeps its
+    outputs; any other state loses, in its free part's outputs, the erased states' directions:
+    a word never seen that the UNet reads as the concept loses what it reads."""
+    restricted = projector @ gram_sum.to(DTYPE) @ projector
+    values, vectors = torch.linalg.eigh(restricted)
+    spanned = vectors[:, values > seen * values.max().clamp_min(1e-30)]
+    unseen = projector - spanned @ spanned.T
+    deltas = {}
+    for name, weight in base.items():
+        w = weight.to(DTYPE)
+        heard = w @ restricted @ w.T
+        out_values, out_vectors = torch.linalg.eigh(heard)
+        order = torch.argsort(out_values, descending=True)
+        share = torch.cumsum(out_values[order].clamp_min(0), 0) / out_values.clamp_min(0).sum().clamp_min(1e-30)
+        rank = int((share < energy).sum()) + 1
+        directions = out_vectors[:, order[:rank]]
+        deltas[name] = -(directions @ directions.T @ w @ unseen)
+    return deltas

@@ -24,7 +24,12 @@ import torch
 from erasure.core.attention import cross_attention_projections
 from erasure.core.closed_form import DTYPE, ConceptStatistics, ExtraTerms, FusionAccumulator, PriorStatistics
 from erasure.core.text import empty_prompt_states
-from erasure.methods.constrained import constrained_text_side, null_space_dimension, null_space_projector
+from erasure.methods.constrained import (
+    constrained_text_side,
+    null_space_dimension,
+    null_space_projector,
+    output_side_edit,
+)
 from erasure.methods.separable import separable_weights
 from erasure.spec import FusionSettings, PreserveSpec, RequestError
 
@@ -148,12 +153,16 @@ def solved_weights(
     preserve: PreserveSpec, fusion: FusionSettings, extra: ExtraTerms | None = None,
 ) -> dict[str, torch.Tensor]:
     """The MACE or constrained solve of the accumulated concepts (with ``extra`` terms joining them
-    when given), then RECE's rounds."""
+    when given; with ``fusion.output_edit``, the output-side edit added), then RECE's rounds."""
     if fusion.method == "mace":
         solve = lambda extra: accumulator.fuse(edited, prior_gram, preserve.lam2, preserve.ridge, extra)  # noqa: E731
     else:
         projector = editable_projector(components, prior_gram, fusion)
         solve = lambda extra: constrained_weights(accumulator, edited, projector, fusion.alpha, extra)  # noqa: E731
+    if fusion.output_edit is not None:  # added to every solve: RECE's rounds see the edited model
+        deltas = output_side_edit(edited, accumulator.gram_sum, projector, fusion.output_edit)
+        plain = solve
+        solve = lambda extra: {n: w + deltas[n].to(w.dtype) for n, w in plain(extra).items()}  # noqa: E731
     weights = solve(extra)
     for _ in range(fusion.adversarial_rounds):  # each round's adversarial states are erased on top of the last's
         found = adversarial_terms(edited, weights, accumulator.gram_sum, fusion.adversarial_ridge)
