@@ -49,6 +49,10 @@ ROWS = {
     "span + constrained + alias discovery + closure": (
         {"objective": "attention", "edit_tokens": "span", "discovery": {}}, {"method": "constrained", "closure": {}},
     ),
+    "span + constrained + output edit + alias discovery + closure": (
+        {"objective": "attention", "edit_tokens": "span", "discovery": {}},
+        {"method": "constrained", "output_edit": 0.9, "closure": {}},
+    ),
 }
 
 

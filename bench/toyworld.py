@@ -137,9 +137,11 @@ ROWS = [
 ]
 AT_SCALE = {
     "32 pairs": {"MACE (reference)", "constrained K+V", "span + constrained", "span + constrained V only",
+                 "span + constrained + output edit 0.9",
                  "span + constrained, threshold 1e-4",
                  "span + constrained + RECE x2", "span + mining + constrained", "span + mining + constrained + RECE x2", "SepME"},
     "64 mixed": {"MACE (reference)", "constrained K+V", "span + constrained", "span + constrained, threshold 1e-4",
+                 "span + constrained + output edit 0.9",
                  "span + mining + constrained",
                  "span + mining + constrained + RECE x2", "SepME"},
 }
