@@ -39,15 +39,18 @@ ROOT = Path(__file__).resolve().parent.parent
 # explicit per row, so a change of the request's defaults never changes a row
 ROWS = {
     "MACE (reference)": ({"objective": "attention", "edit_tokens": "after", "discovery": None}, {"method": "mace"}),
-    "span + constrained": ({"objective": "attention", "edit_tokens": "span", "discovery": None}, {"method": "constrained"}),
+    "span + constrained": ({"objective": "attention", "edit_tokens": "span", "discovery": None}, {"method": "constrained", "output_edit": None}),
     "span + constrained + RECE x2": (
-        {"objective": "attention", "edit_tokens": "span", "discovery": None}, {"method": "constrained", "adversarial_rounds": 2},
+        {"objective": "attention", "edit_tokens": "span", "discovery": None}, {"method": "constrained", "adversarial_rounds": 2, "output_edit": None},
     ),
-    "span + constrained + alias discovery (examples/toyworld.yaml)": (
-        {"objective": "attention", "edit_tokens": "span", "discovery": {}}, {"method": "constrained"},
+    "span + constrained + alias discovery": (
+        {"objective": "attention", "edit_tokens": "span", "discovery": {}}, {"method": "constrained", "output_edit": None},
     ),
     "span + constrained + alias discovery + closure": (
-        {"objective": "attention", "edit_tokens": "span", "discovery": {}}, {"method": "constrained", "closure": {}},
+        {"objective": "attention", "edit_tokens": "span", "discovery": {}}, {"method": "constrained", "output_edit": None, "closure": {}},
+    ),
+    "span + constrained + output edit + alias discovery (examples/toyworld.yaml)": (
+        {"objective": "attention", "edit_tokens": "span", "discovery": {}}, {"method": "constrained", "output_edit": 0.9},
     ),
     "span + constrained + output edit + alias discovery + closure": (
         {"objective": "attention", "edit_tokens": "span", "discovery": {}},

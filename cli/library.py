@@ -45,6 +45,7 @@ def erase(
     ),
 ) -> None:
     """Erase the request's concepts and write the erased model to --out."""
+    from erasure.audit.closure import CLOSURE_FILE
     from erasure.erase import erase as run_erase
     from erasure.spec import load_request
 
@@ -66,7 +67,8 @@ def erase(
         )
     Console().print(table)
     if summary.closure:
-        Console().print(closure_line(summary.closure, str(summary.out_dir / "model" / "closure.json")), highlight=False, soft_wrap=True)
+        where = escape(str(summary.out_dir / "model" / CLOSURE_FILE))
+        Console().print(closure_line(summary.closure, where), highlight=False, soft_wrap=True)
     Console().print(
         "stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in summary.seconds.items())
         + f"\nmodel: {summary.out_dir / 'model'}   try: erasure generate {summary.out_dir / 'model'} \"a photo of ...\""

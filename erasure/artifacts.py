@@ -101,7 +101,8 @@ def load_concept(folder: Path) -> ConceptArtifact:
 def load_concept_images(folder: Path) -> torch.Tensor:
     """The base model's images of a concept that ``save_concept`` wrote (its LoRA's training
     images), (n, 3, H, W) in [0, 1]."""
-    paths = sorted((Path(folder) / "data").glob("image_*.png"))
+    # by number: image_100 comes after image_99, as save_concept wrote them
+    paths = sorted((Path(folder) / "data").glob("image_*.png"), key=lambda path: int(path.stem.split("_")[1]))
     if not paths:
         raise FileNotFoundError(f"{folder}: the concept artifact holds no images (data/image_*.png)")
     return torch.stack([from_pil(Image.open(path)) for path in paths])
@@ -130,26 +131,6 @@ def discovered_aliases(output: Path, names: list[str]) -> dict[str, list[str]]:
         if aliases is not None:
             found[name] = aliases
     return found
-
-
-CLOSURE_FILE = "closure.json"
-
-
-def save_closure(closure, path: Path) -> None:
-    """Write adversarial closure's record (``erasure.audit.closure.Closure``): every round's attack
-    success on the training split and the prompts found, and the pairs erased."""
-    Path(path).write_text(json.dumps(closure.as_dict(), indent=1) + "\n")
-
-
-def closure_summary(closure) -> dict | None:
-    """What a manifest or a version's tags say of a closure: whether it closed, in how many rounds,
-    the last round's worst attack success, and how many found prompts were erased."""
-    if closure is None:
-        return None
-    return {
-        "closed": closure.closed, "rounds": len(closure.rounds), "worst_success": round(closure.rounds[-1].worst, 4),
-        "erased_prompts": sum(len(p) for p in closure.pairs.values()),
-    }
 
 
 PRIOR_LINEAGE_FILE = "prior.json"

@@ -28,8 +28,15 @@ from pathlib import Path
 import torch
 
 from erasure import __version__
-from erasure.artifacts import CLOSURE_FILE, PRIOR_FILE, closure_summary, save_closure, save_concept, save_prior, slug  # noqa: F401 (slug: re-exported)
-from erasure.audit.closure import Closure, ClosureConcept, close
+from erasure.artifacts import PRIOR_FILE, save_concept, save_prior, slug  # noqa: F401 (slug: re-exported)
+from erasure.audit.closure import (
+    CLOSURE_FILE,
+    REFERENCE_IMAGES,
+    Closure,
+    ClosureConcept,
+    adversarial_closure,
+    closure_summary,
+)
 from erasure.core.attention import cross_attention_projections
 from erasure.core.closed_form import (
     ConceptStatistics,
@@ -276,7 +283,7 @@ def erase_concept(
     discovery = None
     if settings.discovery is not None:
         discovery = discover_aliases(
-            components, concept, settings.discovery, concept_judge(request.model), settings.sampler_steps,
+            components, concept, settings.discovery, concept_judge(request.model, "method.discovery"), settings.sampler_steps,
             settings.guidance_scale, seed, exclude, progress,
         )
     seconds = {"discovery": time.perf_counter() - timer}
@@ -390,15 +397,24 @@ def erased_weights(
     if request.fusion.closure is None:
         return fuse(components, results, prior, request.preserve, request.fusion), None
     solve = fusion_solver(components, results, prior, request.preserve, request.fusion)
-    # the images as a worker reads them back from the concept's artifact: both runners close alike
-    items = [
-        ClosureConcept(r.concept, as_saved(r.data.images), tuple(r.text.erased_aliases), concept_seed(request.seed, r.concept))
-        for r in results
-    ]
-    return close(
-        components, items, solve, concept_judge(request.model, "fusion.closure"), request.fusion.closure,
-        request.method.sampler_steps, request.method.guidance_scale, progress,
-    )
+    items = [closure_concept(r.concept, r.data.images, r.text.erased_aliases, request.seed) for r in results]
+    return closed_weights(components, request.model, items, solve, request.fusion.closure, request.method.sampler_steps,
+                          request.method.guidance_scale, progress)
+
+
+def closure_concept(concept: ConceptSpec, images: torch.Tensor, aliases, request_seed: int) -> ClosureConcept:
+    """What closure needs of one concept; its first ``REFERENCE_IMAGES`` images, as its artifact saves
+    them (8 bits), so a worker that reads them back closes exactly as one process does."""
+    return ClosureConcept(concept, as_saved(images[:REFERENCE_IMAGES]), tuple(aliases), concept_seed(request_seed, concept))
+
+
+def closed_weights(
+    components: Components, model: str, items: list[ClosureConcept], solve, settings, steps: int, guidance_scale: float,
+    progress: Progress | None = None,
+) -> tuple[dict[str, torch.Tensor], Closure]:
+    """Stage 3b: adversarial closure with ``model``'s world's judge; ``solve``: ``fusion_solver`` of the concepts."""
+    judge = concept_judge(model, "fusion.closure")
+    return adversarial_closure(components, items, solve, judge, settings, steps, guidance_scale, progress)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -454,7 +470,7 @@ def erase(
         concept_rows = [save_concept(r, staging / "concepts" / slug(r.concept.name)) for r in results]
         save_prior(prior, staging / PRIOR_FILE)
         if stages.closure is not None:
-            save_closure(stages.closure, staging / "model" / CLOSURE_FILE)  # the model carries it, as the pipeline's does
+            stages.closure.save(staging / "model" / CLOSURE_FILE)  # the model carries it, as the pipeline's does
         seconds["write"] = time.perf_counter() - timer
         seconds["total"] = time.perf_counter() - started
         manifest = {
@@ -463,7 +479,7 @@ def erase(
             "base_fingerprint": base_fingerprint,
             "request": request.fingerprint_dict(),
             "prior_states": prior.count,
-            "closure": closure_summary(stages.closure),
+            "closure": closure_summary(stages.closure.as_dict()) if stages.closure is not None else None,
             "concepts": concept_rows,
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
             "versions": _versions(),
@@ -474,7 +490,7 @@ def erase(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return ErasureSummary(out_dir, base_fingerprint, seconds, concept_rows, closure_summary(stages.closure))
+    return ErasureSummary(out_dir, base_fingerprint, seconds, concept_rows, manifest["closure"])
 
 
 MANIFEST_FILE = "manifest.json"

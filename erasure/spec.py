@@ -279,7 +279,7 @@ class ClosureSettings(_Strict):
     # substitution is opt-in: on the toy world most words the model does not know draw a circle, so
     # its success there measures that fallback, not a leak (docs/method.md, "Adversarial closure")
     attacks: tuple[Literal["prefix", "ring-a-bell", "substitution"], ...] = Field(
-        default=("prefix", "ring-a-bell"), min_length=1, description="which attacks each round runs"
+        default=("prefix", "ring-a-bell"), min_length=1, description="which attacks each round runs (a set)"
     )
     rounds: int = Field(default=3, ge=1, le=8, description="re-fusions at most")
     max_success: float = Field(default=0.05, ge=0.0, lt=1.0, description="attack success on the training split to stop at")
@@ -294,7 +294,7 @@ class ClosureSettings(_Strict):
     def _distinct(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if len(set(value)) != len(value):
             raise ValueError(f"attacks {list(value)}: name each attack once")
-        return value
+        return tuple(sorted(value))  # a set: the order they are listed in changes nothing (nor the model key)
 
 
 class FusionSettings(_Strict):
@@ -323,10 +323,19 @@ class FusionSettings(_Strict):
     )
     closure: ClosureSettings | None = Field(default=None, description="adversarial closure after the solve; None: off")
     output_edit: float | None = Field(
-        default=None, gt=0.0, lt=1.0,
+        default=0.9, gt=0.0, lt=1.0,
         description="constrained: also remove, from free directions the erased states do not span, the output directions "
-        "holding this share of the erased states' outputs (docs/method.md, \"Output-side edit\"); None: off",
+        "holding this share of the erased states' outputs (docs/method.md, \"Output-side edit\"); None: off; "
+        "unset under the other solves",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _output_edit_is_the_constrained_fusions(cls, data):
+        # its default (0.9) is the constrained fusion's; MACE's and SepME's solves have no free directions
+        if isinstance(data, dict) and data.get("method", "constrained") != "constrained" and "output_edit" not in data:
+            data = {**data, "output_edit": None}
+        return data
 
 
 class ErasureRequest(_Strict):

@@ -118,10 +118,11 @@ class FuseJob:
     concept_keys: tuple[str, ...]
     preserve: PreserveSpec
     fusion: FusionSettings
-    # what fusion.closure samples with: the request's seed and sampler settings (None: the model's own)
-    seed: int = 0
-    sampler_steps: int | None = None
-    guidance_scale: float | None = None
+    # what fusion.closure samples with: the request's seed and sampler settings (None: the model's
+    # own), as the model key hashes them (tasks.keys._fusion_inputs); no defaults, so none is forgotten
+    seed: int
+    sampler_steps: int | None
+    guidance_scale: float | None
 
     @property
     def label(self) -> str:

@@ -135,7 +135,8 @@ def model_key(base_fingerprint: str, concept_keys: list[str], request: ErasureRe
 
 
 def _fusion_inputs(request: ErasureRequest) -> dict:
-    """The fusion's settings, less those added later at the value earlier models were fused with."""
+    """The fusion's settings, less those added later at the value earlier models were fused with;
+    with closure, what its attacks draw with (``closure_inputs``)."""
     fusion = json.loads(request.fusion.model_dump_json())
     for key, value in HASH_NEUTRAL_SETTINGS["fusion"].items():
         if fusion.get(key) == value:

@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Collection
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
@@ -83,7 +84,7 @@ class ArtifactStore(Protocol):
 
     def exists(self, key: str) -> bool: ...
     def publish(self, key: str, folder: Path) -> dict: ...
-    def fetch(self, key: str, folder: Path, expect_sha256: str | None = None) -> Path: ...
+    def fetch(self, key: str, folder: Path, expect_sha256: str | None = None, only: Collection[str] | None = None) -> Path: ...
     def read_manifest(self, key: str) -> dict: ...
     def delete(self, key: str) -> None: ...
     def lock(self, name: str, wait_s: float, what: str): ...
@@ -93,6 +94,16 @@ def _check_key(key: str) -> str:
     if not key or key.startswith("/") or ".." in key.split("/"):
         raise ValueError(f"invalid artifact key {key!r}")
     return key.strip("/")
+
+
+def _chosen(files: dict[str, str], only: Collection[str] | None) -> list[tuple[str, str]]:
+    """The manifest's (path, checksum) pairs, or those named in ``only`` (each must be there)."""
+    if only is None:
+        return list(files.items())
+    missing = sorted(set(only) - set(files))
+    if missing:
+        raise ArtifactError(f"the artifact holds no {', '.join(missing)}")
+    return [(rel, files[rel]) for rel in only]
 
 
 def _parse_manifest(raw: bytes) -> dict:
@@ -242,13 +253,15 @@ class LocalStore:
     def read_manifest(self, key: str) -> dict:
         return self._load(key)[1]
 
-    def fetch(self, key: str, folder: Path, expect_sha256: str | None = None) -> Path:
+    def fetch(self, key: str, folder: Path, expect_sha256: str | None = None, only: Collection[str] | None = None) -> Path:
+        """The artifact's files into ``folder``, each checked against the manifest; ``only``: just these
+        (paths relative to the artifact)."""
         folder = Path(folder)
         for _ in range(_ATTEMPTS):
             raw, manifest = self._load(key)
             source = self._path(key)
             try:
-                for rel, checksum in manifest["files"].items():
+                for rel, checksum in _chosen(manifest["files"], only):
                     origin = _inside(source, rel)  # no symlink out of the store either
                     target = _inside(folder, rel)
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -425,13 +438,15 @@ class S3Store:
     def read_manifest(self, key: str) -> dict:
         return self._load(key)[2]
 
-    def fetch(self, key: str, folder: Path, expect_sha256: str | None = None) -> Path:
+    def fetch(self, key: str, folder: Path, expect_sha256: str | None = None, only: Collection[str] | None = None) -> Path:
+        """The artifact's files into ``folder``, each checked against the manifest; ``only``: just these
+        (paths relative to the artifact)."""
         folder = Path(folder)
         for _ in range(_ATTEMPTS):
             raw, etag, manifest = self._load(key)
             prefix = manifest.get("prefix") or ""  # no prefix: an artifact published before prefixes
             try:
-                for rel, checksum in manifest["files"].items():
+                for rel, checksum in _chosen(manifest["files"], only):
                     target = _inside(folder, rel)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     try:

@@ -8,6 +8,7 @@ skipped, so a re-run resumes from whatever finished.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -19,25 +20,23 @@ from pathlib import Path
 import torch
 
 from erasure.artifacts import (
-    CLOSURE_FILE,
     PRIOR_FILE,
     ConceptArtifact,
-    closure_summary,
     load_concept,
     load_concept_images,
     load_prior,
     prior_lineage,
-    save_closure,
     save_concept,
     save_prior,
     summary_aliases,
 )
-from erasure.audit.closure import ClosureConcept, close
+from erasure.audit.closure import CLOSURE_FILE, ClosureConcept, closure_summary
 from erasure.diffusion.models import fingerprint, sampler_settings, save_components, with_weights
 from erasure.erase import (
     base_prior,
     check_judge_sees,
-    concept_seed,
+    closed_weights,
+    closure_concept,
     editable_projector,
     erase_concept,
     fuse,
@@ -47,7 +46,6 @@ from erasure.erase import (
 from erasure.loading import load_components
 from erasure.methods.fusion import fusion_solver
 from erasure.spec import BUILTIN_PREFIX, check_concepts_against_tokenizer, inside_input_root
-from erasure.worlds.builtins import concept_judge
 from tasks.jobs import (
     AuditJob,
     ConceptJob,
@@ -149,30 +147,39 @@ class ConceptWorker:
 
     def _fuse(self, job: FuseJob) -> StageResult:
         """Closed-form fusion of the published concepts into an erased model (and, with
-        ``fusion.closure``, its adversarial closure), published under the job's key."""
+        ``fusion.closure``, its adversarial closure, whose record the model folder carries), published
+        under the job's key."""
         if self.store.exists(job.key):
-            return StageResult(job.key, reused=True)
+            return StageResult(job.key, reused=True, summary=self._closure_summary(job))
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
             folder = Path(folder)
             prior = load_prior(self.store.fetch(job.prior_key, folder / "prior") / PRIOR_FILE)
-            summary = {}
             if job.fusion.closure is None:
                 weights = fuse(self.components, self._concepts(list(job.concept_keys), folder), prior, job.preserve, job.fusion)
             else:
                 items: list[ClosureConcept] = []  # filled as the solver reads the concepts
                 concepts = self._concepts(list(job.concept_keys), folder, items, job.seed)
                 solve = fusion_solver(self.components, concepts, prior, job.preserve, job.fusion)
+                if len(items) != len(job.concept_keys):
+                    raise RuntimeError(f"closure read {len(items)} of the job's {len(job.concept_keys)} concepts")
                 steps, guidance = sampler_settings(self.components, job.sampler_steps, job.guidance_scale)
-                weights, closure = close(
-                    self.components, items, solve, concept_judge(self.model, "fusion.closure"), job.fusion.closure, steps, guidance,
-                )
-                summary = {"closure": closure_summary(closure)}
+                weights, closure = closed_weights(self.components, self.model, items, solve, job.fusion.closure, steps, guidance)
             save_components(with_weights(self.components, weights), folder / "model")  # the base stays the base
-            if job.fusion.closure is not None:
-                save_closure(closure, folder / "model" / CLOSURE_FILE)
+            if job.fusion.closure is not None:  # inside the model: one publish, the record and the weights it made
+                closure.save(folder / "model" / CLOSURE_FILE)
             self.store.publish(job.key, folder / "model")
-        return StageResult(job.key, reused=False, seconds=time.perf_counter() - started, worker=self._name(), summary=summary)
+        # what was published (a racing writer's stands, record and weights together)
+        return StageResult(job.key, reused=False, seconds=time.perf_counter() - started, worker=self._name(),
+                           summary=self._closure_summary(job))
+
+    def _closure_summary(self, job: FuseJob) -> dict:
+        """A published model's closure record, summarised, read alone from the store; {} without closure."""
+        if job.fusion.closure is None:
+            return {}
+        with tempfile.TemporaryDirectory() as folder:
+            fetched = self.store.fetch(job.key, Path(folder), only=[CLOSURE_FILE])
+            return {"closure": closure_summary(json.loads((fetched / CLOSURE_FILE).read_text()))}
 
     def _name(self) -> str:
         return f"{socket.gethostname()}:{os.getpid()}"
@@ -187,9 +194,8 @@ class ConceptWorker:
             fetched = self.store.fetch(key, folder / f"c{i}")
             artifact = load_concept(fetched)
             if closure is not None:
-                aliases = tuple(summary_aliases(artifact.summary) or ())
-                seeded = concept_seed(seed, artifact.concept)
-                closure.append(ClosureConcept(artifact.concept, load_concept_images(fetched), aliases, seeded))
+                aliases = summary_aliases(artifact.summary) or ()
+                closure.append(closure_concept(artifact.concept, load_concept_images(fetched), aliases, seed))
             shutil.rmtree(folder / f"c{i}", ignore_errors=True)
             yield artifact
 

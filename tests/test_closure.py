@@ -1,11 +1,13 @@
 """Adversarial closure (erasure.audit.closure): attacks on a training split, found prompts erased."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from erasure.spec import ClosureSettings, ConceptSpec, parse_request
 
-SMALL = ClosureSettings(rounds=2, prompts=1, top_k=2, images=2, draws=2, vocabulary=200)
+SMALL = ClosureSettings(attacks=["prefix"], rounds=2, prompts=1, top_k=2, images=2, draws=2, vocabulary=200)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +64,8 @@ def test_closure_terms_send_a_found_prompt_where_the_base_model_sends_its_anchor
 
 @pytest.mark.slow
 def test_rounds_lower_attack_success_on_the_training_split_and_never_touch_the_audit(toyworld, monkeypatch):
-    """The default edit of "circle" leaks to prompts the attacks find (as bench/attacks.py measures);
-    closure's rounds bring their success on the training split down, drawing at training seeds only."""
+    """MACE's reference edit of "blue star" leaks to prefixes (as bench/attacks.py measures); closure's
+    rounds bring their success on the training split down, drawing at training seeds only."""
     import erasure.audit.closure as closure_module
     from erasure.erase import run_stages
     from erasure.probes import SEEDS
@@ -77,14 +79,76 @@ def test_rounds_lower_attack_success_on_the_training_split_and_never_touch_the_a
 
     monkeypatch.setattr(closure_module, "sample", spy)
     request = parse_request({
-        "concepts": [{"name": "circle", "anchor": "square"}],
-        "preserve": {"concepts": ["green", "square", "triangle"]},
-        "method": {"images_per_concept": 4, "lora_steps": 10},
-        "fusion": {"closure": SMALL.model_dump()},
+        "concepts": [{"name": "blue star", "anchor": "white star"}],
+        "preserve": {"concepts": ["green", "white star", "blue heart"]},
+        "method": {"images_per_concept": 4, "lora_steps": 10, "edit_tokens": "after"},
+        "fusion": {"method": "mace", "closure": SMALL.model_dump()},
     })
     stages = run_stages(toyworld, request)
     rounds = stages.closure.rounds
     assert rounds[0].worst > SMALL.max_success, "the reference edit should leak on the training split"
     assert len(rounds) >= 2 and rounds[-1].worst < rounds[0].worst
-    assert stages.closure.pairs["circle"], "the prompts found were erased"
+    assert stages.closure.pairs["blue star"], "the prompts found were erased"
     assert drawn and all(SEEDS <= seed < 2 * SEEDS for _, seed in drawn)
+
+
+class ScriptedJudge:
+    """Sees the concept in every image while ``sees`` says so: what a round's success is made of."""
+
+    def __init__(self, sees: bool):
+        self.sees, self.calls = sees, 0
+
+    def check(self, concept) -> None:
+        pass
+
+    def shows(self, images, concept) -> list[bool]:
+        self.calls += 1
+        return [self.sees] * len(images)
+
+
+def _closure_run(tiny, judge, settings):
+    from erasure.audit.closure import ClosureConcept, adversarial_closure
+    from erasure.core.closed_form import PriorStatistics
+    from erasure.erase import concept_text
+    from erasure.methods.fusion import fusion_solver
+    from erasure.spec import FusionSettings, PreserveSpec
+
+    concept = ConceptSpec(name="cat", anchor="house")
+    statistics = concept_text(tiny, concept, 4, seed=0).statistics
+
+    fusable = SimpleNamespace(statistics=statistics, text_map=torch.eye(32, dtype=torch.float64), factors={})  # no LoRA
+    prior = PriorStatistics(torch.eye(32, dtype=torch.float64), 1)
+    inner = fusion_solver(tiny, [fusable], prior, PreserveSpec(), FusionSettings(method="mace"))
+    solved = []
+
+    def solve(extra):
+        solved.append(extra)
+        return inner(extra)
+
+    item = ClosureConcept(concept, torch.rand(2, 3, 8, 8), seed=5)
+    weights, closure = adversarial_closure(tiny, [item], solve, judge, settings, steps=2, guidance_scale=1.5)
+    return weights, closure, solved, inner
+
+
+def test_a_closure_that_finds_nothing_measures_once_and_solves_once(tiny):
+    settings = ClosureSettings(attacks=("prefix", "ring-a-bell", "substitution"), rounds=3, prompts=1, top_k=2, images=1, draws=1, vocabulary=200)
+    weights, closure, solved, inner = _closure_run(tiny, ScriptedJudge(False), settings)
+    assert solved == [None] and len(closure.rounds) == 1 and closure.closed
+    assert closure.rounds[0].success == {"cat": {"prefix": 0.0, "ring-a-bell": 0.0, "substitution": 0.0}}
+    assert closure.pairs == {"cat": []}
+    assert all(torch.equal(weights[n], w) for n, w in inner(None).items())
+
+
+def test_a_closure_that_keeps_finding_adds_each_pair_once_and_stops_at_its_rounds(tiny):
+    settings = ClosureSettings(rounds=2, prompts=1, top_k=2, images=1, draws=1, vocabulary=200)
+    weights, closure, solved, inner = _closure_run(tiny, ScriptedJudge(True), settings)
+    pairs = closure.pairs["cat"]
+    assert not closure.closed and closure.rounds[-1].worst == 1.0
+    assert len(pairs) == len(set(pairs)) > 0
+    # a solve per round that found something new; the last round only measures what it returns
+    assert solved[0] is None and all(extra is not None for extra in solved[1:])
+    assert len(solved) == len(closure.rounds) <= settings.rounds + 1
+    found = [p for r in closure.rounds[:-1] for p in r.found["cat"]]
+    assert found == [p for p, _ in pairs]
+    assert all(torch.equal(weights[n], w) for n, w in inner(solved[-1]).items())
+    assert all(not p.startswith("cat ") for p in found)  # no attack uses the concept's own words

@@ -361,7 +361,8 @@ def test_the_jobs_on_a_real_worker_make_what_one_process_makes_checking_each_con
     results = [worker.run(ConceptJob.of(request, i, keys[i], "priors/p")) for i in range(3)]
     assert [r.reused for r in results] == [False] * 3 and all(r.summary for r in results)
     assert sorted(checked) == sorted(["cat", "dog", "car"] * 2)
-    worker.run(FuseJob("builtin:tiny", "models/m", "priors/p", tuple(keys), request.preserve, request.fusion))
+    worker.run(FuseJob("builtin:tiny", "models/m", "priors/p", tuple(keys), request.preserve, request.fusion,
+                       request.seed, request.method.sampler_steps, request.method.guidance_scale))
 
     fused = load_folder(tmp_path / "store" / "models" / "m").unet.state_dict()
     base = load_components("builtin:tiny").unet.state_dict()
@@ -424,6 +425,10 @@ def test_closure_on_a_worker_closes_as_one_process_does(tmp_path):
     published = tmp_path / "store" / "models" / "m"
     record = json.loads((published / "closure.json").read_text())
     assert result.summary["closure"]["rounds"] == len(record["rounds"]) >= 1
+
+    again = worker.run(FuseJob("builtin:toyworld", "models/m", "priors/p", ("concepts/c0",), request.preserve, request.fusion,
+                               request.seed, request.method.sampler_steps, request.method.guidance_scale))
+    assert again.reused and again.summary == result.summary  # a reused model still reports its closure
 
     expected = run_stages(load_components("builtin:toyworld"), request)
     same = json.loads(json.dumps(expected.closure.as_dict()))

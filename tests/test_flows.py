@@ -59,11 +59,12 @@ def test_a_version_registered_without_evaluation_skips_only_the_evaluation(monke
     from erasure.spec import parse_request
 
     calls = []
-    from tasks.jobs import FuseJob, StageReport
+    from tasks.jobs import FuseJob, StageReport, StageResult
 
     def run_stage(job, workers):
         assert isinstance(job, FuseJob) and job.concept_keys == ("concepts/c",)
         calls.append("fuse")
+        return StageResult(job.key, reused=False)  # what a worker's fuse returns
 
     monkeypatch.setattr(erase_module, "run_stage", run_stage)
     monkeypatch.setattr(erase_module, "evaluation_stage", lambda job, workers: calls.append("evaluate") or StageReport({"acc_e": 0.1}, "<html>"))

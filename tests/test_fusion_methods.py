@@ -1,5 +1,7 @@
 """The fusion methods' defining properties: constrained, adversarial rounds, separable, token choice."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from erasure.core.text import align_tokens
 from erasure.methods.constrained import constrained_text_side, null_space_dimension, null_space_projector
 from erasure.methods.fusion import adversarial_terms
 from erasure.methods.separable import separable_projectors, separable_weights
-from erasure.spec import RequestError
+from erasure.spec import ConceptSpec, RequestError
 
 D, D_OUT = 16, 9
 NO_PRIOR = torch.zeros(D, D, dtype=DTYPE)
@@ -226,7 +228,7 @@ def test_adversarial_rounds_accumulate(tiny):
 
     base, concept, prior = _tiny_concept(tiny, seed=7, states=6)
     dim = tiny.text_encoder.config.hidden_size
-    settings = FusionSettings(method="constrained", adversarial_rounds=2)
+    settings = FusionSettings(method="constrained", adversarial_rounds=2, output_edit=None)  # RECE alone
     fused = fused_weights(tiny, [concept], prior, PreserveSpec(), settings)
 
     accumulator = FusionAccumulator(dim, {n: tuple(w.shape) for n, w in base.items()})
@@ -291,3 +293,59 @@ def test_the_output_side_edit_spares_retained_and_erased_states_and_reaches_an_u
     before = heard.T @ (steered @ unseen)
     after = heard.T @ ((steered + delta) @ unseen)
     assert after.norm() < 1e-6 * before.norm()
+
+
+def test_the_output_side_edit_keeps_the_strongly_spanned_part_of_erased_states_whatever_their_spectrum():
+    """Review: erased states with a decaying spectrum are only partly in V; what V spans keeps its
+    outputs exactly (the weak directions may move, which the docs say)."""
+    from erasure.methods.constrained import SPANNED, null_space_projector, output_side_edit
+
+    torch.manual_seed(1)
+    d = 12
+    retained = torch.randn(4, d, dtype=torch.float64)
+    projector = null_space_projector(retained.T @ retained, 1e-3)
+    free = torch.linalg.eigh(projector).eigenvectors[:, -8:]
+    scales = torch.tensor([1.0, 0.5, 0.2, 0.05, 0.01], dtype=torch.float64)
+    erased = torch.randn(40, 5, dtype=torch.float64) * scales @ free[:, :5].T
+    gram = erased.T @ erased / 40
+    restricted = projector @ gram @ projector
+    values, vectors = torch.linalg.eigh(restricted)
+    strong = vectors[:, values > SPANNED * values.max()]
+    assert 0 < strong.shape[1] < 5  # some erased directions are weak: the case the first test missed
+    weight = torch.randn(6, d, dtype=torch.float64)
+    delta = output_side_edit({"v": weight}, gram, projector, energy=0.9)["v"]
+    assert (delta @ strong).abs().max() < 1e-9
+    assert (delta @ retained.T).abs().max() < 1e-9
+
+
+def test_the_output_side_edit_removes_nothing_when_the_erased_states_have_no_free_part():
+    """Review: erased states inside the retained span tell no output direction; the edit was -W P."""
+    from erasure.methods.constrained import null_space_projector, output_side_edit
+
+    torch.manual_seed(2)
+    retained = torch.randn(4, 12, dtype=torch.float64)
+    projector = null_space_projector(retained.T @ retained, 1e-3)
+    erased = torch.randn(3, 4, dtype=torch.float64) @ retained  # inside the retained span
+    delta = output_side_edit({"v": torch.randn(6, 12, dtype=torch.float64)}, erased.T @ erased, projector, 0.9)["v"]
+    assert delta.abs().max() < 1e-9
+
+
+def test_extra_terms_for_every_projection_meet_only_the_edited_ones_with_rece_rounds(tiny):
+    """Review: closure's terms cover every projection; with projections: v and RECE rounds the sum
+    of terms looked up a key projection and the re-solve crashed after a whole round of attacks."""
+    from erasure.audit.closure import closure_terms
+    from erasure.core.closed_form import PriorStatistics
+    from erasure.erase import concept_text
+    from erasure.methods.fusion import base_weights, fusion_solver
+    from erasure.spec import FusionSettings, PreserveSpec
+
+    statistics = concept_text(tiny, ConceptSpec(name="cat", anchor="house"), 4, seed=0).statistics
+    fusable = SimpleNamespace(statistics=statistics, text_map=torch.eye(32, dtype=torch.float64), factors={})
+    prior = PriorStatistics(torch.eye(32, dtype=torch.float64), 1)
+    fusion = FusionSettings(method="mace", projections="v", adversarial_rounds=1)
+    solve = fusion_solver(tiny, [fusable], prior, PreserveSpec(), fusion)
+    terms = closure_terms(tiny, [("zebra a photo of the cat", "zebra a photo of the house")], base_weights(tiny))
+    weights = solve(terms)
+    base = base_weights(tiny)
+    assert all(torch.equal(weights[n], base[n]) for n in base if n.endswith("to_k"))
+    assert any(not torch.equal(weights[n], base[n]) for n in base if n.endswith("to_v"))

@@ -82,7 +82,8 @@ def test_lam2_changes_the_model_key_not_the_concept_key():
     assert model_key("fp", ["concepts/a"], base) != model_key("fp", ["concepts/a"], changed)
 
 
-@pytest.mark.parametrize("change", [{"method": "mace"}, {"projections": "v"}, {"adversarial_rounds": 2}, {"alpha": 1e-2}])
+@pytest.mark.parametrize("change", [{"method": "mace"}, {"projections": "v"}, {"adversarial_rounds": 2}, {"alpha": 1e-2},
+                                    {"output_edit": None}, {"output_edit": 0.5}, {"closure": {}}])
 def test_fusion_settings_change_the_model_key_not_the_concept_key(change):
     from tasks.keys import model_key
 
@@ -139,7 +140,8 @@ def test_settings_an_objective_does_not_read_leave_its_key_alone():
 # make every takedown and restore of them rerun each concept, and fail their audits' request-hash
 # check. Change a key only by bumping its stage's version on purpose.
 PINNED_REQUESTS = {
-  "default": {"model": "builtin:toyworld", "concepts": [{"name": "red", "anchor": "white"}, {"name": "blue star", "anchor": "white square", "synonyms": ["azure star"]}], "preserve": {"concepts": ["green", "circle"]}},
+  # the defaults of their day; the output edit, the constrained fusion's default since, was not one
+  "default": {"model": "builtin:toyworld", "concepts": [{"name": "red", "anchor": "white"}, {"name": "blue star", "anchor": "white square", "synonyms": ["azure star"]}], "preserve": {"concepts": ["green", "circle"]}, "fusion": {"output_edit": None}},
   "mace-alternative": {"model": "builtin:toyworld", "concepts": [{"name": "red", "anchor": "white"}], "method": {"objective": "alternative", "mining": {"vocabulary_words": 4}}, "fusion": {"method": "mace"}},
   "separable": {"model": "builtin:toyworld", "concepts": [{"name": "red", "anchor": "white"}], "method": {"objective": "separable"}, "fusion": {"method": "separable"}},
   # a request registered before objective/edit_tokens/mining/fusion existed
@@ -201,3 +203,42 @@ def test_a_methods_own_settings_are_in_its_keys_and_nobody_elses():
     attention = parse_request(BASE | {"method": {"separable_lr": 0.05}})
     assert concept_key("fp", sepme.concepts[0], sepme) != concept_key("fp", sepme_default.concepts[0], sepme_default)
     assert concept_key("fp", attention.concepts[0], attention) == concept_key("fp", *parse_request(BASE).concepts, parse_request(BASE))
+
+
+def test_what_closure_samples_with_is_in_the_model_key_and_not_in_any_concept_key(monkeypatch):
+    """Closure's prompts depend on the seed, the sampler and wordfreq's word list: each changes the
+    model key; the attack order does not (a set)."""
+    import importlib.metadata
+
+    from tasks.keys import model_key
+
+    closed = BASE | {"fusion": {"closure": {}}}
+    base = parse_request(closed)
+    key = model_key("fp", ["concepts/a"], base)
+    steps = parse_request(closed | {"method": {"sampler_steps": 7}})
+    assert model_key("fp", ["concepts/a"], steps) != key
+    reordered = parse_request(BASE | {"fusion": {"closure": {"attacks": ["ring-a-bell", "prefix"]}}})
+    assert model_key("fp", ["concepts/a"], reordered) == key
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.9" if name == "wordfreq" else real(name))
+    assert model_key("fp", ["concepts/a"], base) != key
+    assert concept_key("fp", base.concepts[0], base) == concept_key("fp", base.concepts[0], parse_request(BASE))
+
+
+def test_a_version_registered_before_the_output_edit_was_the_default_is_re_read_without_it():
+    """Its request.json (every setting of its day, none named output_edit or closure) reads back with
+    both off, so its model key is the one it was registered under."""
+    import json
+
+    from erasure.spec import registered_request
+    from tasks.keys import model_key
+
+    then = parse_request(PINNED_REQUESTS["default"])
+    dumped = json.loads(then.model_dump_json())
+    for added in ("output_edit", "closure"):
+        dumped["fusion"].pop(added)
+    registered = registered_request(json.dumps(dumped))
+    assert registered.fusion.output_edit is None and registered.fusion.closure is None
+    keys = [concept_key("f" * 64, c, registered) for c in registered.concepts]
+    assert model_key("f" * 64, keys, registered) == PINNED_KEYS["default"]["model"]
+    assert parse_request({k: v for k, v in PINNED_REQUESTS["default"].items() if k != "fusion"}).fusion.output_edit == 0.9

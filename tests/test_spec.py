@@ -231,3 +231,27 @@ def test_an_input_root_is_checked_through_symlinks_inside_it_and_again_when_a_wo
     (inside / "model" / "unet").symlink_to(inside / "model" / "unet")  # a loop: a message, not a traceback
     with pytest.raises(RequestError, match="symlink that cannot be followed"):
         parse_request(with_(model=str(inside / "model")))
+
+
+@pytest.mark.parametrize(
+    ("fusion", "method", "message"),
+    [
+        ({"method": "mace", "output_edit": 0.9}, {}, "fusion.output_edit acts on the constrained fusion"),
+        ({"method": "separable", "closure": {}}, {"objective": "separable"}, "fusion.closure re-solves"),
+        ({"closure": {"attacks": ["prefix", "prefix"]}}, {}, "name each attack once"),
+        ({"closure": {"attacks": []}}, {}, "attacks"),
+        ({"closure": {"max_success": 1.0}}, {}, "max_success"),
+    ],
+)
+def test_closure_and_output_edit_settings_that_cannot_work_are_refused_naming_the_field(fusion, method, message):
+    with pytest.raises(RequestError, match=message):
+        parse_request({"concepts": [{"name": "red", "anchor": "white"}], "fusion": fusion, "method": method})
+
+
+def test_closure_on_a_model_without_a_judge_fails_before_any_work_naming_the_setting(tiny):
+    from erasure.erase import prepare_request
+
+    request = parse_request({"model": "builtin:tiny", "concepts": [{"name": "cat", "anchor": "house"}],
+                             "fusion": {"method": "mace", "closure": {}}})
+    with pytest.raises(RequestError, match=r"fusion.closure: 'builtin:tiny' has no judge"):
+        prepare_request(request, tiny)

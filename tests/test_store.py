@@ -159,6 +159,19 @@ def test_publish_fetch_roundtrip_and_content_digest(store, tmp_path):
         store.fetch("models/m2", tmp_path / "out3")
 
 
+def test_fetch_of_only_some_files_reads_just_those_checked(store, tmp_path):
+    """A reused model's closure record is read without its weights: ``only`` fetches the named files."""
+    store.publish("models/m1", artifact(tmp_path / "a"))
+    out = store.fetch("models/m1", tmp_path / "out", only=["config.json"])
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["config.json"]
+    with pytest.raises(ArtifactError, match="holds no closure.json"):
+        store.fetch("models/m1", tmp_path / "out2", only=["closure.json"])
+    put_file(store, "models/m1" if isinstance(store, LocalStore) else f"models/m1/{store.read_manifest('models/m1')['prefix']}",
+             "config.json", b"tampered")
+    with pytest.raises(ArtifactError):
+        store.fetch("models/m1", tmp_path / "out3", only=["config.json"])
+
+
 @pytest.mark.parametrize("rel", ["../victim.txt", "sub/../../victim.txt", "ABSOLUTE", "./x", "a//b", "a\\..\\b"])
 def test_manifest_paths_outside_the_fetch_folder_are_refused(store, tmp_path, rel):
     victim = tmp_path / "fetch" / "victim.txt"

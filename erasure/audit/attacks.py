@@ -381,8 +381,9 @@ def token_substitution(
     """Token substitution: each word of ``phrase`` (the concept's, in ``template``) replaced in turn
     by every word of ``vocabulary`` (less ``exclude`` and the phrase's own words), scored as the
     prefix search scores its prefixes (the target's denoising loss on the reference images, the
-    same ``draws`` for every candidate). Finds the other names an erased model still draws the
-    concept from. Returns the ``top_k`` prompts with their losses, best first."""
+    same ``draws`` for every candidate; past ``EXHAUSTIVE_LIMIT`` candidates, a seeded sample of that
+    many). Finds the other names an erased model still draws the concept from. Returns the ``top_k``
+    prompts with their losses, best first."""
     _check_positive(top_k=top_k, draws=draws)
     started = time.perf_counter()
     latents = reference_latents(target, reference_images)
@@ -394,6 +395,9 @@ def token_substitution(
         fill(template, " ".join(word if i == slot else w for i, w in enumerate(slots)))
         for slot in range(len(slots)) for word in words
     ]
+    if len(prompts) > EXHAUSTIVE_LIMIT:  # a long phrase times a large vocabulary: a seeded sample, bounded
+        chosen = torch.randperm(len(prompts), generator=generator)[:EXHAUSTIVE_LIMIT].sort().values
+        prompts = [prompts[i] for i in chosen.tolist()]
     losses = prompt_losses(target, latents, fixed, _encode(target, prompts))
     best_prompts, best_losses = _best(prompts, losses, top_k)
     return AttackOutput(

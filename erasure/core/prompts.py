@@ -162,24 +162,22 @@ def fill(template: str, phrase: str) -> str:
     return template.replace("{}", phrase)
 
 
+def template_phrases(kind: str, phrases: tuple[str, ...], count: int, seed: int = 0) -> list[tuple[str, str]]:
+    """``count`` (template, phrase) choices: the kind's templates in a seeded order, each filled with
+    the next phrase in turn, so every way of saying the concept is covered."""
+    templates = list(TEMPLATES[kind])
+    random.Random(seed).shuffle(templates)
+    return [(templates[i % len(templates)], phrases[i % len(phrases)]) for i in range(count)]
+
+
 def augmented_pairs(
     kind: str, variants: tuple[str, ...], anchor: str, count: int, extra_prompts: tuple[str, ...] = (), seed: int = 0
 ) -> list[tuple[str, str]]:
-    """``count`` (concept prompt, anchor prompt) pairs for one concept.
-
-    Templates cycle in a seeded order; each template is filled with the concept's
-    name or one of its synonyms in turn, so every way of saying the concept is
-    covered. User prompts that contain a variant verbatim are added with the
+    """``count`` (concept prompt, anchor prompt) pairs for one concept (``template_phrases``: the
+    concept's name and synonyms in seeded templates). User prompts that contain a variant verbatim are added with the
     variant replaced by the anchor.
     """
-    rng = random.Random(seed)
-    templates = list(TEMPLATES[kind])
-    rng.shuffle(templates)
-    pairs = []
-    for i in range(count):
-        template = templates[i % len(templates)]
-        variant = variants[i % len(variants)]
-        pairs.append((fill(template, variant), fill(template, anchor)))
+    pairs = [(fill(template, variant), fill(template, anchor)) for template, variant in template_phrases(kind, variants, count, seed)]
     for prompt in extra_prompts:
         for variant in variants:
             if variant.lower() in prompt.lower():

@@ -84,10 +84,15 @@ def output_side_edit(
     - ``Q``: the free directions (``P``'s range) the erased states hardly span, ``P - V V^T``
       with ``V`` the eigenvectors of ``P G_E P`` above ``seen`` times its largest eigenvalue.
 
-    A state in the retained span (``P c = 0``) or an erased one (in ``V``'s span) keeps its
-    outputs; any other state loses, in its free part's outputs, the erased states' directions:
-    a word never seen that the UNet reads as the concept loses what it reads."""
+    A state in the retained span (``P c = 0``) keeps its outputs exactly, and so does the part of
+    an erased state that ``V`` spans; the rest of any state's free part (an erased state's weakly
+    spanned directions included) loses its outputs along ``U``: a word never seen that the UNet
+    reads as the concept loses what it reads. Changing ``SPANNED`` or this edit changes what a
+    model key stands for: bump ``STAGE_VERSIONS["model"]`` (``tasks.keys``) with it."""
     restricted = projector @ gram_sum.to(DTYPE) @ projector
+    if float(torch.diagonal(restricted).sum()) <= 1e-12 * float(torch.diagonal(gram_sum).sum().abs().clamp_min(1e-30)):
+        # the erased states have no free part: they tell no output direction, so nothing is removed
+        return {name: torch.zeros_like(weight, dtype=DTYPE) for name, weight in base.items()}
     values, vectors = torch.linalg.eigh(restricted)
     spanned = vectors[:, values > seen * values.max().clamp_min(1e-30)]
     unseen = projector - spanned @ spanned.T

@@ -84,14 +84,8 @@ def fusion_solver(
     if fusion.method == "separable":
         raise RequestError("the separable fusion has no targets to add terms to: use fusion.method mace or constrained")
     statistics = accumulate(components, concepts, fusion, prior)
-    prior_gram = statistics.prior.gram()
-
-    def solve(extra: ExtraTerms | None) -> dict[str, torch.Tensor]:
-        return statistics.base | solved_weights(
-            components, statistics.accumulator, statistics.edited, prior_gram, preserve, fusion, extra
-        )
-
-    return solve
+    solve = solver(components, statistics.accumulator, statistics.edited, statistics.prior.gram(), preserve, fusion)
+    return lambda extra: statistics.base | solve(extra)
 
 
 @dataclass
@@ -152,23 +146,38 @@ def solved_weights(
     components, accumulator: FusionAccumulator, edited: dict[str, torch.Tensor], prior_gram: torch.Tensor,
     preserve: PreserveSpec, fusion: FusionSettings, extra: ExtraTerms | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The MACE or constrained solve of the accumulated concepts (with ``extra`` terms joining them
-    when given; with ``fusion.output_edit``, the output-side edit added), then RECE's rounds."""
+    """The MACE or constrained solve of the accumulated concepts (``extra`` terms joining them when
+    given), then RECE's rounds."""
+    return solver(components, accumulator, edited, prior_gram, preserve, fusion)(extra)
+
+
+def solver(
+    components, accumulator: FusionAccumulator, edited: dict[str, torch.Tensor], prior_gram: torch.Tensor,
+    preserve: PreserveSpec, fusion: FusionSettings,
+) -> Callable[[ExtraTerms | None], dict[str, torch.Tensor]]:
+    """``solved_weights`` as a function of the extra terms, with what does not depend on them (the
+    constrained fusion's projector, the output-side edit) computed once."""
     if fusion.method == "mace":
         solve = lambda extra: accumulator.fuse(edited, prior_gram, preserve.lam2, preserve.ridge, extra)  # noqa: E731
     else:
         projector = editable_projector(components, prior_gram, fusion)
-        solve = lambda extra: constrained_weights(accumulator, edited, projector, fusion.alpha, extra)  # noqa: E731
-    if fusion.output_edit is not None:  # added to every solve: RECE's rounds see the edited model
-        deltas = output_side_edit(edited, accumulator.gram_sum, projector, fusion.output_edit)
-        plain = solve
-        solve = lambda extra: {n: w + deltas[n].to(w.dtype) for n, w in plain(extra).items()}  # noqa: E731
-    weights = solve(extra)
-    for _ in range(fusion.adversarial_rounds):  # each round's adversarial states are erased on top of the last's
-        found = adversarial_terms(edited, weights, accumulator.gram_sum, fusion.adversarial_ridge)
-        extra = found if extra is None else extra + found
+        constrained = lambda extra: constrained_weights(accumulator, edited, projector, fusion.alpha, extra)  # noqa: E731
+        solve = constrained
+        if fusion.output_edit is not None:  # added to every solve: RECE's rounds see the edited model
+            deltas = output_side_edit(edited, accumulator.gram_sum, projector, fusion.output_edit)
+            solve = lambda extra: {n: w + deltas[n].to(w.dtype) for n, w in constrained(extra).items()}  # noqa: E731
+
+    def with_rounds(extra: ExtraTerms | None) -> dict[str, torch.Tensor]:
+        if extra is not None:  # terms made for every projection (closure's) meet only the edited ones
+            extra = ExtraTerms(extra.gram, {n: extra.cross[n] for n in edited})
         weights = solve(extra)
-    return weights
+        for _ in range(fusion.adversarial_rounds):  # each round's adversarial states are erased on top of the last's
+            found = adversarial_terms(edited, weights, accumulator.gram_sum, fusion.adversarial_ridge)
+            extra = found if extra is None else extra + found
+            weights = solve(extra)
+        return weights
+
+    return with_rounds
 
 
 def editable_projector(components, prior_gram: torch.Tensor, fusion: FusionSettings) -> torch.Tensor:

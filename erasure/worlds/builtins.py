@@ -90,7 +90,7 @@ def find_builtin(model: str) -> BuiltinModel | None:
     return None if name is None else BUILTINS[name]
 
 
-def concept_judge(model: str, setting: str = "method.discovery"):
+def concept_judge(model: str, setting: str):
     """The judge alias discovery confirms candidates with on ``model`` (and closure judges its attacks
     with); a ``RequestError`` naming ``setting`` for a model whose world has none."""
     try:
