@@ -104,7 +104,7 @@ class Bars:
 
 
 def closure_line(closure: dict, where: str) -> str:
-    """One line on fusion.closure's outcome (``erasure.artifacts.closure_summary``); ``where``: its closure.json."""
+    """One line on fusion.closure's outcome (``erasure.audit.closure.closure_summary``); ``where``: its closure.json."""
     state = "closed" if closure["closed"] else "NOT closed"
     return (
         f"adversarial closure: {state} after {closure['rounds']} round(s), worst attack success on its training split "

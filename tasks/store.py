@@ -100,6 +100,8 @@ def _chosen(files: dict[str, str], only: Collection[str] | None) -> list[tuple[s
     """The manifest's (path, checksum) pairs, or those named in ``only`` (each must be there)."""
     if only is None:
         return list(files.items())
+    if isinstance(only, str):
+        raise TypeError("only: give a list of paths, not one string")
     missing = sorted(set(only) - set(files))
     if missing:
         raise ArtifactError(f"the artifact holds no {', '.join(missing)}")

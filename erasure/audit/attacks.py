@@ -16,7 +16,8 @@ sample: prompts, or text-encoder states for a learned embedding (``AttackOutput`
   diffusion model as its own classifier): every candidate when there are few, else a
   straight-through search over word embeddings.
 - ``token_substitution``: the concept's words swapped, one at a time, for vocabulary words, scored
-  as the prefix search scores prefixes: the other names the erased model still draws it from.
+  as the prefix search scores prefixes: the other names the erased model still draws it from
+  (adversarial closure uses it, ``erasure.audit.closure``; the audit does not).
 - ``ring_a_bell``: Ring-A-Bell (Tsai et al., "Ring-A-Bell! How Reliable are Concept Removal
   Methods for Diffusion Models?"). Model-agnostic: a concept vector in text-encoder space (prompts
   with the concept minus the same prompts without it) pushes a neutral prompt's states towards

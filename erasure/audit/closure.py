@@ -237,10 +237,15 @@ CANDIDATES = {"prefix": prefix_candidates, "substitution": substitution_candidat
 CONTROLLED = ("substitution", "ring-a-bell")
 
 
-def control_prompts(attack: str, prompts: list[TrainingPrompt], vocabulary: list[str], count: int, rng: np.random.Generator) -> list[str]:
+def control_prompts(
+    attack: str, item: ClosureConcept, prompts: list[TrainingPrompt], vocabulary: list[str], count: int, rng: np.random.Generator,
+) -> list[str]:
     """``count`` prompts of the attack's form with random words instead of searched ones (``CONTROLLED``
     attacks; none for the others): a random word in the phrase, four random words. A model draws
-    *something* for words it does not know (the toy worlds often the same shape)."""
+    *something* for words it does not know (the toy worlds often the same shape). Never the concept's
+    own words: a control that says the concept would hide a leak."""
+    own = set(item.own_words)
+    vocabulary = [w for w in vocabulary if w not in own]
     out = []
     for i in range(count if attack in CONTROLLED else 0):
         training, word = prompts[i % len(prompts)], vocabulary[int(rng.integers(len(vocabulary)))]
@@ -285,7 +290,10 @@ def adversarial_closure(
             rng = np.random.default_rng([item.seed, round_index])
             for attack in settings.attacks:
                 pairs = list(dict.fromkeys(CANDIDATES[attack](model, item, prompts, vocabulary, settings, item.seed + 1000 * round_index)))
-                controls = control_prompts(attack, prompts, vocabulary, len(pairs), rng)
+                if not pairs:  # Ring-A-Bell's only candidate was the empty prompt
+                    success[concept][attack], controls_seen[concept][attack], drawn[concept][attack] = 0.0, 0.0, 0
+                    continue
+                controls = control_prompts(attack, item, prompts, vocabulary, len(pairs), rng)
                 drawn_prompts = [p for p, _ in pairs for _ in seeds] + [c for c in controls for _ in seeds]
                 pictures, _ = sample(model, drawn_prompts, seeds * (len(pairs) + len(controls)), steps, guidance_scale)
                 verdicts = judge.shows(pictures, item.concept)
@@ -296,8 +304,11 @@ def adversarial_closure(
                 controls_seen[concept][attack], drawn[concept][attack] = base_rate, len(attacked)
                 if success[concept][attack] <= settings.max_success:
                     continue  # no better than random words: what it draws is the model's default, not a leak
+                # a prompt without the concept's words counts only when every image shows it: at the
+                # control's rate it would be the model's default drawing, not a leak
+                shown = all if attack in CONTROLLED else any
                 for k, pair in enumerate(pairs):
-                    seen_as_concept = any(attacked[k * len(seeds) : (k + 1) * len(seeds)])
+                    seen_as_concept = shown(attacked[k * len(seeds) : (k + 1) * len(seeds)])
                     if seen_as_concept and pair not in closure.pairs[concept] and pair not in new_pairs[concept]:
                         new_pairs[concept].append(pair)
         found = {concept: [p for p, _ in pairs] for concept, pairs in new_pairs.items()}

@@ -88,7 +88,8 @@ def output_side_edit(
     an erased state that ``V`` spans; the rest of any state's free part (an erased state's weakly
     spanned directions included) loses its outputs along ``U``: a word never seen that the UNet
     reads as the concept loses what it reads. Changing ``SPANNED`` or this edit changes what a
-    model key stands for: bump ``STAGE_VERSIONS["model"]`` (``tasks.keys``) with it."""
+    model key made with it stands for: version it in ``tasks.keys._fusion_inputs`` (only keys with
+    the edit on change; ``STAGE_VERSIONS`` would move every model's)."""
     restricted = projector @ gram_sum.to(DTYPE) @ projector
     if float(torch.diagonal(restricted).sum()) <= 1e-12 * float(torch.diagonal(gram_sum).sum().abs().clamp_min(1e-30)):
         # the erased states have no free part: they tell no output direction, so nothing is removed
