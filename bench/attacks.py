@@ -107,7 +107,7 @@ def main() -> None:
         request = parse_request(base_request | {"method": base_request.get("method", {}) | method, "fusion": fusion})
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
-            erase(request, Path(folder) / "out")
+            summary = erase(request, Path(folder) / "out")
             erased = load_components(str(Path(folder) / "out" / "model"))
         erase_seconds = time.perf_counter() - started
         started = time.perf_counter()
@@ -117,6 +117,7 @@ def main() -> None:
             "metrics": {k: v for k, v in result.evaluation.metrics.items() if isinstance(v, float)},
             "attacks": result.attacks, "outcome": verdict.outcome, "reasons": verdict.failures + verdict.inconclusive,
             "erase_seconds": round(erase_seconds, 1), "audit_seconds": round(time.perf_counter() - started, 1),
+            "closure": summary.closure,  # on its own training split, when the row closes
             "date": results["date"],
         }
         print(f"{name}: {verdict.outcome}, {json.dumps(result.attacks)}", flush=True)

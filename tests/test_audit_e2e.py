@@ -31,9 +31,10 @@ concepts: [{name: red, anchor: white}]
 preserve: {concepts: [green, blue, yellow, purple, orange, cyan, white], lam1: 5, lam2: 5}
 method: {images_per_concept: 4, lora_steps: 30}
 """
-# the deployment's policy here: the default checks on fewer prompts (8 a concept, 4 a retained one: one miss
-# among 28 retained prompts is 96 %, so the specificity floor is 80 % of the base model's)
-POLICY = "probes_per_concept: 8\nretained_limit: 7\nmin_acc_s_ratio: 0.8\nattacks: []\n"
+# the deployment's policy here: the default thresholds on fewer prompts (16 a concept, 8 a retained one;
+# the specificity floor is 80 % of the base model's). At 8 a concept one miss was 12.5 %, over the
+# 10 % limit: the erased red, drawn from its name in 0 of 48 audit prompts, failed 1 of 8 in CI.
+POLICY = "probes_per_concept: 16\nretained_limit: 7\nmin_acc_s_ratio: 0.8\nattacks: []\n"
 
 
 @pytest.fixture(scope="module")
