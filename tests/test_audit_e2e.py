@@ -89,7 +89,7 @@ def test_the_deployment_policy_is_set_in_the_registry_and_loosening_it_needs_a_r
     accepted = run(cli, "policy", "set", "erased-models", "policy.yaml", "--reason", "CPU test budget")
     assert accepted.returncode == 0 and "loosens" in accepted.stdout, accepted.stdout + accepted.stderr
     shown = run(cli, "policy", "show", "erased-models")
-    assert shown.returncode == 0 and '"probes_per_concept": 8' in shown.stdout
+    assert shown.returncode == 0 and '"probes_per_concept": 16' in shown.stdout
 
 
 def test_promotion_needs_a_passing_audit_or_a_logged_override(operator):
