@@ -103,7 +103,7 @@ class ClosureRound:
 
     @property
     def worst(self) -> float:
-        return max(s for attack in self.success.values() for s in attack.values())
+        return worst_success(self.success)
 
 
 @dataclass
@@ -130,14 +130,18 @@ class Closure:
         Path(path).write_text(json.dumps(self.as_dict(), indent=1) + "\n")
 
 
+def worst_success(success: dict[str, dict[str, float]]) -> float:
+    """The highest attack success of a round, over concepts and attacks."""
+    return max(s for attacks_of in success.values() for s in attacks_of.values())
+
+
 def closure_summary(record: dict) -> dict:
     """What a manifest, a version's tags or a command's output say of a closure (``Closure.as_dict()``,
     or a ``closure.json`` read back): whether it closed, in how many rounds, the last round's worst
     attack success, and how many found prompts were erased."""
-    last = record["rounds"][-1]["success"]
     return {
         "closed": record["closed"], "rounds": len(record["rounds"]),
-        "worst_success": round(max(s for attack in last.values() for s in attack.values()), 4),
+        "worst_success": round(worst_success(record["rounds"][-1]["success"]), 4),
         "erased_prompts": sum(len(p) for p in record["pairs"].values()),
     }
 
