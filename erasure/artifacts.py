@@ -74,7 +74,7 @@ def save_concept(result, folder: Path) -> dict:
         "discovery": (
             result.text.discovery.as_dict() | {"erased": result.text.erased_aliases} if result.text.discovery is not None else None
         ),
-        "mask_coverage": round(float(result.data.masks.float().mean()), 4),
+        "mask_coverage": round(float(result.data.masks.float().mean()), 4) if result.data.masks.numel() else None,
         "lora_loss_first": round(result.losses[0], 6) if result.losses else None,
         "lora_loss_last": round(result.losses[-1], 6) if result.losses else None,
         "seconds": {k: round(v, 3) for k, v in result.seconds.items()},

@@ -47,7 +47,7 @@ from erasure.core.closed_form import (
 )
 from erasure.core.prompts import augmented_pairs, preserve_prompt_groups
 from erasure.core.text import align_tokens, encode, tokenize
-from erasure.diffusion.data import ConceptData, generate_concept_data
+from erasure.diffusion.data import ConceptData, generate_concept_data, needs_images, no_images
 from erasure.diffusion.lora import train_concept_lora
 from erasure.diffusion.models import Components, apply_weights, fingerprint, sampler_settings, save_components
 from erasure.diffusion.sampling import as_saved
@@ -297,7 +297,8 @@ def erase_concept(
     seconds["text"] = time.perf_counter() - timer
 
     timer = time.perf_counter()
-    data = data or generate_concept_data(components, concept, settings, seed)
+    if data is None:
+        data = generate_concept_data(components, concept, settings, seed) if needs_images(settings) else no_images(concept)
     seconds["data"] = time.perf_counter() - timer
 
     timer = time.perf_counter()

@@ -44,6 +44,20 @@ def attention_masks(maps: torch.Tensor, threshold: float) -> torch.Tensor:
     return (normalised > threshold).reshape(maps.shape)
 
 
+def needs_images(settings: MethodSettings) -> bool:
+    """Only a LoRA (or an increment) trains on the base model's images: a closed-form-only erasure
+    (``lora_steps: 0``) draws none, which is what makes a thousand concepts cheap."""
+    return settings.lora_steps > 0
+
+
+def no_images(concept: ConceptSpec) -> ConceptData:
+    """The data of a concept whose erasure trains nothing: no image, no mask."""
+    return ConceptData(
+        prompt=fill(GENERATION_TEMPLATES[concept.kind], concept.name),
+        images=torch.empty(0, 3, 0, 0), masks=torch.empty(0, 0, 0, dtype=torch.bool),
+    )
+
+
 def generate_concept_data(components, concept: ConceptSpec, settings: MethodSettings, seed: int) -> ConceptData:
     """Stage 2b: the base model's images of a concept's prompts and their cross-attention masks."""
     prompt = fill(GENERATION_TEMPLATES[concept.kind], concept.name)

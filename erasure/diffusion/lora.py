@@ -98,7 +98,7 @@ def train_concept_lora(
 
     ids, _ = tokenize(components.tokenizer, prompts)
     states = encode(components.text_encoder, ids).to(device, unet.dtype)
-    latents = encode_images(components, images).to(unet.dtype)
+    latents = encode_images(components, images).to(unet.dtype) if steps else None  # no step, no image read
     scheduler = components.scheduler
     t_weights = timestep_weights(scheduler.config.num_train_timesteps, importance_sampling)
 

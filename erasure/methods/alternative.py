@@ -63,7 +63,7 @@ def train_alternative_lora(
     alternatives = encode(components.text_encoder, tokenize(components.tokenizer, alternative_prompts)[0])
     alternatives = alternatives.to(device, unet.dtype)
     empty = empty_prompt_states(components)[None].to(components.device, unet.dtype)
-    latents = encode_images(components, images).to(unet.dtype)
+    latents = encode_images(components, images).to(unet.dtype) if steps else None  # no step, no image read
     scheduler = components.scheduler
     t_weights = timestep_weights(scheduler.config.num_train_timesteps, importance_sampling)
 

@@ -120,7 +120,7 @@ def train_separable_increment(
 
     states = encode(components.text_encoder, tokenize(components.tokenizer, prompts)[0]).to(device, unet.dtype)
     empty = empty_prompt_states(components)[None].to(device, unet.dtype)
-    latents = encode_images(components, images).to(unet.dtype)
+    latents = encode_images(components, images).to(unet.dtype) if steps else None  # no step, no image read
     scheduler = components.scheduler
     t_weights = timestep_weights(scheduler.config.num_train_timesteps, importance_sampling)
 
