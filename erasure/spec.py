@@ -404,6 +404,11 @@ class ErasureRequest(_Strict):
                 "fusion.closure re-solves MACE's or the constrained fusion with the attacks' prompts added; SepME's "
                 "increments have no targets to add them to: remove fusion.closure, or use fusion.method: constrained"
             )
+        if self.fusion.closure is not None and self.method.lora_steps == 0:
+            raise ValueError(
+                "fusion.closure judges its attacks against each concept's images, and method.lora_steps: 0 draws "
+                "none: set method.lora_steps above 0, or remove fusion.closure"
+            )
         erased = {normalise(v): v for c in self.concepts for v in c.variants}
         for kept in self.preserve.concepts:
             if normalise(kept) in erased:

@@ -349,3 +349,31 @@ def test_extra_terms_for_every_projection_meet_only_the_edited_ones_with_rece_ro
     base = base_weights(tiny)
     assert all(torch.equal(weights[n], base[n]) for n in base if n.endswith("to_k"))
     assert any(not torch.equal(weights[n], base[n]) for n in base if n.endswith("to_v"))
+
+
+def test_oce_style_rotation_recovers_a_rotation_and_only_rotates_v():
+    from erasure.diffusion.models import build_tiny_components
+    from erasure.methods.rotation import procrustes_rotation, rotated_value_weights
+
+    torch.manual_seed(0)
+    true_rotation, _ = torch.linalg.qr(torch.randn(D, D, dtype=DTYPE))
+    states = torch.randn(64, D, dtype=DTYPE)
+    statistics = _concept(states).statistics
+    statistics.aligned_cross = (states @ true_rotation.T).T @ states / len(states)  # E[y x^T], y = R x
+    found = procrustes_rotation([statistics], NO_PRIOR, preserve_weight=0.0)
+    assert torch.allclose(found, true_rotation, atol=1e-8)
+    # the retained states pull it towards the identity, and it stays a rotation
+    kept = procrustes_rotation([statistics], gram(states[None]), preserve_weight=10.0)
+    assert torch.allclose(kept.T @ kept, torch.eye(D, dtype=DTYPE), atol=1e-10)
+    assert (kept - torch.eye(D, dtype=DTYPE)).norm() < (found - torch.eye(D, dtype=DTYPE)).norm()
+
+    tiny = build_tiny_components()
+    width = tiny.text_encoder.config.hidden_size
+    rotation, _ = torch.linalg.qr(torch.randn(width, width, dtype=DTYPE))
+    weights = rotated_value_weights(tiny, rotation)
+    assert weights and all(name.endswith("to_v") for name in weights)
+    from erasure.core.attention import cross_attention_projections
+
+    for name, weight in weights.items():
+        base = cross_attention_projections(tiny.unet)[name].weight.data
+        assert torch.allclose(weight.double(), base.double() @ rotation, atol=1e-5)
