@@ -351,29 +351,29 @@ def test_extra_terms_for_every_projection_meet_only_the_edited_ones_with_rece_ro
     assert any(not torch.equal(weights[n], base[n]) for n in base if n.endswith("to_v"))
 
 
-def test_oce_style_rotation_recovers_a_rotation_and_only_rotates_v():
+def test_oce_style_rotation_recovers_a_rotation_of_the_outputs_and_only_rotates_v():
+    from erasure.core.attention import cross_attention_projections
     from erasure.diffusion.models import build_tiny_components
     from erasure.methods.rotation import procrustes_rotation, rotated_value_weights
 
     torch.manual_seed(0)
-    true_rotation, _ = torch.linalg.qr(torch.randn(D, D, dtype=DTYPE))
+    weight = torch.randn(D_OUT, D, dtype=DTYPE)
+    true_rotation, _ = torch.linalg.qr(torch.randn(D_OUT, D_OUT, dtype=DTYPE))
     states = torch.randn(64, D, dtype=DTYPE)
-    statistics = _concept(states).statistics
-    statistics.aligned_cross = (states @ true_rotation.T).T @ states / len(states)  # E[y x^T], y = R x
-    found = procrustes_rotation([statistics], NO_PRIOR, preserve_weight=0.0)
-    assert torch.allclose(found, true_rotation, atol=1e-8)
-    # the retained states pull it towards the identity, and it stays a rotation
-    kept = procrustes_rotation([statistics], gram(states[None]), preserve_weight=10.0)
-    assert torch.allclose(kept.T @ kept, torch.eye(D, dtype=DTYPE), atol=1e-10)
-    assert (kept - torch.eye(D, dtype=DTYPE)).norm() < (found - torch.eye(D, dtype=DTYPE)).norm()
+    # targets whose value vectors are the states' rotated: W y = R W x, with y = pinv(W) R W x
+    targets = states @ (torch.linalg.pinv(weight) @ true_rotation @ weight).T
+    cross = targets.T @ states / len(states)  # E[y x^T]
+    assert torch.allclose(procrustes_rotation(weight, cross), true_rotation, atol=1e-8)
 
     tiny = build_tiny_components()
     width = tiny.text_encoder.config.hidden_size
-    rotation, _ = torch.linalg.qr(torch.randn(width, width, dtype=DTYPE))
-    weights = rotated_value_weights(tiny, rotation)
-    assert weights and all(name.endswith("to_v") for name in weights)
-    from erasure.core.attention import cross_attention_projections
-
-    for name, weight in weights.items():
-        base = cross_attention_projections(tiny.unet)[name].weight.data
-        assert torch.allclose(weight.double(), base.double() @ rotation, atol=1e-5)
+    statistics = _concept(torch.randn(32, width, dtype=DTYPE)).statistics
+    statistics.aligned_cross = torch.randn(width, width, dtype=DTYPE)
+    base = cross_attention_projections(tiny.unet)
+    free = rotated_value_weights(tiny, [statistics], torch.eye(width, dtype=DTYPE), preserve_weight=0.0)
+    held = rotated_value_weights(tiny, [statistics], torch.eye(width, dtype=DTYPE), preserve_weight=1e6)
+    assert free and all(name.endswith("to_v") for name in free)
+    for name, weight in free.items():
+        original = base[name].weight.data.double()
+        assert torch.allclose(weight.double().norm(dim=0), original.norm(dim=0), atol=1e-4)  # norms kept
+        assert (held[name].double() - original).norm() < 1e-2 * (weight.double() - original).norm() + 1e-6

@@ -1,18 +1,17 @@
-"""An OCE-style baseline: one orthogonal rotation of the text space, applied to every V projection.
+"""An OCE-style baseline: an orthogonal rotation of each V projection's outputs, in closed form.
 
-OCE (ICML 2026) erases by rotating the value weights in closed form. Our reading of it, from the
-same sufficient statistics the other solves use: the rotation R of the encoder's state space
-that best sends each erased concept's token states to its anchor's, while keeping the retained
-states where they are,
+OCE (ICML 2026) erases with ``W* = P W`` on the value projections only, P orthogonal, from an
+orthogonal Procrustes problem. Our reading, from the same sufficient statistics the other solves
+use: per V projection W, the rotation P of its outputs that best sends each erased concept's
+value vectors to its anchor's, while keeping the retained ones where they are,
 
-    R = argmin over orthogonal R of  sum_c E||R e^f - e^g||^2 + N * preserve_weight * E_prior||R x - x||^2
+    P = argmin over orthogonal P of  sum_c E||P W e^f - W e^g||^2 + N * preserve_weight * E_prior||P W x - W x||^2
 
 over N erased concepts (the retained states weigh ``preserve_weight`` erased concepts' worth each
-time one is added), is orthogonal Procrustes: with M = sum_c aligned_cross_c + N * preserve_weight *
-prior_gram (both E[target source^T]), R = U V^T for M = U S V^T. Every V projection W becomes W R; keys are left
-alone. A rotation keeps every norm and angle between states, so it cannot make two erased
-states collapse or a retained one move less than its neighbours: the bench measures what that
-costs beside the constrained solve, which has neither limit.
+time one is added), is Procrustes: with C = sum_c aligned_cross_c + N * preserve_weight * prior_gram
+(both E[target source^T], in the text space) and M = W C W^T, P = U V^T for M = U S V^T. Keys are
+left alone. A rotation keeps the norm of every value vector, one reason its specificity holds,
+and also why it cannot send many concepts to one anchor at once: the bench measures both.
 """
 
 from __future__ import annotations
@@ -23,21 +22,23 @@ from erasure.core.attention import cross_attention_projections
 from erasure.core.closed_form import DTYPE
 
 
-def procrustes_rotation(statistics, prior_gram: torch.Tensor, preserve_weight: float) -> torch.Tensor:
-    """The (d, d) rotation that best maps each concept's aligned states to its anchor's targets."""
+def procrustes_rotation(weight: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """The orthogonal (out, out) P maximising trace(P^T W C W^T): the best rotation of W's outputs
+    for the pairs summarised by ``cross`` = E[target source^T]."""
+    weight = weight.to(DTYPE)
+    u, _, vh = torch.linalg.svd(weight @ cross.to(DTYPE) @ weight.T)
+    return u @ vh
+
+
+def rotated_value_weights(components, statistics, prior_gram: torch.Tensor, preserve_weight: float) -> dict[str, torch.Tensor]:
+    """Every V projection's weight rotated (``P W``); K projections are not returned (unchanged)."""
     statistics = list(statistics)
     cross = len(statistics) * preserve_weight * prior_gram.to(DTYPE)
     for concept in statistics:
         cross = cross + concept.aligned_cross.to(DTYPE)
-    u, _, vh = torch.linalg.svd(cross)
-    return u @ vh
-
-
-def rotated_value_weights(components, rotation: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every V projection's weight times ``rotation``; K projections are not returned (unchanged)."""
     out = {}
     for name, projection in cross_attention_projections(components.unet).items():
         if name.endswith("to_v"):
             weight = projection.weight.data
-            out[name] = (weight.to(DTYPE) @ rotation).to(weight.dtype)
+            out[name] = (procrustes_rotation(weight, cross) @ weight.to(DTYPE)).to(weight.dtype)
     return out
