@@ -127,14 +127,6 @@ def usable_words(tokenizer, vocabulary: Collection[str], exclude: Collection[str
     return words
 
 
-def toyworld_vocabulary() -> list[str]:
-    """The toy world's words: shapes, colours, styles, trained synonyms, held-out synonyms and the
-    caption templates' words (``usable_words`` keeps those that are one token of a model)."""
-    from erasure.worlds.toyworld.world import HELD_OUT, vocabulary
-
-    return sorted(set(vocabulary()) | {word for words in HELD_OUT.values() for word in words})
-
-
 @dataclass(frozen=True)
 class DenoisingDraws:
     """Fixed draws of the denoising loss: which reference latent, at which timestep, with which noise."""

@@ -149,9 +149,9 @@ def closure_summary(record: dict) -> dict:
 def audit_template_words() -> set[str]:
     """Every word of every audit template and phrasing (real models' and the toy worlds')."""
     from erasure.audit.run import AUDIT_TEMPLATES_BY_KIND
-    from erasure.worlds.toyworld.judge import AUDIT_PHRASINGS, TOY_AUDIT_TEMPLATES
+    from erasure.worlds.builtins import BUILTINS
 
-    templates = [*TOY_AUDIT_TEMPLATES, *AUDIT_PHRASINGS, *(t for ts in AUDIT_TEMPLATES_BY_KIND.values() for t in ts)]
+    templates = [*(t for b in BUILTINS.values() for t in b.audit_templates), *(t for ts in AUDIT_TEMPLATES_BY_KIND.values() for t in ts)]
     return {w for t in templates for w in normalise(t.replace("{}", " ").replace("{shape}", " ").replace("{rest}", " ")).split()}
 
 

@@ -244,12 +244,14 @@ def run_audit(
 
 
 def attack_vocabulary(request: ErasureRequest, components) -> list[str]:
-    """Words an attack may use: a toy world's own words, else the tokenizer's common whole words."""
-    from erasure.audit import attacks
+    """Words an attack may use: a built-in world's own words (its registry entry), else the
+    tokenizer's common whole words."""
     from erasure.methods.mining import candidate_words
+    from erasure.worlds.builtins import find_builtin
 
-    if request.model.startswith("builtin:toyworld"):
-        return attacks.toyworld_vocabulary()
+    builtin = find_builtin(request.model)
+    if builtin is not None and builtin.attack_words is not None:
+        return builtin.attack_words()
     return list(candidate_words(components.tokenizer))
 
 

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 
 from erasure.diffusion.models import Components, build_tiny_components
 from erasure.spec import BUILTIN_MODELS, ErasureRequest, RequestError, check_builtin
-from erasure.worlds.toyworld.judge import ToyConceptJudge, ToyJudge, audit_probes, erasure_probes
+from erasure.worlds.identities.judge import IDENTITY_AUDIT_TEMPLATES
+from erasure.worlds.toyworld.judge import (
+    AUDIT_PHRASINGS,
+    TOY_AUDIT_TEMPLATES,
+    ToyConceptJudge,
+    ToyJudge,
+    audit_probes,
+    erasure_probes,
+)
 from erasure.worlds.toyworld.model import drawable_unseen_words, load_toyworld_classifier, load_toyworld_components
 
 
@@ -30,6 +38,10 @@ class BuiltinModel:
     audit: Callable[[ErasureRequest, object, int], tuple[list, object]] | None = None
     # () -> the judge alias discovery confirms candidates with (erasure.methods.discovery.ConceptJudge)
     concept_judge: Callable[[], object] | None = None
+    # () -> the words an audit's attacks search over on this model (None: the tokenizer's common words)
+    attack_words: Callable[[], list[str]] | None = None
+    # every template and phrasing its audits write: no training split may use their words
+    audit_templates: tuple[str, ...] = ()
 
 
 def _toyworld_loader(world: str) -> Callable[[], Components]:
@@ -63,6 +75,21 @@ def _toyworld_audit(world: str) -> Callable[[ErasureRequest, object, int], tuple
 
 def _toy_concept_judge():
     return ToyConceptJudge(load_toyworld_classifier())
+
+
+def _toyworld_words() -> list[str]:
+    """The toy world's words: shapes, colours, styles, trained synonyms, held-out synonyms and the
+    caption templates' words (``usable_words`` keeps those that are one token of a model)."""
+    from erasure.worlds.toyworld.world import HELD_OUT, vocabulary
+
+    return sorted(set(vocabulary()) | {word for words in HELD_OUT.values() for word in words})
+
+
+def _identity_words() -> list[str]:
+    """Every name and alias of the identity world (an attacker searches for the name it draws)."""
+    from erasure.worlds.identities.world import by_word
+
+    return sorted(by_word())
 
 
 def _listed_aliases(request: ErasureRequest) -> set[str]:
@@ -106,14 +133,17 @@ BUILTINS: dict[str, BuiltinModel] = {
         BuiltinModel(
             "toyworld", "the toy world, a frozen pretrained MiniLM encoder (the embedded default)",
             _toyworld_loader("minilm"), _toyworld_judge("minilm"), _toyworld_audit("minilm"), _toy_concept_judge,
+            _toyworld_words, TOY_AUDIT_TEMPLATES + AUDIT_PHRASINGS,
         ),
         BuiltinModel(
             "toyworld-clip", "the toy world, a small causal CLIP encoder trained with the UNet",
             _toyworld_loader("clip"), _toyworld_judge("clip"), _toyworld_audit("clip"), _toy_concept_judge,
+            _toyworld_words, TOY_AUDIT_TEMPLATES + AUDIT_PHRASINGS,
         ),
         BuiltinModel(
             "identities", "the identity world: 1,300 identities named by one-word names, the frozen MiniLM encoder",
             _toyworld_loader("identities"), _identities_judge, _identities_audit, _identities_concept_judge,
+            _identity_words, IDENTITY_AUDIT_TEMPLATES,
         ),
     )
 }
