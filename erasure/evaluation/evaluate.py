@@ -15,7 +15,7 @@ import torch
 
 from erasure.diffusion.sampling import sample
 from erasure.errors import NoJudgeError
-from erasure.evaluation.metrics import harmonic_o, pixel_drift, unconditional_drift
+from erasure.evaluation.metrics import harmonic_c, harmonic_o, pixel_drift, unconditional_drift
 
 
 @dataclass
@@ -46,6 +46,8 @@ def _accuracies(probes, verdicts) -> dict[str, float]:
         "acc_s": mean(by_group["retained"]),
     }
     acc["h_o"] = harmonic_o(acc["acc_e"], acc["acc_s"], acc["acc_g"]) if by_group["retained"] else float("nan")
+    # the celebrity benchmark's figure (efficacy and specificity only)
+    acc["h_c"] = harmonic_c(acc["acc_e"], acc["acc_s"]) if by_group["retained"] and by_group["erased"] else float("nan")
     acc["acc_g_unseen"] = mean(by_group["unseen"])  # words never in training: nan when the world has none
     acc["acc_g_phrasing"] = mean(by_group["phrasing"])  # nan without compound concepts
     return acc
