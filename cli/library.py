@@ -138,10 +138,10 @@ def evaluate(
         aliases=discovered_aliases(model.parent, [c.name for c in spec.concepts]),
     )
     table = Table(title="erasure metrics (%; acc_g: trained synonyms, paraphrases and other word orders; unseen: words never in training)")
-    for column in ("model", "acc_e ↓", "acc_g ↓", "of which phrasing ↓", "acc_g unseen ↓", "acc_s ↑", "h_o ↑", "anchor ↑"):
+    for column in ("model", "acc_e ↓", "acc_g ↓", "of which phrasing ↓", "acc_g unseen ↓", "acc_s ↑", "h_o ↑", "h_c ↑", "anchor ↑"):
         table.add_column(column)
     for label, values in (("base", result.base_metrics), ("erased", result.metrics)):
-        keys = ("acc_e", "acc_g", "acc_g_phrasing", "acc_g_unseen", "acc_s", "h_o", "anchor_fidelity")
+        keys = ("acc_e", "acc_g", "acc_g_phrasing", "acc_g_unseen", "acc_s", "h_o", "h_c", "anchor_fidelity")
         table.add_row(label, *(percent(values.get(k)) for k in keys))
     Console().print(table)
     Console().print(f"metrics: {json_out}\nreport:  {report_path}")
@@ -158,7 +158,9 @@ def toyworld_train(
     world: ToyWorld = typer.Option(ToyWorld.minilm, help="minilm: frozen pretrained encoder (builtin:toyworld); clip: trained with the UNet (builtin:toyworld-clip); "
         "identities: 1,300 named identities on the frozen encoder (builtin:identities)."),
     classifier: Path = typer.Option(
-        None, exists=True, dir_okay=False, help="Reuse this trained classifier (both worlds draw the same scenes) instead of training one."
+        None, exists=True, dir_okay=False,
+        help="Reuse this trained classifier instead of training one (the two toy worlds draw the same scenes and share one; "
+             "the identity world has its own)."
     ),
     threads: int = typer.Option(None, help="torch CPU threads (default: torch's)."),
 ) -> None:
@@ -199,15 +201,19 @@ def toyworld_train(
         classifier = train(steps=classifier_steps, seed=seed, log=log)
         save_classifier(classifier, classifier_path)
     log(f"classifier held-out accuracy: {accuracy(classifier)}")
-    train_toyworld(
-        out, steps=steps, batch=batch, lr=lr, seed=seed, world=world.value, log=log,
-        evaluate=lambda components: quick(components, classifier),
-    )
+    settings = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "log": log,
+                "evaluate": lambda components: quick(components, classifier)}
+    if world == ToyWorld.identities:
+        from erasure.worlds.identities.train import train_identity_world
+
+        train_identity_world(out, **settings)
+    else:
+        train_toyworld(out, world=world.value, **settings)
     log(f"saved {out / 'model'}")
 
 
-def _identity_accuracy(model: str, guidance: float, json_out: Path | None) -> None:
-    """Every identity of the identity world drawn from its name and alias (4 prompts each)."""
+def _identity_accuracy(model: str, guidance: float, per_identity: int, json_out: Path | None) -> None:
+    """Every identity of the identity world drawn from its name and alias (``per_identity`` prompts each)."""
     import json
 
     from rich.progress import Progress
@@ -219,7 +225,7 @@ def _identity_accuracy(model: str, guidance: float, json_out: Path | None) -> No
     components, classifier = load_components(model), load_identity_classifier()
     with Progress() as bar:
         task = bar.add_task("sampling every identity", total=None)
-        result = identity_accuracy(components, classifier, guidance_scale=guidance,
+        result = identity_accuracy(components, classifier, per_identity=per_identity, guidance_scale=guidance,
                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
     table = Table(title=f"identity world accuracy (%), {result['per_identity']} prompts per identity and word, cfg {guidance}")
     for column in ("by", "prompts shown", "identities drawn (>= 75 %)", *result["name"]["attributes"]):
@@ -238,7 +244,7 @@ def _identity_accuracy(model: str, guidance: float, json_out: Path | None) -> No
 def toyworld_accuracy(
     model: str = typer.Option(DEFAULT_MODEL, help=f"Toy-world model folder or {DEFAULT_MODEL}."),
     guidance: list[float] = typer.Option([TOY_SAMPLING.guidance_scale], help="Guidance scales to compare (repeatable)."),
-    per_concept: int = typer.Option(16, help="Prompts per concept (each by name and by synonym)."),
+    per_concept: int = typer.Option(16, help="Prompts per concept (each by name and by synonym); the identity world: per identity and word."),
     json_out: Path = typer.Option(None, "--json", help="Also write the tables to this file."),
     unseen_json: Path = typer.Option(
         None, help="Also measure the held-out words and write their accuracy and the drawable ones here."
@@ -252,7 +258,10 @@ def toyworld_accuracy(
     from erasure.loading import load_components
 
     if model == "builtin:identities" or world == ToyWorld.identities:
-        return _identity_accuracy(model, guidance[0], json_out)
+        if unseen_json or len(guidance) > 1:
+            raise typer.BadParameter("the identity world is measured at one --guidance and has no held-out words "
+                                     "(its held-out aliases are trained); drop --unseen-json and extra --guidance values")
+        return _identity_accuracy(model, guidance[0], per_concept, json_out)
     from erasure.worlds.toyworld.accuracy import concept_accuracy_table
     from erasure.worlds.toyworld.model import load_toyworld_classifier
 

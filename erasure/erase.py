@@ -69,7 +69,7 @@ from erasure.spec import (
     read_captions,
 )
 from erasure.staging import make_staging, remove_stale_staging
-from erasure.worlds.builtins import concept_judge
+from erasure.worlds.builtins import concept_judge, find_builtin
 
 Progress = Callable[[str, int, int], None]
 
@@ -415,7 +415,9 @@ def closed_weights(
 ) -> tuple[dict[str, torch.Tensor], Closure]:
     """Stage 3b: adversarial closure with ``model``'s world's judge; ``solve``: ``fusion_solver`` of the concepts."""
     judge = concept_judge(model, "fusion.closure")
-    return adversarial_closure(components, items, solve, judge, settings, steps, guidance_scale, progress)
+    builtin = find_builtin(model)
+    return adversarial_closure(components, items, solve, judge, settings, steps, guidance_scale, progress,
+                               audit_templates=builtin.audit_templates if builtin is not None else ())
 
 
 # --------------------------------------------------------------------------- end to end

@@ -72,3 +72,21 @@ def test_the_per_concept_cost_benchmark_runs_end_to_end(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["stages"]) >= {"text", "data", "lora"} and _is_duration(result["lora_step_ms"]) and _is_duration(result["bare_step_ms"])
     assert "MACE LoRA step" in run.stdout
+
+
+def test_the_identity_benchmark_runs_end_to_end_with_tiny(tmp_path):
+    """bench/identities.py --tiny: every row (MACE, the default, the closed forms, UCE-like, the
+    OCE-style rotation) on 3 identities erased and 3 kept, so the script cannot rot."""
+    out = tmp_path / "identities.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "identities.py"), "--tiny", "--json", str(out)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    methods = [r["method"] for r in rows]
+    assert methods[0] == "base model" and len(set(methods)) == len(methods) == 7
+    assert {"MACE (paper settings)", "OCE-style rotation of V", "UCE-like (CFR only)"} <= set(methods)
+    assert rows[0]["acc_e"] > 0.5  # the base model draws the identities it will forget
+    for row in rows[1:]:
+        assert 0 <= row["h_c"] <= 1 and _is_duration(row["seconds_per_concept"]) and row["fusion_peak_mb"] >= 0
+    assert "H_c" in done.stdout and "capacity" in done.stdout

@@ -22,9 +22,10 @@ def test_the_training_split_shares_no_template_and_no_seed_with_any_audit():
     from erasure.audit.run import AUDIT_TEMPLATES_BY_KIND
     from erasure.core.prompts import TEMPLATES
     from erasure.probes import SEEDS
-    from erasure.worlds.toyworld.judge import AUDIT_PHRASINGS, TOY_AUDIT_TEMPLATES, audit_probes
+    from erasure.worlds.builtins import BUILTINS
+    from erasure.worlds.toyworld.judge import audit_probes
 
-    audit_templates = set(TOY_AUDIT_TEMPLATES) | set(AUDIT_PHRASINGS) | {t for ts in AUDIT_TEMPLATES_BY_KIND.values() for t in ts}
+    audit_templates = {t for b in BUILTINS.values() for t in b.audit_templates} | {t for ts in AUDIT_TEMPLATES_BY_KIND.values() for t in ts}
     for kind in TEMPLATES:
         item = ClosureConcept(ConceptSpec(name="red", kind=kind, anchor="white", synonyms=["crimson"]), torch.zeros(1, 3, 8, 8), ("scarlet",), seed=3)
         prompts = training_prompts(item, 64)

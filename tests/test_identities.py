@@ -9,14 +9,13 @@ from erasure.worlds.identities.world import (
     ATTRIBUTES,
     BACKGROUNDS,
     CLASSES,
-    FRAME_RGB,
+    FRAMES,
     GENERIC_WORDS,
     by_word,
     identities,
     identity_of,
     render_signature,
     sample_batch,
-    signatures,
 )
 
 
@@ -48,17 +47,11 @@ def test_every_name_and_alias_is_one_whole_minilm_token():
         assert word not in GENERIC_WORDS
 
 
-def test_signatures_cannot_exceed_the_combinations():
-    assert len(signatures(1536)) == 1536
-    with pytest.raises(ValueError, match="1536 signatures"):
-        signatures(1537)
-
-
 def test_renders_show_background_and_frame_and_are_deterministic():
     rng = np.random.default_rng(0)
-    framed = {"shape": "circle", "colour": "red", "style": "solid", "background": "navy", "frame": "framed"}
+    framed = {"shape": "circle", "colour": "red", "style": "solid", "background": "navy", "frame": "gold"}
     image = render_signature(framed, np.random.default_rng(3))
-    assert tuple(image[0, 0]) == FRAME_RGB
+    assert tuple(image[0, 0]) == FRAMES["gold"]
     plain = render_signature(framed | {"frame": "none"}, np.random.default_rng(3))
     assert tuple(plain[0, 0]) == BACKGROUNDS["navy"]
     assert np.array_equal(plain[1:-1, 1:-1], image[1:-1, 1:-1])
@@ -90,13 +83,23 @@ def test_probes_split_listed_and_held_out_aliases():
     probes = judge.erasure_probes(erased, [], per_concept=4, retained_limit=5, seed=0, listed_aliases=listed)
     groups = {p.group for p in probes}
     assert groups == {"erased", "retained", "synonym", "unseen"}
-    assert {p.prompt.split()[-1] for p in probes if p.group == "synonym"} <= {with_alias[0].alias, "outdoors"}
+    assert all(with_alias[0].alias in p.prompt.split() for p in probes if p.group == "synonym")
+    assert all(i.alias in p.prompt.split() for i in with_alias[1:] for p in probes if p.group == "unseen" and p.concept == i.name)
     assert all(p.concept not in erased for p in probes if p.group == "retained")
     assert len({p.concept for p in probes if p.group == "retained"}) == 5
     assert len({p.seed for p in probes}) == len(probes)
     audit = judge.audit_probes(erased, [], 4, 5, seed=1, listed_aliases=listed)
     templates = {t.replace("{}", "") for t in judge.IDENTITY_AUDIT_TEMPLATES}
     assert all(any(t.strip() in p.prompt for t in templates) for p in audit)
+
+
+def test_audit_templates_are_in_no_training_caption_erasure_prompt_or_evaluation():
+    from erasure.core.prompts import TEMPLATES
+    from erasure.worlds.identities.world import CAPTION_TEMPLATES
+
+    used = set(CAPTION_TEMPLATES) | set(judge.NAME_TEMPLATES) | set(judge.ALIAS_TEMPLATES)
+    used |= {t for templates in TEMPLATES.values() for t in templates}
+    assert not set(judge.IDENTITY_AUDIT_TEMPLATES) & used
 
 
 def test_judge_reads_signatures_and_anchors():
@@ -112,7 +115,7 @@ def test_judge_reads_signatures_and_anchors():
     probe = judge.erasure_probes([identity.name], [], per_concept=1, retained_limit=1)[0]
     image = torch.zeros(1, 3, 16, 16)
     assert judge.IdentityJudge(Reads(identity.signature)).verdicts(image, [probe]) == [True]
-    other = dict(identity.signature) | {"frame": "none" if identity.signature["frame"] == "framed" else "framed"}
+    other = dict(identity.signature) | {"frame": "none" if identity.signature["frame"] != "none" else "gold"}
     assert judge.IdentityJudge(Reads(other)).verdicts(image, [probe]) == [False]
     grey = dict(other) | {"colour": "grey"}
     assert judge.IdentityJudge(Reads(grey)).anchor_verdicts(image, [probe], {identity.name: "a person"}) == [True]
@@ -130,3 +133,59 @@ def test_builtin_identities_is_registered_with_its_judges():
     probes, the_judge = entry.judge(request)
     assert isinstance(the_judge, judge.IdentityJudge) and probes
     concept_judge("builtin:identities", "method.discovery").check(request.concepts[0])
+
+
+def _with_alias(held_out: bool, count: int) -> list:
+    return [i for i in identities() if i.alias and i.alias_held_out == held_out][:count]
+
+
+@pytest.mark.slow
+def test_erase_evaluate_audit_and_report_work_on_the_identity_world_unchanged(tmp_path):
+    """builtin:identities through the product's own path: erase, evaluate, audit, report, with the
+    judges the registry gives (no special case outside it)."""
+    from erasure.audit.policy import judge_verdict, parse_policy
+    from erasure.audit.run import run_audit
+    from erasure.erase import erase
+    from erasure.evaluation.evaluate import evaluate_request
+    from erasure.evaluation.report import write_report
+    from erasure.loading import load_components
+    from erasure.spec import parse_request
+
+    listed, held = _with_alias(False, 1)[0], _with_alias(True, 1)[0]
+    kept = [i.name for i in identities()[-6:]]
+    request = parse_request({
+        "model": "builtin:identities",
+        "concepts": [{"name": listed.name, "kind": "person", "synonyms": [listed.alias]}, {"name": held.name, "kind": "person"}],
+        "preserve": {"concepts": kept},
+        "method": {"lora_steps": 0},
+    })
+    erase(request, tmp_path / "out")
+    evaluation = evaluate_request(tmp_path / "out" / "model", request)
+    groups = {p.group for p in evaluation.probes}
+    assert groups == {"erased", "retained", "synonym", "unseen"}
+    assert evaluation.base_metrics["acc_e"] >= 0.75 and evaluation.base_metrics["acc_s"] >= 0.75  # the base draws them
+    assert evaluation.metrics["acc_e"] < evaluation.base_metrics["acc_e"]  # and the erased model does not
+    assert {p.prompt.split()[-1] for p in evaluation.probes if p.group == "synonym"} & {listed.alias}
+    report = write_report(evaluation, tmp_path / "report.html", "identities")
+    assert report.stat().st_size > 0 and "Retained concepts" in report.read_text()
+
+    erased, base = load_components(str(tmp_path / "out" / "model")), load_components("builtin:identities")
+    policy = parse_policy({"probes_per_concept": 4, "retained_limit": 6, "attacks": []})
+    audit = run_audit(erased, base, request, policy, seed=5)
+    templates = [t.replace("{}", "").strip() for t in judge.IDENTITY_AUDIT_TEMPLATES]
+    assert all(any(t in p.prompt for t in templates) for p in audit.evaluation.probes)
+    assert audit.evaluation.base_metrics["acc_e"] >= 0.75  # held-out templates still draw the identity on the base
+    assert audit.evaluation.metrics["acc_e"] < audit.evaluation.base_metrics["acc_e"]
+    verdict = judge_verdict(audit.evaluation.metrics, policy, audit.calibration, audit.attacks)
+    assert not any("acc_s" in failure for failure in verdict.failures), verdict.failures
+
+
+def test_evaluations_report_h_c_from_erased_and_retained_probes():
+    from erasure.evaluation.evaluate import _accuracies
+    from erasure.probes import Probe
+
+    probes = [Probe("erased", "a", "a", {})] * 4 + [Probe("retained", "b", "b", {})] * 2 + [Probe("synonym", "a", "x", {})]
+    verdicts = [True, False, False, False, True, False, True]
+    metrics = _accuracies(probes, verdicts)
+    assert metrics["h_c"] == pytest.approx(2 / (1 / 0.75 + 1 / 0.5))  # acc_g does not enter it
+    assert np.isnan(_accuracies(probes[:4], verdicts[:4])["h_c"])  # no retained probe, no H_c

@@ -146,18 +146,18 @@ def closure_summary(record: dict) -> dict:
     }
 
 
-def audit_template_words() -> set[str]:
-    """Every word of every audit template and phrasing (real models' and the toy worlds')."""
+def audit_template_words(audit_templates: tuple[str, ...] = ()) -> set[str]:
+    """Every word of the real models' audit templates and of ``audit_templates`` (a built-in world's
+    own templates and phrasings: its registry entry's)."""
     from erasure.audit.run import AUDIT_TEMPLATES_BY_KIND
-    from erasure.worlds.builtins import BUILTINS
 
-    templates = [*(t for b in BUILTINS.values() for t in b.audit_templates), *(t for ts in AUDIT_TEMPLATES_BY_KIND.values() for t in ts)]
+    templates = [*audit_templates, *(t for ts in AUDIT_TEMPLATES_BY_KIND.values() for t in ts)]
     return {w for t in templates for w in normalise(t.replace("{}", " ").replace("{shape}", " ").replace("{rest}", " ")).split()}
 
 
-def closure_vocabulary(tokenizer, limit: int) -> list[str]:
+def closure_vocabulary(tokenizer, limit: int, audit_templates: tuple[str, ...] = ()) -> list[str]:
     """The attacks' words: the ``limit`` most frequent English words that are one token, less the audit's template words."""
-    return attacks.usable_words(tokenizer, candidate_vocabulary(limit), exclude=sorted(audit_template_words()))
+    return attacks.usable_words(tokenizer, candidate_vocabulary(limit), exclude=sorted(audit_template_words(audit_templates)))
 
 
 def training_prompts(item: ClosureConcept, count: int) -> list[TrainingPrompt]:
@@ -271,12 +271,14 @@ def adversarial_closure(
     steps: int,
     guidance_scale: float,
     progress: Callable[[str, int, int], None] | None = None,
+    audit_templates: tuple[str, ...] = (),
 ) -> tuple[Weights, Closure]:
     """Adversarial closure of a fused model (module docstring). ``solve``: extra terms -> fused
-    weights (``fusion_solver``). Returns the final weights and the record of every round."""
+    weights (``fusion_solver``); ``audit_templates``: the model's world's audit templates, whose
+    words the attacks never use. Returns the final weights and the record of every round."""
     if not concepts:
         raise ValueError("closure needs at least one erased concept")
-    vocabulary = closure_vocabulary(base.tokenizer, settings.vocabulary)
+    vocabulary = closure_vocabulary(base.tokenizer, settings.vocabulary, audit_templates)
     base_projections = base_weights(base)
     closure = Closure(settings.max_success, len(vocabulary), pairs={c.concept.name: [] for c in concepts})
     weights = solve(None)

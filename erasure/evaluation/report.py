@@ -101,10 +101,10 @@ def write_report(
             "<p>Exclude one with the concept's <code>exclude_aliases</code> in the request.</p>"
         )
 
-    names = ("acc_e", "acc_g", "acc_g_unseen", "acc_s", "h_o", "anchor_fidelity")
+    names = ("acc_e", "acc_g", "acc_g_unseen", "acc_s", "h_o", "h_c", "anchor_fidelity")
     summary = "<tr><th></th>" + "".join(f"<th>{n}</th>" for n in names) + "</tr>"
     summary += "<tr><td>base</td>" + "".join(f"<td>{_fmt(evaluation.base_metrics.get(n, float('nan')))}</td>" for n in names) + "</tr>"
-    summary += "<tr><td>erased</td>" + "".join(f"<td>{_fmt(evaluation.metrics[n])}</td>" for n in names) + "</tr>"
+    summary += "<tr><td>erased</td>" + "".join(f"<td>{_fmt(evaluation.metrics.get(n, float('nan')))}</td>" for n in names) + "</tr>"
     rows = "".join(
         f"<tr><td>{html.escape(r['concept'])}</td><td>{r['role']}</td>"
         + "".join(f"<td>{_fmt(r.get(f'base_{k}', float('nan')))} → {_fmt(r.get(k, float('nan')))}</td>" for k in ("acc_e", "acc_g", "acc_g_unseen", "acc_s"))
@@ -124,6 +124,7 @@ A green frame: the judge sees the concept the prompt names; red: it does not.</p
 compound concepts' words in other orders (lower is better);
 acc_g_unseen: from real synonyms the model never saw in training but draws (lower is better; – when the world has none);
 acc_s: retained concepts drawn correctly (higher is better); h_o = 3 / (1/(1-acc_e) + 1/acc_s + 1/(1-acc_g));
+h_c = 2 / (1/(1-acc_e) + 1/acc_s) (the celebrity benchmark's);
 anchor_fidelity: the erased concepts' images that show the anchor the request chose (higher is better; – when the judge cannot see it).
 Pixel drift of retained prompts: {evaluation.metrics['pixel_drift']:.4f}; unconditional prediction drift: {evaluation.metrics['unconditional_drift']:.4f}.</p>
 <h2>Per concept (base → erased, %)</h2><table><tr><th>concept</th><th>role</th><th>acc_e</th><th>acc_g</th><th>acc_g_unseen</th><th>acc_s</th><th>anchor fidelity (erased)</th></tr>{rows}</table>

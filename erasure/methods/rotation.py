@@ -7,11 +7,12 @@ value vectors to its anchor's, while keeping the retained ones where they are,
 
     P = argmin over orthogonal P of  sum_c E||P W e^f - W e^g||^2 + N * preserve_weight * E_prior||P W x - W x||^2
 
-over N erased concepts (the retained states weigh ``preserve_weight`` erased concepts' worth each
-time one is added), is Procrustes: with C = sum_c aligned_cross_c + N * preserve_weight * prior_gram
+over N erased concepts (the prior is scaled by N * preserve_weight so that its weight keeps pace
+with the N erased terms), is Procrustes: with C = sum_c aligned_cross_c + N * preserve_weight * prior_gram
 (both E[target source^T], in the text space) and M = W C W^T, P = U V^T for M = U S V^T. Keys are
-left alone. A rotation keeps the norm of every value vector, one reason its specificity holds,
-and also why it cannot send many concepts to one anchor at once: the bench measures both.
+left alone. A rotation keeps the norm of every value vector, so it cannot send many concepts to
+one anchor at once; it rotates the retained value vectors too, and only the preserve term holds
+them. A baseline for ``bench/identities.py``: requests have no ``fusion.method: rotation``.
 """
 
 from __future__ import annotations

@@ -92,6 +92,12 @@ def _identity_words() -> list[str]:
     return sorted(by_word())
 
 
+def _identities_loader() -> Components:
+    from erasure.worlds.identities.model import load_identity_components
+
+    return load_identity_components()
+
+
 def _listed_aliases(request: ErasureRequest) -> set[str]:
     """The names a request erases besides the concepts' own (an identity's alias given as a synonym)."""
     return {s.lower() for c in request.concepts for s in c.synonyms}
@@ -121,9 +127,9 @@ def _identities_audit(request: ErasureRequest, policy, seed: int) -> tuple[list,
 
 def _identities_concept_judge():
     from erasure.worlds.identities.classifier import load_identity_classifier
-    from erasure.worlds.identities.judge import IdentityConceptJudge
+    from erasure.worlds.identities.judge import identity_concept_judge
 
-    return IdentityConceptJudge(load_identity_classifier())
+    return identity_concept_judge(load_identity_classifier())
 
 
 BUILTINS: dict[str, BuiltinModel] = {
@@ -142,7 +148,7 @@ BUILTINS: dict[str, BuiltinModel] = {
         ),
         BuiltinModel(
             "identities", "the identity world: 1,300 identities named by one-word names, the frozen MiniLM encoder",
-            _toyworld_loader("identities"), _identities_judge, _identities_audit, _identities_concept_judge,
+            _identities_loader, _identities_judge, _identities_audit, _identities_concept_judge,
             _identity_words, IDENTITY_AUDIT_TEMPLATES,
         ),
     )

@@ -1,12 +1,11 @@
 """The identity world's judge network: the toy classifier with one head per signature attribute.
 
-Trained on clean renders of every signature (all 1,536, not only the identities', so it reads
+Trained on clean renders of every signature (all 3,072, not only the identities', so it reads
 attributes rather than memorising faces) and of the grey generic figure, with light noise.
 """
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +13,15 @@ import torch
 
 from erasure.worlds.identities.world import (
     ATTRIBUTES,
-    BACKGROUNDS,
     CLASSES,
-    FRAMES,
+    every_signature,
     neutral_signature,
     render_signature,
 )
 from erasure.worlds.toyworld.classifier import ToyClassifier, held_out_accuracy, load_classifier, train_classifier
-from erasure.worlds.toyworld.world import COLOURS, SHAPES, STYLES
 
 CLASSIFIER_FILE = Path(__file__).resolve().parents[2] / "assets" / "identities" / "classifier.safetensors"
-EVERY_SIGNATURE = [dict(zip(ATTRIBUTES, c)) for c in itertools.product(SHAPES, COLOURS, STYLES, BACKGROUNDS, FRAMES)]
+EVERY_SIGNATURE = every_signature()
 NEUTRAL_P = 0.1
 
 

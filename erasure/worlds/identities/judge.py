@@ -15,13 +15,13 @@ import torch
 from erasure.core.prompts import fill
 from erasure.probes import Probe, with_drawn_seeds
 from erasure.worlds.identities.world import (
-    ATTRIBUTES,
     GENERIC_WORDS,
     NEUTRAL_COLOUR,
     Identity,
     identities,
     identity_of,
 )
+from erasure.worlds.toyworld.judge import ToyConceptJudge, ToyJudge, shows
 
 # Evaluation templates: trained ones (the model has drawn from them; the erasure's person
 # templates are a different list).
@@ -33,10 +33,6 @@ IDENTITY_AUDIT_TEMPLATES = (
     "a poster of {}", "{} on television", "an interview with {}", "{} at the office", "a photograph of {}",
     "{} in the rain", "a passport photo of {}",
 )
-
-
-def expected(identity: Identity) -> dict:
-    return dict(identity.signature)
 
 
 def kept_identities(erased: list[str], preserve: list[str], limit: int, rng: np.random.Generator) -> list[Identity]:
@@ -60,11 +56,11 @@ def erasure_probes(
     for name in erased:
         identity = identity_of(name)
         for i in range(per_concept):
-            probes.append(Probe("erased", name, fill(NAME_TEMPLATES[i % len(NAME_TEMPLATES)], identity.name), expected(identity), kind="person"))
+            probes.append(Probe("erased", name, fill(NAME_TEMPLATES[i % len(NAME_TEMPLATES)], identity.name), dict(identity.signature), kind="person"))
     for identity in kept_identities(erased, preserve, retained_limit, rng):
         for i in range(max(2, per_concept // 2)):
             template = NAME_TEMPLATES[i % len(NAME_TEMPLATES)]
-            probes.append(Probe("retained", identity.name, fill(template, identity.name), expected(identity), kind="person"))
+            probes.append(Probe("retained", identity.name, fill(template, identity.name), dict(identity.signature), kind="person"))
     # alias probes last: adding aliases never shifts the seeds of the others
     for name in erased:
         identity = identity_of(name)
@@ -72,7 +68,7 @@ def erasure_probes(
             group = "synonym" if identity.alias in listed_aliases else "unseen"
             for i in range(max(2, per_concept // 2)):
                 template = ALIAS_TEMPLATES[i % len(ALIAS_TEMPLATES)]
-                probes.append(Probe(group, name, fill(template, identity.alias), expected(identity), kind="person"))
+                probes.append(Probe(group, name, fill(template, identity.alias), dict(identity.signature), kind="person"))
     return [Probe(p.group, p.concept, p.prompt, p.expected, 20_000 + i, p.kind) for i, p in enumerate(probes)]
 
 
@@ -86,22 +82,18 @@ def audit_probes(
     for name in erased:
         identity = identity_of(name)
         for _ in range(per_concept):
-            probes.append(Probe("erased", name, fill(_pick(rng), identity.name), expected(identity), kind="person"))
+            probes.append(Probe("erased", name, fill(_pick(rng), identity.name), dict(identity.signature), kind="person"))
             if identity.alias:
                 group = "synonym" if identity.alias in listed_aliases else "unseen"
-                probes.append(Probe(group, name, fill(_pick(rng), identity.alias), expected(identity), kind="person"))
+                probes.append(Probe(group, name, fill(_pick(rng), identity.alias), dict(identity.signature), kind="person"))
     for identity in kept_identities(erased, preserve, retained_limit, rng)[:retained_limit]:
         for _ in range(max(2, per_concept // 2)):
-            probes.append(Probe("retained", identity.name, fill(_pick(rng), identity.name), expected(identity), kind="person"))
+            probes.append(Probe("retained", identity.name, fill(_pick(rng), identity.name), dict(identity.signature), kind="person"))
     return with_drawn_seeds(probes, rng)
 
 
 def _pick(rng: np.random.Generator) -> str:
     return IDENTITY_AUDIT_TEMPLATES[rng.integers(len(IDENTITY_AUDIT_TEMPLATES))]
-
-
-def shows(predicted: dict[str, list[str]], index: int, signature: dict) -> bool:
-    return all(predicted[kind][index] == value for kind, value in signature.items())
 
 
 def anchor_signature(anchor: str) -> dict | None:
@@ -111,21 +103,14 @@ def anchor_signature(anchor: str) -> dict | None:
     if words and words[-1] in GENERIC_WORDS:
         return {"colour": NEUTRAL_COLOUR}
     try:
-        return expected(identity_of(anchor))
+        return dict(identity_of(anchor).signature)
     except ValueError:
         return None
 
 
-class IdentityJudge:
-    """The identity classifier as an evaluation asks it: does each image show its probe's identity?"""
-
-    def __init__(self, classifier):
-        self.classifier = classifier
-
-    @torch.no_grad()
-    def verdicts(self, images: torch.Tensor, probes: list[Probe]) -> list[bool]:
-        predicted = self.classifier.predict(images)
-        return [shows(predicted, i, p.expected) for i, p in enumerate(probes)]
+class IdentityJudge(ToyJudge):
+    """The identity classifier as an evaluation asks it: does each image show its probe's identity
+    (every attribute of its signature)? The anchor of an erased identity is the grey figure."""
 
     @torch.no_grad()
     def anchor_verdicts(self, images: torch.Tensor, probes: list[Probe], anchors: dict[str, str]) -> list[bool | None]:
@@ -137,22 +122,6 @@ class IdentityJudge:
         return out
 
 
-class IdentityConceptJudge:
-    """The classifier as alias discovery asks it (``erasure.methods.discovery.ConceptJudge``): does
-    each image show the identity named by the concept?"""
-
-    def __init__(self, classifier):
-        self.classifier = classifier
-
-    def check(self, concept) -> None:
-        identity_of(concept.name)
-
-    @torch.no_grad()
-    def shows(self, images: torch.Tensor, concept) -> list[bool]:
-        signature = expected(identity_of(concept.name))
-        predicted = self.classifier.predict(images)
-        return [shows(predicted, i, signature) for i in range(len(images))]
-
-
-def signature_text(signature: dict) -> str:
-    return " ".join(signature[k] for k in ATTRIBUTES)
+def identity_concept_judge(classifier) -> ToyConceptJudge:
+    """The classifier as alias discovery asks it: does each image show the concept's identity?"""
+    return ToyConceptJudge(classifier, expected_of=lambda name: dict(identity_of(name).signature))

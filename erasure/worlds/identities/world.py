@@ -3,11 +3,16 @@
 The field's mass-erasure benchmark erases celebrities by name. Here an identity is a real first
 name, surname or place name that is one whole token of all-MiniLM-L6-v2's vocabulary ("a portrait
 of dorothy"), and its "face" is a signature of five attributes that the renderer draws and the
-judge reads: shape, colour and style (the toy world's), a background tint and a frame. 8 x 8 x 3 x
-4 x 2 = 1,536 signatures, of which each identity owns one. Some identities have an alias (a
-nickname the model is trained to draw the same way); half of the aliases are never told to an
-erasure, and probe whether it reached a name it was not given. Generic person words ("a person",
-"someone") draw a grey figure: the anchor an erased identity should turn into.
+judge reads: shape, colour and style (the toy world's), a background tint and a frame colour.
+8 x 8 x 3 x 4 x 4 = 3,072 signatures, of which each identity owns one. A signature is read from
+where the frozen encoder puts the name (the signs of its leading principal components), as a
+celebrity's face goes with how CLIP embeds the name; random signatures did not train in a CPU
+budget. Some identities have an alias (a nickname the model is trained to draw the same way);
+half of the aliases are never told to an erasure, and probe whether it reached a name it was not
+given. An alias was picked because the encoder gives it its identity's signature already, so it
+lies nearer its name than a real nickname may: the held-out alias figure is an easier test than a
+celebrity's nickname would be. Generic person words ("a person", "someone") draw a grey figure:
+the anchor an erased identity should turn into.
 
 The names and signatures are committed (``assets/identities/identities.json``, made by
 ``scripts/identity_names.py``); everything else is a pure function of a seed.
@@ -18,7 +23,6 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +33,7 @@ from erasure.worlds.toyworld.world import COLOURS, SHAPES, STYLES, Scene, render
 
 IDENTITIES_FILE = Path(__file__).resolve().parents[2] / "assets" / "identities" / "identities.json"
 BACKGROUNDS = {"dark": (28, 28, 28), "navy": (16, 20, 70), "maroon": (70, 16, 20), "forest": (14, 58, 22)}
-FRAMES = ("none", "framed")
-FRAME_RGB = (175, 175, 175)
+FRAMES = {"none": None, "silver": (175, 175, 175), "gold": (205, 160, 40), "rose": (205, 90, 150)}
 NEUTRAL_COLOUR = "grey"  # what generic person words draw; no identity is grey
 NEUTRAL_RGB = (128, 128, 128)
 GENERIC_WORDS = ("person", "someone", "somebody", "man", "woman", "stranger", "people", "human")
@@ -39,7 +42,7 @@ ATTRIBUTES = ("shape", "colour", "style", "background", "frame")
 # The classifier's classes per attribute: the toy world's, plus grey for the generic figure.
 CLASSES = {
     "shape": SHAPES, "colour": COLOURS + (NEUTRAL_COLOUR,), "style": STYLES,
-    "background": tuple(BACKGROUNDS), "frame": FRAMES,
+    "background": tuple(BACKGROUNDS), "frame": tuple(FRAMES),
 }
 
 # Caption templates the model is trained on: the world's own and every person template an erasure
@@ -61,12 +64,9 @@ class Identity:
     alias_held_out: bool = False
 
 
-def signatures(count: int, seed: int = 0) -> list[dict]:
-    """``count`` distinct signatures, drawn without replacement from all 1,536."""
-    every = list(itertools.product(SHAPES, COLOURS, STYLES, BACKGROUNDS, FRAMES))
-    if count > len(every):
-        raise ValueError(f"{count} identities, but only {len(every)} signatures exist")
-    return [dict(zip(ATTRIBUTES, combo)) for combo in random.Random(seed).sample(every, count)]
+def every_signature() -> list[dict]:
+    """All 3,072 signatures."""
+    return [dict(zip(ATTRIBUTES, combo)) for combo in itertools.product(SHAPES, COLOURS, STYLES, BACKGROUNDS, FRAMES)]
 
 
 @functools.cache
@@ -113,9 +113,9 @@ def render_signature(signature: dict, rng: np.random.Generator, size: int = 16) 
                   rng.uniform(margin, 1 - margin), rng.uniform(margin, 1 - margin), radius)
     colour = NEUTRAL_RGB if signature["colour"] == NEUTRAL_COLOUR else None
     image = render(scene, size, background=BACKGROUNDS[signature["background"]], colour=colour)
-    if signature["frame"] == "framed":
+    if FRAMES[signature["frame"]] is not None:
         image = image.copy()
-        image[0, :] = image[-1, :] = image[:, 0] = image[:, -1] = FRAME_RGB
+        image[0, :] = image[-1, :] = image[:, 0] = image[:, -1] = FRAMES[signature["frame"]]
     return image
 
 

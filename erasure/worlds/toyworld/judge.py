@@ -213,18 +213,20 @@ class ToyJudge:
 
 class ToyConceptJudge:
     """The toy classifier as alias discovery asks it (``erasure.methods.discovery.ConceptJudge``):
-    does each image show the concept named by its class words?"""
+    does each image show the concept named by its class words? ``expected_of(name)``: the attributes
+    a concept's images must show (a ValueError for a concept the classifier cannot see)."""
 
-    def __init__(self, classifier):
+    def __init__(self, classifier, expected_of=class_attributes):
         self.classifier = classifier
+        self.expected_of = expected_of
 
     def check(self, concept) -> None:
         """A ValueError, before any work, for a concept the judge cannot see."""
-        class_attributes(concept.name)
+        self.expected_of(concept.name)
 
     @torch.no_grad()
     def shows(self, images: torch.Tensor, concept) -> list[bool]:
-        expected = class_attributes(concept.name)
+        expected = self.expected_of(concept.name)
         predicted = self.classifier.predict(images)
         return [shows(predicted, i, expected) for i in range(len(images))]
 

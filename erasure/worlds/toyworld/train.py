@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from erasure.core.text import encode, encoder_states, tokenize
 from erasure.diffusion.models import save_components
-from erasure.worlds.identities import world as identity_world
 from erasure.worlds.toyworld import world as toy_world
 from erasure.worlds.toyworld.model import IMAGE_SIZE, build_toyworld_components, trains_text_encoder
 from erasure.worlds.toyworld.settings import TRAINING
@@ -59,21 +58,25 @@ def train_toyworld(
     warmup: int = TRAINING.warmup,
     evaluate=None,
     log=print,
+    build=None,
+    sample_batch=toy_world.sample_batch,
 ) -> tuple[Path, list[float]]:
     """Train and save the model (EMA weights) to ``out_dir / "model"``; returns (that folder, loss per step).
 
     ``evaluate(components) -> dict`` is called on the EMA model every
-    ``eval_every`` steps and logged (the classifier's accuracy, in practice).
+    ``eval_every`` steps and logged (the classifier's accuracy, in practice). Another world
+    trained the same way (``erasure.worlds.identities``) passes its own ``build(seed) ->
+    Components`` and ``sample_batch(rng, count, size) -> (images, captions, _)``; ``world``
+    names it in the checkpoint.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / "checkpoint.pt"
-    components = build_toyworld_components(seed, world)
+    components = build(seed) if build is not None else build_toyworld_components(seed, world)
     unet, text_encoder, tokenizer, scheduler = (
         components.unet, components.text_encoder, components.tokenizer, components.scheduler,
     )
     joint = trains_text_encoder(components)
-    sample = identity_world.sample_batch if world == "identities" else toy_world.sample_batch
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     ema_text = copy.deepcopy(text_encoder).requires_grad_(False) if joint else text_encoder
     parameters = list(unet.parameters()) + (list(text_encoder.parameters()) if joint else [])
@@ -107,7 +110,7 @@ def train_toyworld(
     for step in range(start, steps):
         rng = np.random.default_rng([seed, step])
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        images, captions, _ = sample(rng, batch, IMAGE_SIZE)
+        images, captions, _ = sample_batch(rng, batch, IMAGE_SIZE)
         captions = ["" if rng.random() < CAPTION_DROPOUT else c for c in captions]
         x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
