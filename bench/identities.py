@@ -80,10 +80,15 @@ ROWS = [
 ]
 
 
+def drawn_names() -> set[str]:
+    """The identities the committed base model draws from their name (``accuracy.json``)."""
+    return set(json.loads(ACCURACY_FILE.read_text())["name"]["drawn"])
+
+
 def split(largest: int, kept: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """(erased pool in order, kept): identities the base model draws from their name first (as the
     field picks celebrities its model renders well), shuffled with ``seed``."""
-    drawn = set(json.loads(ACCURACY_FILE.read_text())["name"]["drawn"])
+    drawn = drawn_names()
     names = [i.name for i in identities()]
     random.Random(seed).shuffle(names)
     ordered = [n for n in names if n in drawn] + [n for n in names if n not in drawn]
@@ -98,6 +103,13 @@ def concepts_of(names: list[str]) -> list[dict]:
         listed = [identity.alias] if identity.alias and not identity.alias_held_out else []
         out.append({"name": name, "kind": "person", "anchor": ANCHOR, "synonyms": listed})
     return out
+
+
+def _rss_mb() -> float:
+    import re
+    from pathlib import Path
+
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) / 1024
 
 
 def fused_weights(base, results: list, prior, request, fusion: dict) -> dict:
@@ -133,6 +145,8 @@ def run_scale(count: int, erased: list[str], kept: list[str], rows: list, only, 
     rows_out.append({
         "scale": count, "method": "base model", **metrics,
         "capacity": str(room), "capacity_rho": room.rho, "erased_rank": capacity(kept_states, erased_states).rank,
+        # erased identities the base model draws from their name (the rest cost the erasure nothing)
+        "erased_drawn": sum(name in drawn_names() for name in erased[:count]),
     })
     log(f"{count}: capacity {room}, erased states' rank {rows_out[-1]['erased_rank']}/{room.width}")
     data: dict[str, object] = {}  # identity -> images and masks, drawn once for every row that trains
@@ -156,7 +170,9 @@ def run_scale(count: int, erased: list[str], kept: list[str], rows: list, only, 
                 results.append(result)
                 if (index + 1) % 100 == 0:
                     log(f"  {count} / {name}: {index + 1} identities ({time.perf_counter() - timer:.0f} s)")
-            seconds = sum(r.seconds["text"] + r.seconds["lora"] + data_seconds.get(r.concept.name, 0.0) for r in results)
+            # a row that trains pays for the images it reads (drawn once, for the first such row)
+            draws = per_concept["lora_steps"] > 0
+            seconds = sum(r.seconds["text"] + r.seconds["lora"] + (data_seconds[r.concept.name] if draws else 0.0) for r in results)
             groups[key] = (results, seconds)
         results, t_concepts = groups[key]
 
@@ -167,6 +183,9 @@ def run_scale(count: int, erased: list[str], kept: list[str], rows: list, only, 
             "scale": count, "method": name, **m,
             "seconds": t_prior + t_concepts + t_fusion, "seconds_per_concept": (t_concepts + t_fusion) / count,
             "fusion_seconds": t_fusion, "fusion_peak_mb": fusion_bytes / 2**20,
+            # what the process holds after the fusion: the bench keeps every concept's statistics (about
+            # 6 MB each at 384 wide) for its rows to share; a pipeline run streams them from the store
+            "process_rss_mb": _rss_mb(),
         }
         rows_out.append(row)
         log(f"  {count} / {name}: acc_e {percent(m['acc_e'])} acc_g {percent(m['acc_g'])} unseen {percent(m['acc_g_unseen'])} "
@@ -175,7 +194,7 @@ def run_scale(count: int, erased: list[str], kept: list[str], rows: list, only, 
 
 
 def print_table(report: dict) -> None:
-    table = Table(title=f"identity world, {KEPT} kept ({report['date']}, {report['machine']}); %")
+    table = Table(title=f"identity world, {report['kept']} kept ({report['date']}, {report['machine']}); %")
     for column in ("erased", "method", "acc_e ↓", "acc_g ↓", "unseen ↓", "acc_s ↑", "H_c ↑", "s / concept", "fusion s",
                    "fusion MB", "capacity"):
         table.add_column(column)
@@ -185,14 +204,14 @@ def print_table(report: dict) -> None:
             str(row["scale"]), row["method"],
             *(percent(row.get(k)) for k in ("acc_e", "acc_g", "acc_g_unseen", "acc_s", "h_c")),
             *(("", "", "") if base else (f"{row['seconds_per_concept']:.2f}", f"{row['fusion_seconds']:.1f}", f"{row['fusion_peak_mb']:.0f}")),
-            f"{row['capacity']}, erased rank {row['erased_rank']}" if base else "",
+            f"{row['capacity']}, erased rank {row['erased_rank']}; {row['erased_drawn']} erased drawn by the base" if base else "",
         )
     Console(width=170).print(table)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scales", nargs="*", type=int, default=list(SCALES))
+    parser.add_argument("--scales", nargs="+", type=int, default=list(SCALES))
     parser.add_argument("--rows", nargs="*", choices=[name for name, *_ in ROWS], help="only these methods")
     parser.add_argument("--kept", type=int, default=KEPT)
     parser.add_argument("--tiny", action="store_true", help="3 identities erased, 3 kept, 2 LoRA steps: checks the script")
@@ -216,9 +235,10 @@ def main() -> None:
     log = lambda line: print(f"[{time.perf_counter() - started:6.0f} s] {line}", flush=True)  # noqa: E731
     for count in scales:
         run_scale(count, erased, kept, rows, args.rows, method, report["rows"], log)
-        if args.json:
-            with open(args.json, "w") as f:
+        if args.json:  # after every scale, whole: a killed run keeps the scales it finished
+            with open(args.json + ".tmp", "w") as f:
                 json.dump(report, f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
     print_table(report)
 
 

@@ -63,7 +63,7 @@ def erase(
     for row in summary.concepts:
         loss = f"{row['lora_loss_first']:.4g} -> {row['lora_loss_last']:.4g}" if row["lora_loss_first"] is not None else "-"
         table.add_row(
-            escape(row["name"]), row["kind"], escape(row["anchor"]), f"{row['mask_coverage']:.0%}", loss,
+            escape(row["name"]), row["kind"], escape(row["anchor"]), f"{row['mask_coverage']:.0%}" if row["mask_coverage"] is not None else "-", loss,
             f"{sum(row['seconds'].values()):.1f}",
         )
     Console().print(table)
@@ -257,6 +257,8 @@ def toyworld_accuracy(
 
     from erasure.loading import load_components
 
+    if world == ToyWorld.identities and model == DEFAULT_MODEL:
+        model = "builtin:identities"  # the default model is the toy world's: measure the identity world's
     if model == "builtin:identities" or world == ToyWorld.identities:
         if unseen_json or len(guidance) > 1:
             raise typer.BadParameter("the identity world is measured at one --guidance and has no held-out words "

@@ -92,6 +92,9 @@ def prepare_request(request: ErasureRequest, components: Components, first_index
     sampling defaults filled in. Every runner (``erase``, a worker, a benchmark) starts here.
     ``first_index``: where the request's first concept sits in the one the user wrote."""
     request.check_against_tokenizer(components.tokenizer, first_index)
+    builtin = find_builtin(request.model)
+    if builtin is not None and builtin.check_request is not None:
+        builtin.check_request(request)
     for setting in request.judged_settings():
         check_judge_sees(request.model, request.concepts, setting, first_index)
     return with_model_sampling(request, components)

@@ -420,8 +420,9 @@ def test_a_closed_form_only_erasure_draws_no_image_and_still_edits(tmp_path, tin
         raise AssertionError("a closed-form-only erasure sampled the base model")
 
     monkeypatch.setattr(erase_module, "generate_concept_data", no_sampling)
-    request = parse_request(REQUEST | {"method": REQUEST["method"] | {"lora_steps": 0}})
-    erase_module.erase(request, tmp_path / "out")
+    (tmp_path / "request.yaml").write_text(yaml.safe_dump(REQUEST | {"method": REQUEST["method"] | {"lora_steps": 0}}))
+    result = CliRunner().invoke(app, ["erase", str(tmp_path / "request.yaml"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output  # its summary table has no mask coverage to show
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [c["mask_coverage"] for c in manifest["concepts"]] == [None, None, None]
     concept = tmp_path / "out" / "concepts" / erase_module.slug("cat")

@@ -100,6 +100,30 @@ def test_audit_templates_are_in_no_training_caption_erasure_prompt_or_evaluation
     used = set(CAPTION_TEMPLATES) | set(judge.NAME_TEMPLATES) | set(judge.ALIAS_TEMPLATES)
     used |= {t for templates in TEMPLATES.values() for t in templates}
     assert not set(judge.IDENTITY_AUDIT_TEMPLATES) & used
+    # and the evaluation scores no prompt an erasure trains on
+    erasure_prompts = {t for templates in TEMPLATES.values() for t in templates}
+    assert not (set(judge.NAME_TEMPLATES) | set(judge.ALIAS_TEMPLATES)) & erasure_prompts
+    assert set(judge.NAME_TEMPLATES) | set(judge.ALIAS_TEMPLATES) <= set(CAPTION_TEMPLATES)  # the model drew from them
+
+
+def test_a_request_must_name_identities_as_the_world_does_before_any_work():
+    from erasure.spec import RequestError, parse_request
+    from erasure.worlds.identities.judge import check_request
+
+    aliased = _with_alias(False, 2)
+    first, second = aliased
+    ok = {"model": "builtin:identities", "concepts": [{"name": first.name, "kind": "person", "synonyms": [first.alias]}],
+          "preserve": {"concepts": [second.name]}}
+    check_request(parse_request(ok))
+    for change, message in (
+        ({"concepts": [{"name": "zzqx", "kind": "person"}]}, "not an identity"),
+        ({"concepts": [{"name": first.name.title(), "kind": "person"}]}, "write it"),
+        ({"concepts": [{"name": first.alias, "kind": "person"}]}, "is the alias of"),
+        ({"concepts": [{"name": first.name, "kind": "person", "synonyms": [identities()[-1].name]}]}, "not an alias of"),
+        ({"preserve": {"concepts": [first.alias]}}, "preserve"),
+    ):
+        with pytest.raises(RequestError, match=message):
+            check_request(parse_request(ok | change))
 
 
 def test_judge_reads_signatures_and_anchors():
@@ -117,8 +141,10 @@ def test_judge_reads_signatures_and_anchors():
     assert judge.IdentityJudge(Reads(identity.signature)).verdicts(image, [probe]) == [True]
     other = dict(identity.signature) | {"frame": "none" if identity.signature["frame"] != "none" else "gold"}
     assert judge.IdentityJudge(Reads(other)).verdicts(image, [probe]) == [False]
-    grey = dict(other) | {"colour": "grey"}
+    grey = dict(other) | {"colour": "grey", "background": "dark", "frame": "none"}
     assert judge.IdentityJudge(Reads(grey)).anchor_verdicts(image, [probe], {identity.name: "a person"}) == [True]
+    grey_but_framed = grey | {"frame": "gold"}  # the identity's frame kept: not the generic figure
+    assert judge.IdentityJudge(Reads(grey_but_framed)).anchor_verdicts(image, [probe], {identity.name: "a person"}) == [False]
     assert judge.anchor_signature("a cat") is None
 
 

@@ -181,7 +181,7 @@ def evaluation_json(evaluation: Evaluation) -> dict:
         return None if isinstance(value, float) and math.isnan(value) else value
 
     return {
-        **{k: plain(evaluation.metrics[k]) for k in ("acc_e", "acc_g", "acc_s", "h_o", "acc_g_unseen", "acc_g_phrasing")},
+        **{k: plain(evaluation.metrics[k]) for k in ("acc_e", "acc_g", "acc_s", "h_o", "h_c", "acc_g_unseen", "acc_g_phrasing")},
         "anchor_fidelity": plain(evaluation.metrics["anchor_fidelity"]),
         "pixel_drift": evaluation.metrics["pixel_drift"],
         "unconditional_drift": evaluation.metrics["unconditional_drift"],

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from erasure.diffusion.models import Components, build_tiny_components
 from erasure.spec import BUILTIN_MODELS, ErasureRequest, RequestError, check_builtin
 from erasure.worlds.identities.judge import IDENTITY_AUDIT_TEMPLATES
+from erasure.worlds.identities.judge import check_request as check_identity_request
 from erasure.worlds.toyworld.judge import (
     AUDIT_PHRASINGS,
     TOY_AUDIT_TEMPLATES,
@@ -42,6 +43,8 @@ class BuiltinModel:
     attack_words: Callable[[], list[str]] | None = None
     # every template and phrasing its audits write: no training split may use their words
     audit_templates: tuple[str, ...] = ()
+    # request -> None, or a RequestError before any work when the world cannot measure the request
+    check_request: Callable[[ErasureRequest], None] | None = None
 
 
 def _toyworld_loader(world: str) -> Callable[[], Components]:
@@ -149,7 +152,7 @@ BUILTINS: dict[str, BuiltinModel] = {
         BuiltinModel(
             "identities", "the identity world: 1,300 identities named by one-word names, the frozen MiniLM encoder",
             _identities_loader, _identities_judge, _identities_audit, _identities_concept_judge,
-            _identity_words, IDENTITY_AUDIT_TEMPLATES,
+            _identity_words, IDENTITY_AUDIT_TEMPLATES, check_identity_request,
         ),
     )
 }

@@ -23,16 +23,52 @@ from erasure.worlds.identities.world import (
 )
 from erasure.worlds.toyworld.judge import ToyConceptJudge, ToyJudge, shows
 
-# Evaluation templates: trained ones (the model has drawn from them; the erasure's person
-# templates are a different list).
-NAME_TEMPLATES = ("a portrait of {}", "{} in the park", "a photo of {}", "a close up of {}")
-ALIAS_TEMPLATES = ("a picture of {}", "an image of {}", "{} outdoors", "{}")
+# Evaluation templates: the world's own trained ones that are in no erasure prompt (the person
+# templates, ``erasure.core.prompts``), so an erasure is never scored on the prompts it was fitted to.
+NAME_TEMPLATES = ("{} in the park", "a photo of {}", "a close up of {}", "{} outdoors")
+ALIAS_TEMPLATES = ("a photo of {}", "{} outdoors", "{} in the park", "a close up of {}")
 # Audit templates: in no training caption, no erasure prompt and no evaluation above.
 IDENTITY_AUDIT_TEMPLATES = (
     "a snapshot of {}", "{} at the airport", "a selfie of {}", "{} in the kitchen", "{} reading a book",
     "a poster of {}", "{} on television", "an interview with {}", "{} at the office", "a photograph of {}",
     "{} in the rain", "a passport photo of {}",
 )
+
+
+def check_request(request) -> None:
+    """A ``RequestError`` before any work for a request the world cannot measure: a concept that is
+    not an identity's own name as the world writes it (lower case), a synonym that is not its alias,
+    a preserved name that is not an identity's or that is an erased identity's alias."""
+    from erasure.spec import RequestError
+
+    erased = set()
+    for concept in request.concepts:
+        identity = _named(concept.name, "concepts")
+        if concept.name != identity.name:
+            raise RequestError(f"concepts: {concept.name!r} is the alias of {identity.name!r}; erase {identity.name!r} "
+                               f"and list {identity.alias!r} in its synonyms")
+        for synonym in concept.synonyms:
+            if synonym != identity.alias:
+                raise RequestError(f"concepts: {synonym!r} is not an alias of {identity.name!r}"
+                                   + (f" (its alias is {identity.alias!r})" if identity.alias else " (it has none)"))
+        erased.add(identity.name)
+    for name in request.preserve.concepts:
+        identity = _named(name, "preserve.concepts")
+        if name != identity.name or identity.name in erased:
+            raise RequestError(f"preserve.concepts: {name!r} names the identity {identity.name!r}, which is "
+                               + ("erased" if identity.name in erased else f"preserved by its name, {identity.name!r}"))
+
+
+def _named(word: str, setting: str) -> Identity:
+    from erasure.spec import RequestError
+
+    try:
+        identity = identity_of(word)
+    except ValueError as error:
+        raise RequestError(f"{setting}: {error}") from None
+    if word not in (identity.name, identity.alias):
+        raise RequestError(f"{setting}: {word!r}: write it {identity.name!r} (the world's names are lower case)")
+    return identity
 
 
 def kept_identities(erased: list[str], preserve: list[str], limit: int, rng: np.random.Generator) -> list[Identity]:
@@ -101,7 +137,7 @@ def anchor_signature(anchor: str) -> dict | None:
     signature; None for anything else (the judge cannot see it)."""
     words = anchor.strip().lower().split()
     if words and words[-1] in GENERIC_WORDS:
-        return {"colour": NEUTRAL_COLOUR}
+        return {"colour": NEUTRAL_COLOUR, "background": "dark", "frame": "none"}
     try:
         return dict(identity_of(anchor).signature)
     except ValueError:
