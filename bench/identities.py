@@ -146,7 +146,7 @@ def run_scale(count: int, erased: list[str], kept: list[str], rows: list, only, 
         "scale": count, "method": "base model", **metrics,
         "capacity": str(room), "capacity_rho": room.rho, "erased_rank": capacity(kept_states, erased_states).rank,
         # erased identities the base model draws from their name (the rest cost the erasure nothing)
-        "erased_drawn": sum(name in drawn_names() for name in erased[:count]),
+        "erased_drawn": len(drawn_names() & set(erased[:count])),
     })
     log(f"{count}: capacity {room}, erased states' rank {rows_out[-1]['erased_rank']}/{room.width}")
     data: dict[str, object] = {}  # identity -> images and masks, drawn once for every row that trains
