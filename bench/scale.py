@@ -114,7 +114,8 @@ def streamed_fusion(components, folders: list[Path], prior, request):
     """Ours: each stored artifact read, added to the statistics and let go (what a worker does).
     Tensor bytes: the statistics it holds, plus the largest artifact (held while it is added)."""
     from erasure.artifacts import load_concept
-    from erasure.methods.fusion import accumulate, solved_weights
+    from erasure.core.text import empty_prompt_states
+    from erasure.methods.fusion import accumulate, base_weights, solved_weights
 
     largest = [0]
 
@@ -126,10 +127,12 @@ def streamed_fusion(components, folders: list[Path], prior, request):
             largest[0] = max(largest[0], nbytes(held))
             yield artifact
 
-    statistics = accumulate(components, one_at_a_time(), request.fusion, prior)
+    statistics = accumulate(base_weights(components), one_at_a_time(), request.fusion, prior)
     accumulator = statistics.accumulator
     held = nbytes([accumulator.gram_sum, accumulator.mapped_gram_sum, *accumulator.lora_terms.values(), statistics.prior.total])
-    weights = solved_weights(components, accumulator, statistics.edited, statistics.prior.gram(), request.preserve, request.fusion)
+    weights = solved_weights(
+        empty_prompt_states(components), accumulator, statistics.edited, statistics.prior.gram(), request.preserve, request.fusion
+    )
     return statistics.base | weights, held + largest[0]
 
 

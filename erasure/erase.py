@@ -46,7 +46,7 @@ from erasure.core.closed_form import (
     refinement_map,
 )
 from erasure.core.prompts import augmented_pairs, preserve_prompt_groups
-from erasure.core.text import align_tokens, encode, tokenize
+from erasure.core.text import align_tokens, empty_prompt_states, encode, tokenize
 from erasure.diffusion.data import ConceptData, generate_concept_data, needs_images, no_images
 from erasure.diffusion.lora import train_concept_lora
 from erasure.diffusion.models import Components, apply_weights, fingerprint, sampler_settings, save_components
@@ -165,7 +165,7 @@ def base_prior(components: Components, preserve: PreserveSpec, fusion: FusionSet
     concept's anchors only add to them)."""
     prior = prior_statistics(components, prior_prompts(preserve))
     if fusion.method == "constrained":
-        editable_projector(components, prior.gram(), fusion)
+        editable_projector(empty_prompt_states(components), prior.gram(), fusion)
     return prior
 
 
@@ -280,7 +280,7 @@ def erase_concept(
     settings, seed = request.method, concept_seed(request.seed, concept)
     if request.fusion.method == "constrained":
         # a prior published by an earlier run (MACE's fusion, say) skipped ``base_prior``'s check
-        editable_projector(components, base_prior.gram(), request.fusion)
+        editable_projector(empty_prompt_states(components), base_prior.gram(), request.fusion)
     timer = time.perf_counter()
     exclude = never_mined(concept, request.preserve.concepts)
     discovery = None

@@ -31,6 +31,7 @@ from erasure.artifacts import (
     summary_aliases,
 )
 from erasure.audit.closure import CLOSURE_FILE, ClosureConcept, closure_summary
+from erasure.core.text import empty_prompt_states
 from erasure.diffusion.models import fingerprint, sampler_settings, save_components, with_weights
 from erasure.erase import (
     base_prior,
@@ -126,7 +127,7 @@ class ConceptWorker:
             made_from, removed = prior_lineage(fetched) or (job.made_from, ())
             prior = without_retained(self.components, load_prior(fetched / PRIOR_FILE), made_from, job.removed)
             if job.fusion.method == "constrained":
-                editable_projector(self.components, prior.gram(), job.fusion)
+                editable_projector(empty_prompt_states(self.components), prior.gram(), job.fusion)
             (Path(folder) / "prior").mkdir()
             save_prior(prior, Path(folder) / "prior" / PRIOR_FILE, made_from, (*removed, *job.removed))
             self.store.publish(job.key, Path(folder) / "prior")

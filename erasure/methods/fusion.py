@@ -83,8 +83,9 @@ def fusion_solver(
     re-fuses with the prompts its attacks found, ``erasure.audit.closure``)."""
     if fusion.method == "separable":
         raise RequestError("the separable fusion has no targets to add terms to: use fusion.method mace or constrained")
-    statistics = accumulate(components, concepts, fusion, prior)
-    solve = solver(components, statistics.accumulator, statistics.edited, statistics.prior.gram(), preserve, fusion)
+    statistics = accumulate(base_weights(components), concepts, fusion, prior)
+    invariants = empty_prompt_states(components)
+    solve = solver(invariants, statistics.accumulator, statistics.edited, statistics.prior.gram(), preserve, fusion)
     return lambda extra: statistics.base | solve(extra)
 
 
@@ -99,11 +100,12 @@ class FusionStatistics:
 
 
 def accumulate(
-    components, concepts: Iterable[FusableConcept], fusion: FusionSettings, prior: PriorStatistics | None = None
+    base: dict[str, torch.Tensor], concepts: Iterable[FusableConcept], fusion: FusionSettings,
+    prior: PriorStatistics | None = None,
 ) -> FusionStatistics:
     """One pass over ``concepts``: each is added to the statistics (and its anchor states to a copy
-    of ``prior``), then dropped."""
-    base = base_weights(components)
+    of ``prior``), then dropped. ``base``: every projection that reads the text states, by name
+    (``base_weights`` for a UNet)."""
     edited = edited_weights(base, fusion)
     dim = next(iter(edited.values())).shape[1]
     accumulator = FusionAccumulator(dim, {n: tuple(w.shape) for n, w in edited.items()})
@@ -122,9 +124,9 @@ def fused_weights(
     if fusion.method == "separable":  # SepME's increments were trained on K and V together: both are fused
         base = base_weights(components)
         return base | separable_weights(base, concepts, prior_gram, empty_prompt_states(components), fusion.threshold)
-    statistics = accumulate(components, concepts, fusion)
+    statistics = accumulate(base_weights(components), concepts, fusion)
     return statistics.base | solved_weights(
-        components, statistics.accumulator, statistics.edited, prior_gram, preserve, fusion
+        empty_prompt_states(components), statistics.accumulator, statistics.edited, prior_gram, preserve, fusion
     )
 
 
@@ -143,24 +145,25 @@ def add_concept(accumulator: FusionAccumulator, concept: FusableConcept, edited:
 
 
 def solved_weights(
-    components, accumulator: FusionAccumulator, edited: dict[str, torch.Tensor], prior_gram: torch.Tensor,
+    invariants: torch.Tensor, accumulator: FusionAccumulator, edited: dict[str, torch.Tensor], prior_gram: torch.Tensor,
     preserve: PreserveSpec, fusion: FusionSettings, extra: ExtraTerms | None = None,
 ) -> dict[str, torch.Tensor]:
     """The MACE or constrained solve of the accumulated concepts (``extra`` terms joining them when
     given), then RECE's rounds."""
-    return solver(components, accumulator, edited, prior_gram, preserve, fusion)(extra)
+    return solver(invariants, accumulator, edited, prior_gram, preserve, fusion)(extra)
 
 
 def solver(
-    components, accumulator: FusionAccumulator, edited: dict[str, torch.Tensor], prior_gram: torch.Tensor,
+    invariants: torch.Tensor, accumulator: FusionAccumulator, edited: dict[str, torch.Tensor], prior_gram: torch.Tensor,
     preserve: PreserveSpec, fusion: FusionSettings,
 ) -> Callable[[ExtraTerms | None], dict[str, torch.Tensor]]:
     """``solved_weights`` as a function of the extra terms, with what does not depend on them (the
-    constrained fusion's projector, the output-side edit) computed once."""
+    constrained fusion's projector, the output-side edit) computed once. ``invariants``: (m, d) states
+    the edit must leave exactly unchanged (the unconditional input's: ``empty_prompt_states``)."""
     if fusion.method == "mace":
         solve = lambda extra: accumulator.fuse(edited, prior_gram, preserve.lam2, preserve.ridge, extra)  # noqa: E731
     else:
-        projector = editable_projector(components, prior_gram, fusion)
+        projector = editable_projector(invariants, prior_gram, fusion)
         constrained = lambda extra: constrained_weights(accumulator, edited, projector, fusion.alpha, extra)  # noqa: E731
         solve = constrained
         if fusion.output_edit is not None:  # added to every solve: RECE's rounds see the edited model
@@ -180,11 +183,11 @@ def solver(
     return with_rounds
 
 
-def editable_projector(components, prior_gram: torch.Tensor, fusion: FusionSettings) -> torch.Tensor:
+def editable_projector(invariants: torch.Tensor, prior_gram: torch.Tensor, fusion: FusionSettings) -> torch.Tensor:
     """The constrained fusion's projector on the directions the retained states leave free; an error
     when they leave none (a text space narrower than the states it must keep, such as the tiny
     test model's 32-wide encoder)."""
-    projector = null_space_projector(prior_gram, fusion.threshold, empty_prompt_states(components))
+    projector = null_space_projector(prior_gram, fusion.threshold, invariants)
     if null_space_dimension(projector) == 0:
         raise RequestError(
             f"fusion.threshold {fusion.threshold}: the retained states use every direction of the text space, so "
