@@ -411,12 +411,8 @@ def fingerprint(components: Components) -> str:
         if module is None:
             digest.update(f"{name}:none".encode())
             continue
-        config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
         digest.update(name.encode())
-        digest.update(_config_text(config))
-        for key, tensor in sorted(module.state_dict().items()):
-            digest.update(key.encode())
-            digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        _digest_module(digest, module)
     digest.update(json.dumps(components.tokenizer.get_vocab(), sort_keys=True).encode())
     # the prompt length decides which padding states the UNet reads (and, bidirectional, every state)
     digest.update(f"max_length:{components.tokenizer.model_max_length}".encode())
@@ -424,6 +420,36 @@ def fingerprint(components: Components) -> str:
     # the sampling settings it is used with (its own, else ours) change every image drawn for erasure
     digest.update(b"sampling" + json.dumps(sampling_defaults(components), sort_keys=True).encode())
     return digest.hexdigest()
+
+
+def pipeline_fingerprint(pipe) -> str:
+    """SHA-256 over every component of a diffusers pipeline of any family (``fingerprint``'s
+    rule: configs, weights, vocabularies and padding lengths, scheduler configs), and the
+    pipeline's own config (SDXL's ``force_zeros_for_empty_prompt`` changes what it draws)."""
+    digest = hashlib.sha256(type(pipe).__name__.encode())
+    digest.update(_config_text({k: v for k, v in dict(pipe.config).items() if k not in pipe.components}))
+    for name, component in sorted(pipe.components.items()):
+        digest.update(name.encode())
+        if component is None:
+            digest.update(b"none")
+        elif isinstance(component, torch.nn.Module):
+            _digest_module(digest, component)
+        elif hasattr(component, "get_vocab"):
+            digest.update(json.dumps(component.get_vocab(), sort_keys=True).encode())
+            digest.update(f"max_length:{component.model_max_length}".encode())
+        elif hasattr(component, "config"):  # a scheduler
+            digest.update(_config_text(dict(component.config)))
+        else:
+            raise TypeError(f"pipeline component {name!r} ({type(component).__name__}) has nothing to fingerprint")
+    return digest.hexdigest()
+
+
+def _digest_module(digest, module: torch.nn.Module) -> None:
+    config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+    digest.update(_config_text(config))
+    for key, tensor in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
 
 
 # Keys that record where or how a config was saved, not what the model is.

@@ -1,0 +1,45 @@
+"""Architecture adapters: one file per model family, each saying which linear maps read the
+text, what states they read and how the pipeline samples (``base.Architecture``). The closed
+forms, fusion and restore (``erasure.methods.pipeline_edit``) know nothing else of a family, so
+adding one is one adapter file and its tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from erasure.architectures.base import Architecture
+from erasure.architectures.flux import Flux
+from erasure.architectures.pixart import PixArt
+from erasure.architectures.sd import StableDiffusion
+from erasure.architectures.sd3 import StableDiffusion3
+from erasure.architectures.sdxl import StableDiffusionXL
+from erasure.spec import RequestError
+
+ARCHITECTURES: tuple[Architecture, ...] = (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux(), PixArt())
+
+
+def architecture_of(pipe) -> Architecture:
+    """The adapter of a diffusers pipeline, by its class."""
+    name = type(pipe).__name__
+    for architecture in ARCHITECTURES:
+        if name in architecture.pipeline_classes:
+            return architecture
+    supported = ", ".join(c for a in ARCHITECTURES for c in a.pipeline_classes)
+    raise RequestError(f"pipeline {name} is not supported; supported: {supported}")
+
+
+def load_pipeline(folder: Path):
+    """A diffusers-layout folder as its own pipeline class (``model_index.json`` names it), strictly
+    offline, with its adapter."""
+    from diffusers import DiffusionPipeline
+
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise RequestError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise RequestError(f"model folder {str(folder)!r} does not load as a diffusers pipeline ({reason})") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, architecture_of(pipe)

@@ -1,0 +1,215 @@
+"""Every model family through its adapter, on tiny random pipelines built from configs: erase,
+save, load through the family's own diffusers pipeline class, sample; retained prompts keep
+their conditioning; restore is exact; the fingerprint covers every component; the edit
+exports as a LoRA that diffusers loads and unloads."""
+
+from __future__ import annotations
+
+import json
+
+import diffusers
+import pytest
+import torch
+
+from erasure.architectures import architecture_of, load_pipeline
+from erasure.architectures.base import module_at
+from erasure.architectures.tiny import FAMILIES, build_tiny_pipeline
+from erasure.diffusion.models import pipeline_fingerprint
+from erasure.lora_export import REPORT_FILE, export_lora, low_rank_factors
+from erasure.methods.pipeline_edit import PipelineEraser, stream_alignments
+from erasure.spec import ConceptSpec, FusionSettings, RequestError
+
+CAT = ConceptSpec(name="cat", anchor="bird")
+CAR = ConceptSpec(name="car", anchor="truck")
+RETAINED = ["a photo of a dog"]
+EXACT = FusionSettings(method="constrained", threshold=1e-9)  # the retained span's exact complement
+
+
+def eraser(pipe, fusion=EXACT, concepts=(CAT,)) -> PipelineEraser:
+    erasing = PipelineEraser(pipe, architecture_of(pipe), RETAINED, fusion=fusion, prompts_per_concept=2)
+    for concept in concepts:
+        erasing.add(concept)
+    return erasing
+
+
+def map_outputs(pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Per stream, what its first edited map gives the prompts' states (the denoiser's conditioning)."""
+    architecture = architecture_of(pipe)
+    states = architecture.states(pipe, prompts)
+    out = {}
+    for stream in architecture.streams(pipe):
+        edited = stream.maps[0]
+        weight = module_at(architecture.denoiser(pipe), edited.module).weight.detach()
+        if edited.columns is not None:
+            weight = weight[:, edited.columns[0] : edited.columns[1]]
+        out[stream.name] = states[stream.name] @ weight.T
+    return out
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
+def test_each_family_loads_as_its_own_pipeline_class(family):
+    pipe = build_tiny_pipeline(family)
+    assert architecture_of(pipe).family == family
+    assert type(pipe).__name__ in architecture_of(pipe).pipeline_classes
+
+
+def test_retained_prompts_keep_their_conditioning_and_the_concept_moves_to_its_anchor(family):
+    pipe = build_tiny_pipeline(family)
+    erased = eraser(pipe).erased_pipeline()
+    before = map_outputs(pipe, ["a photo of a cat", "a photo of a bird", *RETAINED])
+    after = map_outputs(erased, ["a photo of a cat", *RETAINED])
+    for stream, base in before.items():
+        retained_change = (after[stream][1:] - base[2:]).abs().max() / base[2:].abs().max()
+        assert retained_change < 1e-5, (stream, float(retained_change))
+    tokens_before = (before["tokens"][0] - before["tokens"][1]).norm()
+    tokens_after = (after["tokens"][0] - before["tokens"][1]).norm()
+    assert tokens_after < 0.95 * tokens_before  # the concept prompt's conditioning went toward the anchor's
+
+
+def test_retained_prompt_draws_what_the_base_model_draws(family):
+    pipe = build_tiny_pipeline(family)
+    architecture = architecture_of(pipe)
+    erased = eraser(pipe).erased_pipeline()
+    base_images = architecture.sample(pipe, [RETAINED[0], "a photo of a cat"], [3, 3], 2, 3.0, size=16)
+    erased_images = architecture.sample(erased, [RETAINED[0], "a photo of a cat"], [3, 3], 2, 3.0, size=16)
+    assert (base_images[0] - erased_images[0]).abs().max() < 1e-4
+    assert (base_images[1] - erased_images[1]).abs().max() > 1e-4  # the concept's image changed
+
+
+def test_erased_pipeline_saves_and_loads_through_the_diffusers_class(family, tmp_path):
+    pipe = build_tiny_pipeline(family)
+    erased = eraser(pipe).erased_pipeline()
+    erased.save_pretrained(tmp_path / "erased")
+    pipeline_class = getattr(diffusers, architecture_of(pipe).pipeline_classes[0])
+    loaded = pipeline_class.from_pretrained(tmp_path / "erased", local_files_only=True)
+    assert pipeline_fingerprint(loaded) == pipeline_fingerprint(erased) != pipeline_fingerprint(pipe)
+    images = architecture_of(loaded).sample(loaded, ["a photo of a cat"], [0], 2, 3.0, size=16)
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+    again, architecture = load_pipeline(tmp_path / "erased")
+    assert architecture.family == family and pipeline_fingerprint(again) == pipeline_fingerprint(erased)
+
+
+def test_restore_is_exact(family):
+    pipe = build_tiny_pipeline(family)
+    both = eraser(pipe, FusionSettings(method="mace"), (CAT, CAR))
+    only_cat = eraser(pipe, FusionSettings(method="mace"), (CAT,)).weights()
+    both.remove("car")
+    restored = both.weights()
+    for stream, maps in only_cat.items():
+        for module, weight in maps.items():
+            assert torch.allclose(restored[stream][module], weight, atol=1e-6, rtol=0), module
+    both.remove("cat")
+    for stream, maps in both.weights().items():
+        for module, weight in maps.items():
+            assert torch.equal(weight, both.base[stream][module])  # nothing erased: the base itself
+
+
+def test_fingerprint_covers_every_component(family):
+    pipe = build_tiny_pipeline(family)
+    reference = pipeline_fingerprint(pipe)
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            parameter = next(component.parameters())
+            with torch.no_grad():
+                parameter.view(-1)[0] += 1.0
+            assert pipeline_fingerprint(pipe) != reference, name
+            with torch.no_grad():
+                parameter.view(-1)[0] -= 1.0
+        elif hasattr(component, "get_vocab"):
+            length = component.model_max_length
+            component.model_max_length = length + 1
+            assert pipeline_fingerprint(pipe) != reference, name
+            component.model_max_length = length
+        elif component is not None:
+            pipe.components[name].register_to_config(num_train_timesteps=999)
+            assert pipeline_fingerprint(pipe) != reference, name
+    assert pipeline_fingerprint(build_tiny_pipeline(family, seed=1)) != pipeline_fingerprint(build_tiny_pipeline(family))
+
+
+def test_sd3_aligns_clip_and_t5_segments_each_with_its_own_tokenizer():
+    pipe = build_tiny_pipeline("sd3")
+    tokens = architecture_of(pipe).streams(pipe)[0]
+    clip_length = tokens.segments[0].length
+    (alignment,) = stream_alignments(pipe, tokens, [("a photo of a cat", "a photo of a bird")], "span")
+    # CLIP: <start> a photo of a | cat | <end> ...; T5 (no start token): a photo of a | cat | </s> ...
+    assert alignment.concept_span == (5, clip_length + 4)
+    assert (5, 5) in alignment.pairs and (clip_length + 4, clip_length + 4) in alignment.pairs
+    assert all(q < 2 * clip_length for _, q in alignment.pairs)
+
+
+def test_pooled_stream_maps_the_concept_prompt_to_the_anchor_prompt():
+    pipe = build_tiny_pipeline("sdxl")
+    pooled = architecture_of(pipe).streams(pipe)[1]
+    assert pooled.pooled and pooled.maps[0].columns == (0, pipe.text_encoder_2.config.projection_dim)
+    assert [a.pairs for a in stream_alignments(pipe, pooled, [("a cat", "a bird")] * 2, "span")] == [((0, 0),)] * 2
+
+
+def test_sdxl_unconditional_input_is_zeros_and_stays_zeros():
+    pipe = build_tiny_pipeline("sdxl")
+    assert pipe.config.force_zeros_for_empty_prompt
+    assert all(not states.any() for states in architecture_of(pipe).unconditional_states(pipe).values())
+
+
+def test_refusals_say_what_to_do(tmp_path):
+    pipe = build_tiny_pipeline("flux")
+    with pytest.raises(RequestError, match="closed form: use mace or constrained"):
+        PipelineEraser(pipe, architecture_of(pipe), RETAINED, fusion=FusionSettings(method="separable"))
+    erasing = eraser(pipe)
+    with pytest.raises(RequestError, match="already erased"):
+        erasing.add(CAT)
+    with pytest.raises(RequestError, match="not erased here; erased: cat"):
+        erasing.remove("dog")
+    with pytest.raises(RequestError, match="no model_index.json"):
+        load_pipeline(tmp_path)
+    with pytest.raises(RequestError, match="not supported"):
+        architecture_of(object())
+
+
+# --------------------------------------------------------------------------- LoRA export
+
+
+def test_low_rank_factors_keep_the_asked_energy():
+    torch.manual_seed(0)
+    delta = torch.randn(20, 3) @ torch.randn(3, 30) + 1e-3 * torch.randn(20, 30)
+    up, down, error = low_rank_factors(delta, 0.999)
+    assert down.shape == (3, 30) and up.shape == (20, 3)
+    assert error == pytest.approx(float((delta - up @ down).norm() / delta.norm()), rel=1e-4) and error < 0.01
+    up, down, error = low_rank_factors(delta, 1.0)
+    assert down.shape[0] == 20 and error < 1e-5
+    with pytest.raises(RequestError, match="share of the edit"):
+        low_rank_factors(delta, 0.0)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "pixart"])
+def test_lora_export_loads_into_the_served_pipeline_and_unloads(family, tmp_path):
+    pipe = build_tiny_pipeline(family)
+    architecture = architecture_of(pipe)
+    erased = eraser(pipe, FusionSettings(method="mace"), (CAT, CAR)).erased_pipeline()
+    report = export_lora(pipe, erased, architecture, tmp_path / "lora", energy=0.9999)
+    summary = json.loads((tmp_path / "lora" / REPORT_FILE).read_text())
+    assert summary["family"] == family and len(summary["maps"]) == len(report) > 0
+    assert summary["max_relative_error"] == max(m.relative_error for m in report) < 0.02
+    prompts, seeds = ["a photo of a cat"], [1]
+    wanted = architecture.sample(erased, prompts, seeds, 2, 3.0, size=16)
+    base = architecture.sample(pipe, prompts, seeds, 2, 3.0, size=16)
+    pipe.load_lora_weights(tmp_path / "lora")
+    with_lora = architecture.sample(pipe, prompts, seeds, 2, 3.0, size=16)
+    assert (with_lora - wanted).abs().max() < 0.1 * (wanted - base).abs().max()
+    pipe.unload_lora_weights()
+    assert torch.equal(architecture.sample(pipe, prompts, seeds, 2, 3.0, size=16), base)
+    with pytest.raises(RequestError, match="exists"):
+        export_lora(pipe, erased, architecture, tmp_path / "lora")
+
+
+def test_lora_export_refuses_what_it_cannot_ship(tmp_path):
+    pipe = build_tiny_pipeline("pixart")
+    with pytest.raises(RequestError, match="no load_lora_weights"):
+        export_lora(pipe, pipe, architecture_of(pipe), tmp_path / "lora")
+    flux = build_tiny_pipeline("flux")
+    with pytest.raises(RequestError, match="no edit to export"):
+        export_lora(flux, flux, architecture_of(flux), tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
