@@ -48,11 +48,16 @@ def erase(
     """Erase the request's concepts and write the erased model to --out."""
     from erasure.audit.closure import CLOSURE_FILE
     from erasure.erase import erase as run_erase
+    from erasure.erase_pipeline import pipeline_family
     from erasure.spec import load_request
 
+    spec = report_errors(lambda: load_request(request))
+    warn(spec.specificity_warnings())
+    if pipeline_family(spec.model):
+        _erase_pipeline(spec, out, device, overwrite)
+        return
+
     def erased():
-        spec = load_request(request)
-        warn(spec.specificity_warnings())
         with progress_bars() as progress:
             return run_erase(spec, out, device=device_or_default(device), progress=Bars(progress), overwrite=overwrite)
 
@@ -76,6 +81,67 @@ def erase(
     )
 
 
+def _erase_pipeline(spec, out: Path, device: str | None, overwrite: bool) -> None:
+    """``erase`` for an SDXL, SD3, FLUX or PixArt folder: the closed form through its adapter."""
+    from erasure.erase_pipeline import erase_pipeline
+
+    manifest = report_errors(lambda: erase_pipeline(spec, out, device=device_or_default(device), overwrite=overwrite))
+    table = Table(title=f"erased {len(manifest['concepts'])} concept(s) from {manifest['pipeline_class']} -> {out}")
+    for column in ("concept", "kind", "anchor", "pairs", "to anchor: base -> erased", "retained drift"):
+        table.add_column(column)
+    for row in manifest["concepts"]:
+        drift = f"{row['retained_drift']:.2%}" if row["retained_drift"] is not None else "-"
+        table.add_row(
+            escape(row["name"]), row["kind"], escape(row["anchor"]), str(row["pairs"]),
+            f"{row['to_anchor_before']:.1%} -> {row['to_anchor_after']:.1%}", drift,
+        )
+    Console().print(table)
+    edited = "; ".join(f"{stream}: {len(maps)} map(s)" for stream, maps in manifest["edited"].items())
+    Console().print(
+        f"edited {edited} (closed form; distances are of the edited maps' outputs for \"a photo of ...\")\n"
+        "stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in manifest["seconds"].items())
+        + f"\nmodel: {out / 'model'}   try: erasure generate {out / 'model'} \"a photo of ...\"", highlight=False,
+    )
+
+
+@app.command(name="export-lora")
+def export_lora(
+    base: Path = typer.Argument(..., help="The base model's diffusers folder."),
+    erased: Path = typer.Argument(..., help="The erased model: an erase output folder or its model/."),
+    out: Path = typer.Option(..., "--out", "-o", help="New folder for the LoRA (pytorch_lora_weights.safetensors)."),
+    energy: float = typer.Option(0.999, help="Share of each map's edit (squared norm) the low-rank factors keep."),
+) -> None:
+    """Export an erasure as a LoRA a served pipeline loads with load_lora_weights (and unloads)."""
+    from erasure.architectures import load_pipeline
+    from erasure.diffusion.models import pipeline_fingerprint
+    from erasure.lora_export import export_lora as run_export
+    from erasure.spec import RequestError
+
+    def exported():
+        folder = erased / "model" if (erased / "model" / "model_index.json").is_file() else erased
+        base_pipe, architecture = load_pipeline(base)
+        erased_pipe, erased_architecture = load_pipeline(folder)
+        if erased_architecture is not architecture:
+            raise RequestError(f"{base} is {architecture.family} but {folder} is {erased_architecture.family}")
+        manifest = erased / "manifest.json"
+        if manifest.is_file():  # an erase output says which base it was made from
+            import json
+
+            made_from = json.loads(manifest.read_text()).get("base_fingerprint")
+            if made_from and made_from != pipeline_fingerprint(base_pipe):
+                raise RequestError(f"{erased} was erased from another model than {base} (base fingerprints differ)")
+        return run_export(base_pipe, erased_pipe, architecture, out, energy)
+
+    report = report_errors(exported)
+    table = Table(title=f"LoRA of the erasure -> {out}")
+    for column in ("map", "rank", "relative error"):
+        table.add_column(column)
+    for row in report:
+        table.add_row(escape(row.module), str(row.rank), f"{row.relative_error:.2e}")
+    Console().print(table)
+    Console().print(f"apply: pipe.load_lora_weights({str(out)!r}); remove: pipe.unload_lora_weights()", highlight=False)
+
+
 @app.command()
 def generate(
     model: str = typer.Argument(..., help=f"Model folder (e.g. OUT/model), hub id, or one of {', '.join(builtin_names())}."),
@@ -91,11 +157,21 @@ def generate(
     """Sample images from a base or erased model."""
     from erasure.diffusion.models import sampler_settings
     from erasure.diffusion.sampling import sample, to_pil
+    from erasure.erase_pipeline import pipeline_family
     from erasure.loading import load_components
 
-    components = report_errors(lambda: load_components(model, device_or_default(device)))
-    steps, guidance = sampler_settings(components, steps, guidance)
-    images, _ = sample(components, list(prompts), [seed + i for i in range(len(prompts))], steps=steps, guidance_scale=guidance)
+    seeds = [seed + i for i in range(len(prompts))]
+    if pipeline_family(model):  # SDXL, SD3, FLUX, PixArt: through the pipeline class itself
+        from erasure.architectures import load_pipeline
+
+        pipe, architecture = report_errors(lambda: load_pipeline(Path(model).expanduser()))
+        pipe.to(device_or_default(device))
+        steps, guidance = steps or SAMPLING.sampler_steps, guidance or SAMPLING.guidance_scale
+        images = architecture.sample(pipe, list(prompts), seeds, steps, guidance)
+    else:
+        components = report_errors(lambda: load_components(model, device_or_default(device)))
+        steps, guidance = sampler_settings(components, steps, guidance)
+        images, _ = sample(components, list(prompts), seeds, steps=steps, guidance_scale=guidance)
     out.mkdir(parents=True, exist_ok=True)
     for i, (prompt, image) in enumerate(zip(prompts, images)):
         path = out / f"{i:03d}.png"

@@ -6,15 +6,20 @@ exports as a LoRA that diffusers loads and unloads."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import diffusers
 import pytest
 import torch
+import yaml
+from typer.testing import CliRunner
 
+from cli.main import app
 from erasure.architectures import architecture_of, load_pipeline
 from erasure.architectures.base import module_at
 from erasure.architectures.tiny import FAMILIES, build_tiny_pipeline
 from erasure.diffusion.models import pipeline_fingerprint
+from erasure.loading import load_components
 from erasure.lora_export import REPORT_FILE, export_lora, low_rank_factors
 from erasure.methods.pipeline_edit import PipelineEraser, stream_alignments
 from erasure.spec import ConceptSpec, FusionSettings, RequestError
@@ -213,3 +218,58 @@ def test_lora_export_refuses_what_it_cannot_ship(tmp_path):
     with pytest.raises(RequestError, match="no edit to export"):
         export_lora(flux, flux, architecture_of(flux), tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def closed_form_request(model: Path) -> dict:
+    return {
+        "model": str(model),
+        "concepts": [{"name": "cat", "anchor": "bird"}, {"name": "car", "anchor": "truck"}],
+        "preserve": {"concepts": ["dog"]},
+        "method": {"lora_steps": 0, "prompts_per_concept": 2},
+        "fusion": {"method": "mace"},
+    }
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_erase_generate_and_export_lora_from_the_command_line(family, tmp_path):
+    base = build_tiny_pipeline(family)
+    base.save_pretrained(tmp_path / "base")
+    (tmp_path / "request.yaml").write_text(yaml.safe_dump(closed_form_request(tmp_path / "base")))
+    out = tmp_path / "erased"
+    result = CliRunner().invoke(app, ["erase", str(tmp_path / "request.yaml"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "erased 2 concept(s) from" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["family"] == family and manifest["base_fingerprint"] == pipeline_fingerprint(base)
+    for row in manifest["concepts"]:  # the concept's conditioning went toward its anchor's
+        assert row["to_anchor_after"] < row["to_anchor_before"] and row["retained_drift"] is not None
+    erased, architecture = load_pipeline(out / "model")
+    assert architecture.family == family and pipeline_fingerprint(erased) != manifest["base_fingerprint"]
+
+    result = CliRunner().invoke(app, ["generate", str(out / "model"), "a photo of a cat", "--out", str(tmp_path / "png"),
+                                      "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "png" / "000.png").is_file()
+
+    result = CliRunner().invoke(app, ["export-lora", str(tmp_path / "base"), str(out), "--out", str(tmp_path / "lora")])
+    assert result.exit_code == 0, result.output
+    served = type(base).from_pretrained(tmp_path / "base", local_files_only=True)
+    served.load_lora_weights(tmp_path / "lora")
+    assert json.loads((tmp_path / "lora" / REPORT_FILE).read_text())["family"] == family
+
+
+def test_the_command_line_refuses_what_the_closed_form_path_does_not_do(tmp_path):
+    build_tiny_pipeline("flux").save_pretrained(tmp_path / "base")
+    request = closed_form_request(tmp_path / "base") | {"method": {"prompts_per_concept": 2}}  # LoRA steps left on
+    (tmp_path / "request.yaml").write_text(yaml.safe_dump(request))
+    result = CliRunner().invoke(app, ["erase", str(tmp_path / "request.yaml"), "--out", str(tmp_path / "erased")])
+    assert result.exit_code == 2 and "method.lora_steps: 0" in result.output
+    assert not (tmp_path / "erased").exists()
+    with pytest.raises(RequestError, match="FluxPipeline folder: `erasure erase`"):
+        load_components(str(tmp_path / "base"))  # what run, takedown, restore, audit and evaluate load
+    build_tiny_pipeline("sd").save_pretrained(tmp_path / "sd")
+    result = CliRunner().invoke(app, ["export-lora", str(tmp_path / "sd"), str(tmp_path / "base"), "--out", str(tmp_path / "l")])
+    assert result.exit_code == 2 and "is sd but" in result.output

@@ -5,6 +5,8 @@ adding one is one adapter file and its tests."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from erasure.architectures.base import Architecture
@@ -16,6 +18,9 @@ from erasure.architectures.sdxl import StableDiffusionXL
 from erasure.spec import RequestError
 
 ARCHITECTURES: tuple[Architecture, ...] = (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux(), PixArt())
+# The pipeline classes erased through an adapter alone (``erasure.erase_pipeline``); SD 1.x/2.x
+# folders take the UNet path (``erasure.erase``), which also trains LoRAs, mines and audits.
+PIPELINE_FAMILIES = tuple(c for a in ARCHITECTURES if a.family != "sd" for c in a.pipeline_classes)
 
 
 def architecture_of(pipe) -> Architecture:
@@ -37,9 +42,26 @@ def load_pipeline(folder: Path):
     if not (folder / "model_index.json").is_file():
         raise RequestError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json")
     try:
-        pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+        with quiet_progress():
+            pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise RequestError(f"model folder {str(folder)!r} does not load as a diffusers pipeline ({reason})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe, architecture_of(pipe)
+
+
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """diffusers' and transformers' per-file progress bars off (loading and saving a pipeline
+    draws a dozen of them), on again afterwards."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()

@@ -11,6 +11,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from erasure.core.prompts import template_words
 from erasure.core.tokenizer import build_clip_tokenizer, build_wordpiece_tokenizer
+from erasure.diffusion.models import TINY_EXTRA_WORDS
 
 LENGTH = 16
 CLIP_WIDTH = 64
@@ -19,8 +20,6 @@ FAMILIES = ("sd", "sdxl", "sd3", "flux", "pixart")
 
 
 def _words() -> list[str]:
-    from erasure.diffusion.models import TINY_EXTRA_WORDS
-
     return template_words() + TINY_EXTRA_WORDS
 
 

@@ -34,6 +34,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from erasure.architectures import PIPELINE_FAMILIES
 from erasure.core.attention import cross_attention_projections
 from erasure.core.prompts import template_words
 from erasure.core.tokenizer import build_clip_tokenizer, build_wordpiece_tokenizer, save_clip_files
@@ -108,6 +109,7 @@ def load_folder(folder: Path) -> Components:
     weight files hold is refused before anything is built; weights that are not finite too."""
     folder = Path(folder)
     index = _index(folder)
+    _refuse_pipeline_families(folder, index)
     needed = ("unet", "scheduler") if index.get(PACKAGE_KEY) else ("unet", "text_encoder", "tokenizer", "scheduler")
     missing = [sub for sub in needed if not (folder / sub).is_dir()]
     if missing:
@@ -144,6 +146,18 @@ def load_folder(folder: Path) -> Components:
         if module is not None:
             _check_finite(folder, name, module)
     return Components(unet, text_encoder, tokenizer, scheduler, vae, defaults, package)
+
+
+def _refuse_pipeline_families(folder: Path, index: dict) -> None:
+    """SDXL, SD3, FLUX and PixArt folders are erased through their adapters (``erasure erase``,
+    ``erasure generate``, ``erasure export-lora``); the UNet path's commands would fail on them
+    with a misleading "missing unet/"."""
+    if index.get("_class_name") in PIPELINE_FAMILIES:
+        raise RequestError(
+            f"{folder} is a {index['_class_name']} folder: `erasure erase` (the closed form, method.lora_steps: 0), "
+            "`erasure generate` and `erasure export-lora` support it; the distributed flows (run, takedown, restore, "
+            "audit) and `erasure evaluate` support SD 1.x/2.x and the built-in worlds so far"
+        )
 
 
 # Pretrained text encoders that install offline as Python packages: name -> (module, the

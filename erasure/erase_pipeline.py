@@ -1,0 +1,161 @@
+"""``erasure erase`` for the families beyond SD 1.x/2.x (SDXL, SD3, FLUX, PixArt): the closed
+form through the family's adapter (``erasure.methods.pipeline_edit``), written as the family's
+own diffusers pipeline folder.
+
+The output folder holds ``model/`` (``<PipelineClass>.from_pretrained`` reads it) and
+``manifest.json``: the base fingerprint, the request, the maps edited per stream, and per
+concept how far its conditioning moved toward its anchor's and how far the retained prompts'
+moved (measured on the edited maps' outputs, what the denoiser reads). It is published whole or
+not at all, like the UNet path's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from erasure import __version__
+from erasure.architectures import PIPELINE_FAMILIES, load_pipeline, quiet_progress
+from erasure.architectures.base import module_at
+from erasure.core.prompts import fill
+from erasure.diffusion.models import pipeline_fingerprint
+from erasure.erase import MANIFEST_FILE, check_output_folder, concept_seed, prior_prompts, publish_output
+from erasure.methods.pipeline_edit import PipelineEraser
+from erasure.spec import ErasureRequest, RequestError
+from erasure.staging import make_staging, remove_stale_staging
+
+PROBE_TEMPLATE = "a photo of {}"  # the conditioning measure's prompt
+
+
+def pipeline_family(model: str) -> str | None:
+    """The pipeline class a local folder's ``model_index.json`` names when this path handles it
+    (``PIPELINE_FAMILIES``); None for anything else (the UNet path's models, built-ins, hub ids)."""
+    index = Path(model).expanduser() / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (ValueError, AttributeError):
+        return None
+    return name if name in PIPELINE_FAMILIES else None
+
+
+def check_supported(request: ErasureRequest, pipeline_class: str) -> None:
+    """Refuse what this path does not do, saying what to set: it is the closed form alone."""
+    method, fusion = request.method, request.fusion
+    unsupported = [
+        (method.lora_steps != 0, "method.lora_steps: 0 (LoRA training and its masks are built for SD 1.x/2.x UNets)"),
+        (method.objective != "attention", "method.objective: attention"),
+        (method.mining is not None, "no method.mining (neighbour mining reads a CLIP-style vocabulary table)"),
+        (method.discovery is not None, "no method.discovery (alias discovery samples through the UNet path)"),
+        (fusion.method == "separable", "fusion.method: mace or constrained"),
+        (fusion.adversarial_rounds != 0, "fusion.adversarial_rounds: 0"),
+        (fusion.closure is not None, "no fusion.closure"),
+    ]
+    needed = [fix for broken, fix in unsupported if broken]
+    if needed:
+        raise RequestError(
+            f"{pipeline_class} is erased with the closed form alone (its text streams' K/V or shared projection); "
+            f"set {'; '.join(needed)}"
+        )
+
+
+def conditioning(pipe, eraser: PipelineEraser, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Per stream, the outputs of every edited map for ``prompts``' states, side by side."""
+    states = eraser.architecture.states(pipe, prompts)
+    denoiser = eraser.architecture.denoiser(pipe)
+    out = {}
+    for name, stream in eraser.streams.items():
+        parts = []
+        for edited in stream.maps:
+            weight = module_at(denoiser, edited.module).weight.detach().float().cpu()
+            if edited.columns is not None:
+                weight = weight[:, edited.columns[0] : edited.columns[1]]
+            parts.append(states[name] @ weight.T)
+        out[name] = torch.cat(parts, dim=-1)
+    return out
+
+
+def conditioning_rows(base, erased, eraser: PipelineEraser, retained: list[str]) -> list[dict]:
+    """Per concept: the distance of its probe prompt's conditioning to its anchor's, relative to
+    the anchor's norm, in the base and in the erased model; and the largest relative change of a
+    retained prompt's conditioning (None without retained prompts). All streams joined into one
+    vector per prompt."""
+    rows = []
+    for erased_concept in eraser.concepts.values():
+        concept = erased_concept.concept
+        probe, anchor = fill(PROBE_TEMPLATE, concept.name), fill(PROBE_TEMPLATE, concept.anchor)
+        b = _flat(conditioning(base, eraser, [probe, anchor, *retained]))
+        a = _flat(conditioning(erased, eraser, [probe, *retained]))
+        scale = b[1].norm()
+        drift = float(((a[1:] - b[2:]).norm(dim=1) / b[2:].norm(dim=1).clamp_min(1e-12)).max()) if retained else None
+        rows.append({
+            "name": concept.name, "kind": concept.kind, "anchor": concept.anchor, "pairs": len(erased_concept.pairs),
+            "to_anchor_before": float((b[0] - b[1]).norm() / scale), "to_anchor_after": float((a[0] - b[1]).norm() / scale),
+            "retained_drift": drift,
+        })
+    return rows
+
+
+def _flat(states: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([s.reshape(s.shape[0], -1) for s in states.values()], dim=1)
+
+
+def erase_pipeline(request: ErasureRequest, out_dir: Path, device: str = "cpu", overwrite: bool = False) -> dict:
+    """Erase ``request``'s concepts from the pipeline folder it names; returns the manifest."""
+    out_dir = Path(out_dir)
+    check_output_folder(out_dir, overwrite)
+    seconds, started = {}, time.perf_counter()
+    pipe, architecture = load_pipeline(Path(request.model).expanduser())
+    check_supported(request, type(pipe).__name__)
+    pipe.to(device)
+    base_fingerprint = pipeline_fingerprint(pipe)
+    seconds["load"] = time.perf_counter() - started
+
+    timer = time.perf_counter()
+    retained = prior_prompts(request.preserve)[1:]  # the eraser adds the empty prompt itself
+    eraser = PipelineEraser(
+        pipe, architecture, retained, request.preserve, request.fusion,
+        request.method.prompts_per_concept, request.method.edit_tokens,
+    )
+    seconds["prior"] = time.perf_counter() - timer
+    timer = time.perf_counter()
+    for concept in request.concepts:
+        eraser.add(concept, concept_seed(request.seed, concept))
+    seconds["concepts"] = time.perf_counter() - timer
+    timer = time.perf_counter()
+    erased = eraser.erased_pipeline()
+    seconds["fusion"] = time.perf_counter() - timer
+    rows = conditioning_rows(pipe, erased, eraser, [fill(PROBE_TEMPLATE, c) for c in request.preserve.concepts[:8]])
+
+    timer = time.perf_counter()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out_dir.parent, out_dir.name)
+    staging = make_staging(out_dir.parent, out_dir.name)
+    try:
+        with quiet_progress():
+            erased.save_pretrained(staging / "model")
+        seconds["write"] = time.perf_counter() - timer
+        seconds["total"] = time.perf_counter() - started
+        manifest = {
+            "erasure_version": __version__,
+            "base_model": request.model,
+            "base_fingerprint": base_fingerprint,
+            "family": architecture.family,
+            "pipeline_class": type(pipe).__name__,
+            "request": request.fingerprint_dict(),
+            "edited": {name: [m.module for m in stream.maps] for name, stream in eraser.streams.items()},
+            "concepts": rows,
+            "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        }
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        check_output_folder(out_dir, overwrite)
+        publish_output(staging, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
