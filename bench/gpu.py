@@ -90,6 +90,7 @@ def fusion_seconds(components, concepts: int, method: str = "constrained", seed:
     solves run: this is what moving them to the GPU could save."""
     from erasure.core.attention import cross_attention_projections
     from erasure.core.closed_form import DTYPE, ConceptStatistics, FusionAccumulator
+    from erasure.core.text import empty_prompt_states
     from erasure.methods.fusion import edited_weights, solved_weights
     from erasure.spec import FusionSettings, PreserveSpec
 
@@ -118,7 +119,7 @@ def fusion_seconds(components, concepts: int, method: str = "constrained", seed:
         accumulator.add(stats, text_map, factors)
     accumulate = time.perf_counter() - timer
     timer = time.perf_counter()
-    solved_weights(components, accumulator, edited, prior_gram, PreserveSpec(), fusion)
+    solved_weights(empty_prompt_states(components), accumulator, edited, prior_gram, PreserveSpec(), fusion)
     return {"accumulate": round(accumulate, 3), "solve": round(time.perf_counter() - timer, 3)}
 
 

@@ -90,3 +90,13 @@ def test_the_identity_benchmark_runs_end_to_end_with_tiny(tmp_path):
     for row in rows[1:]:
         assert 0 <= row["h_c"] <= 1 and _is_duration(row["seconds_per_concept"]) and row["fusion_peak_mb"] >= 0
     assert "H_c" in done.stdout and "capacity" in done.stdout
+
+
+def test_the_gpu_benchmark_times_the_constrained_solve(tiny):
+    """bench/gpu.py's closed-form timing under the default (constrained) fusion, which the GPU run
+    and --fusion-only use; --tiny runs MACE's, so the end-to-end test above does not reach it."""
+    sys.path.insert(0, str(ROOT))
+    from bench.gpu import fusion_seconds
+
+    seconds = fusion_seconds(tiny, 2, "constrained")
+    assert _is_duration(seconds["accumulate"]) and _is_duration(seconds["solve"])
