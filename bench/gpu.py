@@ -90,7 +90,6 @@ def fusion_seconds(components, concepts: int, method: str = "constrained", seed:
     solves run: this is what moving them to the GPU could save."""
     from erasure.core.attention import cross_attention_projections
     from erasure.core.closed_form import DTYPE, ConceptStatistics, FusionAccumulator
-    from erasure.core.text import empty_prompt_states
     from erasure.methods.fusion import edited_weights, solved_weights
     from erasure.spec import FusionSettings, PreserveSpec
 
@@ -108,6 +107,9 @@ def fusion_seconds(components, concepts: int, method: str = "constrained", seed:
     basis, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=DTYPE))
     spectrum = torch.cat([torch.linspace(1.0, 0.01, dim - dim // 4), torch.full((dim // 4,), 1e-6)]).to(DTYPE)
     prior_gram = basis @ torch.diag(spectrum) @ basis.T
+    # the empty prompt's states (held exactly) are in the prior, as a real prior's are: in its used directions
+    used = dim - dim // 4
+    invariants = (basis[:, :used] @ torch.randn(used, components.tokenizer.model_max_length, generator=generator, dtype=DTYPE)).T
     # one synthetic concept, added ``concepts`` times: the arithmetic of adding any concept
     g = gram()
     stats = ConceptStatistics(g, g, g, g, 1)
@@ -119,7 +121,7 @@ def fusion_seconds(components, concepts: int, method: str = "constrained", seed:
         accumulator.add(stats, text_map, factors)
     accumulate = time.perf_counter() - timer
     timer = time.perf_counter()
-    solved_weights(empty_prompt_states(components), accumulator, edited, prior_gram, PreserveSpec(), fusion)
+    solved_weights(invariants, accumulator, edited, prior_gram, PreserveSpec(), fusion)
     return {"accumulate": round(accumulate, 3), "solve": round(time.perf_counter() - timer, 3)}
 
 
