@@ -13,12 +13,21 @@ could save).
     python bench/gpu.py --tiny     # the same path on the CPU with the tiny test model (the test suite runs it)
     python bench/gpu.py --json gpu.json
     python bench/gpu.py --fusion-only   # the closed forms at SD-1.4 shapes on the CPU (no GPU needed)
+
+Per family (``--family sdxl|sd35-medium|flux``, or ``all``): the closed-form path through the
+family's adapter at real size (``bench/family_configs.py``), bf16 on the GPU: 10 concepts'
+text statistics and CFR maps, the fusion of all 10 (a constrained solve per stream), a takedown
+(one more concept, a new solve) and a restore (one fewer). Printed per family: seconds per
+concept per stage, peak GPU memory, and the fusion's memory at 10 and 100 concepts (flat: the
+solve holds sufficient statistics). ``--tiny --family all`` runs every family's tiny pipeline
+on the CPU (the test suite runs it).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -30,6 +39,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 CONCEPTS = ("cat", "dog", "car", "tree", "house", "truck", "horse", "bird", "boat", "plane", "ship")  # the last is the takedown
+
+
+def tokenizers_for_bench():
+    """Our small CLIP BPE (77 tokens) and T5-style WordPiece (512) vocabularies over the
+    templates' words: real tokenizers cannot be downloaded here, and the text models' embedding
+    tables keep their real row counts."""
+    from erasure.core.prompts import template_words
+    from erasure.core.tokenizer import build_clip_tokenizer, build_wordpiece_tokenizer
+    from erasure.diffusion.models import TINY_EXTRA_WORDS
+
+    words = template_words() + TINY_EXTRA_WORDS
+    return build_clip_tokenizer(words, model_max_length=77), build_wordpiece_tokenizer(words, "t5", model_max_length=512)
 
 
 def sd14_components(device: str):
@@ -194,14 +215,111 @@ def run(tiny: bool, json_path: str | None) -> dict:
     return report
 
 
+def run_family(family: str, tiny: bool) -> dict:
+    """The closed-form path of one family (module docstring); ``tiny``: its tiny pipeline on the CPU."""
+    from erasure.architectures import architecture_of
+    from erasure.architectures.tiny import build_tiny_pipeline
+    from erasure.methods.pipeline_edit import PipelineEraser
+    from erasure.spec import ConceptSpec, FusionSettings
+
+    if tiny:
+        device, count, prompts, retained = "cpu", 2, 4, ["a photo of a dog"]
+        pipe = build_tiny_pipeline({"sd35-medium": "sd3"}.get(family, family))
+        fusion = FusionSettings(method="mace")  # the tiny encoders leave the default constrained fusion little room
+    else:
+        from bench.family_configs import real_size_pipeline
+
+        device, count, prompts, retained = "cuda", 10, 30, [f"a photo of a {w}" for w in ("dog", "tree", "house", "chair")]
+        torch.cuda.reset_peak_memory_stats()
+        pipe = real_size_pipeline(family)
+        fusion = FusionSettings()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    architecture = architecture_of(pipe)
+    concepts = [ConceptSpec(name=n, anchor="church") for n in CONCEPTS[: count + 1]]
+    timer = time.perf_counter()
+    eraser = PipelineEraser(pipe, architecture, retained, fusion=fusion, prompts_per_concept=prompts)
+    sync()
+    seconds = {"prior": time.perf_counter() - timer}
+    timer = time.perf_counter()
+    for concept in concepts[:-1]:
+        eraser.add(concept)
+    sync()
+    per_concept = {"text_and_cfr": (time.perf_counter() - timer) / count}
+    timer = time.perf_counter()
+    eraser.weights()
+    seconds["fusion"] = time.perf_counter() - timer
+    per_concept["fusion_share"] = seconds["fusion"] / count
+    timer = time.perf_counter()
+    eraser.add(concepts[-1])
+    eraser.weights()
+    sync()
+    seconds["takedown"] = time.perf_counter() - timer
+    timer = time.perf_counter()
+    eraser.remove(concepts[-1].name)
+    eraser.weights()
+    seconds["restore"] = time.perf_counter() - timer
+    streams = architecture.streams(pipe)
+    denoiser = architecture.denoiser(pipe)
+    report = {
+        "family": family,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (--tiny)",
+        "concepts": count,
+        "edited": {s.name: len(s.maps) for s in streams},
+        "seconds_per_concept": {k: round(v, 3) for k, v in per_concept.items()} | {"total": round(sum(per_concept.values()), 3)},
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+        "fusion_memory_mib": {n: round(stream_fusion_memory(denoiser, streams, n) / 2**20, 2) for n in (10, 100)},
+    }
+    print(f"{family} on {report['device']}: {count} concepts, edited {report['edited']}")
+    print("  seconds per concept: " + ", ".join(f"{k} {v}" for k, v in report["seconds_per_concept"].items()))
+    print("  seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))
+    print(f"  peak GPU memory: {report['peak_gpu_memory_gib']} GiB; fusion memory (MiB) at 10 / 100 concepts: "
+          + " / ".join(str(v) for v in report["fusion_memory_mib"].values()))
+    return report
+
+
+def stream_fusion_memory(denoiser, streams, concepts: int) -> int:
+    """Bytes every stream's fusion holds with ``concepts`` concepts added (synthetic, the right shapes)."""
+    from erasure.architectures.base import read_weight
+    from erasure.core.closed_form import DTYPE, ConceptStatistics, FusionAccumulator
+
+    held = 0
+    for stream in streams:
+        shapes = {m.module: tuple(read_weight(denoiser, m).shape) for m in stream.maps}
+        dim = next(iter(shapes.values()))[1]
+        accumulator = FusionAccumulator(dim, shapes)
+        eye = torch.eye(dim, dtype=DTYPE)
+        for _ in range(concepts):
+            accumulator.add(ConceptStatistics(eye, eye, eye, eye, 1), eye, {})
+        held += sum(t.numel() * t.element_size() for t in [accumulator.gram_sum, accumulator.mapped_gram_sum,
+                                                            *accumulator.lora_terms.values()])
+    return held
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: checks the script end to end")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--family", choices=("sdxl", "sd35-medium", "flux", "all"),
+                        help="the closed-form path of this family through its adapter (all: each in turn)")
     parser.add_argument("--fusion-only", action="store_true",
                         help="only the closed forms' seconds at SD-1.4 shapes, on the CPU (no GPU needed)")
     args = parser.parse_args()
     torch.set_num_threads(1 if args.tiny else torch.get_num_threads())
+    if args.family:
+        if not args.tiny and not torch.cuda.is_available():
+            sys.exit("bench/gpu.py needs a CUDA GPU (none is visible to torch); run it with --tiny to check it on the CPU")
+        families = ("sdxl", "sd35-medium", "flux") if args.family == "all" else (args.family,)
+        reports = []
+        for family in families:
+            reports.append(run_family(family, args.tiny))
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"date": time.strftime("%Y-%m-%d"), "families": reports}, f, indent=2)
+        return
     if args.fusion_only:
         components = sd14_components("cpu")
         report = {"date": time.strftime("%Y-%m-%d"), "device": f"cpu, {torch.get_num_threads()} threads", "shapes": "SD-1.4 (d = 768, 32 K/V projections)",

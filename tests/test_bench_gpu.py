@@ -1,6 +1,7 @@
 """bench/gpu.py runs end to end on the CPU with the tiny model (its CUDA-only parts need a GPU)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,34 @@ def test_the_gpu_benchmark_times_the_constrained_solve(tiny):
 
     seconds = fusion_seconds(tiny, 2, "constrained")
     assert _is_duration(seconds["accumulate"]) and _is_duration(seconds["solve"])
+
+
+def test_the_family_benchmark_runs_every_family_end_to_end_with_tiny(tmp_path):
+    out = tmp_path / "families.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--tiny", "--family", "all", "--json", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = json.loads(out.read_text())["families"]
+    assert [r["family"] for r in reports] == ["sdxl", "sd35-medium", "flux"]
+    for report in reports:
+        assert set(report["edited"]) == {"tokens", "pooled"}
+        assert all(_is_duration(report["seconds"][k]) for k in ("prior", "fusion", "takedown", "restore"))
+        memory = report["fusion_memory_mib"]
+        assert memory["10"] == memory["100"] > 0  # sufficient statistics: flat in the number of concepts
+
+
+def test_the_family_benchmark_refuses_to_run_without_a_gpu(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--family", "flux"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode != 0 and "needs a CUDA GPU" in done.stderr
+
+
+def test_real_size_configs_have_the_published_parameter_counts():
+    """Built on the meta device (nothing allocated): the configs bench/gpu.py measures are the real models'."""
+    sys.path.insert(0, str(ROOT))
+    from bench.family_configs import parameters
+
+    millions = {family: {k: round(v / 1e6) for k, v in parameters(family).items()} for family in ("sdxl", "sd35-medium", "flux")}
+    assert millions["sdxl"]["unet"] == 2567 and millions["sdxl"]["text_encoder_2"] == 695
+    assert millions["sd35-medium"]["transformer"] == 2243 and millions["sd35-medium"]["text_encoder_3"] == 4762
+    assert millions["flux"]["transformer"] == 11901 and millions["flux"]["text_encoder"] == 123
