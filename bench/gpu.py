@@ -217,7 +217,7 @@ def run(tiny: bool, json_path: str | None) -> dict:
 
 def run_family(family: str, tiny: bool) -> dict:
     """The closed-form path of one family (module docstring); ``tiny``: its tiny pipeline on the CPU."""
-    from erasure.architectures import architecture_of
+    from erasure.architectures.registry import architecture_of
     from erasure.architectures.tiny import build_tiny_pipeline
     from erasure.methods.pipeline_edit import PipelineEraser
     from erasure.spec import ConceptSpec, FusionSettings

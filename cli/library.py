@@ -112,9 +112,9 @@ def export_lora(
     energy: float = typer.Option(0.999, help="Share of each map's edit (squared norm) the low-rank factors keep."),
 ) -> None:
     """Export an erasure as a LoRA a served pipeline loads with load_lora_weights (and unloads)."""
-    from erasure.architectures import load_pipeline
+    from erasure.architectures.lora_export import export_lora as run_export
+    from erasure.architectures.registry import load_pipeline
     from erasure.diffusion.models import pipeline_fingerprint
-    from erasure.lora_export import export_lora as run_export
     from erasure.spec import RequestError
 
     def exported():
@@ -162,7 +162,7 @@ def generate(
 
     seeds = [seed + i for i in range(len(prompts))]
     if pipeline_family(model):  # SDXL, SD3, FLUX, PixArt: through the pipeline class itself
-        from erasure.architectures import load_pipeline
+        from erasure.architectures.registry import load_pipeline
 
         pipe, architecture = report_errors(lambda: load_pipeline(Path(model).expanduser()))
         pipe.to(device_or_default(device))

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from erasure import __version__
-from erasure.architectures import PIPELINE_FAMILIES, load_pipeline, quiet_progress
 from erasure.architectures.base import module_at
+from erasure.architectures.registry import PIPELINE_FAMILIES, load_pipeline, quiet_progress
 from erasure.core.prompts import fill
 from erasure.diffusion.models import pipeline_fingerprint
 from erasure.erase import MANIFEST_FILE, check_output_folder, concept_seed, prior_prompts, publish_output

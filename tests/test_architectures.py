@@ -15,12 +15,12 @@ import yaml
 from typer.testing import CliRunner
 
 from cli.main import app
-from erasure.architectures import architecture_of, load_pipeline
 from erasure.architectures.base import module_at
+from erasure.architectures.lora_export import REPORT_FILE, export_lora, low_rank_factors
+from erasure.architectures.registry import architecture_of, load_pipeline
 from erasure.architectures.tiny import FAMILIES, build_tiny_pipeline
 from erasure.diffusion.models import pipeline_fingerprint
 from erasure.loading import load_components
-from erasure.lora_export import REPORT_FILE, export_lora, low_rank_factors
 from erasure.methods.pipeline_edit import PipelineEraser, stream_alignments
 from erasure.spec import ConceptSpec, FusionSettings, RequestError
 

@@ -94,10 +94,11 @@ def test_the_science_imports_no_orchestration_anywhere_in_it():
 def test_erasure_is_sub_packages_over_a_small_ground():
     top = sorted(p.stem for p in (ROOT / "erasure").glob("*.py") if p.stem != "__init__")
     packages = sorted(p.name for p in (ROOT / "erasure").iterdir() if (p / "__init__.py").is_file())
-    assert packages == ["audit", "core", "diffusion", "evaluation", "methods", "worlds"]
-    # the ground (errors, the request, probes, staging folders), the stage sequence and its artifacts,
-    # any model's loading, and the two names older registered versions' serving code imports
-    assert top == ["artifacts", "erase", "errors", "loading", "models", "probes", "sampling", "spec", "staging"]
+    assert packages == ["architectures", "audit", "core", "diffusion", "evaluation", "methods", "worlds"]
+    # the ground (errors, the request, probes, staging folders), the stage sequences (the UNet path's and
+    # the adapters') and their artifacts, any model's loading, and the two names older registered
+    # versions' serving code imports
+    assert top == ["artifacts", "erase", "erase_pipeline", "errors", "loading", "models", "probes", "sampling", "spec", "staging"]
 
 
 def test_versions_registered_before_the_sub_packages_still_serve():
@@ -120,6 +121,7 @@ def test_versions_registered_before_the_sub_packages_still_serve():
 LAYERS = [
     ("erasure", "erasure.errors", "erasure.spec", "erasure.probes", "erasure.staging"),
     ("erasure.core",),
+    ("erasure.architectures",),
     ("erasure.diffusion",),
     ("erasure.methods", "erasure.artifacts"),
     ("erasure.worlds",),
@@ -127,6 +129,7 @@ LAYERS = [
     ("erasure.evaluation",),
     ("erasure.audit",),
     ("erasure.erase",),
+    ("erasure.erase_pipeline",),
     ("erasure.models", "erasure.sampling"),  # the shims older registered versions import
 ]
 

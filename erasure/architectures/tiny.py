@@ -10,8 +10,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from erasure.core.prompts import template_words
-from erasure.core.tokenizer import build_clip_tokenizer, build_wordpiece_tokenizer
-from erasure.diffusion.models import TINY_EXTRA_WORDS
+from erasure.core.tokenizer import TINY_EXTRA_WORDS, build_clip_tokenizer, build_wordpiece_tokenizer
 
 LENGTH = 16
 CLIP_WIDTH = 64

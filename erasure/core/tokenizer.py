@@ -20,6 +20,13 @@ BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 
 
+# Words our tiny test models' vocabularies hold beyond the templates' (objects, styles, explicit words).
+TINY_EXTRA_WORDS = (
+    "cat dog car tree house church parachute truck horse bird boat plane ship apple "
+    "monet picasso gogh van nude naked clothes cup chair table"
+).split()
+
+
 def learn_merges(words: list[str]) -> list[tuple[str, str]]:
     """Classic BPE on a word list until every word is one symbol.
 

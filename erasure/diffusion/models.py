@@ -34,10 +34,10 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from erasure.architectures import PIPELINE_FAMILIES
+from erasure.architectures.registry import PIPELINE_FAMILIES
 from erasure.core.attention import cross_attention_projections
 from erasure.core.prompts import template_words
-from erasure.core.tokenizer import build_clip_tokenizer, build_wordpiece_tokenizer, save_clip_files
+from erasure.core.tokenizer import TINY_EXTRA_WORDS, build_clip_tokenizer, build_wordpiece_tokenizer, save_clip_files  # noqa: F401 (TINY_EXTRA_WORDS: re-exported)
 from erasure.spec import RequestError, SamplingSettings
 
 DEFAULTS_FILE = "erasure_defaults.json"
@@ -477,10 +477,6 @@ def _config_text(config: dict) -> bytes:
 
 # --------------------------------------------------------------------------- tiny model
 
-TINY_EXTRA_WORDS = (
-    "cat dog car tree house church parachute truck horse bird boat plane ship apple "
-    "monet picasso gogh van nude naked clothes cup chair table"
-).split()
 
 
 def small_text_encoder(tokenizer: CLIPTokenizer, width: int, layers: int = 2, heads: int = 4) -> CLIPTextModel:
