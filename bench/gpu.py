@@ -32,6 +32,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -219,6 +220,7 @@ def run_family(family: str, tiny: bool) -> dict:
     """The closed-form path of one family (module docstring); ``tiny``: its tiny pipeline on the CPU."""
     from erasure.architectures.registry import architecture_of
     from erasure.architectures.tiny import build_tiny_pipeline
+    from erasure.erase_pipeline import conditioning_rows
     from erasure.methods.pipeline_edit import PipelineEraser
     from erasure.spec import ConceptSpec, FusionSettings
 
@@ -249,6 +251,10 @@ def run_family(family: str, tiny: bool) -> dict:
     eraser.weights()
     seconds["fusion"] = time.perf_counter() - timer
     per_concept["fusion_share"] = seconds["fusion"] / count
+    erased = eraser.erased_pipeline()
+    conditioning = conditioning_rows(pipe, erased, eraser, retained)
+    lora = lora_summary(pipe, erased, architecture)
+    del erased
     timer = time.perf_counter()
     eraser.add(concepts[-1])
     eraser.weights()
@@ -269,13 +275,39 @@ def run_family(family: str, tiny: bool) -> dict:
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
         "fusion_memory_mib": {n: round(stream_fusion_memory(denoiser, streams, n) / 2**20, 2) for n in (10, 100)},
+        # the edited maps' outputs for "a photo of <concept>": distance to the anchor's, relative (mean over concepts)
+        "to_anchor": {k: round(sum(r[k] for r in conditioning) / len(conditioning), 4) for k in ("to_anchor_before", "to_anchor_after")},
+        "retained_drift_max": round(max(r["retained_drift"] for r in conditioning), 6),
+        "lora": lora,
     }
     print(f"{family} on {report['device']}: {count} concepts, edited {report['edited']}")
     print("  seconds per concept: " + ", ".join(f"{k} {v}" for k, v in report["seconds_per_concept"].items()))
     print("  seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))
     print(f"  peak GPU memory: {report['peak_gpu_memory_gib']} GiB; fusion memory (MiB) at 10 / 100 concepts: "
           + " / ".join(str(v) for v in report["fusion_memory_mib"].values()))
+    print(f"  conditioning to the anchor's: {report['to_anchor']['to_anchor_before']:.1%} -> "
+          f"{report['to_anchor']['to_anchor_after']:.1%}; retained drift at most {report['retained_drift_max']:.2%}; "
+          f"LoRA at energy {LORA_ENERGY}: {lora}")
     return report
+
+
+LORA_ENERGY = 0.999
+
+
+def lora_summary(pipe, erased, architecture) -> dict | str:
+    """The edit as a LoRA (``erasure.architectures.lora_export``): parameters, largest rank and
+    relative reconstruction error."""
+    import tempfile
+
+    from erasure.architectures.lora_export import export_lora
+
+    if not architecture.supports_lora_loading:
+        return "not loadable in diffusers"
+    with tempfile.TemporaryDirectory() as folder:
+        maps = export_lora(pipe, erased, architecture, Path(folder) / "lora", LORA_ENERGY)
+        stored = sum(f.stat().st_size for f in (Path(folder) / "lora").iterdir())
+    return {"maps": len(maps), "max_rank": max(m.rank for m in maps),
+            "max_relative_error": round(max(m.relative_error for m in maps), 5), "mib": round(stored / 2**20, 2)}
 
 
 def stream_fusion_memory(denoiser, streams, concepts: int) -> int:
