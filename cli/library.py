@@ -114,7 +114,7 @@ def export_lora(
     """Export an erasure as a LoRA a served pipeline loads with load_lora_weights (and unloads)."""
     from erasure.architectures.lora_export import export_lora as run_export
     from erasure.architectures.registry import load_pipeline
-    from erasure.diffusion.models import pipeline_fingerprint
+    from erasure.erase_pipeline import check_erased_from
     from erasure.spec import RequestError
 
     def exported():
@@ -123,13 +123,7 @@ def export_lora(
         erased_pipe, erased_architecture = load_pipeline(folder)
         if erased_architecture is not architecture:
             raise RequestError(f"{base} is {architecture.family} but {folder} is {erased_architecture.family}")
-        manifest = erased / "manifest.json"
-        if manifest.is_file():  # an erase output says which base it was made from
-            import json
-
-            made_from = json.loads(manifest.read_text()).get("base_fingerprint")
-            if made_from and made_from != pipeline_fingerprint(base_pipe):
-                raise RequestError(f"{erased} was erased from another model than {base} (base fingerprints differ)")
+        check_erased_from(base, base_pipe, erased)
         return run_export(base_pipe, erased_pipe, architecture, out, energy)
 
     report = report_errors(exported)

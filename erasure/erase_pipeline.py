@@ -22,8 +22,9 @@ from erasure import __version__
 from erasure.architectures.base import module_at
 from erasure.architectures.registry import PIPELINE_FAMILIES, load_pipeline, quiet_progress
 from erasure.core.prompts import fill
-from erasure.diffusion.models import pipeline_fingerprint
+from erasure.diffusion.models import fingerprint, pipeline_fingerprint
 from erasure.erase import MANIFEST_FILE, check_output_folder, concept_seed, prior_prompts, publish_output
+from erasure.loading import load_components
 from erasure.methods.pipeline_edit import PipelineEraser
 from erasure.spec import ErasureRequest, RequestError
 from erasure.staging import make_staging, remove_stale_staging
@@ -42,6 +43,25 @@ def pipeline_family(model: str) -> str | None:
     except (ValueError, AttributeError):
         return None
     return name if name in PIPELINE_FAMILIES else None
+
+
+def check_erased_from(base: Path, base_pipe, erase_output: Path) -> None:
+    """Refuse an erase output whose manifest names another base than ``base``: each path fingerprints
+    its base its own way (this one the whole pipeline, the UNet path its ``Components``). A folder
+    without a manifest (a model saved by hand) is taken as it is."""
+    manifest_file = Path(erase_output) / MANIFEST_FILE
+    if not manifest_file.is_file():
+        return
+    manifest = json.loads(manifest_file.read_text())
+    made_from = manifest.get("base_fingerprint")
+    if made_from is None:
+        return
+    if "family" in manifest:
+        actual = pipeline_fingerprint(base_pipe)
+    else:
+        actual = fingerprint(load_components(str(base)))
+    if made_from != actual:
+        raise RequestError(f"{erase_output} was erased from another model than {base} (base fingerprints differ)")
 
 
 def check_supported(request: ErasureRequest, pipeline_class: str) -> None:

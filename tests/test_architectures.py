@@ -273,3 +273,18 @@ def test_the_command_line_refuses_what_the_closed_form_path_does_not_do(tmp_path
     build_tiny_pipeline("sd").save_pretrained(tmp_path / "sd")
     result = CliRunner().invoke(app, ["export-lora", str(tmp_path / "sd"), str(tmp_path / "base"), "--out", str(tmp_path / "l")])
     assert result.exit_code == 2 and "is sd but" in result.output
+
+
+def test_export_lora_of_a_unet_path_erasure(tmp_path, tiny_folder):
+    """An SD 1.x output of `erasure erase` (its manifest fingerprints the base the UNet path's way)."""
+    request = {"model": str(tiny_folder), "concepts": [{"name": "cat", "anchor": "bird"}],
+               "method": {"lora_steps": 0, "prompts_per_concept": 2}, "fusion": {"method": "mace"}}
+    (tmp_path / "request.yaml").write_text(yaml.safe_dump(request))
+    result = CliRunner().invoke(app, ["erase", str(tmp_path / "request.yaml"), "--out", str(tmp_path / "erased")])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["export-lora", str(tiny_folder), str(tmp_path / "erased"), "--out", str(tmp_path / "lora")])
+    assert result.exit_code == 0, result.output
+    other = tmp_path / "other"
+    build_tiny_pipeline("sd", seed=5).save_pretrained(other)
+    result = CliRunner().invoke(app, ["export-lora", str(other), str(tmp_path / "erased"), "--out", str(tmp_path / "lora2")])
+    assert result.exit_code == 2 and "erased from another model" in result.output
