@@ -160,8 +160,7 @@ def generate(
 
         pipe, architecture = report_errors(lambda: load_pipeline(Path(model).expanduser()))
         pipe.to(device_or_default(device))
-        steps, guidance = steps or SAMPLING.sampler_steps, guidance or SAMPLING.guidance_scale
-        images = architecture.sample(pipe, list(prompts), seeds, steps, guidance)
+        images = architecture.sample(pipe, list(prompts), seeds, steps, guidance)  # None: the pipeline's own default
     else:
         components = report_errors(lambda: load_components(model, device_or_default(device)))
         steps, guidance = sampler_settings(components, steps, guidance)

@@ -56,6 +56,35 @@ def family(request):
     return request.param
 
 
+def test_the_states_erased_are_what_the_maps_read_while_the_pipeline_samples(family):
+    """Hooks on each stream's first map during a real pipeline call: its inputs (conditional and
+    unconditional) are the adapter's states, so a diffusers change in what the maps read fails here."""
+    pipe = build_tiny_pipeline(family)
+    architecture = architecture_of(pipe)
+    seen = {}
+
+    def recorder(stream):
+        def hook(module, args):
+            read = args[0].detach().float()
+            if stream.maps[0].columns is not None:
+                read = read[..., stream.maps[0].columns[0] : stream.maps[0].columns[1]]
+            seen.setdefault(stream.name, read.reshape(read.shape[0], -1, read.shape[-1]))
+        return hook
+
+    streams = architecture.streams(pipe)
+    hooks = [module_at(architecture.denoiser(pipe), s.maps[0].module).register_forward_pre_hook(recorder(s)) for s in streams]
+    architecture.sample(pipe, ["a photo of a Cat"], [0], 1, 3.0, size=16)
+    for hook in hooks:
+        hook.remove()
+    conditional = architecture.states(pipe, ["a photo of a Cat"])
+    unconditional = architecture.unconditional_states(pipe)
+    assert set(seen) == {s.name for s in streams}
+    for name, read in seen.items():
+        assert any(torch.allclose(row, conditional[name][0], atol=1e-5) for row in read), name
+        if read.shape[0] == 2:  # guided: the unconditional half is read too
+            assert any(torch.allclose(row, unconditional[name], atol=1e-5) for row in read), name
+
+
 def test_each_family_loads_as_its_own_pipeline_class(family):
     pipe = build_tiny_pipeline(family)
     assert architecture_of(pipe).family == family
@@ -139,7 +168,7 @@ def test_sd3_aligns_clip_and_t5_segments_each_with_its_own_tokenizer():
     pipe = build_tiny_pipeline("sd3")
     tokens = architecture_of(pipe).streams(pipe)[0]
     clip_length = tokens.segments[0].length
-    (alignment,) = stream_alignments(pipe, tokens, [("a photo of a cat", "a photo of a bird")], "span")
+    (alignment,) = stream_alignments(pipe, tokens, [("a photo of a cat", "a photo of a bird")], "span", architecture_of(pipe))
     # CLIP: <start> a photo of a | cat | <end> ...; T5 (no start token): a photo of a | cat | </s> ...
     assert alignment.concept_span == (5, clip_length + 4)
     assert (5, 5) in alignment.pairs and (clip_length + 4, clip_length + 4) in alignment.pairs
@@ -150,7 +179,7 @@ def test_pooled_stream_maps_the_concept_prompt_to_the_anchor_prompt():
     pipe = build_tiny_pipeline("sdxl")
     pooled = architecture_of(pipe).streams(pipe)[1]
     assert pooled.pooled and pooled.maps[0].columns == (0, pipe.text_encoder_2.config.projection_dim)
-    assert [a.pairs for a in stream_alignments(pipe, pooled, [("a cat", "a bird")] * 2, "span")] == [((0, 0),)] * 2
+    assert [a.pairs for a in stream_alignments(pipe, pooled, [("a cat", "a bird")] * 2, "span", architecture_of(pipe))] == [((0, 0),)] * 2
 
 
 def test_sdxl_unconditional_input_is_zeros_and_stays_zeros():
@@ -288,3 +317,12 @@ def test_export_lora_of_a_unet_path_erasure(tmp_path, tiny_folder):
     build_tiny_pipeline("sd", seed=5).save_pretrained(other)
     result = CliRunner().invoke(app, ["export-lora", str(other), str(tmp_path / "erased"), "--out", str(tmp_path / "lora2")])
     assert result.exit_code == 2 and "erased from another model" in result.output
+
+
+def test_pixart_aligns_the_text_its_pipeline_tokenizes():
+    """PixArt lower-cases every prompt before T5 reads it: a capitalised concept is aligned as it is read."""
+    pipe = build_tiny_pipeline("pixart")
+    architecture = architecture_of(pipe)
+    tokens = architecture.streams(pipe)[0]
+    (alignment,) = stream_alignments(pipe, tokens, [("a photo of a Cat", "a photo of a Bird")], "span", architecture)
+    assert alignment.concept_span == (4,)  # T5 has no start token: a photo of a | cat

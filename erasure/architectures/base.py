@@ -79,27 +79,30 @@ class Architecture:
         Default: those of the empty prompt (what the pipelines encode as the negative prompt)."""
         return {name: states[0] for name, states in self.states(pipe, [""]).items()}
 
-    def sample_kwargs(self, pipe) -> dict:
+    def tokenized_text(self, pipe, prompts: list[str]) -> list[str]:
+        """The text the pipeline's tokenizers see for ``prompts`` (PixArt lower-cases it first)."""
+        return prompts
+
+    def sample_kwargs(self, pipe, size: int | None) -> dict:
         """Keyword arguments every call of the pipeline needs (text lengths, for example)."""
         return {}
 
     def sample(
-        self, pipe, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float, size: int | None = None
+        self, pipe, prompts: list[str], seeds: list[int], steps: int | None = None, guidance_scale: float | None = None,
+        size: int | None = None,
     ) -> torch.Tensor:
         """One image per prompt through the pipeline's own ``__call__``, (n, 3, H, W) in [0, 1];
-        image i depends on seeds[i] alone. ``size``: pixels a side (None: the pipeline's default)."""
+        image i depends on seeds[i] alone. ``steps``, ``guidance_scale``, ``size`` (pixels a side):
+        None leaves the pipeline's own default (FLUX-dev's distilled guidance is 3.5, not SD's 7.5)."""
         if len(prompts) != len(seeds):
             raise ValueError("give one seed per prompt")
         pipe.set_progress_bar_config(disable=True)
-        shape = {"height": size, "width": size} if size is not None else {}
+        chosen = {"num_inference_steps": steps, "guidance_scale": guidance_scale, "height": size, "width": size}
+        options = {k: v for k, v in chosen.items() if v is not None} | self.sample_kwargs(pipe, size)
         images = []
         for prompt, seed in zip(prompts, seeds):
             generator = torch.Generator("cpu").manual_seed(int(seed))
-            out = pipe(
-                prompt, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
-                output_type="pt", **shape, **self.sample_kwargs(pipe),
-            )
-            images.append(out.images.float().cpu())
+            images.append(pipe(prompt, generator=generator, output_type="pt", **options).images.float().cpu())
         return torch.cat(images)
 
 

@@ -36,5 +36,5 @@ class Flux(Architecture):
         embeds, pooled, _ = pipe.encode_prompt(prompts, None, device=pipe.transformer.device, max_sequence_length=self.t5_length(pipe))
         return {"tokens": embeds.float().cpu(), "pooled": pooled.float().cpu()[:, None]}
 
-    def sample_kwargs(self, pipe) -> dict:
+    def sample_kwargs(self, pipe, size: int | None) -> dict:
         return {"max_sequence_length": self.t5_length(pipe)}

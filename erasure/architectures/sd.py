@@ -5,14 +5,13 @@ from __future__ import annotations
 import torch
 
 from erasure.architectures.base import Architecture, EditedMap, Segment, TextStream
+from erasure.core.attention import cross_attention_projections
 
 
 def cross_attention_maps(denoiser: torch.nn.Module) -> tuple[EditedMap, ...]:
-    """Every text cross-attention key and value projection (``...attn2.to_k`` / ``to_v``): UNets,
-    PixArt and Sana name them alike."""
-    return tuple(
-        EditedMap(name) for name, _ in denoiser.named_modules() if name.endswith(("attn2.to_k", "attn2.to_v"))
-    )
+    """Every text cross-attention key and value projection (``...attn2.to_k`` / ``to_v``; UNets,
+    PixArt and Sana name them alike); an error when there is none."""
+    return tuple(EditedMap(name) for name in cross_attention_projections(denoiser))
 
 
 class StableDiffusion(Architecture):

@@ -40,5 +40,5 @@ class StableDiffusion3(Architecture):
         )
         return {"tokens": embeds.float().cpu(), "pooled": pooled.float().cpu()[:, None]}
 
-    def sample_kwargs(self, pipe) -> dict:
+    def sample_kwargs(self, pipe, size: int | None) -> dict:
         return {"max_sequence_length": self.t5_length(pipe)}

@@ -53,12 +53,13 @@ class TokenAlignment:
         return dataclasses.replace(self, pairs=tuple(sorted(set(self.pairs) | set(extra))))
 
 
-def tokenize(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and real lengths (BOS and EOS included), padded to the model's length."""
+def tokenize(tokenizer, prompts: list[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and real lengths (BOS and EOS included), padded to ``max_length`` (the tokenizer's
+    own when None; T5 in SD 3 and FLUX is padded to the pipeline's ``max_sequence_length``)."""
     batch = tokenizer(
         prompts,
         padding="max_length",
-        max_length=tokenizer.model_max_length,
+        max_length=max_length or tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     )

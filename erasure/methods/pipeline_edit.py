@@ -23,7 +23,7 @@ import torch
 from erasure.architectures.base import Architecture, TextStream, read_weight, write_weight
 from erasure.core.closed_form import ConceptStatistics, PriorStatistics, concept_statistics, refinement_map
 from erasure.core.prompts import augmented_pairs
-from erasure.core.text import TokenAlignment, align_tokens
+from erasure.core.text import TokenAlignment, align_tokens, tokenize
 from erasure.methods.fusion import accumulate, solver
 from erasure.spec import ConceptSpec, FusionSettings, PreserveSpec, RequestError
 
@@ -46,18 +46,23 @@ class ErasedConcept:
     streams: dict[str, StreamConcept]
 
 
-def stream_alignments(pipe, stream: TextStream, pairs: list[tuple[str, str]], edit_tokens: str) -> list[TokenAlignment]:
+def stream_alignments(
+    pipe, stream: TextStream, pairs: list[tuple[str, str]], edit_tokens: str, architecture: Architecture
+) -> list[TokenAlignment]:
     """Per pair, which positions of the concept prompt's states take which of the anchor prompt's:
-    aligned segment by segment (each with its own tokenizer), each segment's offset added. A pooled
-    stream has one state: the concept prompt's takes the anchor prompt's."""
+    aligned segment by segment (each with its own tokenizer, on the text the pipeline tokenizes),
+    each segment's offset added. A pooled stream has one state: the concept prompt's takes the
+    anchor prompt's."""
     if stream.pooled:
         return [TokenAlignment(concept_span=(), pairs=((0, 0),)) for _ in pairs]
+    concept_text = architecture.tokenized_text(pipe, [c for c, _ in pairs])
+    anchor_text = architecture.tokenized_text(pipe, [a for _, a in pairs])
     merged = [TokenAlignment((), ()) for _ in pairs]
     offset = 0
     for segment in stream.segments:
         tokenizer = getattr(pipe, segment.tokenizer)
-        concept_ids, concept_lens = _token_ids(tokenizer, [c for c, _ in pairs], segment.length)
-        anchor_ids, anchor_lens = _token_ids(tokenizer, [a for _, a in pairs], segment.length)
+        concept_ids, concept_lens = tokenize(tokenizer, concept_text, segment.length)
+        anchor_ids, anchor_lens = tokenize(tokenizer, anchor_text, segment.length)
         for i, so_far in enumerate(merged):
             found = align_tokens(concept_ids[i].tolist(), int(concept_lens[i]), anchor_ids[i].tolist(), int(anchor_lens[i]))
             found = found.with_concept_tokens(edit_tokens)
@@ -68,12 +73,6 @@ def stream_alignments(pipe, stream: TextStream, pairs: list[tuple[str, str]], ed
             )
         offset += segment.length
     return merged
-
-
-def _token_ids(tokenizer, prompts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids padded to ``length`` as the pipelines pad them, and the real lengths."""
-    batch = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-    return batch["input_ids"], batch["attention_mask"].sum(dim=1)
 
 
 def stream_priors(pipe, architecture: Architecture, prompts: list[str], batch_size: int = 64) -> dict[str, PriorStatistics]:
@@ -122,7 +121,7 @@ class PipelineEraser:
         anchor_states = self.architecture.states(self.pipe, [a for _, a in pairs])
         streams = {}
         for name, stream in self.streams.items():
-            alignments = stream_alignments(self.pipe, stream, pairs, self.edit_tokens)
+            alignments = stream_alignments(self.pipe, stream, pairs, self.edit_tokens, self.architecture)
             statistics = concept_statistics(concept_states[name], anchor_states[name], alignments)
             prior = self.prior[name].with_anchors([statistics]).gram()
             text_map = refinement_map([statistics], prior, self.preserve.lam1, self.preserve.ridge)
