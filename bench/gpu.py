@@ -18,8 +18,8 @@ Per family (``--family sdxl|sd35-medium|flux``, or ``all``): the closed-form pat
 family's adapter at real size (``bench/family_configs.py``), bf16 on the GPU: 10 concepts'
 text statistics and CFR maps, the fusion of all 10 (a constrained solve per stream), a takedown
 (one more concept, a new solve) and a restore (one fewer). Printed per family: seconds per
-concept per stage, peak GPU memory, and the fusion's memory at 10 and 100 concepts (flat: the
-solve holds sufficient statistics). ``--tiny --family all`` runs every family's tiny pipeline
+concept per stage, peak GPU memory, and what the eraser holds after 1 and after 10 concepts
+(flat without restore: sufficient statistics; with restore each concept's own are kept). ``--tiny --family all`` runs every family's tiny pipeline
 on the CPU (the test suite runs it).
 """
 
@@ -225,13 +225,13 @@ def run_family(family: str, tiny: bool) -> dict:
     from erasure.spec import ConceptSpec, FusionSettings
 
     if tiny:
-        device, count, prompts, retained = "cpu", 2, 4, ["a photo of a dog"]
+        device, count, prompts, retained = "cpu", 2, 4, ["", "a photo of a dog"]
         pipe = build_tiny_pipeline({"sd35-medium": "sd3"}.get(family, family))
         fusion = FusionSettings(method="mace")  # the tiny encoders leave the default constrained fusion little room
     else:
         from bench.family_configs import real_size_pipeline
 
-        device, count, prompts, retained = "cuda", 10, 30, [f"a photo of a {w}" for w in ("dog", "tree", "house", "chair")]
+        device, count, prompts, retained = "cuda", 10, 30, ["", *(f"a photo of a {w}" for w in ("dog", "tree", "house", "chair"))]
         torch.cuda.reset_peak_memory_stats()
         pipe = real_size_pipeline(family)
         fusion = FusionSettings()
@@ -265,7 +265,14 @@ def run_family(family: str, tiny: bool) -> dict:
     eraser.weights()
     seconds["restore"] = time.perf_counter() - timer
     streams = architecture.streams(pipe)
-    denoiser = architecture.denoiser(pipe)
+    # what `erasure erase` holds (no restore): measured on a real eraser after the first and after the last concept
+    held = {}
+    one_shot = PipelineEraser(pipe, architecture, retained, fusion=fusion, prompts_per_concept=prompts, restorable=False)
+    for index, concept in enumerate(concepts[:-1]):
+        one_shot.add(concept)
+        if index in (0, count - 1):
+            held[index + 1] = round(one_shot.held_bytes() / 2**20, 2)
+    del one_shot
     report = {
         "family": family,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (--tiny)",
@@ -274,7 +281,8 @@ def run_family(family: str, tiny: bool) -> dict:
         "seconds_per_concept": {k: round(v, 3) for k, v in per_concept.items()} | {"total": round(sum(per_concept.values()), 3)},
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
-        "fusion_memory_mib": {n: round(stream_fusion_memory(denoiser, streams, n) / 2**20, 2) for n in (10, 100)},
+        "eraser_memory_mib": held,  # flat in the number of concepts
+        "restorable_eraser_memory_mib": round(eraser.held_bytes() / 2**20, 2),  # grows: each concept's own statistics
         # the edited maps' outputs for "a photo of <concept>": distance to the anchor's, relative (mean over concepts)
         "to_anchor": {k: round(sum(r[k] for r in conditioning) / len(conditioning), 4) for k in ("to_anchor_before", "to_anchor_after")},
         "retained_drift_max": round(max(r["retained_drift"] for r in conditioning), 6),
@@ -283,8 +291,9 @@ def run_family(family: str, tiny: bool) -> dict:
     print(f"{family} on {report['device']}: {count} concepts, edited {report['edited']}")
     print("  seconds per concept: " + ", ".join(f"{k} {v}" for k, v in report["seconds_per_concept"].items()))
     print("  seconds: " + ", ".join(f"{k} {v}" for k, v in report["seconds"].items()))
-    print(f"  peak GPU memory: {report['peak_gpu_memory_gib']} GiB; fusion memory (MiB) at 10 / 100 concepts: "
-          + " / ".join(str(v) for v in report["fusion_memory_mib"].values()))
+    print(f"  peak GPU memory: {report['peak_gpu_memory_gib']} GiB; eraser memory (MiB) after 1 / {count} concepts: "
+          + " / ".join(str(v) for v in held.values())
+          + f" (with restore: {report['restorable_eraser_memory_mib']} at {count})")
     print(f"  conditioning to the anchor's: {report['to_anchor']['to_anchor_before']:.1%} -> "
           f"{report['to_anchor']['to_anchor_after']:.1%}; retained drift at most {report['retained_drift_max']:.2%}; "
           f"LoRA at energy {LORA_ENERGY}: {lora}")
@@ -308,24 +317,6 @@ def lora_summary(pipe, erased, architecture) -> dict | str:
         stored = sum(f.stat().st_size for f in (Path(folder) / "lora").iterdir())
     return {"maps": len(maps), "max_rank": max(m.rank for m in maps),
             "max_relative_error": round(max(m.relative_error for m in maps), 5), "mib": round(stored / 2**20, 2)}
-
-
-def stream_fusion_memory(denoiser, streams, concepts: int) -> int:
-    """Bytes every stream's fusion holds with ``concepts`` concepts added (synthetic, the right shapes)."""
-    from erasure.architectures.base import read_weight
-    from erasure.core.closed_form import DTYPE, ConceptStatistics, FusionAccumulator
-
-    held = 0
-    for stream in streams:
-        shapes = {m.module: tuple(read_weight(denoiser, m).shape) for m in stream.maps}
-        dim = next(iter(shapes.values()))[1]
-        accumulator = FusionAccumulator(dim, shapes)
-        eye = torch.eye(dim, dtype=DTYPE)
-        for _ in range(concepts):
-            accumulator.add(ConceptStatistics(eye, eye, eye, eye, 1), eye, {})
-        held += sum(t.numel() * t.element_size() for t in [accumulator.gram_sum, accumulator.mapped_gram_sum,
-                                                            *accumulator.lora_terms.values()])
-    return held
 
 
 def main() -> None:

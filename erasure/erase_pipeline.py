@@ -137,10 +137,9 @@ def erase_pipeline(request: ErasureRequest, out_dir: Path, device: str = "cpu", 
     seconds["load"] = time.perf_counter() - started
 
     timer = time.perf_counter()
-    retained = prior_prompts(request.preserve)[1:]  # the eraser adds the empty prompt itself
-    eraser = PipelineEraser(
-        pipe, architecture, retained, request.preserve, request.fusion,
-        request.method.prompts_per_concept, request.method.edit_tokens,
+    eraser = PipelineEraser(  # one solve, no restore: nothing per concept is held past its addition
+        pipe, architecture, prior_prompts(request.preserve), request.preserve, request.fusion,
+        request.method.prompts_per_concept, request.method.edit_tokens, restorable=False,
     )
     seconds["prior"] = time.perf_counter() - timer
     timer = time.perf_counter()

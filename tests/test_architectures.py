@@ -15,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cli.main import app
-from erasure.architectures.base import module_at
+from erasure.architectures.base import module_at, read_weight
 from erasure.architectures.lora_export import REPORT_FILE, export_lora, low_rank_factors
 from erasure.architectures.registry import architecture_of, load_pipeline
 from erasure.architectures.tiny import FAMILIES, build_tiny_pipeline
@@ -31,7 +31,7 @@ EXACT = FusionSettings(method="constrained", threshold=1e-9)  # the retained spa
 
 
 def eraser(pipe, fusion=EXACT, concepts=(CAT,)) -> PipelineEraser:
-    erasing = PipelineEraser(pipe, architecture_of(pipe), RETAINED, fusion=fusion, prompts_per_concept=2)
+    erasing = PipelineEraser(pipe, architecture_of(pipe), ["", *RETAINED], fusion=fusion, prompts_per_concept=2)
     for concept in concepts:
         erasing.add(concept)
     return erasing
@@ -116,7 +116,13 @@ def test_retained_prompt_draws_what_the_base_model_draws(family):
 
 def test_erased_pipeline_saves_and_loads_through_the_diffusers_class(family, tmp_path):
     pipe = build_tiny_pipeline(family)
-    erased = eraser(pipe).erased_pipeline()
+    erasing = eraser(pipe)
+    erased = erasing.erased_pipeline()
+    architecture = architecture_of(pipe)
+    assert architecture.denoiser(erased) is not architecture.denoiser(pipe) and erased.vae is pipe.vae  # only the denoiser is copied
+    for stream in architecture.streams(pipe):  # and the base pipeline keeps its weights
+        assert all(torch.equal(read_weight(architecture.denoiser(pipe), m), erasing.base[stream.name][m.module]) for m in stream.maps)
+    assert dict(erased.config) == dict(pipe.config)  # SDXL's force_zeros_for_empty_prompt and the like carried over
     erased.save_pretrained(tmp_path / "erased")
     pipeline_class = getattr(diffusers, architecture_of(pipe).pipeline_classes[0])
     loaded = pipeline_class.from_pretrained(tmp_path / "erased", local_files_only=True)
@@ -191,16 +197,35 @@ def test_sdxl_unconditional_input_is_zeros_and_stays_zeros():
 def test_refusals_say_what_to_do(tmp_path):
     pipe = build_tiny_pipeline("flux")
     with pytest.raises(RequestError, match="closed form: use mace or constrained"):
-        PipelineEraser(pipe, architecture_of(pipe), RETAINED, fusion=FusionSettings(method="separable"))
+        PipelineEraser(pipe, architecture_of(pipe), ["", *RETAINED], fusion=FusionSettings(method="separable"))
+    with pytest.raises(RequestError, match="use fusion.projections: kv"):
+        PipelineEraser(pipe, architecture_of(pipe), [""], fusion=FusionSettings(projections="v"))
     erasing = eraser(pipe)
     with pytest.raises(RequestError, match="already erased"):
         erasing.add(CAT)
     with pytest.raises(RequestError, match="not erased here; erased: cat"):
         erasing.remove("dog")
+    one_shot = PipelineEraser(pipe, architecture_of(pipe), [""], prompts_per_concept=2, restorable=False)
+    one_shot.add(CAT)
+    with pytest.raises(RequestError, match="restorable=False"):
+        one_shot.remove("cat")
     with pytest.raises(RequestError, match="no model_index.json"):
         load_pipeline(tmp_path)
     with pytest.raises(RequestError, match="not supported"):
         architecture_of(object())
+
+
+def test_an_eraser_without_restore_holds_the_same_bytes_for_one_concept_or_three():
+    pipe = build_tiny_pipeline("flux")
+    erasing = PipelineEraser(pipe, architecture_of(pipe), [""], fusion=FusionSettings(method="mace"), prompts_per_concept=2,
+                             restorable=False)
+    erasing.add(CAT)
+    held = erasing.held_bytes()
+    erasing.add(CAR)
+    erasing.add(ConceptSpec(name="horse", anchor="dog"))
+    assert erasing.held_bytes() == held
+    restorable = eraser(pipe, FusionSettings(method="mace"), (CAT, CAR))
+    assert restorable.held_bytes() > held  # each concept's own statistics, for remove
 
 
 # --------------------------------------------------------------------------- LoRA export

@@ -113,8 +113,9 @@ def test_the_family_benchmark_runs_every_family_end_to_end_with_tiny(tmp_path):
     for report in reports:
         assert set(report["edited"]) == {"tokens", "pooled"}
         assert all(_is_duration(report["seconds"][k]) for k in ("prior", "fusion", "takedown", "restore"))
-        memory = report["fusion_memory_mib"]
-        assert memory["10"] == memory["100"] > 0  # sufficient statistics: flat in the number of concepts
+        memory = report["eraser_memory_mib"]
+        assert memory["1"] == memory["2"] > 0  # sufficient statistics: flat in the number of concepts
+        assert report["restorable_eraser_memory_mib"] > memory["2"]
 
 
 def test_the_family_benchmark_refuses_to_run_without_a_gpu(tmp_path):

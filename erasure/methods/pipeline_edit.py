@@ -21,10 +21,16 @@ from dataclasses import dataclass, field
 import torch
 
 from erasure.architectures.base import Architecture, TextStream, read_weight, write_weight
-from erasure.core.closed_form import ConceptStatistics, PriorStatistics, concept_statistics, refinement_map
+from erasure.core.closed_form import (
+    ConceptStatistics,
+    FusionAccumulator,
+    PriorStatistics,
+    concept_statistics,
+    refinement_map,
+)
 from erasure.core.prompts import augmented_pairs
 from erasure.core.text import TokenAlignment, align_tokens, tokenize
-from erasure.methods.fusion import accumulate, solver
+from erasure.methods.fusion import solver
 from erasure.spec import ConceptSpec, FusionSettings, PreserveSpec, RequestError
 
 Weights = dict[str, dict[str, torch.Tensor]]  # stream -> map module -> weight (its edited columns)
@@ -89,31 +95,39 @@ class PipelineEraser:
     ``remove`` restores one, and ``weights`` is the set's solve (the base's own weights, exactly,
     when the set is empty).
 
-    ``retained``: prompts whose conditioning must not move (the empty prompt is always added;
-    ``erasure.erase.prior_prompts`` makes them from a ``PreserveSpec``)."""
+    Per stream it holds the fusion's sufficient statistics (``FusionAccumulator``) and the prior,
+    whose size does not depend on the number of concepts; ``restorable`` also keeps each concept's
+    own statistics (four d x d float64 matrices per stream: 512 MiB a concept at FLUX's d = 4096),
+    which ``remove`` subtracts. ``prior_prompts``: prompts whose conditioning must not move, the
+    empty prompt among them (``erasure.erase.prior_prompts`` makes them from a ``PreserveSpec``)."""
 
     def __init__(
-        self, pipe, architecture: Architecture, retained: list[str], preserve: PreserveSpec | None = None,
+        self, pipe, architecture: Architecture, prior_prompts: list[str], preserve: PreserveSpec | None = None,
         fusion: FusionSettings | None = None, prompts_per_concept: int = 8, edit_tokens: str = "span",
+        restorable: bool = True,
     ):
-        self.pipe, self.architecture = pipe, architecture
+        self.pipe, self.architecture, self.restorable = pipe, architecture, restorable
         self.preserve, self.fusion = preserve or PreserveSpec(), fusion or FusionSettings()
-        if self.fusion.method == "separable":
-            raise RequestError("fusion.method separable needs trained increments; this path is closed form: use mace or constrained")
-        if self.fusion.adversarial_rounds or self.fusion.closure is not None:
-            raise RequestError("adversarial rounds and closure need the UNet path; set fusion.adversarial_rounds 0, closure off")
+        check_fusion(self.fusion)
         self.prompts_per_concept, self.edit_tokens = prompts_per_concept, edit_tokens
         self.streams = {stream.name: stream for stream in architecture.streams(pipe)}
         denoiser = architecture.denoiser(pipe)
         self.base: Weights = {
             name: {m.module: read_weight(denoiser, m) for m in stream.maps} for name, stream in self.streams.items()
         }
-        self.prior = stream_priors(pipe, architecture, list(dict.fromkeys(["", *retained])))
-        self.invariants = architecture.unconditional_states(pipe)
+        self.prior = stream_priors(pipe, architecture, prior_prompts)
+        self.invariants = {
+            name: states.reshape(-1, states.shape[-1]).double() for name, states in architecture.unconditional_states(pipe).items()
+        }
+        self.accumulators = {
+            name: FusionAccumulator(self.prior[name].total.shape[0], {n: tuple(w.shape) for n, w in base.items()})
+            for name, base in self.base.items()
+        }
+        self.anchors = {name: PriorStatistics.empty(prior.total.shape[0]) for name, prior in self.prior.items()}
         self.concepts: dict[str, ErasedConcept] = {}
 
     def add(self, concept: ConceptSpec, seed: int = 0) -> ErasedConcept:
-        """Erase ``concept``: its prompt pairs encoded once, kept as statistics per stream."""
+        """Erase ``concept``: its prompt pairs encoded once, added to every stream's statistics."""
         if concept.name in self.concepts:
             raise RequestError(f"concept {concept.name!r} is already erased")
         pairs = augmented_pairs(concept.kind, concept.variants, concept.anchor, self.prompts_per_concept, concept.prompts, seed)
@@ -125,38 +139,70 @@ class PipelineEraser:
             statistics = concept_statistics(concept_states[name], anchor_states[name], alignments)
             prior = self.prior[name].with_anchors([statistics]).gram()
             text_map = refinement_map([statistics], prior, self.preserve.lam1, self.preserve.ridge)
+            self.accumulators[name].add(statistics, text_map, {})
+            self.anchors[name].add_anchors(statistics)
             streams[name] = StreamConcept(statistics, text_map)
-        erased = ErasedConcept(concept, pairs, streams)
+        erased = ErasedConcept(concept, pairs, streams if self.restorable else {})
         self.concepts[concept.name] = erased
         return erased
 
     def remove(self, name: str) -> None:
-        """Restore concept ``name``: it leaves the set, and the next solve is the rest's."""
+        """Restore concept ``name``: its statistics leave the set, and the next solve is the rest's."""
         if name not in self.concepts:
             raise RequestError(f"concept {name!r} is not erased here; erased: {', '.join(self.concepts) or 'none'}")
-        del self.concepts[name]
+        if not self.restorable:
+            raise RequestError("this eraser keeps no concept's own statistics (restorable=False): erase the rest anew")
+        for stream, concept in self.concepts.pop(name).streams.items():
+            self.accumulators[stream].remove(concept.statistics, concept.text_map, {})
+            anchors = self.anchors[stream]
+            anchors.total -= concept.statistics.anchor_gram * concept.statistics.anchor_count
+            anchors.count -= concept.statistics.anchor_count
 
     def weights(self) -> Weights:
         if not self.concepts:
             return {name: dict(maps) for name, maps in self.base.items()}
         solved: Weights = {}
         for name, base in self.base.items():
-            members = [c.streams[name] for c in self.concepts.values()]
-            statistics = accumulate(base, members, self.fusion, self.prior[name])
-            invariants = self.invariants[name].reshape(-1, self.invariants[name].shape[-1]).double()
-            solve = solver(invariants, statistics.accumulator, statistics.edited, statistics.prior.gram(), self.preserve, self.fusion)
-            solved[name] = statistics.base | solve(None)
+            prior = PriorStatistics(self.prior[name].total + self.anchors[name].total, self.prior[name].count + self.anchors[name].count)
+            solve = solver(self.invariants[name], self.accumulators[name], base, prior.gram(), self.preserve, self.fusion)
+            solved[name] = base | solve(None)
         return solved
 
+    def held_bytes(self) -> int:
+        """What the eraser holds beyond the pipeline: statistics, priors, base weights, kept concepts."""
+        tensors = [*(t for maps in self.base.values() for t in maps.values()), *self.invariants.values()]
+        for name, accumulator in self.accumulators.items():
+            tensors += [accumulator.gram_sum, accumulator.mapped_gram_sum, *accumulator.lora_terms.values(),
+                        self.prior[name].total, self.anchors[name].total]
+        for concept in self.concepts.values():
+            for kept in concept.streams.values():
+                tensors += [*kept.statistics.to_tensors().values(), kept.text_map]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def erased_pipeline(self):
-        """A copy of the pipeline with the set's weights (the base pipeline is left as it was)."""
-        erased = copy.deepcopy(self.pipe)
-        apply_weights(erased, self.architecture, self.streams, self.weights())
+        """The pipeline with the set's weights: a copy of its denoiser, every other component
+        shared with the base pipeline (which is left as it was)."""
+        denoiser = copy.deepcopy(self.architecture.denoiser(self.pipe))
+        apply_weights(denoiser, self.streams, self.weights())
+        erased = copy.copy(self.pipe)
+        erased.register_modules(**{self.architecture.denoiser_name: denoiser})  # on the copy's own config
         return erased
 
 
-def apply_weights(pipe, architecture: Architecture, streams: dict[str, TextStream], weights: Weights) -> None:
-    denoiser = architecture.denoiser(pipe)
+def check_fusion(fusion: FusionSettings) -> None:
+    """Refuse the fusion settings this path does not implement, saying what to set."""
+    if fusion.method == "separable":
+        raise RequestError("fusion.method separable needs trained increments; this path is closed form: use mace or constrained")
+    if fusion.adversarial_rounds or fusion.closure is not None:
+        raise RequestError("adversarial rounds and closure need the UNet path; set fusion.adversarial_rounds 0, closure off")
+    if fusion.projections != "kv":
+        raise RequestError(
+            "fusion.projections: v edits attn2's values alone, but SD 3's and FLUX's shared text projection and every "
+            "pooled projection are not split in keys and values: use fusion.projections: kv"
+        )
+
+
+def apply_weights(denoiser, streams: dict[str, TextStream], weights: Weights) -> None:
     for name, stream in streams.items():
         for edited in stream.maps:
             write_weight(denoiser, edited, weights[name][edited.module])
