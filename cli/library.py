@@ -17,6 +17,7 @@ from cli.app import (
     closure_line,
     console,
     device_or_default,
+    fail,
     progress_bars,
     report_errors,
     setting,
@@ -44,6 +45,9 @@ def erase(
     overwrite: bool = typer.Option(
         False, help="Replace --out if it holds a previous erasure output (moved aside until the new one is in place)."
     ),
+    dtype: str = typer.Option(
+        None, help="SDXL, SD3, FLUX and PixArt folders: load the weights as float32 (default), bfloat16 or float16."
+    ),
 ) -> None:
     """Erase the request's concepts and write the erased model to --out."""
     from erasure.audit.closure import CLOSURE_FILE
@@ -54,8 +58,10 @@ def erase(
     spec = report_errors(lambda: load_request(request))
     warn(spec.specificity_warnings())
     if pipeline_family(spec.model):
-        _erase_pipeline(spec, out, device, overwrite)
+        _erase_pipeline(spec, out, device, overwrite, dtype or "float32")
         return
+    if dtype is not None:
+        fail(f"--dtype applies to SDXL, SD3, FLUX and PixArt folders; {spec.model} is erased in float32 on the UNet path")
 
     def erased():
         with progress_bars() as progress:
@@ -81,11 +87,13 @@ def erase(
     )
 
 
-def _erase_pipeline(spec, out: Path, device: str | None, overwrite: bool) -> None:
+def _erase_pipeline(spec, out: Path, device: str | None, overwrite: bool, dtype: str) -> None:
     """``erase`` for an SDXL, SD3, FLUX or PixArt folder: the closed form through its adapter."""
     from erasure.erase_pipeline import erase_pipeline
 
-    manifest = report_errors(lambda: erase_pipeline(spec, out, device=device_or_default(device), overwrite=overwrite))
+    manifest = report_errors(
+        lambda: erase_pipeline(spec, out, device=device_or_default(device), overwrite=overwrite, dtype=dtype)
+    )
     table = Table(title=f"erased {len(manifest['concepts'])} concept(s) from {manifest['pipeline_class']} -> {out}")
     for column in ("concept", "kind", "anchor", "pairs", "to anchor: base -> erased", "retained drift"):
         table.add_column(column)

@@ -125,12 +125,15 @@ def _flat(states: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([s.reshape(s.shape[0], -1) for s in states.values()], dim=1)
 
 
-def erase_pipeline(request: ErasureRequest, out_dir: Path, device: str = "cpu", overwrite: bool = False) -> dict:
-    """Erase ``request``'s concepts from the pipeline folder it names; returns the manifest."""
+def erase_pipeline(
+    request: ErasureRequest, out_dir: Path, device: str = "cpu", overwrite: bool = False, dtype: str = "float32"
+) -> dict:
+    """Erase ``request``'s concepts from the pipeline folder it names, loaded in ``dtype`` (the closed
+    forms solve in float64 all the same); returns the manifest."""
     out_dir = Path(out_dir)
     check_output_folder(out_dir, overwrite)
     seconds, started = {}, time.perf_counter()
-    pipe, architecture = load_pipeline(Path(request.model).expanduser())
+    pipe, architecture = load_pipeline(Path(request.model).expanduser(), dtype)
     check_supported(request, type(pipe).__name__)
     pipe.to(device)
     base_fingerprint = pipeline_fingerprint(pipe)
@@ -166,6 +169,7 @@ def erase_pipeline(request: ErasureRequest, out_dir: Path, device: str = "cpu", 
             "base_fingerprint": base_fingerprint,
             "family": architecture.family,
             "pipeline_class": type(pipe).__name__,
+            "dtype": dtype,
             "request": request.fingerprint_dict(),
             "edited": {name: [m.module for m in stream.maps] for name, stream in eraser.streams.items()},
             "concepts": rows,

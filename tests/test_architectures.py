@@ -351,3 +351,19 @@ def test_pixart_aligns_the_text_its_pipeline_tokenizes():
     tokens = architecture.streams(pipe)[0]
     (alignment,) = stream_alignments(pipe, tokens, [("a photo of a Cat", "a photo of a Bird")], "span", architecture)
     assert alignment.concept_span == (4,)  # T5 has no start token: a photo of a | cat
+
+
+def test_erase_loads_a_family_folder_in_the_dtype_asked(tmp_path, tiny_folder):
+    build_tiny_pipeline("flux").save_pretrained(tmp_path / "base")
+    (tmp_path / "request.yaml").write_text(yaml.safe_dump(closed_form_request(tmp_path / "base")))
+    result = CliRunner().invoke(app, ["erase", str(tmp_path / "request.yaml"), "--out", str(tmp_path / "erased"),
+                                      "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "erased" / "manifest.json").read_text())["dtype"] == "bfloat16"
+    erased, _ = load_pipeline(tmp_path / "erased" / "model", "bfloat16")
+    assert erased.transformer.context_embedder.weight.dtype == torch.bfloat16
+    with pytest.raises(RequestError, match="not one of float32, bfloat16, float16"):
+        load_pipeline(tmp_path / "base", "int8")
+    (tmp_path / "sd.yaml").write_text(yaml.safe_dump(closed_form_request(tiny_folder)))
+    result = CliRunner().invoke(app, ["erase", str(tmp_path / "sd.yaml"), "--out", str(tmp_path / "sd"), "--dtype", "float16"])
+    assert result.exit_code == 2 and "--dtype applies to SDXL" in result.output

@@ -13,8 +13,7 @@ the diffusers (PEFT) layout: ``<denoiser>.<module>.lora_A.weight`` (A) and ``.lo
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 
 from erasure.architectures.base import Architecture, module_at
 from erasure.spec import RequestError
+from erasure.staging import make_staging, remove_stale_staging
 
 WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # the name load_lora_weights looks for
 REPORT_FILE = "erasure_lora.json"
@@ -76,15 +76,23 @@ def export_lora(base_pipe, erased_pipe, architecture: Architecture, folder: Path
     if not layers:
         raise RequestError("the two pipelines have the same weights in every edited map: there is no edit to export")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    type(base_pipe).save_lora_weights(staging, **{f"{architecture.denoiser_name}_lora_layers": layers})
-    summary = {
-        "family": architecture.family,
-        "energy": energy,
-        "maps": [asdict(m) for m in report],
-        "max_relative_error": max(m.relative_error for m in report),
-        "parameters": sum(t.numel() for t in layers.values()),
-    }
-    (staging / REPORT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(staging, folder)
+    remove_stale_staging(folder.parent, folder.name)  # a killed export's
+    staging = make_staging(folder.parent, folder.name)
+    try:
+        type(base_pipe).save_lora_weights(staging, **{f"{architecture.denoiser_name}_lora_layers": layers})
+        summary = {
+            "family": architecture.family,
+            "energy": energy,
+            "maps": [asdict(m) for m in report],
+            "max_relative_error": max(m.relative_error for m in report),
+            "parameters": sum(t.numel() for t in layers.values()),
+        }
+        (staging / REPORT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        try:
+            staging.rename(folder)  # refuses a folder that appeared meanwhile: nothing is overwritten
+        except OSError:
+            raise RequestError(f"{folder} appeared while the LoRA was written; choose a new folder") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return report

@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from erasure.architectures.base import Architecture
 from erasure.architectures.flux import Flux
 from erasure.architectures.pixart import PixArt
@@ -30,9 +32,14 @@ def architecture_of(pipe) -> Architecture:
     raise RequestError(f"pipeline {name} is not supported; supported: {supported}")
 
 
-def load_pipeline(folder: Path):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_pipeline(folder: Path, dtype: str = "float32"):
     """A diffusers-layout folder as its own pipeline class (``model_index.json`` names it), strictly
-    offline, with its adapter."""
+    offline, its weights in ``dtype`` (``DTYPES``: FLUX in float32 is 48 GB), with its adapter."""
+    if dtype not in DTYPES:
+        raise RequestError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     from diffusers import DiffusionPipeline
 
     folder = Path(folder)
@@ -40,7 +47,7 @@ def load_pipeline(folder: Path):
         raise RequestError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json")
     try:
         with quiet_progress():
-            pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True)
+            pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, torch_dtype=DTYPES[dtype])
     except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise RequestError(f"model folder {str(folder)!r} does not load as a diffusers pipeline ({reason})") from None
