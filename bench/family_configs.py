@@ -38,6 +38,18 @@ FLUX_DEV = dict(
 )
 
 
+def tokenizers_for_bench():
+    """Our small CLIP BPE (77 tokens) and T5-style WordPiece (512) vocabularies over the
+    templates' words: real tokenizers cannot be downloaded here, and the text models' embedding
+    tables keep their real row counts."""
+    from erasure.core.prompts import template_words
+    from erasure.core.tokenizer import build_clip_tokenizer, build_wordpiece_tokenizer
+    from erasure.diffusion.models import TINY_EXTRA_WORDS
+
+    words = template_words() + TINY_EXTRA_WORDS
+    return build_clip_tokenizer(words, model_max_length=77), build_wordpiece_tokenizer(words, "t5", model_max_length=512)
+
+
 def _clip(tokenizer, config: dict, projection: bool):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -59,8 +71,7 @@ def real_size_pipeline(family: str, device: str = "cuda", dtype: torch.dtype = t
     vocabularies (the embedding tables keep the real row counts, so memory is the real one)."""
     import diffusers
 
-    from bench.gpu import tokenizers_for_bench
-    from erasure.architectures.tiny import _vae
+    from erasure.architectures.tiny import tiny_vae
 
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, not {family!r}")
@@ -72,7 +83,7 @@ def real_size_pipeline(family: str, device: str = "cuda", dtype: torch.dtype = t
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            return _build(diffusers, family, clip_tokenizer, t5_tokenizer, _vae, euler, flow)
+            return _build(diffusers, family, clip_tokenizer, t5_tokenizer, tiny_vae, euler, flow)
     finally:
         torch.set_default_dtype(previous)
 

@@ -42,18 +42,6 @@ import torch  # noqa: E402
 CONCEPTS = ("cat", "dog", "car", "tree", "house", "truck", "horse", "bird", "boat", "plane", "ship")  # the last is the takedown
 
 
-def tokenizers_for_bench():
-    """Our small CLIP BPE (77 tokens) and T5-style WordPiece (512) vocabularies over the
-    templates' words: real tokenizers cannot be downloaded here, and the text models' embedding
-    tables keep their real row counts."""
-    from erasure.core.prompts import template_words
-    from erasure.core.tokenizer import build_clip_tokenizer, build_wordpiece_tokenizer
-    from erasure.diffusion.models import TINY_EXTRA_WORDS
-
-    words = template_words() + TINY_EXTRA_WORDS
-    return build_clip_tokenizer(words, model_max_length=77), build_wordpiece_tokenizer(words, "t5", model_max_length=512)
-
-
 def sd14_components(device: str):
     """SD 1.4's UNet, VAE and text encoder shapes, random weights, a small CLIP BPE vocabulary
     (the embedding table keeps CLIP-L's 49,408 rows: the memory is the real one)."""

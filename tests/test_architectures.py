@@ -367,3 +367,28 @@ def test_erase_loads_a_family_folder_in_the_dtype_asked(tmp_path, tiny_folder):
     (tmp_path / "sd.yaml").write_text(yaml.safe_dump(closed_form_request(tiny_folder)))
     result = CliRunner().invoke(app, ["erase", str(tmp_path / "sd.yaml"), "--out", str(tmp_path / "sd"), "--dtype", "float16"])
     assert result.exit_code == 2 and "--dtype applies to SDXL" in result.output
+
+
+def test_the_adapter_path_on_sd_gives_the_unet_paths_closed_form(tmp_path):
+    """Same science, two stage sequences: on an SD pipeline, the adapter's eraser and the UNet path
+    (``erasure.erase.run_stages`` with ``lora_steps: 0``) solve to the same weights."""
+    from erasure.diffusion.models import Components
+    from erasure.erase import concept_seed, prior_prompts, run_stages
+    from erasure.spec import parse_request
+
+    pipe = build_tiny_pipeline("sd")
+    components = Components(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, pipe.vae)
+    request = parse_request({
+        "model": "builtin:tiny", "concepts": [{"name": "cat", "anchor": "bird"}, {"name": "car", "anchor": "truck"}],
+        "preserve": {"concepts": ["dog"]}, "method": {"lora_steps": 0, "prompts_per_concept": 3},
+        "fusion": {"method": "mace"},
+    })
+    unet_path = run_stages(components, request).weights
+    erasing = PipelineEraser(pipe, architecture_of(pipe), prior_prompts(request.preserve), request.preserve,
+                             request.fusion, 3, request.method.edit_tokens)
+    for concept in request.concepts:
+        erasing.add(concept, concept_seed(request.seed, concept))
+    adapter_path = erasing.weights()["tokens"]
+    assert set(adapter_path) == set(unet_path)
+    for name, weight in unet_path.items():
+        assert torch.allclose(adapter_path[name], weight, atol=1e-5, rtol=1e-4), name

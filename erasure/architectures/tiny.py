@@ -38,7 +38,8 @@ def _t5(tokenizer):
     ))
 
 
-def _vae(flow: bool = False):
+def tiny_vae(flow: bool = False):
+    """A 2-block VAE, 16x16 images to 8x8 latents (``flow``: with SD 3's and FLUX's latent shift)."""
     from diffusers import AutoencoderKL
 
     extra = {"shift_factor": 0.0, "scaling_factor": 1.0} if flow else {}  # SD3 and FLUX shift their latents
@@ -79,12 +80,12 @@ def _build(family: str, seed: int):
         )
         if not xl:
             return diffusers.StableDiffusionPipeline(
-                vae=_vae(), text_encoder=_clip(clip_tokenizer), tokenizer=clip_tokenizer, unet=unet,
+                vae=tiny_vae(), text_encoder=_clip(clip_tokenizer), tokenizer=clip_tokenizer, unet=unet,
                 scheduler=diffusers.DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **ddpm),
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             )
         return diffusers.StableDiffusionXLPipeline(
-            vae=_vae(), text_encoder=_clip(clip_tokenizer), text_encoder_2=_clip(clip_tokenizer, projection=True),
+            vae=tiny_vae(), text_encoder=_clip(clip_tokenizer), text_encoder_2=_clip(clip_tokenizer, projection=True),
             tokenizer=clip_tokenizer, tokenizer_2=clip_tokenizer, unet=unet,
             scheduler=diffusers.EulerDiscreteScheduler(**ddpm),
         )
@@ -96,7 +97,7 @@ def _build(family: str, seed: int):
             out_channels=4, pos_embed_max_size=8,
         )
         return diffusers.StableDiffusion3Pipeline(
-            transformer=transformer, scheduler=flow, vae=_vae(flow=True),
+            transformer=transformer, scheduler=flow, vae=tiny_vae(flow=True),
             text_encoder=_clip(clip_tokenizer, projection=True), tokenizer=clip_tokenizer,
             text_encoder_2=_clip(clip_tokenizer, projection=True), tokenizer_2=clip_tokenizer,
             text_encoder_3=_t5(t5_tokenizer), tokenizer_3=t5_tokenizer,
@@ -107,7 +108,7 @@ def _build(family: str, seed: int):
             joint_attention_dim=T5_WIDTH, pooled_projection_dim=CLIP_WIDTH, axes_dims_rope=(2, 2, 4),
         )
         return diffusers.FluxPipeline(
-            scheduler=flow, vae=_vae(flow=True), text_encoder=_clip(clip_tokenizer), tokenizer=clip_tokenizer,
+            scheduler=flow, vae=tiny_vae(flow=True), text_encoder=_clip(clip_tokenizer), tokenizer=clip_tokenizer,
             text_encoder_2=_t5(t5_tokenizer), tokenizer_2=t5_tokenizer, transformer=transformer,
         )
     transformer = diffusers.PixArtTransformer2DModel(
@@ -115,6 +116,6 @@ def _build(family: str, seed: int):
         sample_size=8, patch_size=2, caption_channels=T5_WIDTH, norm_num_groups=8,
     )
     return diffusers.PixArtSigmaPipeline(
-        tokenizer=t5_tokenizer, text_encoder=_t5(t5_tokenizer), vae=_vae(), transformer=transformer,
+        tokenizer=t5_tokenizer, text_encoder=_t5(t5_tokenizer), vae=tiny_vae(), transformer=transformer,
         scheduler=diffusers.DPMSolverMultistepScheduler(),
     )

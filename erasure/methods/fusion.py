@@ -1,4 +1,6 @@
-"""Stage 3: the erased K/V weights of a concept set, from per-concept artifacts alone.
+"""Stage 3: the erased weights of a concept set, from per-concept artifacts alone: the
+cross-attention K/V of a UNet, or the maps of any text stream an architecture adapter names
+(``erasure.methods.pipeline_edit``), which all read the same text states.
 
 Three solves over the same per-concept sufficient statistics (``closed_form``):
 
@@ -93,7 +95,7 @@ def fusion_solver(
 class FusionStatistics:
     """What MACE's and the constrained solve need, accumulated over a concept set."""
 
-    base: dict[str, torch.Tensor]  # every K/V projection of the base model
+    base: dict[str, torch.Tensor]  # every projection of the base model that reads the text states
     edited: dict[str, torch.Tensor]  # the ones the fusion changes
     accumulator: FusionAccumulator
     prior: PriorStatistics | None  # the base prior plus every concept's anchor states, when given one
