@@ -12,6 +12,10 @@ A concept's artifacts depend only on (base model, concept spec, settings, seed),
 never on which other concepts are erased with it: that is what lets takedown and
 restore reuse them. ``erase`` writes its output folder atomically (a temporary
 folder renamed at the end), so a failed run leaves nothing behind.
+
+This is the UNet path: SD 1.x/2.x folders and hub ids, and the built-in worlds. SDXL, SD 3,
+FLUX and PixArt folders are erased by ``erasure.erase_pipeline`` (the closed form through their
+adapters), which shares this module's prior prompts, seeds and output-folder rules.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ The output folder holds ``model/`` (``<PipelineClass>.from_pretrained`` reads it
 ``manifest.json``: the base fingerprint, the request, the maps edited per stream, and per
 concept how far its conditioning moved toward its anchor's and how far the retained prompts'
 moved (measured on the edited maps' outputs, what the denoiser reads). It is published whole or
-not at all, like the UNet path's.
+not at all, like the UNet path's. It holds no per-concept artifacts: a later takedown or restore
+of such a model is a new ``erasure erase`` of the new set (in one process, ``PipelineEraser``'s
+``add`` and ``remove`` are exact without encoding anything again).
 """
 
 from __future__ import annotations
