@@ -272,8 +272,9 @@ def run_family(family: str, tiny: bool) -> dict:
         "eraser_memory_mib": held,  # flat in the number of concepts
         "restorable_eraser_memory_mib": round(eraser.held_bytes() / 2**20, 2),  # grows: each concept's own statistics
         # the edited maps' outputs for "a photo of <concept>": distance to the anchor's, relative (mean over concepts)
-        "to_anchor": {k: round(sum(r[k] for r in conditioning) / len(conditioning), 4) for k in ("to_anchor_before", "to_anchor_after")},
-        "retained_drift_max": round(max(r["retained_drift"] for r in conditioning), 6),
+        "to_anchor": {k: {s: round(sum(r[k][s] for r in conditioning) / len(conditioning), 4) for s in conditioning[0][k]}
+                      for k in ("to_anchor_before", "to_anchor_after")},
+        "retained_drift_max": {s: round(max(r["retained_drift"][s] for r in conditioning), 6) for s in conditioning[0]["retained_drift"]},
         "lora": lora,
     }
     print(f"{family} on {report['device']}: {count} concepts, edited {report['edited']}")
@@ -282,9 +283,10 @@ def run_family(family: str, tiny: bool) -> dict:
     print(f"  peak GPU memory: {report['peak_gpu_memory_gib']} GiB; eraser memory (MiB) after 1 / {count} concepts: "
           + " / ".join(str(v) for v in held.values())
           + f" (with restore: {report['restorable_eraser_memory_mib']} at {count})")
-    print(f"  conditioning to the anchor's: {report['to_anchor']['to_anchor_before']:.1%} -> "
-          f"{report['to_anchor']['to_anchor_after']:.1%}; retained drift at most {report['retained_drift_max']:.2%}; "
-          f"LoRA at energy {LORA_ENERGY}: {lora}")
+    moved = ", ".join(f"{s} {report['to_anchor']['to_anchor_before'][s]:.1%} -> {report['to_anchor']['to_anchor_after'][s]:.1%}"
+                      for s in report["to_anchor"]["to_anchor_before"])
+    drift = ", ".join(f"{s} {v:.2%}" for s, v in report["retained_drift_max"].items())
+    print(f"  conditioning to the anchor's: {moved}; retained drift at most: {drift}; LoRA at energy {LORA_ENERGY}: {lora}")
     return report
 
 

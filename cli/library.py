@@ -94,21 +94,21 @@ def _erase_pipeline(spec, out: Path, device: str | None, overwrite: bool, dtype:
     manifest = report_errors(
         lambda: erase_pipeline(spec, out, device=device_or_default(device), overwrite=overwrite, dtype=dtype)
     )
-    table = Table(title=f"erased {len(manifest['concepts'])} concept(s) from {manifest['pipeline_class']} -> {out}")
+    table = Table(title=f"erased {len(manifest['concepts'])} concept(s) from {manifest['pipeline_class']} -> {escape(str(out))}")
     for column in ("concept", "kind", "anchor", "pairs", "to anchor: base -> erased", "retained drift"):
         table.add_column(column)
     for row in manifest["concepts"]:
-        drift = f"{row['retained_drift']:.2%}" if row["retained_drift"] is not None else "-"
-        table.add_row(
-            escape(row["name"]), row["kind"], escape(row["anchor"]), str(row["pairs"]),
-            f"{row['to_anchor_before']:.1%} -> {row['to_anchor_after']:.1%}", drift,
-        )
+        streams = row["to_anchor_before"]
+        moved = ", ".join(f"{s} {row['to_anchor_before'][s]:.1%} -> {row['to_anchor_after'][s]:.1%}" for s in streams)
+        drift = ", ".join(f"{s} {v:.2%}" for s, v in row["retained_drift"].items()) if row["retained_drift"] else "-"
+        table.add_row(escape(row["name"]), row["kind"], escape(row["anchor"]), str(row["pairs"]), moved, drift)
     Console().print(table)
     edited = "; ".join(f"{stream}: {len(maps)} map(s)" for stream, maps in manifest["edited"].items())
+    model = escape(str(out / "model"))
     Console().print(
         f"edited {edited} (closed form; distances are of the edited maps' outputs for \"a photo of ...\")\n"
         "stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in manifest["seconds"].items())
-        + f"\nmodel: {out / 'model'}   try: erasure generate {out / 'model'} \"a photo of ...\"", highlight=False,
+        + f"\nmodel: {model}   try: erasure generate {model} \"a photo of ...\"", highlight=False,
     )
 
 
@@ -120,10 +120,13 @@ def export_lora(
     energy: float = typer.Option(0.999, help="Share of each map's edit (squared norm) the low-rank factors keep."),
 ) -> None:
     """Export an erasure as a LoRA a served pipeline loads with load_lora_weights (and unloads)."""
+    from erasure.architectures.lora_export import check_energy
     from erasure.architectures.lora_export import export_lora as run_export
     from erasure.architectures.registry import load_pipeline
     from erasure.erase_pipeline import check_erased_from
     from erasure.spec import RequestError
+
+    report_errors(lambda: check_energy(energy))  # before two pipelines load
 
     def exported():
         folder = erased / "model" if (erased / "model" / "model_index.json").is_file() else erased
@@ -135,7 +138,7 @@ def export_lora(
         return run_export(base_pipe, erased_pipe, architecture, out, energy)
 
     report = report_errors(exported)
-    table = Table(title=f"LoRA of the erasure -> {out}")
+    table = Table(title=f"LoRA of the erasure -> {escape(str(out))}")
     for column in ("map", "rank", "relative error"):
         table.add_column(column)
     for row in report:

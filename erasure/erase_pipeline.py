@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 
 from erasure import __version__
-from erasure.architectures.base import module_at
+from erasure.architectures.base import read_weight
 from erasure.architectures.registry import PIPELINE_FAMILIES, load_pipeline, quiet_progress
 from erasure.core.prompts import fill
-from erasure.diffusion.models import fingerprint, pipeline_fingerprint
+from erasure.diffusion.models import check_finite, fingerprint, pipeline_fingerprint
 from erasure.erase import MANIFEST_FILE, check_output_folder, concept_seed, prior_prompts, publish_output
 from erasure.loading import load_components
 from erasure.methods.pipeline_edit import PipelineEraser
-from erasure.spec import ErasureRequest, RequestError
+from erasure.spec import ErasureRequest, RequestError, check_concepts_against_tokenizer
 from erasure.staging import make_staging, remove_stale_staging
 
 PROBE_TEMPLATE = "a photo of {}"  # the conditioning measure's prompt
@@ -51,7 +51,10 @@ def check_erased_from(base: Path, base_pipe, erase_output: Path) -> None:
     """Refuse an erase output whose manifest names another base than ``base``: each path fingerprints
     its base its own way (this one the whole pipeline, the UNet path its ``Components``). A folder
     without a manifest (a model saved by hand) is taken as it is."""
-    manifest_file = Path(erase_output) / MANIFEST_FILE
+    erase_output = Path(erase_output)
+    manifest_file = erase_output / MANIFEST_FILE
+    if not manifest_file.is_file() and (erase_output.parent / MANIFEST_FILE).is_file():
+        manifest_file = erase_output.parent / MANIFEST_FILE  # given OUT/model: the output's manifest is beside it
     if not manifest_file.is_file():
         return
     manifest = json.loads(manifest_file.read_text())
@@ -94,37 +97,37 @@ def conditioning(pipe, eraser: PipelineEraser, prompts: list[str]) -> dict[str, 
     for name, stream in eraser.streams.items():
         parts = []
         for edited in stream.maps:
-            weight = module_at(denoiser, edited.module).weight.detach().float().cpu()
-            if edited.columns is not None:
-                weight = weight[:, edited.columns[0] : edited.columns[1]]
-            parts.append(states[name] @ weight.T)
+            parts.append(states[name] @ read_weight(denoiser, edited).float().T)
         out[name] = torch.cat(parts, dim=-1)
     return out
 
 
 def conditioning_rows(base, erased, eraser: PipelineEraser, retained: list[str]) -> list[dict]:
-    """Per concept: the distance of its probe prompt's conditioning to its anchor's, relative to
-    the anchor's norm, in the base and in the erased model; and the largest relative change of a
-    retained prompt's conditioning (None without retained prompts). All streams joined into one
-    vector per prompt."""
+    """Per concept and stream: the distance of its probe prompt's conditioning to its anchor's,
+    relative to the anchor's norm, in the base and in the erased model; and the largest relative
+    change of a retained prompt's conditioning (None without retained prompts). Each stream on
+    its own: the pooled state is one vector against the token stream's hundreds."""
     rows = []
     for erased_concept in eraser.concepts.values():
         concept = erased_concept.concept
         probe, anchor = fill(PROBE_TEMPLATE, concept.name), fill(PROBE_TEMPLATE, concept.anchor)
-        b = _flat(conditioning(base, eraser, [probe, anchor, *retained]))
-        a = _flat(conditioning(erased, eraser, [probe, *retained]))
-        scale = b[1].norm()
-        drift = float(((a[1:] - b[2:]).norm(dim=1) / b[2:].norm(dim=1).clamp_min(1e-12)).max()) if retained else None
-        rows.append({
-            "name": concept.name, "kind": concept.kind, "anchor": concept.anchor, "pairs": len(erased_concept.pairs),
-            "to_anchor_before": float((b[0] - b[1]).norm() / scale), "to_anchor_after": float((a[0] - b[1]).norm() / scale),
-            "retained_drift": drift,
-        })
+        before = conditioning(base, eraser, [probe, anchor, *retained])
+        after = conditioning(erased, eraser, [probe, *retained])
+        row = {"name": concept.name, "kind": concept.kind, "anchor": concept.anchor, "pairs": len(erased_concept.pairs),
+               "to_anchor_before": {}, "to_anchor_after": {}, "retained_drift": {} if retained else None}
+        for stream in before:
+            b, a = _flat(before[stream]), _flat(after[stream])
+            scale = b[1].norm()
+            row["to_anchor_before"][stream] = float((b[0] - b[1]).norm() / scale)
+            row["to_anchor_after"][stream] = float((a[0] - b[1]).norm() / scale)
+            if retained:
+                row["retained_drift"][stream] = float(((a[1:] - b[2:]).norm(dim=1) / b[2:].norm(dim=1).clamp_min(1e-12)).max())
+        rows.append(row)
     return rows
 
 
-def _flat(states: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([s.reshape(s.shape[0], -1) for s in states.values()], dim=1)
+def _flat(states: torch.Tensor) -> torch.Tensor:
+    return states.reshape(states.shape[0], -1)
 
 
 def erase_pipeline(
@@ -135,8 +138,14 @@ def erase_pipeline(
     out_dir = Path(out_dir)
     check_output_folder(out_dir, overwrite)
     seconds, started = {}, time.perf_counter()
+    check_supported(request, pipeline_family(request.model) or "this pipeline")  # before a 12 B-parameter load
     pipe, architecture = load_pipeline(Path(request.model).expanduser(), dtype)
-    check_supported(request, type(pipe).__name__)
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            check_finite(Path(request.model), name, component)
+    for stream in architecture.streams(pipe):  # a concept the tokenizers read as nothing (or <unk>) is not erasable
+        for segment in stream.segments:
+            check_concepts_against_tokenizer(request.concepts, getattr(pipe, segment.tokenizer))
     pipe.to(device)
     base_fingerprint = pipeline_fingerprint(pipe)
     seconds["load"] = time.perf_counter() - started

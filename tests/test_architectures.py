@@ -298,8 +298,9 @@ def test_erase_generate_and_export_lora_from_the_command_line(family, tmp_path):
     assert "erased 2 concept(s) from" in result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["family"] == family and manifest["base_fingerprint"] == pipeline_fingerprint(base)
-    for row in manifest["concepts"]:  # the concept's conditioning went toward its anchor's
-        assert row["to_anchor_after"] < row["to_anchor_before"] and row["retained_drift"] is not None
+    for row in manifest["concepts"]:  # the concept's conditioning went toward its anchor's, in the token stream
+        assert row["to_anchor_after"]["tokens"] < row["to_anchor_before"]["tokens"]
+        assert set(row["retained_drift"]) == set(row["to_anchor_before"]) == {"tokens", "pooled"}
     erased, architecture = load_pipeline(out / "model")
     assert architecture.family == family and pipeline_fingerprint(erased) != manifest["base_fingerprint"]
 
@@ -392,3 +393,44 @@ def test_the_adapter_path_on_sd_gives_the_unet_paths_closed_form(tmp_path):
     assert set(adapter_path) == set(unet_path)
     for name, weight in unet_path.items():
         assert torch.allclose(adapter_path[name], weight, atol=1e-5, rtol=1e-4), name
+
+
+def test_export_lora_refuses_an_erased_model_of_another_base(tmp_path):
+    base, other = build_tiny_pipeline("flux"), build_tiny_pipeline("flux", seed=3)
+    erased = eraser(other, FusionSettings(method="mace")).erased_pipeline()
+    with pytest.raises(RequestError, match="not made from this base"):
+        export_lora(base, erased, architecture_of(base), tmp_path / "lora")
+    xl = build_tiny_pipeline("sdxl")
+    erased_xl = eraser(xl, FusionSettings(method="mace")).erased_pipeline()
+    with torch.no_grad():  # the size-conditioning columns of add_embedding are not the erasure's to change
+        erased_xl.unet.add_embedding.linear_1.weight[:, -1] += 1.0
+    with pytest.raises(RequestError, match="add_embedding.linear_1"):
+        export_lora(xl, erased_xl, architecture_of(xl), tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+
+
+def test_erase_refuses_concepts_the_tokenizers_cannot_read_and_broken_weights(tmp_path):
+    pipe = build_tiny_pipeline("flux")
+    pipe.save_pretrained(tmp_path / "base")
+    request = closed_form_request(tmp_path / "base") | {"concepts": [{"name": "zzqx", "anchor": "bird"}]}
+    (tmp_path / "request.yaml").write_text(yaml.safe_dump(request))
+    result = CliRunner().invoke(app, ["erase", str(tmp_path / "request.yaml"), "--out", str(tmp_path / "erased")])
+    assert result.exit_code == 2 and "'zzqx' tokenises to nothing" in result.output
+    with torch.no_grad():
+        pipe.text_encoder_2.shared.weight[0, 0] = float("nan")
+    pipe.save_pretrained(tmp_path / "broken")
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(closed_form_request(tmp_path / "broken")))
+    result = CliRunner().invoke(app, ["erase", str(tmp_path / "broken.yaml"), "--out", str(tmp_path / "erased")])
+    assert result.exit_code == 2 and "text_encoder_2 holds NaN" in result.output
+    assert not (tmp_path / "erased").exists()
+
+
+def test_prompts_truncated_before_the_concept_are_left_out():
+    pipe = build_tiny_pipeline("flux")  # T5 and CLIP both padded to 16 tokens
+    late = "a photo of a dog and a tree and a house and a car and a chair and a cup and a cat"
+    concept = ConceptSpec(name="cat", anchor="bird", prompts=(late,))
+    erasing = PipelineEraser(pipe, architecture_of(pipe), [""], fusion=FusionSettings(method="mace"), prompts_per_concept=2)
+    assert len(erasing.add(concept).pairs) == 2  # the two templated pairs; the user prompt's cat is past token 16
+    only_late = PipelineEraser(pipe, architecture_of(pipe), [""], fusion=FusionSettings(method="mace"), prompts_per_concept=0)
+    with pytest.raises(RequestError, match="every prompt was truncated before the concept"):
+        only_late.add(concept)

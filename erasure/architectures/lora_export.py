@@ -34,11 +34,46 @@ class MapFactors:
     relative_error: float  # |delta - B A|_F / |delta|_F
 
 
+def check_energy(energy: float) -> None:
+    if not 0.0 < energy <= 1.0:  # NaN fails too
+        raise RequestError(f"energy {energy} must be in (0, 1]: the share of the edit's squared norm the LoRA keeps")
+
+
+def check_same_base(base_pipe, erased_pipe, architecture: Architecture) -> None:
+    """Refuse an erased pipeline that differs from ``base_pipe`` anywhere an erasure does not edit:
+    it was made from another base, and a LoRA of the difference would paste that base's maps on
+    this one. The edited maps' other columns (SDXL's size conditioning) count as not edited."""
+    edited = {m.module: m for stream in architecture.streams(base_pipe) for m in stream.maps}
+    differing = []
+    for name, component in base_pipe.components.items():
+        other = erased_pipe.components.get(name)
+        if not isinstance(component, torch.nn.Module):
+            continue
+        theirs = other.state_dict() if isinstance(other, torch.nn.Module) else {}
+        for key, tensor in component.state_dict().items():
+            module = key.removesuffix(".weight")
+            if name == architecture.denoiser_name and module in edited and key.endswith(".weight"):
+                columns = edited[module].columns
+                if columns is None:
+                    continue
+                tensor = torch.cat([tensor[:, : columns[0]], tensor[:, columns[1] :]], dim=1)
+                mine = theirs.get(key)
+                theirs_kept = None if mine is None else torch.cat([mine[:, : columns[0]], mine[:, columns[1] :]], dim=1)
+            else:
+                theirs_kept = theirs.get(key)
+            if theirs_kept is None or theirs_kept.shape != tensor.shape or not torch.equal(theirs_kept.to(tensor.dtype), tensor):
+                differing.append(f"{name}.{key}")
+    if differing:
+        raise RequestError(
+            f"the erased model differs from the base outside the maps an erasure edits ({len(differing)} tensors, e.g. "
+            f"{', '.join(differing[:3])}): it was not made from this base; give export-lora the erased model's own base"
+        )
+
+
 def low_rank_factors(delta: torch.Tensor, energy: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(B, A, relative error) with ``B A`` the best approximation of ``delta`` (d_out x d_in) of the
     smallest rank whose singular values hold ``energy`` of ``|delta|_F^2``."""
-    if not 0.0 < energy <= 1.0:
-        raise RequestError(f"energy {energy} must be in (0, 1]: the share of the edit's squared norm the LoRA keeps")
+    check_energy(energy)
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
     held = torch.cumsum(s**2, 0) / (s**2).sum()
     rank = min(int((held < energy - 1e-12).sum()) + 1, len(s))
@@ -56,9 +91,11 @@ def export_lora(base_pipe, erased_pipe, architecture: Architecture, folder: Path
             f"{architecture.family}: diffusers has no load_lora_weights for {type(base_pipe).__name__}, so a LoRA "
             "export could not be applied; ship the erased pipeline folder instead"
         )
+    check_energy(energy)
     folder = Path(folder)
     if folder.exists():
         raise RequestError(f"{folder} exists; choose a new folder for the LoRA (nothing is overwritten)")
+    check_same_base(base_pipe, erased_pipe, architecture)
     base, erased = architecture.denoiser(base_pipe), architecture.denoiser(erased_pipe)
     layers, report = {}, []
     for stream in architecture.streams(base_pipe):

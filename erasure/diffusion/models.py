@@ -144,7 +144,7 @@ def load_folder(folder: Path) -> Components:
         raise RequestError(f"model folder {str(folder)!r}: {DEFAULTS_FILE} must hold a JSON object")
     for name, module in (("unet", unet), ("text_encoder", text_encoder), ("vae", vae)):
         if module is not None:
-            _check_finite(folder, name, module)
+            check_finite(folder, name, module)
     return Components(unet, text_encoder, tokenizer, scheduler, vae, defaults, package)
 
 
@@ -272,7 +272,7 @@ def _check_size(folder: Path, part: str, model_class) -> None:
         )
 
 
-def _check_finite(folder: Path, part: str, module: torch.nn.Module) -> None:
+def check_finite(folder: Path, part: str, module: torch.nn.Module) -> None:
     bad = [name for name, tensor in module.state_dict().items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if bad:
         raise RequestError(

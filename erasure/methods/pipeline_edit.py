@@ -131,12 +131,22 @@ class PipelineEraser:
         if concept.name in self.concepts:
             raise RequestError(f"concept {concept.name!r} is already erased")
         pairs = augmented_pairs(concept.kind, concept.variants, concept.anchor, self.prompts_per_concept, concept.prompts, seed)
+        alignments = {
+            name: stream_alignments(self.pipe, stream, pairs, self.edit_tokens, self.architecture)
+            for name, stream in self.streams.items()
+        }
+        # a pair whose concept every token stream truncated away says nothing about the concept
+        tokens = [name for name, stream in self.streams.items() if not stream.pooled]
+        kept = [i for i in range(len(pairs)) if any(alignments[name][i].concept_span for name in tokens)]
+        if not kept:
+            raise RequestError(f"concept {concept.name!r}: every prompt was truncated before the concept")
+        pairs = [pairs[i] for i in kept]
+        alignments = {name: [found[i] for i in kept] for name, found in alignments.items()}
         concept_states = self.architecture.states(self.pipe, [c for c, _ in pairs])
         anchor_states = self.architecture.states(self.pipe, [a for _, a in pairs])
         streams = {}
-        for name, stream in self.streams.items():
-            alignments = stream_alignments(self.pipe, stream, pairs, self.edit_tokens, self.architecture)
-            statistics = concept_statistics(concept_states[name], anchor_states[name], alignments)
+        for name in self.streams:
+            statistics = concept_statistics(concept_states[name], anchor_states[name], alignments[name])
             prior = self.prior[name].with_anchors([statistics]).gram()
             text_map = refinement_map([statistics], prior, self.preserve.lam1, self.preserve.ridge)
             self.accumulators[name].add(statistics, text_map, {})
