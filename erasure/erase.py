@@ -469,12 +469,8 @@ def erase(
     seconds |= stages.seconds
 
     timer = time.perf_counter()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out_dir.parent, out_dir.name)  # a killed run's: "a failed run leaves nothing behind"
-    if _is_erasure_output(out_dir):  # a killed --overwrite's previous output, superseded (else it is the only copy)
-        remove_stale_staging(out_dir.parent, f"{out_dir.name}.old")
-    staging = make_staging(out_dir.parent, out_dir.name)
-    try:
+
+    def write(staging: Path) -> dict:
         apply_weights(components.unet, weights)
         save_components(components, staging / "model")
         concept_rows = [save_concept(r, staging / "concepts" / slug(r.concept.name)) for r in results]
@@ -483,7 +479,7 @@ def erase(
             stages.closure.save(staging / "model" / CLOSURE_FILE)  # the model carries it, as the pipeline's does
         seconds["write"] = time.perf_counter() - timer
         seconds["total"] = time.perf_counter() - started
-        manifest = {
+        return {
             "erasure_version": __version__,
             "base_model": request.model,
             "base_fingerprint": base_fingerprint,
@@ -492,18 +488,36 @@ def erase(
             "closure": closure_summary(stages.closure.as_dict()) if stages.closure is not None else None,
             "concepts": concept_rows,
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
-            "versions": _versions(),
+            "versions": package_versions(),
         }
+
+    manifest = publish_erasure(out_dir, overwrite, write)
+    concept_rows = manifest["concepts"]
+    return ErasureSummary(out_dir, base_fingerprint, seconds, concept_rows, manifest["closure"])
+
+
+MANIFEST_FILE = "manifest.json"
+
+
+def publish_erasure(out_dir: Path, overwrite: bool, write: Callable[[Path], dict]) -> dict:
+    """Publish an erasure output whole or not at all: ``write(staging)`` fills a hidden staging
+    folder beside ``out_dir`` and returns the manifest, written last; the folder then replaces
+    ``out_dir`` (``publish_output``). A killed earlier run's staging folders are removed first, and
+    this one's on any failure. Returns the manifest."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out_dir.parent, out_dir.name)  # a killed run's: "a failed run leaves nothing behind"
+    if _is_erasure_output(out_dir):  # a killed --overwrite's previous output, superseded (else it is the only copy)
+        remove_stale_staging(out_dir.parent, f"{out_dir.name}.old")
+    staging = make_staging(out_dir.parent, out_dir.name)
+    try:
+        manifest = write(staging)
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         check_output_folder(out_dir, overwrite)  # again: another run may have written it meanwhile
         publish_output(staging, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return ErasureSummary(out_dir, base_fingerprint, seconds, concept_rows, manifest["closure"])
-
-
-MANIFEST_FILE = "manifest.json"
+    return manifest
 
 
 def check_output_folder(out_dir: Path, overwrite: bool) -> None:
@@ -563,7 +577,7 @@ def publish_output(staging: Path, out_dir: Path, overwrite: bool = False) -> Non
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
     import diffusers
     import peft
     import transformers

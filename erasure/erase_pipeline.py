@@ -14,7 +14,6 @@ of such a model is a new ``erasure erase`` of the new set (in one process, ``Pip
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -25,11 +24,17 @@ from erasure.architectures.base import read_weight
 from erasure.architectures.registry import PIPELINE_FAMILIES, load_pipeline, quiet_progress
 from erasure.core.prompts import fill
 from erasure.diffusion.models import check_finite, fingerprint, pipeline_fingerprint
-from erasure.erase import MANIFEST_FILE, check_output_folder, concept_seed, prior_prompts, publish_output
+from erasure.erase import (
+    MANIFEST_FILE,
+    check_output_folder,
+    concept_seed,
+    package_versions,
+    prior_prompts,
+    publish_erasure,
+)
 from erasure.loading import load_components
 from erasure.methods.pipeline_edit import PipelineEraser
 from erasure.spec import ErasureRequest, RequestError, check_concepts_against_tokenizer
-from erasure.staging import make_staging, remove_stale_staging
 
 PROBE_TEMPLATE = "a photo of {}"  # the conditioning measure's prompt
 
@@ -166,15 +171,13 @@ def erase_pipeline(
     rows = conditioning_rows(pipe, erased, eraser, [fill(PROBE_TEMPLATE, c) for c in request.preserve.concepts[:8]])
 
     timer = time.perf_counter()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out_dir.parent, out_dir.name)
-    staging = make_staging(out_dir.parent, out_dir.name)
-    try:
+
+    def write(staging: Path) -> dict:
         with quiet_progress():
             erased.save_pretrained(staging / "model")
         seconds["write"] = time.perf_counter() - timer
         seconds["total"] = time.perf_counter() - started
-        manifest = {
+        return {
             "erasure_version": __version__,
             "base_model": request.model,
             "base_fingerprint": base_fingerprint,
@@ -185,11 +188,7 @@ def erase_pipeline(
             "edited": {name: [m.module for m in stream.maps] for name, stream in eraser.streams.items()},
             "concepts": rows,
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "versions": package_versions(),
         }
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-        check_output_folder(out_dir, overwrite)
-        publish_output(staging, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return manifest
+
+    return publish_erasure(out_dir, overwrite, write)
