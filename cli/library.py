@@ -118,20 +118,22 @@ def export_lora(
     erased: Path = typer.Argument(..., help="The erased model: an erase output folder or its model/."),
     out: Path = typer.Option(..., "--out", "-o", help="New folder for the LoRA (pytorch_lora_weights.safetensors)."),
     energy: float = typer.Option(0.999, help="Share of each map's edit (squared norm) the low-rank factors keep."),
+    dtype: str = typer.Option(None, help="Load both models as float32, bfloat16 or float16 (default: the erasure's own)."),
 ) -> None:
     """Export an erasure as a LoRA a served pipeline loads with load_lora_weights (and unloads)."""
     from erasure.architectures.lora_export import check_energy
     from erasure.architectures.lora_export import export_lora as run_export
     from erasure.architectures.registry import load_pipeline
-    from erasure.erase_pipeline import check_erased_from
+    from erasure.erase_pipeline import check_erased_from, erasure_dtype
     from erasure.spec import RequestError
 
     report_errors(lambda: check_energy(energy))  # before two pipelines load
 
     def exported():
         folder = erased / "model" if (erased / "model" / "model_index.json").is_file() else erased
-        base_pipe, architecture = load_pipeline(base)
-        erased_pipe, erased_architecture = load_pipeline(folder)
+        loaded_as = dtype or erasure_dtype(erased)
+        base_pipe, architecture = load_pipeline(base, loaded_as)
+        erased_pipe, erased_architecture = load_pipeline(folder, loaded_as)
         if erased_architecture is not architecture:
             raise RequestError(f"{base} is {architecture.family} but {folder} is {erased_architecture.family}")
         check_erased_from(base, base_pipe, erased)

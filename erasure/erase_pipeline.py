@@ -52,17 +52,27 @@ def pipeline_family(model: str) -> str | None:
     return name if name in PIPELINE_FAMILIES else None
 
 
+def erase_manifest(erase_output: Path) -> dict | None:
+    """The manifest of an erase output, given the output folder or its ``model/``; None without one."""
+    erase_output = Path(erase_output)
+    for folder in (erase_output, erase_output.parent):
+        if (folder / MANIFEST_FILE).is_file():
+            return json.loads((folder / MANIFEST_FILE).read_text())
+    return None
+
+
+def erasure_dtype(erase_output: Path) -> str:
+    """The dtype an erase output was made in (its base was fingerprinted in it), float32 when unsaid."""
+    return (erase_manifest(erase_output) or {}).get("dtype", "float32")
+
+
 def check_erased_from(base: Path, base_pipe, erase_output: Path) -> None:
     """Refuse an erase output whose manifest names another base than ``base``: each path fingerprints
     its base its own way (this one the whole pipeline, the UNet path its ``Components``). A folder
     without a manifest (a model saved by hand) is taken as it is."""
-    erase_output = Path(erase_output)
-    manifest_file = erase_output / MANIFEST_FILE
-    if not manifest_file.is_file() and (erase_output.parent / MANIFEST_FILE).is_file():
-        manifest_file = erase_output.parent / MANIFEST_FILE  # given OUT/model: the output's manifest is beside it
-    if not manifest_file.is_file():
+    manifest = erase_manifest(erase_output)  # given OUT/model, the output's manifest is beside it
+    if manifest is None:
         return
-    manifest = json.loads(manifest_file.read_text())
     made_from = manifest.get("base_fingerprint")
     if made_from is None:
         return
@@ -85,6 +95,7 @@ def check_supported(request: ErasureRequest, pipeline_class: str) -> None:
         (fusion.method == "separable", "fusion.method: mace or constrained"),
         (fusion.adversarial_rounds != 0, "fusion.adversarial_rounds: 0"),
         (fusion.closure is not None, "no fusion.closure"),
+        (fusion.projections != "kv", "fusion.projections: kv (shared and pooled projections are not split in K and V)"),
     ]
     needed = [fix for broken, fix in unsupported if broken]
     if needed:
@@ -150,7 +161,9 @@ def erase_pipeline(
             check_finite(Path(request.model), name, component)
     for stream in architecture.streams(pipe):  # a concept the tokenizers read as nothing (or <unk>) is not erasable
         for segment in stream.segments:
-            check_concepts_against_tokenizer(request.concepts, getattr(pipe, segment.tokenizer))
+            check_concepts_against_tokenizer(
+                request.concepts, getattr(pipe, segment.tokenizer), preprocess=lambda text: architecture.tokenized_text(pipe, [text])[0]
+            )
     pipe.to(device)
     base_fingerprint = pipeline_fingerprint(pipe)
     seconds["load"] = time.perf_counter() - started
@@ -168,6 +181,13 @@ def erase_pipeline(
     timer = time.perf_counter()
     erased = eraser.erased_pipeline()
     seconds["fusion"] = time.perf_counter() - timer
+    for stream in eraser.streams.values():  # nothing broken is published
+        for edited in stream.maps:
+            if not torch.isfinite(read_weight(architecture.denoiser(erased), edited)).all():
+                raise RequestError(
+                    f"the closed-form solve gave NaN or infinite weights in {edited.module}: the statistics are "
+                    f"degenerate in {dtype}; load the model in float32"
+                )
     rows = conditioning_rows(pipe, erased, eraser, [fill(PROBE_TEMPLATE, c) for c in request.preserve.concepts[:8]])
 
     timer = time.perf_counter()
@@ -184,6 +204,7 @@ def erase_pipeline(
             "family": architecture.family,
             "pipeline_class": type(pipe).__name__,
             "dtype": dtype,
+            "text_settings": architecture.text_settings(pipe),
             "request": request.fingerprint_dict(),
             "edited": {name: [m.module for m in stream.maps] for name, stream in eraser.streams.items()},
             "concepts": rows,

@@ -515,12 +515,17 @@ LEGACY_SETTINGS = {
 }
 
 
-def check_concepts_against_tokenizer(concepts, tokenizer, first_index: int = 0) -> None:
-    """``ErasureRequest.check_against_tokenizer`` for ``concepts``, the first at ``first_index``."""
+def check_concepts_against_tokenizer(concepts, tokenizer, first_index: int = 0, preprocess=None) -> None:
+    """``ErasureRequest.check_against_tokenizer`` for ``concepts``, the first at ``first_index``.
+    ``preprocess``: what the pipeline does to a prompt's text before its tokenizer reads it.
+    A bare word-start marker (SentencePiece's "▁", as T5 writes before an unknown word) is no
+    token of the concept either."""
     special = set(tokenizer.all_special_ids)
     for i, concept in enumerate(concepts, start=first_index):
         for variant in concept.variants:
-            ids = [t for t in tokenizer(variant, add_special_tokens=False)["input_ids"] if t not in special]
+            text = preprocess(variant) if preprocess is not None else variant
+            ids = [t for t in tokenizer(text, add_special_tokens=False)["input_ids"] if t not in special]
+            ids = [t for t, token in zip(ids, tokenizer.convert_ids_to_tokens(ids)) if token.strip("▁ ")]
             if not ids:
                 raise RequestError(
                     f"concepts.{i}.name: {variant!r} tokenises to nothing with this model's tokenizer; "

@@ -432,5 +432,61 @@ def test_prompts_truncated_before_the_concept_are_left_out():
     erasing = PipelineEraser(pipe, architecture_of(pipe), [""], fusion=FusionSettings(method="mace"), prompts_per_concept=2)
     assert len(erasing.add(concept).pairs) == 2  # the two templated pairs; the user prompt's cat is past token 16
     only_late = PipelineEraser(pipe, architecture_of(pipe), [""], fusion=FusionSettings(method="mace"), prompts_per_concept=0)
-    with pytest.raises(RequestError, match="every prompt was truncated before the concept"):
+    with pytest.raises(RequestError, match="no prompt kept the concept.s tokens apart from its anchor.s .truncated"):
         only_late.add(concept)
+
+
+def test_a_bfloat16_erasure_exports_against_its_float32_base(tmp_path):
+    """The erasure's manifest says the dtype it was made in: export-lora loads both models in it."""
+    build_tiny_pipeline("sdxl").save_pretrained(tmp_path / "base")
+    (tmp_path / "request.yaml").write_text(yaml.safe_dump(closed_form_request(tmp_path / "base")))
+    result = CliRunner().invoke(app, ["erase", str(tmp_path / "request.yaml"), "--out", str(tmp_path / "erased"),
+                                      "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    for given in (tmp_path / "erased", tmp_path / "erased" / "model"):
+        out = tmp_path / f"lora-{given.name}"
+        result = CliRunner().invoke(app, ["export-lora", str(tmp_path / "base"), str(given), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+    base = build_tiny_pipeline("sdxl")
+    erased, _ = load_pipeline(tmp_path / "erased" / "model")  # float32, as saved in bfloat16
+    export_lora(base, erased, architecture_of(base), tmp_path / "direct")  # no manifest: the coarser dtype decides
+
+
+def test_states_that_overflow_are_refused_and_a_failed_add_changes_nothing():
+    pipe = build_tiny_pipeline("flux")
+    erasing = PipelineEraser(pipe, architecture_of(pipe), [""], fusion=FusionSettings(method="mace"), prompts_per_concept=2)
+    erasing.add(CAT)
+    before = erasing.weights()
+    with torch.no_grad():
+        pipe.text_encoder_2.shared.weight.mul_(float("inf"))  # as float16 does to T5's activations
+    with pytest.raises(RequestError, match="load the model in bfloat16 or float32"):
+        erasing.add(CAR)
+    assert list(erasing.concepts) == ["cat"]
+    after = erasing.weights()
+    assert all(torch.equal(after[s][m], w) for s, maps in before.items() for m, w in maps.items())
+
+
+def test_a_sentencepiece_word_start_alone_is_no_token_of_the_concept():
+    """T5's SentencePiece writes an unknown word as the word-start marker and <unk>: nothing to erase."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from erasure.spec import check_concepts_against_tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0), ("▁cat", -2.0), ("c", -3.0), ("a", -3.0), ("t", -3.0)]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    assert tokenizer.convert_ids_to_tokens(tokenizer("zzqx", add_special_tokens=False)["input_ids"]) == ["▁", "<unk>"]
+    check_concepts_against_tokenizer([CAT], tokenizer)
+    with pytest.raises(RequestError, match="'zzqx' tokenises to nothing"):
+        check_concepts_against_tokenizer([ConceptSpec(name="zzqx", anchor="bird")], tokenizer)
+
+
+def test_fusion_projections_v_is_refused_before_the_model_loads(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))  # nothing else: no load
+    request = closed_form_request(tmp_path / "base") | {"fusion": {"method": "mace", "projections": "v"}}
+    (tmp_path / "request.yaml").write_text(yaml.safe_dump(request))
+    result = CliRunner().invoke(app, ["erase", str(tmp_path / "request.yaml"), "--out", str(tmp_path / "erased")])
+    assert result.exit_code == 2 and "fusion.projections: kv" in result.output

@@ -83,6 +83,10 @@ class Architecture:
         """The text the pipeline's tokenizers see for ``prompts`` (PixArt lower-cases it first)."""
         return prompts
 
+    def text_settings(self, pipe) -> dict:
+        """Settings of this machine that change what text the model reads (recorded in the manifest)."""
+        return {}
+
     def sample_kwargs(self, pipe, size: int | None) -> dict:
         """Keyword arguments every call of the pipeline needs (text lengths, for example)."""
         return {}

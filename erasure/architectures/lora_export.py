@@ -47,9 +47,9 @@ def check_same_base(base_pipe, erased_pipe, architecture: Architecture) -> None:
     differing = []
     for name, component in base_pipe.components.items():
         other = erased_pipe.components.get(name)
-        if not isinstance(component, torch.nn.Module):
-            continue
-        theirs = other.state_dict() if isinstance(other, torch.nn.Module) else {}
+        if not isinstance(component, torch.nn.Module) or not isinstance(other, torch.nn.Module):
+            continue  # a part one side does not ship (SD's safety checker) is not the erasure's
+        theirs = other.state_dict()
         for key, tensor in component.state_dict().items():
             module = key.removesuffix(".weight")
             if name == architecture.denoiser_name and module in edited and key.endswith(".weight"):
@@ -61,13 +61,29 @@ def check_same_base(base_pipe, erased_pipe, architecture: Architecture) -> None:
                 theirs_kept = None if mine is None else torch.cat([mine[:, : columns[0]], mine[:, columns[1] :]], dim=1)
             else:
                 theirs_kept = theirs.get(key)
-            if theirs_kept is None or theirs_kept.shape != tensor.shape or not torch.equal(theirs_kept.to(tensor.dtype), tensor):
+            if theirs_kept is None or not _same(theirs_kept, tensor):
                 differing.append(f"{name}.{key}")
     if differing:
         raise RequestError(
             f"the erased model differs from the base outside the maps an erasure edits ({len(differing)} tensors, e.g. "
             f"{', '.join(differing[:3])}): it was not made from this base; give export-lora the erased model's own base"
         )
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal, or equal once rounded to a half-precision dtype in which one of them is held exactly
+    (a base read in float32 against an erasure made in bfloat16 is the same base)."""
+    if a.shape != b.shape:
+        return False
+    if torch.equal(a, b.to(a.dtype)):
+        return True
+    if not (a.is_floating_point() and b.is_floating_point()):
+        return False
+    for coarse in (torch.bfloat16, torch.float16):
+        held = any(torch.equal(t, t.to(coarse).to(t.dtype)) for t in (a, b))
+        if held and torch.equal(a.to(coarse), b.to(coarse)):
+            return True
+    return False
 
 
 def low_rank_factors(delta: torch.Tensor, energy: float) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -36,6 +36,9 @@ class PixArt(Architecture):
     def tokenized_text(self, pipe, prompts: list[str]) -> list[str]:
         return pipe._text_preprocessing(prompts, clean_caption=cleans_captions())  # the pipeline's own preprocessing
 
+    def text_settings(self, pipe) -> dict:
+        return {"clean_caption": cleans_captions()}  # served where bs4 or ftfy differ, the model reads other text
+
     @torch.no_grad()
     def states(self, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, _, _, _ = pipe.encode_prompt(

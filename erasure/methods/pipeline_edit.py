@@ -116,6 +116,8 @@ class PipelineEraser:
             name: {m.module: read_weight(denoiser, m) for m in stream.maps} for name, stream in self.streams.items()
         }
         self.prior = stream_priors(pipe, architecture, prior_prompts)
+        for name, prior in self.prior.items():
+            finite_states({name: prior.total})
         self.invariants = {
             name: states.reshape(-1, states.shape[-1]).double() for name, states in architecture.unconditional_states(pipe).items()
         }
@@ -139,19 +141,23 @@ class PipelineEraser:
         tokens = [name for name, stream in self.streams.items() if not stream.pooled]
         kept = [i for i in range(len(pairs)) if any(alignments[name][i].concept_span for name in tokens)]
         if not kept:
-            raise RequestError(f"concept {concept.name!r}: every prompt was truncated before the concept")
+            raise RequestError(
+                f"concept {concept.name!r}: no prompt kept the concept's tokens apart from its anchor's (truncated, "
+                "tokenised like the anchor, or removed by the pipeline's text preprocessing); use the words a prompt would use"
+            )
         pairs = [pairs[i] for i in kept]
         alignments = {name: [found[i] for i in kept] for name, found in alignments.items()}
-        concept_states = self.architecture.states(self.pipe, [c for c, _ in pairs])
-        anchor_states = self.architecture.states(self.pipe, [a for _, a in pairs])
+        concept_states = finite_states(self.architecture.states(self.pipe, [c for c, _ in pairs]))
+        anchor_states = finite_states(self.architecture.states(self.pipe, [a for _, a in pairs]))
         streams = {}
-        for name in self.streams:
+        for name in self.streams:  # every stream solved before any is changed: a failure leaves the set as it was
             statistics = concept_statistics(concept_states[name], anchor_states[name], alignments[name])
             prior = self.prior[name].with_anchors([statistics]).gram()
             text_map = refinement_map([statistics], prior, self.preserve.lam1, self.preserve.ridge)
-            self.accumulators[name].add(statistics, text_map, {})
-            self.anchors[name].add_anchors(statistics)
             streams[name] = StreamConcept(statistics, text_map)
+        for name, kept_concept in streams.items():
+            self.accumulators[name].add(kept_concept.statistics, kept_concept.text_map, {})
+            self.anchors[name].add_anchors(kept_concept.statistics)
         erased = ErasedConcept(concept, pairs, streams if self.restorable else {})
         self.concepts[concept.name] = erased
         return erased
@@ -197,6 +203,17 @@ class PipelineEraser:
         erased = copy.copy(self.pipe)
         erased.register_modules(**{self.architecture.denoiser_name: denoiser})  # on the copy's own config
         return erased
+
+
+def finite_states(states: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``states``, refused when any is NaN or infinite (T5 overflows in float16)."""
+    for name, tensor in states.items():
+        if not torch.isfinite(tensor).all():
+            raise RequestError(
+                f"the {name} stream's text states hold NaN or infinite values: the text encoders overflow in this "
+                "dtype (T5 does in float16); load the model in bfloat16 or float32"
+            )
+    return states
 
 
 def check_fusion(fusion: FusionSettings) -> None:
