@@ -57,7 +57,7 @@ def erase(
 
     spec = report_errors(lambda: load_request(request))
     warn(spec.specificity_warnings())
-    if pipeline_family(spec.model):
+    if report_errors(lambda: pipeline_family(spec.model)):  # a hub id off the worker's allow-list is refused here
         _erase_pipeline(spec, out, device, overwrite, dtype or "float32")
         return
     if dtype is not None:
@@ -114,7 +114,7 @@ def _erase_pipeline(spec, out: Path, device: str | None, overwrite: bool, dtype:
 
 @app.command(name="export-lora")
 def export_lora(
-    base: Path = typer.Argument(..., help="The base model's diffusers folder."),
+    base: str = typer.Argument(..., help="The base model: a diffusers folder or a hub id."),
     erased: Path = typer.Argument(..., help="The erased model: an erase output folder or its model/."),
     out: Path = typer.Option(..., "--out", "-o", help="New folder for the LoRA (pytorch_lora_weights.safetensors)."),
     energy: float = typer.Option(0.999, help="Share of each map's edit (squared norm) the low-rank factors keep."),
@@ -124,7 +124,7 @@ def export_lora(
     from erasure.architectures.lora_export import check_energy
     from erasure.architectures.lora_export import export_lora as run_export
     from erasure.architectures.registry import load_pipeline
-    from erasure.erase_pipeline import check_erased_from, erasure_dtype
+    from erasure.erase_pipeline import check_erased_from, erasure_dtype, model_folder
     from erasure.spec import RequestError
 
     report_errors(lambda: check_energy(energy))  # before two pipelines load
@@ -132,7 +132,7 @@ def export_lora(
     def exported():
         folder = erased / "model" if (erased / "model" / "model_index.json").is_file() else erased
         loaded_as = dtype or erasure_dtype(erased)
-        base_pipe, architecture = load_pipeline(base, loaded_as)
+        base_pipe, architecture = load_pipeline(model_folder(base), loaded_as)
         erased_pipe, erased_architecture = load_pipeline(folder, loaded_as)
         if erased_architecture is not architecture:
             raise RequestError(f"{base} is {architecture.family} but {folder} is {erased_architecture.family}")
@@ -164,14 +164,14 @@ def generate(
     """Sample images from a base or erased model."""
     from erasure.diffusion.models import sampler_settings
     from erasure.diffusion.sampling import sample, to_pil
-    from erasure.erase_pipeline import pipeline_family
+    from erasure.erase_pipeline import model_folder, pipeline_family
     from erasure.loading import load_components
 
     seeds = [seed + i for i in range(len(prompts))]
-    if pipeline_family(model):  # SDXL, SD3, FLUX, PixArt: through the pipeline class itself
+    if report_errors(lambda: pipeline_family(model)):  # SDXL, SD3, FLUX, PixArt: through the pipeline class itself
         from erasure.architectures.registry import load_pipeline
 
-        pipe, architecture = report_errors(lambda: load_pipeline(Path(model).expanduser()))
+        pipe, architecture = report_errors(lambda: load_pipeline(model_folder(model)))
         pipe.to(device_or_default(device))
         images = architecture.sample(pipe, list(prompts), seeds, steps, guidance)  # None: the pipeline's own default
     else:

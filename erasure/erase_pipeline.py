@@ -14,6 +14,7 @@ of such a model is a new ``erasure erase`` of the new set (in one process, ``Pip
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from erasure import __version__
 from erasure.architectures.base import read_weight
 from erasure.architectures.registry import PIPELINE_FAMILIES, load_pipeline, quiet_progress
 from erasure.core.prompts import fill
-from erasure.diffusion.models import check_finite, fingerprint, pipeline_fingerprint
+from erasure.diffusion.models import allowed_revision, check_finite, fingerprint, pipeline_fingerprint
 from erasure.erase import (
     MANIFEST_FILE,
     check_output_folder,
@@ -34,22 +35,73 @@ from erasure.erase import (
 )
 from erasure.loading import load_components
 from erasure.methods.pipeline_edit import PipelineEraser
-from erasure.spec import ErasureRequest, RequestError, check_concepts_against_tokenizer
+from erasure.spec import BUILTIN_PREFIX, ErasureRequest, RequestError, check_concepts_against_tokenizer
 
 PROBE_TEMPLATE = "a photo of {}"  # the conditioning measure's prompt
 
 
 def pipeline_family(model: str) -> str | None:
     """The pipeline class a local folder's ``model_index.json`` names when this path handles it
-    (``PIPELINE_FAMILIES``); None for anything else (the UNet path's models, built-ins, hub ids)."""
-    index = Path(model).expanduser() / "model_index.json"
-    if not index.is_file():
+    (``PIPELINE_FAMILIES``); for a hub id, the one its ``model_index.json`` names at the revision
+    the worker's allow-list pins (fetched, or read from the cache offline). None for anything
+    else (the UNet path's models, built-ins, a hub id that cannot be read)."""
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        index = folder / "model_index.json"
+    elif _is_hub_id(model):
+        index = _hub_file(model, "model_index.json")
+    else:
+        return None
+    if index is None or not index.is_file():
         return None
     try:
         name = json.loads(index.read_text()).get("_class_name")
     except (ValueError, AttributeError):
         return None
     return name if name in PIPELINE_FAMILIES else None
+
+
+def _is_hub_id(model: str) -> bool:
+    return model.count("/") == 1 and not model.startswith(("/", ".", "~", BUILTIN_PREFIX)) and not Path(model).exists()
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def _hub_file(model_id: str, filename: str) -> Path | None:
+    from huggingface_hub import hf_hub_download
+
+    revision = allowed_revision(model_id)  # an id not on a set allow-list is refused here, before any download
+    try:
+        return Path(hf_hub_download(model_id, filename, revision=revision, local_files_only=_offline()))
+    except Exception:  # offline and not cached, unknown id, no network: the UNet path's loader says how to fix it
+        return None
+
+
+# what a pipeline needs from a hub repository: every component folder's configs, weights and vocabularies,
+# not the single-file checkpoints beside them nor the other precisions' copies
+HUB_PATTERNS = ["model_index.json", "*/*"]
+HUB_IGNORED = ["*.bin", "*.ckpt", "*.msgpack", "*.onnx", "*.onnx_data", "*.fp16.*", "*.pb", "*.h5"]
+
+
+def model_folder(model: str) -> Path:
+    """A local folder as it is; a hub id as its snapshot at the allow-list's pinned revision."""
+    folder = Path(model).expanduser()
+    if folder.is_dir() or not _is_hub_id(model):
+        return folder
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, revision=allowed_revision(model), allow_patterns=HUB_PATTERNS,
+                                      ignore_patterns=HUB_IGNORED, local_files_only=_offline()))
+    except RequestError:
+        raise
+    except Exception as error:  # offline, unknown id, no network: one clear message for all
+        raise RequestError(
+            f"model {model!r} could not be loaded from the hub ({type(error).__name__}). Without network access, "
+            f"download it elsewhere (`huggingface-cli download {model} --local-dir DIR`), copy DIR here and set `model: DIR`."
+        ) from None
 
 
 def erase_manifest(erase_output: Path) -> dict | None:
@@ -155,10 +207,10 @@ def erase_pipeline(
     check_output_folder(out_dir, overwrite)
     seconds, started = {}, time.perf_counter()
     check_supported(request, pipeline_family(request.model) or "this pipeline")  # before a 12 B-parameter load
-    pipe, architecture = load_pipeline(Path(request.model).expanduser(), dtype)
+    pipe, architecture = load_pipeline(model_folder(request.model), dtype)
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module):
-            check_finite(Path(request.model), name, component)
+            check_finite(Path(request.model), name, component)  # a hub id's snapshot too
     for stream in architecture.streams(pipe):  # a concept the tokenizers read as nothing (or <unk>) is not erasable
         for segment in stream.segments:
             check_concepts_against_tokenizer(

@@ -490,3 +490,32 @@ def test_fusion_projections_v_is_refused_before_the_model_loads(tmp_path):
     (tmp_path / "request.yaml").write_text(yaml.safe_dump(request))
     result = CliRunner().invoke(app, ["erase", str(tmp_path / "request.yaml"), "--out", str(tmp_path / "erased")])
     assert result.exit_code == 2 and "fusion.projections: kv" in result.output
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """A hub cache holding a tiny SDXL as `org/tiny-sdxl` at a pinned revision (offline, as in CI)."""
+    import huggingface_hub.constants
+
+    revision = "a" * 40
+    repository = tmp_path / "hub" / "models--org--tiny-sdxl"
+    build_tiny_pipeline("sdxl").save_pretrained(repository / "snapshots" / revision)
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("ERASURE_ALLOWED_MODELS", f"org/tiny-sdxl@{revision}")
+    return "org/tiny-sdxl"
+
+
+def test_a_hub_id_of_a_family_erases_generates_and_exports_from_the_pinned_snapshot(hub_cache, tmp_path, monkeypatch):
+    (tmp_path / "request.yaml").write_text(yaml.safe_dump(closed_form_request(hub_cache) | {"model": hub_cache}))
+    result = CliRunner().invoke(app, ["erase", str(tmp_path / "request.yaml"), "--out", str(tmp_path / "erased")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "erased" / "manifest.json").read_text())["family"] == "sdxl"
+    result = CliRunner().invoke(app, ["generate", hub_cache, "a photo of a cat", "--out", str(tmp_path / "png"), "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["export-lora", hub_cache, str(tmp_path / "erased"), "--out", str(tmp_path / "lora")])
+    assert result.exit_code == 0, result.output
+    monkeypatch.setenv("ERASURE_ALLOWED_MODELS", "org/other@" + "b" * 40)  # not on the worker's list: refused before any work
+    result = CliRunner().invoke(app, ["erase", str(tmp_path / "request.yaml"), "--out", str(tmp_path / "again")])
+    assert result.exit_code == 2 and "not on this worker's allow-list" in result.output

@@ -155,9 +155,8 @@ def _refuse_pipeline_families(folder: Path, index: dict) -> None:
     if index.get("_class_name") in PIPELINE_FAMILIES:
         raise RequestError(
             f"{folder} is a {index['_class_name']} folder: `erasure erase` (the closed form, method.lora_steps: 0), "
-            "`erasure generate` and `erasure export-lora` support it as a local folder (`model: DIR`; a hub id: "
-            "`huggingface-cli download ID --local-dir DIR` first); the distributed flows (run, takedown, restore, "
-            "audit) and `erasure evaluate` support SD 1.x/2.x and the built-in worlds so far"
+            "`erasure generate` and `erasure export-lora` support it (as a folder or a hub id); the distributed flows "
+            "(run, takedown, restore, audit) and `erasure evaluate` support SD 1.x/2.x and the built-in worlds so far"
         )
 
 
