@@ -479,16 +479,11 @@ def erase(
             stages.closure.save(staging / "model" / CLOSURE_FILE)  # the model carries it, as the pipeline's does
         seconds["write"] = time.perf_counter() - timer
         seconds["total"] = time.perf_counter() - started
-        return {
-            "erasure_version": __version__,
-            "base_model": request.model,
-            "base_fingerprint": base_fingerprint,
-            "request": request.fingerprint_dict(),
+        return manifest_head(request, base_fingerprint) | {
             "prior_states": prior.count,
             "closure": closure_summary(stages.closure.as_dict()) if stages.closure is not None else None,
             "concepts": concept_rows,
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
-            "versions": package_versions(),
         }
 
     manifest = publish_erasure(out_dir, overwrite, write)
@@ -497,6 +492,14 @@ def erase(
 
 
 MANIFEST_FILE = "manifest.json"
+
+
+def manifest_head(request: ErasureRequest, base_fingerprint: str) -> dict:
+    """What every erasure output's manifest starts with: who made it, from which model, asked what."""
+    return {
+        "erasure_version": __version__, "base_model": request.model, "base_fingerprint": base_fingerprint,
+        "request": request.fingerprint_dict(), "versions": package_versions(),
+    }
 
 
 def publish_erasure(out_dir: Path, overwrite: bool, write: Callable[[Path], dict]) -> dict:

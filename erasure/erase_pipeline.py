@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from erasure import __version__
 from erasure.architectures.base import read_weight
 from erasure.architectures.registry import PIPELINE_FAMILIES, load_pipeline, quiet_progress
 from erasure.core.prompts import fill
@@ -29,7 +28,7 @@ from erasure.erase import (
     MANIFEST_FILE,
     check_output_folder,
     concept_seed,
-    package_versions,
+    manifest_head,
     prior_prompts,
     publish_erasure,
 )
@@ -157,39 +156,40 @@ def check_supported(request: ErasureRequest, pipeline_class: str) -> None:
         )
 
 
-def conditioning(pipe, eraser: PipelineEraser, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """Per stream, the outputs of every edited map for ``prompts``' states, side by side."""
-    states = eraser.architecture.states(pipe, prompts)
+def conditioning(pipe, eraser: PipelineEraser, states: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per stream, what every edited map of ``pipe``'s denoiser gives ``states``, side by side."""
     denoiser = eraser.architecture.denoiser(pipe)
-    out = {}
-    for name, stream in eraser.streams.items():
-        parts = []
-        for edited in stream.maps:
-            parts.append(states[name] @ read_weight(denoiser, edited).float().T)
-        out[name] = torch.cat(parts, dim=-1)
-    return out
+    return {
+        name: torch.cat([states[name] @ read_weight(denoiser, edited).float().T for edited in stream.maps], dim=-1)
+        for name, stream in eraser.streams.items()
+    }
 
 
 def conditioning_rows(base, erased, eraser: PipelineEraser, retained: list[str]) -> list[dict]:
     """Per concept and stream: the distance of its probe prompt's conditioning to its anchor's,
     relative to the anchor's norm, in the base and in the erased model; and the largest relative
     change of a retained prompt's conditioning (None without retained prompts). Each stream on
-    its own: the pooled state is one vector against the token stream's hundreds."""
+    its own: the pooled state is one vector against the token stream's hundreds. The two models
+    share their text encoders: every prompt is encoded once."""
+    concepts = [c.concept for c in eraser.concepts.values()]
+    prompts = [fill(PROBE_TEMPLATE, text) for c in concepts for text in (c.name, c.anchor)]
+    states = eraser.architecture.states(base, prompts + retained)
+    before, after = conditioning(base, eraser, states), conditioning(erased, eraser, states)
+    kept = len(prompts)
     rows = []
-    for erased_concept in eraser.concepts.values():
+    for index, erased_concept in enumerate(eraser.concepts.values()):
         concept = erased_concept.concept
-        probe, anchor = fill(PROBE_TEMPLATE, concept.name), fill(PROBE_TEMPLATE, concept.anchor)
-        before = conditioning(base, eraser, [probe, anchor, *retained])
-        after = conditioning(erased, eraser, [probe, *retained])
         row = {"name": concept.name, "kind": concept.kind, "anchor": concept.anchor, "pairs": len(erased_concept.pairs),
                "to_anchor_before": {}, "to_anchor_after": {}, "retained_drift": {} if retained else None}
         for stream in before:
             b, a = _flat(before[stream]), _flat(after[stream])
-            scale = b[1].norm()
-            row["to_anchor_before"][stream] = float((b[0] - b[1]).norm() / scale)
-            row["to_anchor_after"][stream] = float((a[0] - b[1]).norm() / scale)
+            probe, anchor = 2 * index, 2 * index + 1
+            scale = b[anchor].norm()
+            row["to_anchor_before"][stream] = float((b[probe] - b[anchor]).norm() / scale)
+            row["to_anchor_after"][stream] = float((a[probe] - b[anchor]).norm() / scale)
             if retained:
-                row["retained_drift"][stream] = float(((a[1:] - b[2:]).norm(dim=1) / b[2:].norm(dim=1).clamp_min(1e-12)).max())
+                moved = (a[kept:] - b[kept:]).norm(dim=1) / b[kept:].norm(dim=1).clamp_min(1e-12)
+                row["retained_drift"][stream] = float(moved.max())
         rows.append(row)
     return rows
 
@@ -249,19 +249,14 @@ def erase_pipeline(
             erased.save_pretrained(staging / "model")
         seconds["write"] = time.perf_counter() - timer
         seconds["total"] = time.perf_counter() - started
-        return {
-            "erasure_version": __version__,
-            "base_model": request.model,
-            "base_fingerprint": base_fingerprint,
+        return manifest_head(request, base_fingerprint) | {
             "family": architecture.family,
             "pipeline_class": type(pipe).__name__,
             "dtype": dtype,
             "text_settings": architecture.text_settings(pipe),
-            "request": request.fingerprint_dict(),
             "edited": {name: [m.module for m in stream.maps] for name, stream in eraser.streams.items()},
             "concepts": rows,
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
-            "versions": package_versions(),
         }
 
     return publish_erasure(out_dir, overwrite, write)

@@ -43,11 +43,7 @@ def map_outputs(pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
     states = architecture.states(pipe, prompts)
     out = {}
     for stream in architecture.streams(pipe):
-        edited = stream.maps[0]
-        weight = module_at(architecture.denoiser(pipe), edited.module).weight.detach()
-        if edited.columns is not None:
-            weight = weight[:, edited.columns[0] : edited.columns[1]]
-        out[stream.name] = states[stream.name] @ weight.T
+        out[stream.name] = states[stream.name] @ read_weight(architecture.denoiser(pipe), stream.maps[0]).T
     return out
 
 

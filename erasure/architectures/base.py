@@ -110,6 +110,12 @@ class Architecture:
         return torch.cat(images)
 
 
+def padded_length(pipe, tokenizer: str, pipeline_default: int) -> int:
+    """The length a pipeline pads ``tokenizer``'s text to: its ``max_sequence_length`` default, or
+    the tokenizer's own limit when shorter (our tiny models' 16 tokens)."""
+    return min(getattr(pipe, tokenizer).model_max_length, pipeline_default)
+
+
 def module_at(root: torch.nn.Module, dotted: str) -> torch.nn.Module:
     module = root.get_submodule(dotted)
     return module.base_layer if hasattr(module, "base_layer") else module  # a LoRA-wrapped layer: its base

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from diffusers.utils import is_bs4_available, is_ftfy_available
 
-from erasure.architectures.base import Architecture, Segment, TextStream
+from erasure.architectures.base import Architecture, Segment, TextStream, padded_length
 from erasure.architectures.sd import cross_attention_maps
 
 T5_LENGTH = 300  # PixArt-Sigma's default max_sequence_length
@@ -28,7 +28,7 @@ class PixArt(Architecture):
     supports_lora_loading = False
 
     def t5_length(self, pipe) -> int:
-        return min(pipe.tokenizer.model_max_length, T5_LENGTH)
+        return padded_length(pipe, "tokenizer", T5_LENGTH)
 
     def streams(self, pipe) -> tuple[TextStream, ...]:
         return (TextStream("tokens", cross_attention_maps(pipe.transformer), (Segment("tokenizer", self.t5_length(pipe)),)),)

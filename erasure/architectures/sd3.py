@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from erasure.architectures.base import Architecture, EditedMap, Segment, TextStream
+from erasure.architectures.base import Architecture, EditedMap, Segment, TextStream, padded_length
 
 T5_LENGTH = 256  # the pipeline's default max_sequence_length
 
@@ -23,7 +23,7 @@ class StableDiffusion3(Architecture):
     denoiser_name = "transformer"
 
     def t5_length(self, pipe) -> int:
-        return min(pipe.tokenizer_3.model_max_length, T5_LENGTH)
+        return padded_length(pipe, "tokenizer_3", T5_LENGTH)
 
     def streams(self, pipe) -> tuple[TextStream, ...]:
         segments = (Segment("tokenizer", pipe.tokenizer.model_max_length), Segment("tokenizer_3", self.t5_length(pipe)))

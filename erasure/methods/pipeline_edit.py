@@ -85,7 +85,7 @@ def stream_priors(pipe, architecture: Architecture, prompts: list[str], batch_si
     """Per stream, the Gram statistics of ``prompts``' states (the retained set)."""
     priors: dict[str, PriorStatistics] = {}
     for start in range(0, len(prompts), batch_size):
-        for name, states in architecture.states(pipe, prompts[start : start + batch_size]).items():
+        for name, states in finite_states(architecture.states(pipe, prompts[start : start + batch_size])).items():
             priors.setdefault(name, PriorStatistics.empty(states.shape[-1])).add(states)
     return priors
 
@@ -116,8 +116,6 @@ class PipelineEraser:
             name: {m.module: read_weight(denoiser, m) for m in stream.maps} for name, stream in self.streams.items()
         }
         self.prior = stream_priors(pipe, architecture, prior_prompts)
-        for name, prior in self.prior.items():
-            finite_states({name: prior.total})
         self.invariants = {
             name: states.reshape(-1, states.shape[-1]).double() for name, states in architecture.unconditional_states(pipe).items()
         }
