@@ -52,7 +52,7 @@ def erase(
     """Erase the request's concepts and write the erased model to --out."""
     from erasure.audit.closure import CLOSURE_FILE
     from erasure.erase import erase as run_erase
-    from erasure.erase_pipeline import pipeline_family
+    from erasure.loading import pipeline_family
     from erasure.spec import load_request
 
     spec = report_errors(lambda: load_request(request))
@@ -124,7 +124,8 @@ def export_lora(
     from erasure.architectures.lora_export import check_energy
     from erasure.architectures.lora_export import export_lora as run_export
     from erasure.architectures.registry import load_pipeline
-    from erasure.erase_pipeline import check_erased_from, erasure_dtype, model_folder
+    from erasure.erase_pipeline import check_erased_from, erasure_dtype
+    from erasure.loading import model_folder
     from erasure.spec import RequestError
 
     report_errors(lambda: check_energy(energy))  # before two pipelines load
@@ -164,7 +165,7 @@ def generate(
     """Sample images from a base or erased model."""
     from erasure.diffusion.models import sampler_settings
     from erasure.diffusion.sampling import sample, to_pil
-    from erasure.erase_pipeline import model_folder, pipeline_family
+    from erasure.loading import model_folder, pipeline_family
     from erasure.loading import load_components
 
     seeds = [seed + i for i in range(len(prompts))]

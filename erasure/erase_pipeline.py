@@ -6,24 +6,27 @@ The output folder holds ``model/`` (``<PipelineClass>.from_pretrained`` reads it
 ``manifest.json``: the base fingerprint, the request, the maps edited per stream, and per
 concept how far its conditioning moved toward its anchor's and how far the retained prompts'
 moved (measured on the edited maps' outputs, what the denoiser reads). It is published whole or
-not at all, like the UNet path's. It holds no per-concept artifacts: a later takedown or restore
-of such a model is a new ``erasure erase`` of the new set (in one process, ``PipelineEraser``'s
-``add`` and ``remove`` are exact without encoding anything again).
+not at all, like the UNet path's. It holds no per-concept artifacts: takedown and restore of
+such a model are the distributed flows' (``erasure run``), whose workers publish the prior and
+each concept on their own with the stage functions at the end of this module, and fuse what
+is published (``tasks.worker``); in one process, ``PipelineEraser``'s ``add`` and ``remove``
+are exact without encoding anything again.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from erasure.architectures.base import read_weight
-from erasure.architectures.registry import PIPELINE_FAMILIES, load_pipeline, quiet_progress
+from erasure.architectures.base import LoadedPipeline, read_weight
+from erasure.architectures.registry import quiet_progress
+from erasure.core.closed_form import PriorStatistics
 from erasure.core.prompts import fill
-from erasure.diffusion.models import allowed_revision, check_finite, fingerprint, pipeline_fingerprint
+from erasure.diffusion.models import check_finite, fingerprint, pipeline_fingerprint
 from erasure.erase import (
     MANIFEST_FILE,
     check_output_folder,
@@ -31,76 +34,20 @@ from erasure.erase import (
     manifest_head,
     prior_prompts,
     publish_erasure,
+    with_model_sampling,
 )
-from erasure.loading import load_components
-from erasure.methods.pipeline_edit import PipelineEraser
-from erasure.spec import BUILTIN_PREFIX, ErasureRequest, RequestError, check_concepts_against_tokenizer
+from erasure.loading import load_components, load_model, pipeline_family
+from erasure.methods.pipeline_edit import ErasedConcept, PipelineEraser, stream_priors
+from erasure.spec import (
+    ErasureRequest,
+    FusionSettings,
+    MethodSettings,
+    PreserveSpec,
+    RequestError,
+    check_concepts_against_tokenizer,
+)
 
 PROBE_TEMPLATE = "a photo of {}"  # the conditioning measure's prompt
-
-
-def pipeline_family(model: str) -> str | None:
-    """The pipeline class a local folder's ``model_index.json`` names when this path handles it
-    (``PIPELINE_FAMILIES``); for a hub id, the one its ``model_index.json`` names at the revision
-    the worker's allow-list pins (fetched, or read from the cache offline). None for anything
-    else (the UNet path's models, built-ins, a hub id that cannot be read)."""
-    folder = Path(model).expanduser()
-    if folder.is_dir():
-        index = folder / "model_index.json"
-    elif _is_hub_id(model):
-        index = _hub_file(model, "model_index.json")
-    else:
-        return None
-    if index is None or not index.is_file():
-        return None
-    try:
-        name = json.loads(index.read_text()).get("_class_name")
-    except (ValueError, AttributeError):
-        return None
-    return name if name in PIPELINE_FAMILIES else None
-
-
-def _is_hub_id(model: str) -> bool:
-    return model.count("/") == 1 and not model.startswith(("/", ".", "~", BUILTIN_PREFIX)) and not Path(model).exists()
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-
-
-def _hub_file(model_id: str, filename: str) -> Path | None:
-    from huggingface_hub import hf_hub_download
-
-    revision = allowed_revision(model_id)  # an id not on a set allow-list is refused here, before any download
-    try:
-        return Path(hf_hub_download(model_id, filename, revision=revision, local_files_only=_offline()))
-    except Exception:  # offline and not cached, unknown id, no network: the UNet path's loader says how to fix it
-        return None
-
-
-# what a pipeline needs from a hub repository: every component folder's configs, weights and vocabularies,
-# not the single-file checkpoints beside them nor the other precisions' copies
-HUB_PATTERNS = ["model_index.json", "*/*"]
-HUB_IGNORED = ["*.bin", "*.ckpt", "*.msgpack", "*.onnx", "*.onnx_data", "*.fp16.*", "*.pb", "*.h5"]
-
-
-def model_folder(model: str) -> Path:
-    """A local folder as it is; a hub id as its snapshot at the allow-list's pinned revision."""
-    folder = Path(model).expanduser()
-    if folder.is_dir() or not _is_hub_id(model):
-        return folder
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(model, revision=allowed_revision(model), allow_patterns=HUB_PATTERNS,
-                                      ignore_patterns=HUB_IGNORED, local_files_only=_offline()))
-    except RequestError:
-        raise
-    except Exception as error:  # offline, unknown id, no network: one clear message for all
-        raise RequestError(
-            f"model {model!r} could not be loaded from the hub ({type(error).__name__}). Without network access, "
-            f"download it elsewhere (`huggingface-cli download {model} --local-dir DIR`), copy DIR here and set `model: DIR`."
-        ) from None
 
 
 def erase_manifest(erase_output: Path) -> dict | None:
@@ -207,15 +154,12 @@ def erase_pipeline(
     check_output_folder(out_dir, overwrite)
     seconds, started = {}, time.perf_counter()
     check_supported(request, pipeline_family(request.model) or "this pipeline")  # before a 12 B-parameter load
-    pipe, architecture = load_pipeline(model_folder(request.model), dtype)
+    model = load_model(request.model, "cpu", dtype)
+    pipe, architecture = model.pipe, model.architecture
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module):
             check_finite(Path(request.model), name, component)  # a hub id's snapshot too
-    for stream in architecture.streams(pipe):  # a concept the tokenizers read as nothing (or <unk>) is not erasable
-        for segment in stream.segments:
-            check_concepts_against_tokenizer(
-                request.concepts, getattr(pipe, segment.tokenizer), preprocess=lambda text: architecture.tokenized_text(pipe, [text])[0]
-            )
+    check_pipeline_concepts(model, request.concepts)
     pipe.to(device)
     base_fingerprint = pipeline_fingerprint(pipe)
     seconds["load"] = time.perf_counter() - started
@@ -231,15 +175,8 @@ def erase_pipeline(
         eraser.add(concept, concept_seed(request.seed, concept))
     seconds["concepts"] = time.perf_counter() - timer
     timer = time.perf_counter()
-    erased = eraser.erased_pipeline()
+    erased = checked_erased_pipeline(eraser, dtype)
     seconds["fusion"] = time.perf_counter() - timer
-    for stream in eraser.streams.values():  # nothing broken is published
-        for edited in stream.maps:
-            if not torch.isfinite(read_weight(architecture.denoiser(erased), edited)).all():
-                raise RequestError(
-                    f"the closed-form solve gave NaN or infinite weights in {edited.module}: the statistics are "
-                    f"degenerate in {dtype}; load the model in float32"
-                )
     rows = conditioning_rows(pipe, erased, eraser, [fill(PROBE_TEMPLATE, c) for c in request.preserve.concepts[:8]])
 
     timer = time.perf_counter()
@@ -260,3 +197,71 @@ def erase_pipeline(
         }
 
     return publish_erasure(out_dir, overwrite, write)
+
+
+# The stages of a distributed run (``tasks.worker``), each a piece of ``erase_pipeline``: the prior
+# and every concept are published on their own, and the fusion reads them back.
+
+
+def check_pipeline_concepts(model: LoadedPipeline, concepts, first_index: int = 0) -> None:
+    """Refuse a concept that one of the pipeline's tokenizers reads as nothing (or ``<unk>``), on
+    the text it tokenizes (PixArt lower-cases and cleans it first)."""
+    pipe, architecture = model.pipe, model.architecture
+    for stream in architecture.streams(pipe):
+        for segment in stream.segments:
+            check_concepts_against_tokenizer(
+                concepts, getattr(pipe, segment.tokenizer), first_index,
+                preprocess=lambda text: architecture.tokenized_text(pipe, [text])[0],
+            )
+
+
+def prepare_pipeline_request(request: ErasureRequest, model: LoadedPipeline, first_index: int = 0) -> ErasureRequest:
+    """``erasure.erase.prepare_request`` for a family's pipeline: what this path cannot do refused,
+    the concepts checked against every tokenizer, the class's sampler defaults filled in."""
+    check_supported(request, type(model.pipe).__name__)
+    check_pipeline_concepts(model, request.concepts, first_index)
+    return with_model_sampling(request, model)
+
+
+def pipeline_prior(model: LoadedPipeline, preserve: PreserveSpec) -> dict[str, PriorStatistics]:
+    """Per stream, the base prior's statistics (``erasure.erase.prior_prompts``' prompts)."""
+    return stream_priors(model.pipe, model.architecture, prior_prompts(preserve))
+
+
+def _eraser(model: LoadedPipeline, preserve: PreserveSpec, fusion: FusionSettings, prior, method=None) -> PipelineEraser:
+    method = method or MethodSettings(lora_steps=0)  # the fusion reads no prompt settings
+    return PipelineEraser(
+        model.pipe, model.architecture, [], preserve, fusion, method.prompts_per_concept, method.edit_tokens,
+        restorable=False, prior=prior,
+    )
+
+
+def pipeline_concept(model: LoadedPipeline, request: ErasureRequest, prior: dict[str, PriorStatistics]) -> ErasedConcept:
+    """The statistics of a one-concept request's concept in every stream, against ``prior``."""
+    concept = request.concepts[0]
+    eraser = _eraser(model, request.preserve, request.fusion, prior, request.method)
+    return eraser.concept(concept, concept_seed(request.seed, concept))
+
+
+def fused_pipeline(
+    model: LoadedPipeline, preserve: PreserveSpec, fusion: FusionSettings, prior: dict[str, PriorStatistics],
+    concepts: Iterable[ErasedConcept], dtype: str = "float32",
+):
+    """The erased pipeline of ``concepts`` (read one at a time: memory stays flat in their number)."""
+    eraser = _eraser(model, preserve, fusion, prior)
+    for concept in concepts:
+        eraser.include(concept)
+    return checked_erased_pipeline(eraser, dtype)
+
+
+def checked_erased_pipeline(eraser: PipelineEraser, dtype: str):
+    """The eraser's pipeline, refused when a solve gave a non-finite weight: nothing broken is published."""
+    erased = eraser.erased_pipeline()
+    for stream in eraser.streams.values():
+        for edited in stream.maps:
+            if not torch.isfinite(read_weight(eraser.architecture.denoiser(erased), edited)).all():
+                raise RequestError(
+                    f"the closed-form solve gave NaN or infinite weights in {edited.module}: the statistics are "
+                    f"degenerate in {dtype}; load the model in float32"
+                )
+    return erased

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from prefect import flow, get_run_logger
 
 from erasure.artifacts import summary_aliases
+from erasure.erase_pipeline import check_supported
 from erasure.errors import ErasureError
+from erasure.loading import pipeline_family
 from erasure.spec import ErasureRequest, parse_request
 from tasks.compute import worker_pool
 from tasks.jobs import ConceptJob, EvaluateJob, FuseJob, PriorJob
@@ -80,6 +82,9 @@ def run_erasure(
     concept set); concepts are content addressed, so those another flow published are reused.
     """
     logger = get_run_logger()
+    family = pipeline_family(request.model)
+    if family is not None:  # what the family path cannot do is refused before any worker starts
+        check_supported(request, family)
     timer = time.perf_counter()
     base = worker_pool(request.model, workers).fingerprint
     seconds = {"workers": time.perf_counter() - timer}  # Ray and the actors' model loading, when not warm

@@ -29,7 +29,7 @@ class ErasedPipelineModel(PythonModel):
     """The registered version as MLflow serves it: prompts (and seeds) in, uint8 images out."""
 
     def load_context(self, context):
-        from erasure.loading import load_components
+        from erasure.loading import load_model
         from tasks.store import store_from_url
 
         config = dict(context.model_config or {})
@@ -40,7 +40,7 @@ class ErasedPipelineModel(PythonModel):
         folder = Path(tempfile.mkdtemp(prefix="erasure-model-"))
         try:
             store.fetch(config["model_key"], folder / "model", expect_sha256=config["sha256"])
-            self.components = load_components(str(folder / "model"), "cpu")  # read into memory
+            self.components = load_model(str(folder / "model"), "cpu")  # read into memory (a family's pipeline too)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

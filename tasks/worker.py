@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from erasure.architectures.base import LoadedPipeline
+from erasure.architectures.registry import quiet_progress
 from erasure.artifacts import (
     PRIOR_FILE,
     ConceptArtifact,
@@ -32,7 +34,7 @@ from erasure.artifacts import (
 )
 from erasure.audit.closure import CLOSURE_FILE, ClosureConcept, closure_summary
 from erasure.core.text import empty_prompt_states
-from erasure.diffusion.models import fingerprint, sampler_settings, save_components, with_weights
+from erasure.diffusion.models import sampler_settings, save_components, with_weights
 from erasure.erase import (
     base_prior,
     check_judge_sees,
@@ -44,8 +46,21 @@ from erasure.erase import (
     prepare_request,
     without_retained,
 )
-from erasure.loading import load_components
+from erasure.erase_pipeline import (
+    check_pipeline_concepts,
+    fused_pipeline,
+    pipeline_concept,
+    pipeline_prior,
+    prepare_pipeline_request,
+)
+from erasure.loading import load_model, model_fingerprint
 from erasure.methods.fusion import fusion_solver
+from erasure.methods.pipeline_artifacts import (
+    load_stream_concept,
+    load_stream_prior,
+    save_stream_concept,
+    save_stream_prior,
+)
 from erasure.spec import BUILTIN_PREFIX, check_concepts_against_tokenizer, inside_input_root
 from tasks.jobs import (
     AuditJob,
@@ -77,8 +92,9 @@ class ConceptWorker:
         self.model = model
         if not model.startswith(BUILTIN_PREFIX) and Path(model).expanduser().is_dir():
             inside_input_root(Path(model), "model")  # checked again here: a registered request's path was checked elsewhere
-        self.components = load_components(model, self.device)
-        self.base_fingerprint = fingerprint(self.components)
+        # a family's pipeline (SDXL, SD 3, FLUX, PixArt) with its adapter, or the UNet path's Components
+        self.components = load_model(model, self.device)
+        self.base_fingerprint = model_fingerprint(self.components)
         self.store = store_from_url(store_url, s3_endpoint)
 
     def info(self) -> dict:
@@ -89,6 +105,8 @@ class ConceptWorker:
         """Run one stage's job (``tasks.jobs``) on this worker's model."""
         handlers = {PriorJob: self._prior, ConceptJob: self._concept, FuseJob: self._fuse,
                     EvaluateJob: self._evaluate, AuditJob: self._audit}
+        if isinstance(self.components, LoadedPipeline):  # the closed form through the family's adapter
+            handlers |= {PriorJob: self._pipeline_prior, ConceptJob: self._pipeline_concept, FuseJob: self._pipeline_fuse}
         handler = handlers.get(type(job))
         if handler is None:
             raise TypeError(f"a worker runs the jobs of tasks.jobs, not {type(job).__name__}")
@@ -107,12 +125,7 @@ class ConceptWorker:
         if job.subtract_from is not None:
             return self._subtracted_prior(job, started)
         with tempfile.TemporaryDirectory() as folder:
-            preserve = job.preserve
-            if preserve.captions is not None:
-                # the captions as the store holds them (by content hash): the request's path is
-                # the submitting machine's, which a remote worker or a later restore may not have
-                fetched = self.store.fetch(job.captions_key, Path(folder) / "captions")
-                preserve = preserve.model_copy(update={"captions": fetched / CAPTIONS_FILE})
+            preserve = self._fetched_captions(job, Path(folder))
             prior = base_prior(self.components, preserve, job.fusion)
             (Path(folder) / "prior").mkdir()
             save_prior(prior, Path(folder) / "prior" / PRIOR_FILE, made_from=preserve.concepts)
@@ -137,7 +150,7 @@ class ConceptWorker:
         """Run every per-concept stage of the job's concept and publish it under its key."""
         if self.store.exists(job.key):
             return StageResult(job.key, reused=True)
-        request = prepare_request(job.request(), self.components, job.index)  # one concept checked, not the whole request
+        request = self._prepared(job.request(), job.index)  # one concept checked, not the whole request
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
             prior = load_prior(self.store.fetch(job.prior_key, Path(folder) / "prior") / PRIOR_FILE)
@@ -182,6 +195,71 @@ class ConceptWorker:
             fetched = self.store.fetch(job.key, Path(folder), only=[CLOSURE_FILE])
             return {"closure": closure_summary(json.loads((fetched / CLOSURE_FILE).read_text()))}
 
+    def _prepared(self, request, first_index: int = 0):
+        """The request checked against this worker's model, its sampler defaults filled in."""
+        if isinstance(self.components, LoadedPipeline):
+            return prepare_pipeline_request(request, self.components, first_index)
+        return prepare_request(request, self.components, first_index)
+
+    # A family's pipeline: the same three stages, each a piece of ``erasure.erase_pipeline``; the
+    # prior and the concepts hold one entry per text stream (``erasure.methods.pipeline_artifacts``).
+
+    def _pipeline_prior(self, job: PriorJob) -> StageResult:
+        """Publish every stream's base prior. A takedown's subtracted prior is made anew from its
+        preserve set: encoding the retained prompts again costs less than a concept does."""
+        check_pipeline_concepts(self.components, job.concepts)
+        if self.store.exists(job.key):
+            return StageResult(job.key, reused=True)
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as folder:
+            preserve = self._fetched_captions(job, Path(folder))
+            prior = pipeline_prior(self.components, preserve)
+            (Path(folder) / "prior").mkdir()
+            save_stream_prior(prior, Path(folder) / "prior", preserve.concepts)
+            self.store.publish(job.key, Path(folder) / "prior")
+        return StageResult(job.key, reused=False, seconds=time.perf_counter() - started, worker=self._name())
+
+    def _pipeline_concept(self, job: ConceptJob) -> StageResult:
+        if self.store.exists(job.key):
+            return StageResult(job.key, reused=True)
+        request = self._prepared(job.request(), job.index)
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as folder:
+            prior = load_stream_prior(self.store.fetch(job.prior_key, Path(folder) / "prior"))
+            erased = pipeline_concept(self.components, request, prior)
+            summary = save_stream_concept(erased, Path(folder) / "concept", self.components.architecture.family)
+            self.store.publish(job.key, Path(folder) / "concept")
+        return StageResult(job.key, reused=False, seconds=time.perf_counter() - started, worker=self._name(), summary=summary)
+
+    def _pipeline_fuse(self, job: FuseJob) -> StageResult:
+        """The erased pipeline of the published concepts, saved in its class's diffusers layout."""
+        if self.store.exists(job.key):
+            return StageResult(job.key, reused=True)
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as folder:
+            folder = Path(folder)
+            prior = load_stream_prior(self.store.fetch(job.prior_key, folder / "prior"))
+
+            def concepts():
+                for i, key in enumerate(job.concept_keys):  # one at a time, each folder deleted once read
+                    fetched = self.store.fetch(key, folder / f"c{i}")
+                    yield load_stream_concept(fetched)
+                    shutil.rmtree(fetched, ignore_errors=True)
+
+            erased = fused_pipeline(self.components, job.preserve, job.fusion, prior, concepts())
+            with quiet_progress():
+                erased.save_pretrained(folder / "model")
+            self.store.publish(job.key, folder / "model")
+        return StageResult(job.key, reused=False, seconds=time.perf_counter() - started, worker=self._name())
+
+    def _fetched_captions(self, job: PriorJob, folder: Path):
+        """The job's preserve set, its captions as the store holds them (by content hash): the
+        request's path is the submitting machine's, which a remote worker or a later restore may not have."""
+        if job.preserve.captions is None:
+            return job.preserve
+        fetched = self.store.fetch(job.captions_key, folder / "captions")
+        return job.preserve.model_copy(update={"captions": fetched / CAPTIONS_FILE})
+
     def _name(self) -> str:
         return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -208,7 +286,7 @@ class ConceptWorker:
 
         if not has_judge(job.request.model):
             return None
-        request = prepare_request(job.request, self.components)
+        request = self._prepared(job.request)
         with tempfile.TemporaryDirectory() as folder:
             model = self.store.fetch(job.model_key, Path(folder) / "model") if job.model_key else self.components
             result = evaluate_request(model, request, device=self.device, base_components=self.components)
@@ -221,14 +299,14 @@ class ConceptWorker:
         from erasure.evaluation.evaluate import evaluation_json
         from erasure.evaluation.report import write_report
 
-        request, target = prepare_request(job.request, self.components), job.target
+        request, target = self._prepared(job.request), job.target
         with tempfile.TemporaryDirectory() as folder:
             if isinstance(target, ModelReference):
                 store = store_from_url(target.store_url, target.s3_endpoint)
                 path = store.fetch(target.model_key, Path(folder) / "model", expect_sha256=target.sha256)
-                model = load_components(str(path), self.device)
+                model = load_model(str(path), self.device)
             elif target is not None:
-                model = load_components(str(inside_input_root(Path(target), "model")), self.device)
+                model = load_model(str(inside_input_root(Path(target), "model")), self.device)
             else:
                 model = self.components
             result = run_audit(model, self.components, request, job.policy, job.seed, attacks=job.attacks, device=self.device)

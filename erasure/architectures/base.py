@@ -17,6 +17,7 @@ what ``<PipelineClass>.from_pretrained`` reads.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -133,3 +134,24 @@ def write_weight(denoiser: torch.nn.Module, edited: EditedMap, weight: torch.Ten
     if edited.columns is not None:
         target = target[:, edited.columns[0] : edited.columns[1]]
     target.copy_(weight.to(target.device, target.dtype))
+
+
+@dataclass
+class LoadedPipeline:
+    """A family's pipeline with its adapter: what a worker, an audit or a served model holds where
+    the UNet path holds ``Components`` (``erasure.loading.load_model`` returns one or the other)."""
+
+    pipe: object
+    architecture: Architecture
+
+    @property
+    def device(self) -> torch.device:
+        return self.architecture.denoiser(self.pipe).device
+
+    def sampler_defaults(self) -> tuple[int, float]:
+        """The pipeline class's own steps and guidance (FLUX-dev's 3.5, SD 3's 7.0): its ``__call__``'s defaults."""
+        parameters = inspect.signature(type(self.pipe).__call__).parameters
+        return int(parameters["num_inference_steps"].default), float(parameters["guidance_scale"].default)
+
+    def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float) -> torch.Tensor:
+        return self.architecture.sample(self.pipe, prompts, seeds, steps, guidance_scale)

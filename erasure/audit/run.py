@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from erasure.audit.policy import MIN_GUIDANCE_SCALE, MIN_SAMPLER_STEPS, AuditPolicy, wilson_interval
-from erasure.errors import NoJudgeError
+from erasure.errors import NoJudgeError, NoVerdict
 from erasure.evaluation.evaluate import Evaluation, evaluate
 from erasure.probes import SEEDS, Probe, with_drawn_seeds
 from erasure.spec import CONCEPT_KINDS, ErasureRequest, RequestError, inside_input_root, normalise, printable_text
@@ -226,6 +226,14 @@ def run_audit(
 ) -> AuditResult:
     """Judge ``erased_components`` against ``base_components`` on the audit's probes; with
     ``attacks``, run the policy's attacks on every erased concept against both models."""
+    from erasure.architectures.base import LoadedPipeline
+
+    if attacks and policy.attacks and isinstance(base_components, LoadedPipeline):
+        raise NoVerdict(  # nothing proved: a policy that asks for attacks is not met by skipping them
+            f"the policy's attacks ({', '.join(policy.attacks)}) search text-encoder states, which are built for the "
+            f"UNet path; a {base_components.architecture.family} pipeline is audited on its probes alone (run the "
+            "audit without --attacks, or under a policy with `attacks: []`)"
+        )
     probes, judge = audit_probes_and_judge(request, policy, seed, device)
     steps, guidance = sampler_settings(policy, base_components)
     evaluation = evaluate(erased_components, base_components, probes, judge, steps, guidance)

@@ -34,6 +34,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from erasure.architectures.base import LoadedPipeline
 from erasure.architectures.registry import PIPELINE_FAMILIES
 from erasure.core.attention import cross_attention_projections
 from erasure.core.prompts import template_words
@@ -149,14 +150,13 @@ def load_folder(folder: Path) -> Components:
 
 
 def _refuse_pipeline_families(folder: Path, index: dict) -> None:
-    """SDXL, SD3, FLUX and PixArt folders are erased through their adapters (``erasure erase``,
-    ``erasure generate``, ``erasure export-lora``); the UNet path's commands would fail on them
-    with a misleading "missing unet/"."""
+    """SDXL, SD3, FLUX and PixArt folders are loaded through their adapters (``erasure.loading.load_model``);
+    the UNet path's loader would fail on them with a misleading "missing unet/"."""
     if index.get("_class_name") in PIPELINE_FAMILIES:
         raise RequestError(
-            f"{folder} is a {index['_class_name']} folder: `erasure erase` (the closed form, method.lora_steps: 0), "
-            "`erasure generate` and `erasure export-lora` support it (as a folder or a hub id); the distributed flows "
-            "(run, takedown, restore, audit) and `erasure evaluate` support SD 1.x/2.x and the built-in worlds so far"
+            f"{folder} is a {index['_class_name']} folder: `erasure erase`, `run`, `takedown`, `restore` (the closed "
+            "form, method.lora_steps: 0), `audit`, `generate` and `export-lora` support it (as a folder or a hub id); "
+            "`erasure evaluate` needs a built-in world's judge (audit it under a policy with judges instead)"
         )
 
 
@@ -290,7 +290,11 @@ def sampling_defaults(components: Components) -> dict:
 
 def sampler_settings(components: Components, steps: int | None = None, guidance_scale: float | None = None) -> tuple[int, float]:
     """The sampler steps and guidance scale to use: those given, else the model's own, else the
-    paper's (``sampling_defaults``). Every caller that samples decides them here."""
+    paper's (``sampling_defaults``); a family's pipeline's defaults are its class's own. Every
+    caller that samples decides them here."""
+    if isinstance(components, LoadedPipeline):
+        own_steps, own_guidance = components.sampler_defaults()
+        return steps or own_steps, guidance_scale or own_guidance
     defaults = sampling_defaults(components)
     return steps or defaults["sampler_steps"], guidance_scale or defaults["guidance_scale"]
 

@@ -15,6 +15,7 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
+from erasure.architectures.base import LoadedPipeline
 from erasure.core.attention import AttentionMapAccumulator, probing
 from erasure.core.text import encode, tokenize
 
@@ -86,6 +87,10 @@ def sample(
     """
     if len(prompts) != len(seeds):
         raise ValueError("give one seed per prompt")
+    if isinstance(components, LoadedPipeline):  # a family's pipeline samples through its own class
+        if record_tokens is not None:
+            raise ValueError("attention maps are recorded on the UNet path only")
+        return components.sample(prompts, seeds, steps, guidance_scale), None
     images, maps = [], []
     for start in range(0, len(prompts), batch_size):
         part = slice(start, start + batch_size)

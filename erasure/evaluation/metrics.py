@@ -51,8 +51,12 @@ def unconditional_drift(erased_components, base_components, samples: int = 16, s
     over random x_t at timesteps spread over the schedule, predictions compared as noise whatever
     the model predicts.
     """
+    from erasure.architectures.base import LoadedPipeline
     from erasure.core.text import encode_prompts
     from erasure.diffusion.sampling import initial_noise, predicted_noise
+
+    if isinstance(base_components, LoadedPipeline):
+        return pipeline_unconditional_drift(erased_components, base_components)
 
     num_t = base_components.scheduler.config.num_train_timesteps
     t = torch.linspace(num_t * 0.05, num_t * 0.95, samples).long()
@@ -64,3 +68,22 @@ def unconditional_drift(erased_components, base_components, samples: int = 16, s
     eps_base = predicted_noise(scheduler, base_components.unet(x, t, encoder_hidden_states=empty_base).sample, x, t)
     eps_erased = predicted_noise(scheduler, erased_components.unet(x, t, encoder_hidden_states=empty_erased).sample, x, t)
     return float((eps_erased - eps_base).norm() / eps_base.norm())
+
+
+def pipeline_unconditional_drift(erased, base) -> float:
+    """A family's pipeline (``LoadedPipeline``): the largest relative change, over every edited
+    map, of what the map gives the unconditional input's states,
+    ``|| W_erased s - W_base s || / || W_base s ||``. The maps are all the edit changes, so an
+    unchanged output there is an unchanged unconditional prediction at every step."""
+    from erasure.architectures.base import read_weight
+
+    architecture = base.architecture
+    states = architecture.unconditional_states(base.pipe)
+    worst = 0.0
+    for stream in architecture.streams(base.pipe):
+        s = states[stream.name].reshape(-1, states[stream.name].shape[-1]).double().cpu()
+        for edited in stream.maps:
+            before = s @ read_weight(architecture.denoiser(base.pipe), edited).double().T
+            after = s @ read_weight(architecture.denoiser(erased.pipe), edited).double().T
+            worst = max(worst, float((after - before).norm() / before.norm().clamp_min(1e-12)))
+    return worst

@@ -104,7 +104,7 @@ class PipelineEraser:
     def __init__(
         self, pipe, architecture: Architecture, prior_prompts: list[str], preserve: PreserveSpec | None = None,
         fusion: FusionSettings | None = None, prompts_per_concept: int = 8, edit_tokens: str = "span",
-        restorable: bool = True,
+        restorable: bool = True, prior: dict[str, PriorStatistics] | None = None,
     ):
         self.pipe, self.architecture, self.restorable = pipe, architecture, restorable
         self.preserve, self.fusion = preserve or PreserveSpec(), fusion or FusionSettings()
@@ -115,7 +115,9 @@ class PipelineEraser:
         self.base: Weights = {
             name: {m.module: read_weight(denoiser, m) for m in stream.maps} for name, stream in self.streams.items()
         }
-        self.prior = stream_priors(pipe, architecture, prior_prompts)
+        # a prior made earlier from the same prompts (a distributed run's published one) is used as is
+        self.prior = prior if prior is not None else stream_priors(pipe, architecture, prior_prompts)
+        check_prior_streams(self.prior, self.streams)
         self.invariants = {
             name: states.reshape(-1, states.shape[-1]).double() for name, states in architecture.unconditional_states(pipe).items()
         }
@@ -130,6 +132,11 @@ class PipelineEraser:
         """Erase ``concept``: its prompt pairs encoded once, added to every stream's statistics."""
         if concept.name in self.concepts:
             raise RequestError(f"concept {concept.name!r} is already erased")
+        return self.include(self.concept(concept, seed))
+
+    def concept(self, concept: ConceptSpec, seed: int = 0) -> ErasedConcept:
+        r"""``concept``'s statistics in every stream, against this eraser's prior, without erasing it
+        (a distributed run publishes them, and its fusion ``include``\ s them)."""
         pairs = augmented_pairs(concept.kind, concept.variants, concept.anchor, self.prompts_per_concept, concept.prompts, seed)
         alignments = {
             name: stream_alignments(self.pipe, stream, pairs, self.edit_tokens, self.architecture)
@@ -153,12 +160,26 @@ class PipelineEraser:
             prior = self.prior[name].with_anchors([statistics]).gram()
             text_map = refinement_map([statistics], prior, self.preserve.lam1, self.preserve.ridge)
             streams[name] = StreamConcept(statistics, text_map)
-        for name, kept_concept in streams.items():
+        return ErasedConcept(concept, pairs, streams)
+
+    def include(self, erased: ErasedConcept) -> ErasedConcept:
+        """Erase a concept whose statistics ``concept`` made (here, or on another worker)."""
+        if erased.concept.name in self.concepts:
+            raise RequestError(f"concept {erased.concept.name!r} is already erased")
+        if set(erased.streams) != set(self.streams):
+            raise RequestError(
+                f"concept {erased.concept.name!r} has statistics for streams {sorted(erased.streams)}, but this "
+                f"pipeline's are {sorted(self.streams)}: it was made on another model family"
+            )
+        for name, kept_concept in erased.streams.items():
+            if kept_concept.text_map.shape[0] != self.prior[name].total.shape[0]:
+                raise RequestError(f"concept {erased.concept.name!r}'s {name} statistics are of another width than this pipeline's")
+        for name, kept_concept in erased.streams.items():
             self.accumulators[name].add(kept_concept.statistics, kept_concept.text_map, {})
             self.anchors[name].add_anchors(kept_concept.statistics)
-        erased = ErasedConcept(concept, pairs, streams if self.restorable else {})
-        self.concepts[concept.name] = erased
-        return erased
+        kept = erased if self.restorable else ErasedConcept(erased.concept, erased.pairs, {})
+        self.concepts[erased.concept.name] = kept
+        return kept
 
     def remove(self, name: str) -> None:
         """Restore concept ``name``: its statistics leave the set, and the next solve is the rest's."""
@@ -212,6 +233,12 @@ def finite_states(states: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 "dtype (T5 does in float16); load the model in bfloat16 or float32"
             )
     return states
+
+
+def check_prior_streams(prior: dict[str, PriorStatistics], streams: dict[str, TextStream]) -> None:
+    """A prior must cover exactly the pipeline's streams (one published for another family would not)."""
+    if set(prior) != set(streams):
+        raise RequestError(f"the prior holds streams {sorted(prior)}, but this pipeline's are {sorted(streams)}")
 
 
 def check_fusion(fusion: FusionSettings) -> None:
