@@ -165,20 +165,13 @@ def generate(
     """Sample images from a base or erased model."""
     from erasure.diffusion.models import sampler_settings
     from erasure.diffusion.sampling import sample, to_pil
-    from erasure.loading import model_folder, pipeline_family
-    from erasure.loading import load_components
+    from erasure.loading import load_model
 
     seeds = [seed + i for i in range(len(prompts))]
-    if report_errors(lambda: pipeline_family(model)):  # SDXL, SD3, FLUX, PixArt: through the pipeline class itself
-        from erasure.architectures.registry import load_pipeline
-
-        pipe, architecture = report_errors(lambda: load_pipeline(model_folder(model)))
-        pipe.to(device_or_default(device))
-        images = architecture.sample(pipe, list(prompts), seeds, steps, guidance)  # None: the pipeline's own default
-    else:
-        components = report_errors(lambda: load_components(model, device_or_default(device)))
-        steps, guidance = sampler_settings(components, steps, guidance)
-        images, _ = sample(components, list(prompts), seeds, steps=steps, guidance_scale=guidance)
+    # SDXL, SD3, FLUX, PixArt sample through their pipeline class, at its own defaults unless given
+    model_loaded = report_errors(lambda: load_model(model, device_or_default(device)))
+    steps, guidance = sampler_settings(model_loaded, steps, guidance)
+    images, _ = sample(model_loaded, list(prompts), seeds, steps=steps, guidance_scale=guidance)
     out.mkdir(parents=True, exist_ok=True)
     for i, (prompt, image) in enumerate(zip(prompts, images)):
         path = out / f"{i:03d}.png"

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from erasure.architectures.base import LoadedPipeline, read_weight
-from erasure.architectures.registry import quiet_progress
+from erasure.architectures.registry import save_pipeline
 from erasure.core.closed_form import PriorStatistics
 from erasure.core.prompts import fill
-from erasure.diffusion.models import check_finite, fingerprint, pipeline_fingerprint
+from erasure.diffusion.models import fingerprint, pipeline_fingerprint
 from erasure.erase import (
     MANIFEST_FILE,
     check_output_folder,
@@ -34,9 +34,11 @@ from erasure.erase import (
     manifest_head,
     prior_prompts,
     publish_erasure,
+    retained_prompts,
     with_model_sampling,
 )
 from erasure.loading import load_components, load_model, pipeline_family
+from erasure.methods.fusion import editable_projector
 from erasure.methods.pipeline_edit import ErasedConcept, PipelineEraser, stream_priors
 from erasure.spec import (
     ErasureRequest,
@@ -155,10 +157,9 @@ def erase_pipeline(
     seconds, started = {}, time.perf_counter()
     check_supported(request, pipeline_family(request.model) or "this pipeline")  # before a 12 B-parameter load
     model = load_model(request.model, "cpu", dtype)
+    if not isinstance(model, LoadedPipeline):
+        raise RequestError(f"{request.model} is not an SDXL, SD 3, FLUX or PixArt pipeline: `erasure erase` takes it the UNet path's way")
     pipe, architecture = model.pipe, model.architecture
-    for name, component in pipe.components.items():
-        if isinstance(component, torch.nn.Module):
-            check_finite(Path(request.model), name, component)  # a hub id's snapshot too
     check_pipeline_concepts(model, request.concepts)
     pipe.to(device)
     base_fingerprint = pipeline_fingerprint(pipe)
@@ -182,8 +183,7 @@ def erase_pipeline(
     timer = time.perf_counter()
 
     def write(staging: Path) -> dict:
-        with quiet_progress():
-            erased.save_pretrained(staging / "model")
+        save_pipeline(erased, staging / "model")
         seconds["write"] = time.perf_counter() - timer
         seconds["total"] = time.perf_counter() - started
         return manifest_head(request, base_fingerprint) | {
@@ -215,10 +215,14 @@ def check_pipeline_concepts(model: LoadedPipeline, concepts, first_index: int = 
             )
 
 
-def prepare_pipeline_request(request: ErasureRequest, model: LoadedPipeline, first_index: int = 0) -> ErasureRequest:
-    """``erasure.erase.prepare_request`` for a family's pipeline: what this path cannot do refused,
-    the concepts checked against every tokenizer, the class's sampler defaults filled in."""
-    check_supported(request, type(model.pipe).__name__)
+def prepare_pipeline_request(
+    request: ErasureRequest, model: LoadedPipeline, first_index: int = 0, erasing: bool = True
+) -> ErasureRequest:
+    """``erasure.erase.prepare_request`` for a family's pipeline: what this path cannot do refused
+    (when ``erasing``: an audit's request is only read for its concepts), the concepts checked
+    against every tokenizer, the class's sampler defaults filled in."""
+    if erasing:
+        check_supported(request, type(model.pipe).__name__)
     check_pipeline_concepts(model, request.concepts, first_index)
     return with_model_sampling(request, model)
 
@@ -226,6 +230,24 @@ def prepare_pipeline_request(request: ErasureRequest, model: LoadedPipeline, fir
 def pipeline_prior(model: LoadedPipeline, preserve: PreserveSpec) -> dict[str, PriorStatistics]:
     """Per stream, the base prior's statistics (``erasure.erase.prior_prompts``' prompts)."""
     return stream_priors(model.pipe, model.architecture, prior_prompts(preserve))
+
+
+def pipeline_prior_without(
+    model: LoadedPipeline, prior: dict[str, PriorStatistics], made_from: tuple[str, ...], names: tuple[str, ...]
+) -> dict[str, PriorStatistics]:
+    """``prior`` less the states of retained concepts ``names`` in every stream (a takedown of a
+    concept the prior kept; ``erasure.erase.without_retained``): exact, nothing else encoded."""
+    gone = stream_priors(model.pipe, model.architecture, retained_prompts(made_from, names))
+    return {name: PriorStatistics(p.total - gone[name].total, p.count - gone[name].count) for name, p in prior.items()}
+
+
+def check_room_to_edit(model: LoadedPipeline, prior: dict[str, PriorStatistics], fusion: FusionSettings) -> None:
+    """The constrained fusion needs directions the retained states leave free: refused with the
+    prior, before any concept's work, as on the UNet path."""
+    if fusion.method != "constrained":
+        return
+    for name, states in model.architecture.unconditional_states(model.pipe).items():
+        editable_projector(states.reshape(-1, states.shape[-1]).double(), prior[name].gram(), fusion)
 
 
 def _eraser(model: LoadedPipeline, preserve: PreserveSpec, fusion: FusionSettings, prior, method=None) -> PipelineEraser:

@@ -3,6 +3,7 @@ folder or a hub id (``erasure.diffusion.models``)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -11,7 +12,14 @@ import torch
 
 from erasure.architectures.base import LoadedPipeline
 from erasure.architectures.registry import PIPELINE_FAMILIES, load_pipeline
-from erasure.diffusion.models import Components, allowed_revision, fingerprint, load_external, pipeline_fingerprint
+from erasure.diffusion.models import (
+    Components,
+    allowed_revision,
+    check_finite,
+    fingerprint,
+    load_external,
+    pipeline_fingerprint,
+)
 from erasure.spec import BUILTIN_PREFIX, RequestError
 from erasure.worlds.builtins import find_builtin
 
@@ -43,7 +51,7 @@ def pipeline_family(model: str) -> str | None:
         return None
     try:
         name = json.loads(index.read_text()).get("_class_name")
-    except (ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError):  # unreadable: the UNet path's loader says what is wrong
         return None
     return name if name in PIPELINE_FAMILIES else None
 
@@ -97,9 +105,17 @@ def load_model(model: str, device: str | torch.device = "cpu", dtype: str = "flo
     if pipeline_family(model) is None:
         return load_components(model, device)
     pipe, architecture = load_pipeline(model_folder(model), dtype)
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            check_finite(Path(model), name, component)  # a corrupt base is never erased, served or audited
     return LoadedPipeline(pipe.to(device), architecture)
 
 
 def model_fingerprint(model: Components | LoadedPipeline) -> str:
-    """What names a base model in every key: a family's whole pipeline, else ``Components``'."""
-    return pipeline_fingerprint(model.pipe) if isinstance(model, LoadedPipeline) else fingerprint(model)
+    """What names a base model in every key: a family's whole pipeline and the settings of this
+    machine that change the text it reads (PixArt's caption cleaning needs two optional packages:
+    workers that differ there are different models), else ``Components``'."""
+    if not isinstance(model, LoadedPipeline):
+        return fingerprint(model)
+    settings = json.dumps(model.architecture.text_settings(model.pipe), sort_keys=True)
+    return hashlib.sha256(f"{pipeline_fingerprint(model.pipe)}|{settings}".encode()).hexdigest()

@@ -66,7 +66,7 @@ class ErasedPipelineModel(PythonModel):
                 raise ValueError(f"prompt {i}: {error}") from None
         if any(not 0 <= seed <= MAX_SEED for seed in seeds):
             raise ValueError(f"seeds must lie in 0..{MAX_SEED}")
-        # sample() draws in batches of 16: memory stays bounded whatever the call's size
+        # sample() draws in batches of 16 (a family's pipeline one image at a time): memory stays bounded
         images, _ = sample(self.components, prompts, seeds, *sampler_settings(self.components))
         return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 

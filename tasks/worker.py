@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from erasure.architectures.base import LoadedPipeline
-from erasure.architectures.registry import quiet_progress
+from erasure.architectures.registry import save_pipeline
 from erasure.artifacts import (
     PRIOR_FILE,
     ConceptArtifact,
@@ -48,9 +48,11 @@ from erasure.erase import (
 )
 from erasure.erase_pipeline import (
     check_pipeline_concepts,
+    check_room_to_edit,
     fused_pipeline,
     pipeline_concept,
     pipeline_prior,
+    pipeline_prior_without,
     prepare_pipeline_request,
 )
 from erasure.loading import load_model, model_fingerprint
@@ -60,6 +62,7 @@ from erasure.methods.pipeline_artifacts import (
     load_stream_prior,
     save_stream_concept,
     save_stream_prior,
+    stream_prior_lineage,
 )
 from erasure.spec import BUILTIN_PREFIX, check_concepts_against_tokenizer, inside_input_root
 from tasks.jobs import (
@@ -195,27 +198,35 @@ class ConceptWorker:
             fetched = self.store.fetch(job.key, Path(folder), only=[CLOSURE_FILE])
             return {"closure": closure_summary(json.loads((fetched / CLOSURE_FILE).read_text()))}
 
-    def _prepared(self, request, first_index: int = 0):
-        """The request checked against this worker's model, its sampler defaults filled in."""
+    def _prepared(self, request, first_index: int = 0, erasing: bool = True):
+        """The request checked against this worker's model, its sampler defaults filled in;
+        ``erasing`` False (an evaluation, an audit): what the erasure path supports is not asked."""
         if isinstance(self.components, LoadedPipeline):
-            return prepare_pipeline_request(request, self.components, first_index)
+            return prepare_pipeline_request(request, self.components, first_index, erasing)
         return prepare_request(request, self.components, first_index)
 
     # A family's pipeline: the same three stages, each a piece of ``erasure.erase_pipeline``; the
     # prior and the concepts hold one entry per text stream (``erasure.methods.pipeline_artifacts``).
 
     def _pipeline_prior(self, job: PriorJob) -> StageResult:
-        """Publish every stream's base prior. A takedown's subtracted prior is made anew from its
-        preserve set: encoding the retained prompts again costs less than a concept does."""
+        """Publish every stream's base prior; a takedown's is its parent's less the retained
+        concepts it erases (``erasure.erase_pipeline.pipeline_prior_without``), as on the UNet path."""
         check_pipeline_concepts(self.components, job.concepts)
         if self.store.exists(job.key):
             return StageResult(job.key, reused=True)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
-            preserve = self._fetched_captions(job, Path(folder))
-            prior = pipeline_prior(self.components, preserve)
+            if job.subtract_from is not None:
+                fetched = self.store.fetch(job.subtract_from, Path(folder) / "parent")
+                made_from, removed = stream_prior_lineage(fetched)
+                prior = pipeline_prior_without(self.components, load_stream_prior(fetched), made_from, job.removed)
+                removed = (*removed, *job.removed)
+            else:
+                preserve = self._fetched_captions(job, Path(folder))
+                prior, made_from, removed = pipeline_prior(self.components, preserve), preserve.concepts, ()
+            check_room_to_edit(self.components, prior, job.fusion)
             (Path(folder) / "prior").mkdir()
-            save_stream_prior(prior, Path(folder) / "prior", preserve.concepts)
+            save_stream_prior(prior, Path(folder) / "prior", made_from, removed)
             self.store.publish(job.key, Path(folder) / "prior")
         return StageResult(job.key, reused=False, seconds=time.perf_counter() - started, worker=self._name())
 
@@ -247,8 +258,7 @@ class ConceptWorker:
                     shutil.rmtree(fetched, ignore_errors=True)
 
             erased = fused_pipeline(self.components, job.preserve, job.fusion, prior, concepts())
-            with quiet_progress():
-                erased.save_pretrained(folder / "model")
+            save_pipeline(erased, folder / "model")
             self.store.publish(job.key, folder / "model")
         return StageResult(job.key, reused=False, seconds=time.perf_counter() - started, worker=self._name())
 
@@ -286,7 +296,7 @@ class ConceptWorker:
 
         if not has_judge(job.request.model):
             return None
-        request = self._prepared(job.request)
+        request = self._prepared(job.request, erasing=False)
         with tempfile.TemporaryDirectory() as folder:
             model = self.store.fetch(job.model_key, Path(folder) / "model") if job.model_key else self.components
             result = evaluate_request(model, request, device=self.device, base_components=self.components)
@@ -299,7 +309,7 @@ class ConceptWorker:
         from erasure.evaluation.evaluate import evaluation_json
         from erasure.evaluation.report import write_report
 
-        request, target = self._prepared(job.request), job.target
+        request, target = self._prepared(job.request, erasing=False), job.target
         with tempfile.TemporaryDirectory() as folder:
             if isinstance(target, ModelReference):
                 store = store_from_url(target.store_url, target.s3_endpoint)

@@ -25,16 +25,21 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVICE_VARIABLES = ("MLFLOW_TRACKING_URI", "ERASURE_STORE", "ERASURE_S3_ENDPOINT", "RAY_ADDRESS", "PREFECT_API_URL",
                      "ERASURE_AUDIT_POLICY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")  # the last three: never inherited
 # the CLIP world erases a colour within this small budget (on the MiniLM world one colour keeps
-# acc_g above the default policy without alias discovery: see the README's table)
+# acc_g above the default policy without alias discovery: see the README's table). Its 120 erasure
+# prompts, not MACE's 30: with 30, one held-out audit template, "an illustration of a {}", drew
+# red in 7 of 48 images (0 of 192 under the other eleven), so red leaked from its name in 2.7 %
+# of 256 audit prompts and a 16-prompt audit failed about one time in 15 (it did in CI). With 120
+# it leaks in 0.8 % of 256 (2026-12-07, seed 7).
 REQUEST = """model: builtin:toyworld-clip
 concepts: [{name: red, anchor: white}]
 preserve: {concepts: [green, blue, yellow, purple, orange, cyan, white], lam1: 5, lam2: 5}
-method: {images_per_concept: 4, lora_steps: 30}
+method: {images_per_concept: 4, lora_steps: 30, prompts_per_concept: 120}
 """
-# the deployment's policy here: the default thresholds on fewer prompts (16 a concept, 8 a retained one;
-# the specificity floor is 80 % of the base model's). At 8 a concept one miss was 12.5 %, over the
-# 10 % limit: the erased red, drawn from its name in 0 of 48 audit prompts, failed 1 of 8 in CI.
-POLICY = "probes_per_concept: 16\nretained_limit: 7\nmin_acc_s_ratio: 0.8\nattacks: []\n"
+# the deployment's policy here: the default thresholds on 24 prompts a concept (12 a retained one;
+# 7 retained concepts; the specificity floor is 80 % of the base model's). A model that leaks in
+# 0.8 % of its images fails a 24-prompt audit (3 leaks) about once in 1,200 audits, a 16-prompt one
+# (2 leaks) once in 150: the test audits this model four times.
+POLICY = "probes_per_concept: 24\nretained_limit: 7\nmin_acc_s_ratio: 0.8\nattacks: []\n"
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +94,7 @@ def test_the_deployment_policy_is_set_in_the_registry_and_loosening_it_needs_a_r
     accepted = run(cli, "policy", "set", "erased-models", "policy.yaml", "--reason", "CPU test budget")
     assert accepted.returncode == 0 and "loosens" in accepted.stdout, accepted.stdout + accepted.stderr
     shown = run(cli, "policy", "show", "erased-models")
-    assert shown.returncode == 0 and '"probes_per_concept": 16' in shown.stdout
+    assert shown.returncode == 0 and '"probes_per_concept": 24' in shown.stdout
 
 
 def test_promotion_needs_a_passing_audit_or_a_logged_override(operator):
@@ -99,7 +104,7 @@ def test_promotion_needs_a_passing_audit_or_a_logged_override(operator):
 
     audited = run(cli, "audit", "erased-models@candidate")  # the deployment's policy, read from the registry
     assert audited.returncode == 0, audited.stdout + audited.stderr
-    assert "audit passed" in audited.stdout and "n=8" in audited.stdout and "--seed" in audited.stdout
+    assert "audit passed" in audited.stdout and "n=12" in audited.stdout and "--seed" in audited.stdout
 
     overridden = run(cli, "promote", "erased-models", "1", "--alias", "staging", "--override-audit", "legal sign-off #12")
     assert overridden.returncode == 0 and "audit overridden: legal sign-off #12" in overridden.stdout

@@ -144,10 +144,6 @@ class LoadedPipeline:
     pipe: object
     architecture: Architecture
 
-    @property
-    def device(self) -> torch.device:
-        return self.architecture.denoiser(self.pipe).device
-
     def sampler_defaults(self) -> tuple[int, float]:
         """The pipeline class's own steps and guidance (FLUX-dev's 3.5, SD 3's 7.0): its ``__call__``'s defaults."""
         parameters = inspect.signature(type(self.pipe).__call__).parameters

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,3 +70,17 @@ def quiet_progress() -> Iterator[None]:
     finally:
         diffusers_logging.enable_progress_bar()
         transformers_logging.enable_progress_bar()
+
+
+def save_pipeline(pipe, folder: Path) -> None:
+    """``pipe`` in its class's diffusers layout, without the ``_name_or_path`` diffusers writes into
+    its configs: the folder it was loaded from (a worker's path, a hub cache's snapshot) is no part
+    of a model, and would make the same weights two artifacts of different digests."""
+    folder = Path(folder)
+    with quiet_progress():
+        pipe.save_pretrained(folder)
+    for config in (folder / "model_index.json", *folder.glob("*/config.json")):
+        document = json.loads(config.read_text())
+        if isinstance(document, dict) and "_name_or_path" in document:
+            del document["_name_or_path"]
+            config.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")

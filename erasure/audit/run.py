@@ -228,6 +228,7 @@ def run_audit(
     ``attacks``, run the policy's attacks on every erased concept against both models."""
     from erasure.architectures.base import LoadedPipeline
 
+    check_same_kind(erased_components, base_components)
     if attacks and policy.attacks and isinstance(base_components, LoadedPipeline):
         raise NoVerdict(  # nothing proved: a policy that asks for attacks is not met by skipping them
             f"the policy's attacks ({', '.join(policy.attacks)}) search text-encoder states, which are built for the "
@@ -249,6 +250,21 @@ def run_audit(
             if progress is not None:
                 progress(concept.name)
     return result
+
+
+def check_same_kind(audited, base) -> None:
+    """An audited model and its base must be one family (an SDXL folder is not audited against an
+    SD 1.5 base): refused before any image is drawn."""
+    from erasure.architectures.base import LoadedPipeline
+
+    def kind(model) -> str:
+        return model.architecture.family if isinstance(model, LoadedPipeline) else "a UNet pipeline (SD 1.x/2.x or a built-in world)"
+
+    if kind(audited) != kind(base):
+        raise RequestError(
+            f"the audited model is {kind(audited)}, but the request's base model is {kind(base)}: audit a model "
+            "against the request it was erased with"
+        )
 
 
 def attack_vocabulary(request: ErasureRequest, components) -> list[str]:

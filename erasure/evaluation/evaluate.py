@@ -106,7 +106,7 @@ def evaluate(
     retained = [i for i, p in enumerate(probes) if p.group == "retained"]
     metrics = _accuracies(probes, erased_verdicts)
     metrics["pixel_drift"] = pixel_drift(erased_images[retained], base_images[retained]) if retained else float("nan")
-    metrics["unconditional_drift"] = unconditional_drift(erased_components, base_components)
+    metrics["unconditional_drift"] = unconditional_drift(erased_components, base_components, steps=steps)
     anchor_verdicts = None
     if anchors and hasattr(judge, "anchor_verdicts"):
         anchor_verdicts = judge.anchor_verdicts(erased_images, probes, anchors)

@@ -43,20 +43,21 @@ def pixel_drift(erased: torch.Tensor, base: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def unconditional_drift(erased_components, base_components, samples: int = 16, seed: int = 0) -> float:
+def unconditional_drift(erased_components, base_components, samples: int = 16, seed: int = 0, steps: int | None = None) -> float:
     """Relative change of the unconditional noise prediction (All-but-One holds it still):
 
     ``|| eps_erased(x_t, "") - eps_base(x_t, "") || / || eps_base(x_t, "") ||``
 
     over random x_t at timesteps spread over the schedule, predictions compared as noise whatever
-    the model predicts.
+    the model predicts. A family's pipeline is measured on its images instead
+    (``pipeline_unconditional_drift``, at ``steps``).
     """
     from erasure.architectures.base import LoadedPipeline
     from erasure.core.text import encode_prompts
     from erasure.diffusion.sampling import initial_noise, predicted_noise
 
     if isinstance(base_components, LoadedPipeline):
-        return pipeline_unconditional_drift(erased_components, base_components)
+        return pipeline_unconditional_drift(erased_components, base_components, steps)
 
     num_t = base_components.scheduler.config.num_train_timesteps
     t = torch.linspace(num_t * 0.05, num_t * 0.95, samples).long()
@@ -70,20 +71,15 @@ def unconditional_drift(erased_components, base_components, samples: int = 16, s
     return float((eps_erased - eps_base).norm() / eps_base.norm())
 
 
-def pipeline_unconditional_drift(erased, base) -> float:
-    """A family's pipeline (``LoadedPipeline``): the largest relative change, over every edited
-    map, of what the map gives the unconditional input's states,
-    ``|| W_erased s - W_base s || / || W_base s ||``. The maps are all the edit changes, so an
-    unchanged output there is an unchanged unconditional prediction at every step."""
-    from erasure.architectures.base import read_weight
-
-    architecture = base.architecture
-    states = architecture.unconditional_states(base.pipe)
-    worst = 0.0
-    for stream in architecture.streams(base.pipe):
-        s = states[stream.name].reshape(-1, states[stream.name].shape[-1]).double().cpu()
-        for edited in stream.maps:
-            before = s @ read_weight(architecture.denoiser(base.pipe), edited).double().T
-            after = s @ read_weight(architecture.denoiser(erased.pipe), edited).double().T
-            worst = max(worst, float((after - before).norm() / before.norm().clamp_min(1e-12)))
-    return worst
+def pipeline_unconditional_drift(erased, base, steps: int | None = None, samples: int = 4, seed: int = 0) -> float:
+    """A family's pipeline (``LoadedPipeline``): the relative change of what it draws for the
+    empty prompt, ``|| x_erased - x_base || / || x_base ||`` over ``samples`` images drawn with the
+    same seeds (``steps``: the audit's; None, the pipeline's own). What a pipeline draws when no
+    concept is asked for is carried by its unconditional input at every step (SDXL's is zeros, its
+    conditional half the empty prompt's states), so this sees every weight that moved it, edited
+    map or not, where the maps' own outputs would not (zeros give zeros)."""
+    seeds = [seed * 1000 + i for i in range(samples)]
+    own_steps, guidance = base.sampler_defaults()
+    before = base.sample([""] * samples, seeds, steps or own_steps, guidance).double()
+    after = erased.sample([""] * samples, seeds, steps or own_steps, guidance).double()
+    return float((after - before).norm() / before.norm().clamp_min(1e-12))

@@ -1,9 +1,10 @@
 """A pipeline family's prior and concept artifacts on disk (``erasure.methods.pipeline_edit``).
 
-The same files as the UNet path's (``erasure.artifacts``), one entry per text stream: a
-tensor ``<stream>.<name>`` in the safetensors file. A concept folder holds no LoRA and no
-images (the families' erasure is the closed form alone)::
+The UNet path's file names (``erasure.artifacts``), one entry per text stream: a tensor
+``<stream>.<name>`` in the safetensors file. A concept folder holds no LoRA and no images (the
+families' erasure is the closed form alone); a prior keeps its lineage in the file's metadata::
 
+    prior.safetensors        per stream: the prior's sum and count; made_from, removed (metadata)
     statistics.safetensors   per stream: ConceptStatistics and the CFR map M_k
     concept.json             the concept spec, its prompt pairs and a summary
 
@@ -16,14 +17,13 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from erasure.artifacts import CONCEPT_FILE, PRIOR_FILE, STATISTICS_FILE
 from erasure.core.closed_form import DTYPE, ConceptStatistics, PriorStatistics
 from erasure.methods.pipeline_edit import ErasedConcept, StreamConcept
 from erasure.spec import ConceptSpec
-
-__all__ = ["PRIOR_FILE", "load_stream_concept", "load_stream_prior", "save_stream_concept", "save_stream_prior"]
 
 
 def _split(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -34,14 +34,17 @@ def _split(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor
     return streams
 
 
-def save_stream_prior(prior: dict[str, PriorStatistics], folder: Path, made_from: tuple[str, ...]) -> None:
+def save_stream_prior(
+    prior: dict[str, PriorStatistics], folder: Path, made_from: tuple[str, ...], removed: tuple[str, ...] = ()
+) -> None:
     """Write every stream's prior statistics to ``folder/prior.safetensors``, with the retained
-    concepts it was made for."""
+    concepts its prompts were drawn for (``made_from``) and those that have left it since (``removed``)."""
     tensors = {}
     for stream, statistics in prior.items():
         tensors[f"{stream}.total"] = statistics.total.contiguous()
         tensors[f"{stream}.count"] = torch.tensor([statistics.count])
-    save_file(tensors, str(Path(folder) / PRIOR_FILE), metadata={"made_from": json.dumps(list(made_from))})
+    lineage = {"made_from": json.dumps(list(made_from)), "removed": json.dumps(list(removed))}
+    save_file(tensors, str(Path(folder) / PRIOR_FILE), metadata=lineage)
 
 
 def load_stream_prior(folder: Path) -> dict[str, PriorStatistics]:
@@ -49,6 +52,13 @@ def load_stream_prior(folder: Path) -> dict[str, PriorStatistics]:
         stream: PriorStatistics(parts["total"].to(DTYPE), int(parts["count"][0]))
         for stream, parts in _split(load_file(str(Path(folder) / PRIOR_FILE))).items()
     }
+
+
+def stream_prior_lineage(folder: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(made_from, removed) of a prior ``save_stream_prior`` wrote."""
+    with safe_open(str(Path(folder) / PRIOR_FILE), framework="pt") as opened:
+        metadata = opened.metadata() or {}
+    return tuple(json.loads(metadata.get("made_from", "[]"))), tuple(json.loads(metadata.get("removed", "[]")))
 
 
 def save_stream_concept(erased: ErasedConcept, folder: Path, family: str) -> dict:
