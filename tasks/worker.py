@@ -219,6 +219,7 @@ class ConceptWorker:
             if job.subtract_from is not None:
                 fetched = self.store.fetch(job.subtract_from, Path(folder) / "parent")
                 made_from, removed = stream_prior_lineage(fetched)
+                made_from = made_from or job.made_from  # a prior that records no lineage: the parent's own retained set
                 prior = pipeline_prior_without(self.components, load_stream_prior(fetched), made_from, job.removed)
                 removed = (*removed, *job.removed)
             else:

@@ -235,3 +235,20 @@ def test_the_fingerprint_of_a_family_pipeline_covers_the_text_settings_of_its_ma
     plain = model_fingerprint(model)
     monkeypatch.setattr(pixart, "cleans_captions", lambda: True)
     assert model_fingerprint(model) != plain
+
+
+def test_a_concept_made_on_another_family_is_refused_by_the_fusion(tmp_path):
+    """Published statistics carry no family in their key's reading: the fusion checks their streams."""
+    from erasure.architectures.registry import architecture_of
+    from erasure.methods.pipeline_edit import ErasedConcept, PipelineEraser
+    from erasure.spec import ConceptSpec, RequestError
+
+    flux, pixart = build_tiny_pipeline("flux"), build_tiny_pipeline("pixart")
+    made = PipelineEraser(pixart, architecture_of(pixart), [""], prompts_per_concept=2).concept(ConceptSpec(name="cat", anchor="bird"))
+    fusing = PipelineEraser(flux, architecture_of(flux), [""], prompts_per_concept=2)
+    with pytest.raises(RequestError, match="made on another model family"):
+        fusing.include(made)
+    tokens_only = ErasedConcept(made.concept, made.pairs, {"tokens": made.streams["tokens"], "pooled": made.streams["tokens"]})
+    with pytest.raises(RequestError, match="of another width"):
+        fusing.include(tokens_only)
+    assert fusing.concepts == {}
