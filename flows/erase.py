@@ -86,7 +86,10 @@ def run_erasure(
     if family is not None:  # what the family path cannot do is refused before any worker starts
         check_supported(request, family)
     timer = time.perf_counter()
-    base = worker_pool(request.model, workers).fingerprint
+    pool = worker_pool(request.model, workers)
+    base = pool.fingerprint
+    if pool.pipeline_class is not None:  # and again as the workers see the model (a folder only they can read)
+        check_supported(request, pool.pipeline_class)
     seconds = {"workers": time.perf_counter() - timer}  # Ray and the actors' model loading, when not warm
     if parent_base and parent_base != base:
         raise BaseModelChanged(

@@ -242,6 +242,7 @@ class WorkerPool:
             self.shutdown()
             raise
         self.fingerprint = fingerprints.pop()
+        self.pipeline_class = infos[0].get("pipeline_class")  # a family's (SDXL, SD 3, ...) or None: one model, one class
         self._idle = list(self._slots)
 
     @property

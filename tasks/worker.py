@@ -101,8 +101,11 @@ class ConceptWorker:
         self.store = store_from_url(store_url, s3_endpoint)
 
     def info(self) -> dict:
-        """What the pool checks before giving this worker work: the base model it holds, and where."""
-        return {"fingerprint": self.base_fingerprint, "host": socket.gethostname(), "pid": os.getpid(), "device": self.device}
+        """What the pool checks before giving this worker work: the base model it holds, and where;
+        ``pipeline_class``: a family's pipeline class (None on the UNet path)."""
+        family = type(self.components.pipe).__name__ if isinstance(self.components, LoadedPipeline) else None
+        return {"fingerprint": self.base_fingerprint, "host": socket.gethostname(), "pid": os.getpid(), "device": self.device,
+                "pipeline_class": family}
 
     def run(self, job: Job) -> StageResult | StageReport | None:
         """Run one stage's job (``tasks.jobs``) on this worker's model."""

@@ -19,7 +19,7 @@ def test_a_takedown_refuses_a_parent_erased_from_another_base_model(monkeypatch)
 
     ran = []
     monkeypatch.setattr(module, "get_run_logger", lambda: logging.getLogger("test"))
-    monkeypatch.setattr(module, "worker_pool", lambda model, workers: SimpleNamespace(fingerprint="b" * 64))
+    monkeypatch.setattr(module, "worker_pool", lambda model, workers: SimpleNamespace(fingerprint="b" * 64, pipeline_class=None))
     monkeypatch.setattr(module, "_concept_stages", lambda *args: ran.append(args))
     request = parse_request({"model": "builtin:tiny", "concepts": [{"name": "cat", "anchor": "dog"}], "fusion": TINY_FUSION})
     with pytest.raises(module.BaseModelChanged, match="builtin:toyworld-clip"):
@@ -120,7 +120,7 @@ def test_published_concepts_submit_no_task(monkeypatch):
         priors.append(job)
 
     monkeypatch.setattr(erase_module, "get_run_logger", lambda: logging.getLogger("test"))
-    monkeypatch.setattr(erase_module, "worker_pool", lambda model, workers: SimpleNamespace(fingerprint=base))
+    monkeypatch.setattr(erase_module, "worker_pool", lambda model, workers: SimpleNamespace(fingerprint=base, pipeline_class=None))
     monkeypatch.setattr(erase_module, "store_from_url", lambda *a: SimpleNamespace(exists=lambda key: key in published))
     monkeypatch.setattr(erase_module, "store_settings", lambda: ("file:///nowhere", None))
     monkeypatch.setattr(erase_module, "stage_captions", lambda request: None)
@@ -217,3 +217,20 @@ def test_the_warm_up_thread_starts_only_once_sqlalchemy_orm_is_imported_whole():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[True]"
+
+
+def test_a_family_request_the_workers_cannot_erase_is_refused_before_any_stage_even_where_the_flow_cannot_read_the_model(monkeypatch):
+    """The flow's own check needs the model folder on its machine; the workers' pool says what they loaded."""
+    import flows.erase as module
+    from erasure.spec import RequestError
+
+    ran = []
+    monkeypatch.setattr(module, "get_run_logger", lambda: logging.getLogger("test"))
+    monkeypatch.setattr(module, "pipeline_family", lambda model: None)  # a folder only the workers' nodes hold
+    monkeypatch.setattr(module, "worker_pool", lambda model, workers: SimpleNamespace(
+        fingerprint="b" * 64, pipeline_class="StableDiffusionXLPipeline"))
+    monkeypatch.setattr(module, "_concept_stages", lambda *args: ran.append(args))
+    request = parse_request({"model": "builtin:tiny", "concepts": [{"name": "cat", "anchor": "dog"}], "fusion": TINY_FUSION})
+    with pytest.raises(RequestError, match="StableDiffusionXLPipeline is erased with the closed form alone"):
+        module.run_erasure(request, "m", 1, "erase", None)
+    assert ran == []
