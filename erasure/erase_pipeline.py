@@ -39,11 +39,10 @@ from erasure.erase import (
 )
 from erasure.loading import load_components, load_model, pipeline_family
 from erasure.methods.fusion import editable_projector
-from erasure.methods.pipeline_edit import ErasedConcept, PipelineEraser, stream_priors
+from erasure.methods.pipeline_edit import ErasedConcept, PipelineEraser, concept_streams, stream_priors
 from erasure.spec import (
     ErasureRequest,
     FusionSettings,
-    MethodSettings,
     PreserveSpec,
     RequestError,
     check_concepts_against_tokenizer,
@@ -250,19 +249,11 @@ def check_room_to_edit(model: LoadedPipeline, prior: dict[str, PriorStatistics],
         editable_projector(states.reshape(-1, states.shape[-1]).double(), prior[name].gram(), fusion)
 
 
-def _eraser(model: LoadedPipeline, preserve: PreserveSpec, fusion: FusionSettings, prior, method=None) -> PipelineEraser:
-    method = method or MethodSettings(lora_steps=0)  # the fusion reads no prompt settings
-    return PipelineEraser(
-        model.pipe, model.architecture, [], preserve, fusion, method.prompts_per_concept, method.edit_tokens,
-        restorable=False, prior=prior,
-    )
-
-
 def pipeline_concept(model: LoadedPipeline, request: ErasureRequest, prior: dict[str, PriorStatistics]) -> ErasedConcept:
     """The statistics of a one-concept request's concept in every stream, against ``prior``."""
-    concept = request.concepts[0]
-    eraser = _eraser(model, request.preserve, request.fusion, prior, request.method)
-    return eraser.concept(concept, concept_seed(request.seed, concept))
+    concept, method = request.concepts[0], request.method
+    return concept_streams(model.pipe, model.architecture, concept, prior, request.preserve, method.prompts_per_concept,
+                           method.edit_tokens, concept_seed(request.seed, concept))
 
 
 def fused_pipeline(
@@ -270,7 +261,8 @@ def fused_pipeline(
     concepts: Iterable[ErasedConcept], dtype: str = "float32",
 ):
     """The erased pipeline of ``concepts`` (read one at a time: memory stays flat in their number)."""
-    eraser = _eraser(model, preserve, fusion, prior)
+    # the fusion reads no prompt settings: the eraser's own defaults stand
+    eraser = PipelineEraser(model.pipe, model.architecture, [], preserve, fusion, restorable=False, prior=prior)
     for concept in concepts:
         eraser.include(concept)
     return checked_erased_pipeline(eraser, dtype)

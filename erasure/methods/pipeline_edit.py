@@ -137,30 +137,9 @@ class PipelineEraser:
     def concept(self, concept: ConceptSpec, seed: int = 0) -> ErasedConcept:
         r"""``concept``'s statistics in every stream, against this eraser's prior, without erasing it
         (a distributed run publishes them, and its fusion ``include``\ s them)."""
-        pairs = augmented_pairs(concept.kind, concept.variants, concept.anchor, self.prompts_per_concept, concept.prompts, seed)
-        alignments = {
-            name: stream_alignments(self.pipe, stream, pairs, self.edit_tokens, self.architecture)
-            for name, stream in self.streams.items()
-        }
-        # a pair whose concept every token stream truncated away says nothing about the concept
-        tokens = [name for name, stream in self.streams.items() if not stream.pooled]
-        kept = [i for i in range(len(pairs)) if any(alignments[name][i].concept_span for name in tokens)]
-        if not kept:
-            raise RequestError(
-                f"concept {concept.name!r}: no prompt kept the concept's tokens apart from its anchor's (truncated, "
-                "tokenised like the anchor, or removed by the pipeline's text preprocessing); use the words a prompt would use"
-            )
-        pairs = [pairs[i] for i in kept]
-        alignments = {name: [found[i] for i in kept] for name, found in alignments.items()}
-        concept_states = finite_states(self.architecture.states(self.pipe, [c for c, _ in pairs]))
-        anchor_states = finite_states(self.architecture.states(self.pipe, [a for _, a in pairs]))
-        streams = {}
-        for name in self.streams:  # every stream solved before any is changed: a failure leaves the set as it was
-            statistics = concept_statistics(concept_states[name], anchor_states[name], alignments[name])
-            prior = self.prior[name].with_anchors([statistics]).gram()
-            text_map = refinement_map([statistics], prior, self.preserve.lam1, self.preserve.ridge)
-            streams[name] = StreamConcept(statistics, text_map)
-        return ErasedConcept(concept, pairs, streams)
+        return concept_streams(
+            self.pipe, self.architecture, concept, self.prior, self.preserve, self.prompts_per_concept, self.edit_tokens, seed
+        )
 
     def include(self, erased: ErasedConcept) -> ErasedConcept:
         """Erase a concept whose statistics ``concept`` made (here, or on another worker)."""
@@ -222,6 +201,40 @@ class PipelineEraser:
         erased = copy.copy(self.pipe)
         erased.register_modules(**{self.architecture.denoiser_name: denoiser})  # on the copy's own config
         return erased
+
+
+def concept_streams(
+    pipe, architecture: Architecture, concept: ConceptSpec, prior: dict[str, PriorStatistics], preserve: PreserveSpec,
+    prompts_per_concept: int, edit_tokens: str, seed: int = 0,
+) -> ErasedConcept:
+    """``concept``'s statistics and CFR map in every stream of ``pipe``, against ``prior``: all a
+    concept job makes (no base weights copied, no fusion sums allocated)."""
+    streams_of = {stream.name: stream for stream in architecture.streams(pipe)}
+    check_prior_streams(prior, streams_of)
+    pairs = augmented_pairs(concept.kind, concept.variants, concept.anchor, prompts_per_concept, concept.prompts, seed)
+    alignments = {
+        name: stream_alignments(pipe, stream, pairs, edit_tokens, architecture)
+        for name, stream in streams_of.items()
+    }
+    # a pair whose concept every token stream truncated away says nothing about the concept
+    tokens = [name for name, stream in streams_of.items() if not stream.pooled]
+    kept = [i for i in range(len(pairs)) if any(alignments[name][i].concept_span for name in tokens)]
+    if not kept:
+        raise RequestError(
+            f"concept {concept.name!r}: no prompt kept the concept's tokens apart from its anchor's (truncated, "
+            "tokenised like the anchor, or removed by the pipeline's text preprocessing); use the words a prompt would use"
+        )
+    pairs = [pairs[i] for i in kept]
+    alignments = {name: [found[i] for i in kept] for name, found in alignments.items()}
+    concept_states = finite_states(architecture.states(pipe, [c for c, _ in pairs]))
+    anchor_states = finite_states(architecture.states(pipe, [a for _, a in pairs]))
+    streams = {}
+    for name in streams_of:  # every stream solved before the eraser changes any: a failure leaves its set as it was
+        statistics = concept_statistics(concept_states[name], anchor_states[name], alignments[name])
+        gram = prior[name].with_anchors([statistics]).gram()
+        text_map = refinement_map([statistics], gram, preserve.lam1, preserve.ridge)
+        streams[name] = StreamConcept(statistics, text_map)
+    return ErasedConcept(concept, pairs, streams)
 
 
 def finite_states(states: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
