@@ -20,6 +20,14 @@ prediction.
     python bench/toyworld.py --world toyworld        # the whole table on the default world
     python bench/toyworld.py --world toyworld-clip   # the CLIP world
     python bench/toyworld.py --scales colour --rows "MACE (reference)" "span + constrained"
+    python bench/toyworld.py --world toyworld-mmdit  # the DiT world beside the UNet world's same rows
+
+The joint-attention world (``toyworld-mmdit``, ``erasure.worlds.toyworld.mmdit``) is erased the
+families' way (``erasure.methods.pipeline_edit``): the closed forms on ``context_embedder`` and
+the pooled projection, no LoRA. Its rows (``DIT_ROWS``) run at 1 colour, 8 and 32 pairs, and the
+UNet world's rows of the same objective and fusion run beside them in the same run (``--no-unet``:
+the DiT rows alone). Its probes carry no unseen words (the ones each base model draws are measured
+per world, and the DiT's are not), so its unseen column is empty; h_o does not read it.
 """
 
 from __future__ import annotations
@@ -217,9 +225,77 @@ def run_scale(
     return rows
 
 
+# The DiT world's rows: (name, edit_tokens, fusion), closed form only; beside each, the UNet world's row
+# of the same tokens and fusion (its per-concept LoRA included, as that path erases).
+DIT_ROWS = [
+    ("span + constrained", "span", {"method": "constrained", "output_edit": None}),
+    ("span + MACE fusion", "span", {"method": "mace"}),
+    ("after + MACE fusion (CFR only, UCE-like)", "after", {"method": "mace"}),
+]
+UNET_BESIDE = {"span + constrained": "span + constrained", "after + MACE fusion (CFR only, UCE-like)": "CFR only (UCE-like)"}
+DIT_SCALES = ("colour", "8 pairs", "32 pairs")
+
+
+def run_dit_scale(label: str, concepts: list[dict], method: dict, preserve: dict, folder: str | None = None) -> list[dict]:
+    """The DiT world's rows at one scale: one prior, each concept's statistics once per token choice."""
+    from erasure.architectures.base import LoadedPipeline
+    from erasure.erase import concept_seed, prior_prompts
+    from erasure.erase_pipeline import checked_erased_pipeline
+    from erasure.methods.pipeline_edit import PipelineEraser, concept_streams, stream_priors
+    from erasure.worlds.toyworld.judge import ToyJudge, erasure_probes
+    from erasure.worlds.toyworld.mmdit import load_mmdit_world
+    from erasure.worlds.toyworld.model import load_toyworld_classifier
+
+    base = load_mmdit_world(folder)
+    steps, guidance = base.sampler_defaults()
+    request = parse_request({  # the toy world's request (the model key is only validated here: the DiT is loaded above)
+        "model": "builtin:toyworld", "concepts": concepts, "seed": 0,
+        "method": method | {"objective": "attention", "lora_steps": 0},
+        "preserve": preserve | {"concepts": retained(concepts)},
+    })
+    probes = erasure_probes([c.name for c in request.concepts], list(request.preserve.concepts), seed=request.seed)
+    judge = ToyJudge(load_toyworld_classifier())
+    base_eval = evaluate(base, base, probes, judge, steps, guidance)
+    rows = [{"scale": label, "world": "DiT", "method": "base model", **base_eval.base_metrics, "seconds": 0.0,
+             "unconditional_drift": 0.0, "capacity": ""}]
+    timer = time.perf_counter()
+    prior = stream_priors(base.pipe, base.architecture, prior_prompts(request.preserve))
+    t_prior = time.perf_counter() - timer
+    statistics: dict[str, tuple[list, float]] = {}
+    for name, edit_tokens, fusion in DIT_ROWS:
+        if edit_tokens not in statistics:
+            timer = time.perf_counter()
+            made = [
+                concept_streams(base.pipe, base.architecture, c, prior, request.preserve, request.method.prompts_per_concept,
+                                edit_tokens, concept_seed(request.seed, c))
+                for c in request.concepts
+            ]
+            statistics[edit_tokens] = (made, time.perf_counter() - timer)
+        made, t_concepts = statistics[edit_tokens]
+        settings = request.fusion.model_copy(update=fusion)
+        timer = time.perf_counter()
+        try:
+            eraser = PipelineEraser(base.pipe, base.architecture, [], request.preserve, settings, restorable=False, prior=prior)
+            for concept in made:
+                eraser.include(concept)
+            erased = LoadedPipeline(checked_erased_pipeline(eraser, "float32"), base.architecture)
+        except RequestError as error:
+            rows.append({"scale": label, "world": "DiT", "method": name, "seconds": float("nan"), "capacity": "", "error": str(error)})
+            print(f"  DiT {label} / {name}: {error}", flush=True)
+            continue
+        t_fusion = time.perf_counter() - timer
+        result = evaluate(erased, base, probes, judge, steps, guidance, base_images=base_eval.base_images)
+        rows.append({"scale": label, "world": "DiT", "method": name, **result.metrics,
+                     "seconds": t_prior + t_concepts + t_fusion, "fusion_seconds": t_fusion, "capacity": ""})
+        print(f"  DiT {label} / {name}: " + " ".join(f"{k} {percent(result.metrics[k])}" for k in ("acc_e", "acc_g", "acc_s", "h_o")), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world", default="toyworld", choices=["toyworld", "toyworld-clip"])
+    parser.add_argument("--world", default="toyworld", choices=["toyworld", "toyworld-clip", "toyworld-mmdit"])
+    parser.add_argument("--no-unet", action="store_true", help="toyworld-mmdit: without the UNet world's rows beside")
+    parser.add_argument("--dit-model", help="toyworld-mmdit: a trained MMDiT folder instead of the committed one")
     parser.add_argument("--scales", nargs="*", default=list(SCALES), choices=list(SCALES))
     parser.add_argument("--rows", nargs="*", choices=[name for name, _, _ in ROWS], help="only these methods")
     parser.add_argument("--lora-steps", type=int, default=50)
@@ -234,24 +310,34 @@ def main() -> None:
     method = {"lora_steps": args.lora_steps, "lora_lr": args.lora_lr, "images_per_concept": args.images}
     preserve = {"lam1": args.lam1, "lam2": args.lam2}
     rows = []
-    for label in args.scales:
-        rows.extend(run_scale(label, SCALES[label], method, preserve, "cpu", f"builtin:{args.world}", args.rows))
+    dit = args.world == "toyworld-mmdit"
+    scales = [s for s in args.scales if s in DIT_SCALES] if dit else args.scales
+    for label in scales:
+        if dit:
+            rows.extend(run_dit_scale(label, SCALES[label], method, preserve, args.dit_model))
+            if not args.no_unet:
+                beside = run_scale(label, SCALES[label], method, preserve, "cpu", "builtin:toyworld", list(UNET_BESIDE.values()))
+                rows.extend(r | {"world": "UNet"} for r in beside)
+        else:
+            rows.extend(run_scale(label, SCALES[label], method, preserve, "cpu", f"builtin:{args.world}", args.rows))
         print(f"done: {label}", flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=2)
     table = Table(
-        title=f"{args.world} erasure benchmark (%; lora {args.lora_steps} steps lr {args.lora_lr}, lam1 {args.lam1}, lam2 {args.lam2})"
+        title=f"{args.world} erasure benchmark (%; lora {args.lora_steps} steps lr {args.lora_lr}"
+        + (" on the UNet rows, none on the DiT's" if dit else "") + f", lam1 {args.lam1}, lam2 {args.lam2})"
     )
     columns = ("acc_e ↓", "acc_g ↓", "phrasing ↓", "unseen ↓", "acc_s ↑", "h_o ↑", "uncond drift", "wall s", "capacity / note")
     for column in ("scale", "method", *columns):
         table.add_column(column)
     for row in rows:
+        method = f"{row['world']}: {row['method']}" if "world" in row else row["method"]
         if "error" in row:
-            table.add_row(row["scale"], row["method"], *["–"] * 8, row["error"][:60])
+            table.add_row(row["scale"], method, *["–"] * 8, row["error"][:60])
             continue
         table.add_row(
-            row["scale"], row["method"],
+            row["scale"], method,
             *(percent(row.get(k)) for k in ("acc_e", "acc_g", "acc_g_phrasing", "acc_g_unseen", "acc_s", "h_o")),
             f"{row.get('unconditional_drift', float('nan')):.3f}", f"{row['seconds']:.1f}", row["capacity"],
         )

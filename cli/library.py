@@ -35,6 +35,7 @@ class ToyWorld(StrEnum):
     minilm = "minilm"
     clip = "clip"
     identities = "identities"
+    mmdit = "mmdit"
 
 
 @app.command()
@@ -232,7 +233,8 @@ def toyworld_train(
     seed: int = setting(TRAINING, "seed"),
     classifier_steps: int = setting(TRAINING, "classifier_steps"),
     world: ToyWorld = typer.Option(ToyWorld.minilm, help="minilm: frozen pretrained encoder (builtin:toyworld); clip: trained with the UNet (builtin:toyworld-clip); "
-        "identities: 1,300 named identities on the frozen encoder (builtin:identities)."),
+        "identities: 1,300 named identities on the frozen encoder (builtin:identities); "
+        "mmdit: an SD 3-style joint-attention transformer on the frozen encoder, flow matching (the DiT benchmark's world)."),
     classifier: Path = typer.Option(
         None, exists=True, dir_okay=False,
         help="Reuse this trained classifier instead of training one (the two toy worlds draw the same scenes and share one; "
@@ -283,6 +285,12 @@ def toyworld_train(
         from erasure.worlds.identities.train import train_identity_world
 
         train_identity_world(out, **settings)
+    elif world == ToyWorld.mmdit:  # its sampler's own guidance (the UNet worlds' 1.5 is theirs)
+        from erasure.worlds.toyworld.mmdit import GUIDANCE
+        from erasure.worlds.toyworld.train_mmdit import train_mmdit
+
+        settings["evaluate"] = lambda model: quick(model, classifier, guidance_scale=GUIDANCE)
+        train_mmdit(out, **settings)
     else:
         train_toyworld(out, world=world.value, **settings)
     log(f"saved {out / 'model'}")

@@ -31,16 +31,14 @@ MIN_SNR_GAMMA = 5.0
 EMA_DECAY = 0.999
 
 
-
-
-def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
+def warmup_cosine_lr(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
             e.lerp_(p, 1 - decay)
@@ -125,14 +123,14 @@ def train_toyworld(
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean()
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, steps, lr, warmup)
+            group["lr"] = warmup_cosine_lr(step, steps, lr, warmup)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
-        _ema_update(ema_unet, unet, EMA_DECAY if step > 1000 else 0.99)
+        ema_update(ema_unet, unet, EMA_DECAY if step > 1000 else 0.99)
         if joint:
-            _ema_update(ema_text, text_encoder, EMA_DECAY if step > 1000 else 0.99)
+            ema_update(ema_text, text_encoder, EMA_DECAY if step > 1000 else 0.99)
         history.append(loss.item())
         done = step + 1
         if done % 100 == 0:
