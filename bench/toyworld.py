@@ -25,9 +25,11 @@ prediction.
 The joint-attention world (``toyworld-mmdit``, ``erasure.worlds.toyworld.mmdit``) is erased the
 families' way (``erasure.methods.pipeline_edit``): the closed forms on ``context_embedder`` and
 the pooled projection, no LoRA. Its rows (``DIT_ROWS``) run at 1 colour, 8 and 32 pairs, and the
-UNet world's rows of the same objective and fusion run beside them in the same run (``--no-unet``:
-the DiT rows alone). Its probes carry no unseen words (the ones each base model draws are measured
-per world, and the DiT's are not), so its unseen column is empty; h_o does not read it.
+UNet world runs the same rows beside them in the same run at ``lora_steps: 0`` (``--no-unet``: the
+DiT rows alone). Its probes carry no unseen words (the ones each base model draws are measured per
+world, and the DiT's are not), so its unseen column is empty; h_o does not read it. Its uncond
+drift is measured on images (what both draw for the empty prompt), the UNet's on noise predictions:
+the two worlds' figures are not comparable.
 """
 
 from __future__ import annotations
@@ -158,8 +160,10 @@ AT_SCALE = {
 
 
 def run_scale(
-    label: str, concepts: list[dict], method: dict, preserve: dict, device: str, model: str, only: list[str] | None = None
+    label: str, concepts: list[dict], method: dict, preserve: dict, device: str, model: str, only: list[str] | None = None,
+    rows_run: list[tuple[str, dict, dict]] | None = None,
 ) -> list[dict]:
+    """The rows ``ROWS`` (``AT_SCALE`` applied), or exactly ``rows_run`` when given, on one UNet world."""
     preserve = preserve | {"concepts": retained(concepts)}
     make = lambda m, f: parse_request(  # noqa: E731
         {"model": model, "concepts": concepts, "method": method | m, "preserve": preserve, "seed": 0, "fusion": f}
@@ -183,8 +187,8 @@ def run_scale(
     data: dict[str, object] = {}  # concept name -> images and masks, drawn once
     data_seconds: dict[str, float] = {}
     groups: dict[str, tuple[list, float]] = {}  # per-concept settings -> (results, seconds)
-    for name, per_concept, fusion in ROWS:
-        if (only and name not in only) or (label in AT_SCALE and name not in AT_SCALE[label]):
+    for name, per_concept, fusion in rows_run or ROWS:
+        if rows_run is None and ((only and name not in only) or (label in AT_SCALE and name not in AT_SCALE[label])):
             continue
         key = json.dumps(per_concept, sort_keys=True)
         row_request = make(per_concept, fusion if fusion["method"] in ("mace", "constrained", "separable") else {})
@@ -225,60 +229,53 @@ def run_scale(
     return rows
 
 
-# The DiT world's rows: (name, edit_tokens, fusion), closed form only; beside each, the UNet world's row
-# of the same tokens and fusion (its per-concept LoRA included, as that path erases).
+# The DiT world's rows, closed form (no LoRA), each a ``ROWS`` entry's per-concept settings and fusion;
+# the UNet world runs the same entries beside them in the same run with ``lora_steps: 0``, so a
+# difference between the two is the architecture's, not the method's.
 DIT_ROWS = [
-    ("span + constrained", "span", {"method": "constrained", "output_edit": None}),
-    ("span + MACE fusion", "span", {"method": "mace"}),
-    ("after + MACE fusion (CFR only, UCE-like)", "after", {"method": "mace"}),
+    ("MACE fusion (closed form)", MACE_CONCEPT, {"method": "mace"}),
+    ("span + constrained", SPAN, {"method": "constrained", "output_edit": None}),
+    ("span + constrained + output edit 0.9", SPAN, {"method": "constrained", "output_edit": 0.9}),
 ]
-UNET_BESIDE = {"span + constrained": "span + constrained", "after + MACE fusion (CFR only, UCE-like)": "CFR only (UCE-like)"}
 DIT_SCALES = ("colour", "8 pairs", "32 pairs")
 
 
 def run_dit_scale(label: str, concepts: list[dict], method: dict, preserve: dict, folder: str | None = None) -> list[dict]:
-    """The DiT world's rows at one scale: one prior, each concept's statistics once per token choice."""
+    """The DiT world's rows at one scale, through the families' stage functions: one prior, each
+    concept's statistics once per per-concept setting."""
     from erasure.architectures.base import LoadedPipeline
-    from erasure.erase import concept_seed, prior_prompts
-    from erasure.erase_pipeline import checked_erased_pipeline
-    from erasure.methods.pipeline_edit import PipelineEraser, concept_streams, stream_priors
+    from erasure.erase_pipeline import fused_pipeline, pipeline_concept, pipeline_prior
     from erasure.worlds.toyworld.judge import ToyJudge, erasure_probes
     from erasure.worlds.toyworld.mmdit import load_mmdit_world
     from erasure.worlds.toyworld.model import load_toyworld_classifier
 
     base = load_mmdit_world(folder)
     steps, guidance = base.sampler_defaults()
-    request = parse_request({  # the toy world's request (the model key is only validated here: the DiT is loaded above)
-        "model": "builtin:toyworld", "concepts": concepts, "seed": 0,
-        "method": method | {"objective": "attention", "lora_steps": 0},
-        "preserve": preserve | {"concepts": retained(concepts)},
+    make = lambda m, f: parse_request({  # noqa: E731  the toy world's request; the model key is only validated (the DiT is loaded above)
+        "model": "builtin:toyworld", "concepts": concepts, "seed": 0, "fusion": f,
+        "method": method | m | {"lora_steps": 0}, "preserve": preserve | {"concepts": retained(concepts)},
     })
+    request = make(MACE_CONCEPT, {"method": "mace"})
     probes = erasure_probes([c.name for c in request.concepts], list(request.preserve.concepts), seed=request.seed)
     judge = ToyJudge(load_toyworld_classifier())
     base_eval = evaluate(base, base, probes, judge, steps, guidance)
     rows = [{"scale": label, "world": "DiT", "method": "base model", **base_eval.base_metrics, "seconds": 0.0,
              "unconditional_drift": 0.0, "capacity": ""}]
     timer = time.perf_counter()
-    prior = stream_priors(base.pipe, base.architecture, prior_prompts(request.preserve))
+    prior = pipeline_prior(base, request.preserve)
     t_prior = time.perf_counter() - timer
     statistics: dict[str, tuple[list, float]] = {}
-    for name, edit_tokens, fusion in DIT_ROWS:
-        if edit_tokens not in statistics:
+    for name, per_concept, fusion in DIT_ROWS:
+        row_request = make(per_concept, fusion)
+        key = json.dumps(per_concept, sort_keys=True)
+        if key not in statistics:
             timer = time.perf_counter()
-            made = [
-                concept_streams(base.pipe, base.architecture, c, prior, request.preserve, request.method.prompts_per_concept,
-                                edit_tokens, concept_seed(request.seed, c))
-                for c in request.concepts
-            ]
-            statistics[edit_tokens] = (made, time.perf_counter() - timer)
-        made, t_concepts = statistics[edit_tokens]
-        settings = request.fusion.model_copy(update=fusion)
+            made = [pipeline_concept(base, row_request.model_copy(update={"concepts": (c,)}), prior) for c in row_request.concepts]
+            statistics[key] = (made, time.perf_counter() - timer)
+        made, t_concepts = statistics[key]
         timer = time.perf_counter()
         try:
-            eraser = PipelineEraser(base.pipe, base.architecture, [], request.preserve, settings, restorable=False, prior=prior)
-            for concept in made:
-                eraser.include(concept)
-            erased = LoadedPipeline(checked_erased_pipeline(eraser, "float32"), base.architecture)
+            erased = LoadedPipeline(fused_pipeline(base, row_request.preserve, row_request.fusion, prior, made), base.architecture)
         except RequestError as error:
             rows.append({"scale": label, "world": "DiT", "method": name, "seconds": float("nan"), "capacity": "", "error": str(error)})
             print(f"  DiT {label} / {name}: {error}", flush=True)
@@ -295,8 +292,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", default="toyworld", choices=["toyworld", "toyworld-clip", "toyworld-mmdit"])
     parser.add_argument("--no-unet", action="store_true", help="toyworld-mmdit: without the UNet world's rows beside")
-    parser.add_argument("--dit-model", help="toyworld-mmdit: a trained MMDiT folder instead of the committed one")
-    parser.add_argument("--scales", nargs="*", default=list(SCALES), choices=list(SCALES))
+    parser.add_argument("--dit-model", help="toyworld-mmdit: a trained MMDiT folder instead of erasure/assets/toyworld-mmdit/model")
+    parser.add_argument("--scales", nargs="*", choices=list(SCALES), help="default: every scale (toyworld-mmdit: DIT_SCALES)")
     parser.add_argument("--rows", nargs="*", choices=[name for name, _, _ in ROWS], help="only these methods")
     parser.add_argument("--lora-steps", type=int, default=50)
     parser.add_argument("--lora-lr", type=float, default=1e-4)
@@ -311,13 +308,16 @@ def main() -> None:
     preserve = {"lam1": args.lam1, "lam2": args.lam2}
     rows = []
     dit = args.world == "toyworld-mmdit"
-    scales = [s for s in args.scales if s in DIT_SCALES] if dit else args.scales
+    scales = args.scales or list(DIT_SCALES if dit else SCALES)
+    if dit and (args.rows or set(scales) - set(DIT_SCALES)):
+        parser.error(f"--world toyworld-mmdit runs the rows DIT_ROWS at the scales {', '.join(DIT_SCALES)}; drop --rows")
     for label in scales:
         if dit:
             rows.extend(run_dit_scale(label, SCALES[label], method, preserve, args.dit_model))
-            if not args.no_unet:
-                beside = run_scale(label, SCALES[label], method, preserve, "cpu", "builtin:toyworld", list(UNET_BESIDE.values()))
-                rows.extend(r | {"world": "UNet"} for r in beside)
+            if not args.no_unet:  # the same rows on the UNet world, closed form as the DiT's
+                beside = run_scale(label, SCALES[label], method | {"lora_steps": 0}, preserve, "cpu", "builtin:toyworld",
+                                   rows_run=DIT_ROWS)
+                rows.extend(r | {"world": "UNet (lora_steps 0)"} for r in beside)
         else:
             rows.extend(run_scale(label, SCALES[label], method, preserve, "cpu", f"builtin:{args.world}", args.rows))
         print(f"done: {label}", flush=True)
@@ -332,12 +332,12 @@ def main() -> None:
     for column in ("scale", "method", *columns):
         table.add_column(column)
     for row in rows:
-        method = f"{row['world']}: {row['method']}" if "world" in row else row["method"]
+        label = f"{row['world']}: {row['method']}" if "world" in row else row["method"]
         if "error" in row:
-            table.add_row(row["scale"], method, *["–"] * 8, row["error"][:60])
+            table.add_row(row["scale"], label, *["–"] * 8, row["error"][:60])
             continue
         table.add_row(
-            row["scale"], method,
+            row["scale"], label,
             *(percent(row.get(k)) for k in ("acc_e", "acc_g", "acc_g_phrasing", "acc_g_unseen", "acc_s", "h_o")),
             f"{row.get('unconditional_drift', float('nan')):.3f}", f"{row['seconds']:.1f}", row["capacity"],
         )

@@ -124,7 +124,7 @@ def load_folder(folder: Path) -> Components:
     if package:
         wanted, installed = index.get(PACKAGE_VERSION_KEY), None
         text_encoder, tokenizer = packaged_encoder(package, encoder_class, index.get(MAX_LENGTH_KEY))
-        installed = _package_version(package)
+        installed = package_version(package)
         if wanted is not None and wanted != installed:
             raise RequestError(
                 f"{folder} was made with {package} {wanted}, but {installed} is installed: its UNet was trained "
@@ -207,7 +207,7 @@ def packaged_encoder(package: str, class_name: str, max_length: int) -> tuple[Pr
     return text_encoder, tokenizer
 
 
-def _package_version(package: str) -> str:
+def package_version(package: str) -> str:
     from importlib.metadata import version
 
     return version(package)
@@ -396,7 +396,7 @@ def save_components(components: Components, folder: Path) -> None:
         index["vae"] = [None, None]
     if components.text_encoder_package is not None:  # named, not copied: it is frozen and installed
         index[PACKAGE_KEY] = components.text_encoder_package
-        index[PACKAGE_VERSION_KEY] = _package_version(components.text_encoder_package)
+        index[PACKAGE_VERSION_KEY] = package_version(components.text_encoder_package)
         index[MAX_LENGTH_KEY] = components.tokenizer.model_max_length
     if index["_class_name"] != "StableDiffusionPipeline":
         sd_only = ("safety_checker", "feature_extractor", "image_encoder", "requires_safety_checker")

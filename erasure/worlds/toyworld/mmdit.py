@@ -24,7 +24,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from erasure.architectures.base import Architecture, EditedMap, LoadedPipeline, Segment, TextStream
 from erasure.core.text import tokenize
-from erasure.diffusion.models import packaged_encoder
+from erasure.diffusion.models import check_finite, package_version, packaged_encoder
+from erasure.spec import RequestError
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 MODEL_DIR = ASSETS / "toyworld-mmdit" / "model"
@@ -75,6 +76,14 @@ class ToyMMDiTPipeline(DiffusionPipeline):
         if output_type != "pt":
             raise ValueError("the toy MMDiT returns tensors only: output_type='pt'")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("give at least one prompt")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, not {num_inference_steps}")
+        if (height, width) != (IMAGE_SIZE, IMAGE_SIZE):  # its position embedding covers 16x16 only
+            raise ValueError(f"the toy MMDiT draws {IMAGE_SIZE}x{IMAGE_SIZE} images, not {height}x{width}")
+        if isinstance(generator, list) and len(generator) != len(prompts):
+            raise ValueError(f"give one generator per prompt ({len(generator)} for {len(prompts)} prompts)")
         device = self.transformer.device
         states, pooled = self.encode_prompt(prompts)
         guided = guidance_scale != 1.0
@@ -120,7 +129,8 @@ class ToyMMDiT(Architecture):
         if len(prompts) != len(seeds):
             raise ValueError("give one seed per prompt")
         pipe.set_progress_bar_config(disable=True)
-        options = {"num_inference_steps": steps or STEPS, "guidance_scale": GUIDANCE if guidance_scale is None else guidance_scale}
+        options = {"num_inference_steps": STEPS if steps is None else steps,
+                   "guidance_scale": GUIDANCE if guidance_scale is None else guidance_scale}
         images = []
         for start in range(0, len(prompts), 32):
             part = slice(start, start + 32)
@@ -153,7 +163,8 @@ def save_mmdit_pipeline(pipe: ToyMMDiTPipeline, folder: Path) -> None:
     index = {
         "_class_name": ToyMMDiTPipeline.__name__, "transformer": ["diffusers", "SD3Transformer2DModel"],
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder_package": MINILM_PACKAGE, "max_tokens": MAX_TOKENS,
+        "text_encoder_package": MINILM_PACKAGE, "text_encoder_package_version": package_version(MINILM_PACKAGE),
+        "max_tokens": MAX_TOKENS,
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
@@ -166,9 +177,21 @@ def load_mmdit_world(folder: Path | None = None, device: str = "cpu") -> LoadedP
             f"the toy MMDiT is missing at {folder}; train it with `erasure toyworld train --world mmdit --out DIR` "
             "and copy DIR/model there"
         )
-    index = json.loads((folder / "model_index.json").read_text())
-    text_encoder, tokenizer = packaged_encoder(index["text_encoder_package"], "BertModel", int(index["max_tokens"]))
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as error:
+        raise RequestError(f"{folder}/model_index.json does not read ({type(error).__name__}): save the model with save_mmdit_pipeline") from None
+    # what it was trained on, exactly: another class, prompt length or encoder would be another model read wrongly
+    expected = {"_class_name": ToyMMDiTPipeline.__name__, "text_encoder_package": MINILM_PACKAGE, "max_tokens": MAX_TOKENS,
+                "text_encoder_package_version": package_version(MINILM_PACKAGE)}
+    wrong = {k: index.get(k) for k, v in expected.items() if index.get(k) != v} if isinstance(index, dict) else expected
+    if wrong:
+        raise RequestError(f"{folder} is not the toy MMDiT this code reads: {wrong} where it needs {expected}")
+    text_encoder, tokenizer = packaged_encoder(MINILM_PACKAGE, "BertModel", MAX_TOKENS)
     transformer = SD3Transformer2DModel.from_pretrained(folder / "transformer").eval()
+    check_finite(folder, "transformer", transformer)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+    if scheduler.config.shift != 1.0 or scheduler.config.use_dynamic_shifting or scheduler.config.stochastic_sampling:
+        raise RequestError(f"{folder}/scheduler is not the Euler schedule the toy MMDiT was trained for (shift 1, deterministic)")
     pipe = ToyMMDiTPipeline(transformer, scheduler, text_encoder.eval(), tokenizer).to(device)
     return LoadedPipeline(pipe, ToyMMDiT())

@@ -28,7 +28,7 @@ WORLD = "mmdit"  # the checkpoint's world: another world's checkpoint is refused
 
 
 def train_mmdit(
-    out_dir: Path, steps: int, batch: int = 32, lr: float = 5e-4, seed: int = 0, checkpoint_every: int = 500,
+    out_dir: Path, steps: int, batch: int = 32, lr: float = 1e-3, seed: int = 0, checkpoint_every: int = 500,
     eval_every: int = 2000, warmup: int = 300, evaluate=None, log=print,
 ) -> tuple[Path, list[float]]:
     """Train and save the EMA transformer to ``out_dir / "model"``; returns (that folder, loss per step).
@@ -41,10 +41,16 @@ def train_mmdit(
     ema = copy.deepcopy(transformer).requires_grad_(False)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01)
     start = 0
+    # a resumed run is the same run only under the same settings (the schedule reads steps, the data seed and batch)
+    settings = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "warmup": warmup}
     if checkpoint_path.exists():
         state = torch.load(checkpoint_path, weights_only=True)  # tensors and numbers only: never unpickle code
         if state.get("world") != WORLD:
             raise ValueError(f"{checkpoint_path} is a checkpoint of the {state.get('world')!r} world, not {WORLD!r}; pass another --out")
+        if state.get("settings") != settings:
+            raise ValueError(
+                f"{checkpoint_path} was made with {state.get('settings')}, not {settings}: resume with those settings or pass another --out"
+            )
         transformer.load_state_dict(state["transformer"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -83,7 +89,7 @@ def train_mmdit(
             log(f"step {done}/{steps} loss {np.mean(history[-100:]):.4f} ({rate:.2f}s/step, eta {rate * (steps - done) / 60:.0f} min)")
         if done % checkpoint_every == 0 or done == steps:
             state = {"transformer": transformer.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                     "step": done, "world": WORLD}
+                     "step": done, "world": WORLD, "settings": settings}
             torch.save(state, checkpoint_path.with_suffix(".tmp"))
             checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
         if evaluate is not None and (done % eval_every == 0 or done == steps):
