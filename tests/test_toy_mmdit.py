@@ -137,3 +137,19 @@ def test_the_benchmark_runs_the_dit_rows_with_the_unet_worlds_own_settings():
     spec.loader.exec_module(bench)
     settings = [(per_concept, fusion) for _, per_concept, fusion in bench.ROWS]
     assert bench.DIT_ROWS and all((per_concept, fusion) in settings for _, per_concept, fusion in bench.DIT_ROWS)
+
+
+def test_the_sampler_integrates_the_velocity_training_teaches(pipe, monkeypatch):
+    """Training teaches v = noise - x0 at x_t = (1 - s) x0 + s noise, timestep s x 1000; a transformer
+    that predicts exactly that velocity toward a fixed image must be sampled onto that image, with
+    guidance or without (the conditional and unconditional halves agree here)."""
+    target = torch.rand(1, 3, 16, 16) * 2 - 1
+
+    def exact_velocity(x, timestep, states, pooled):
+        sigma = (timestep.float() / 1000).clamp_min(1e-6)
+        return (x - target) / sigma
+
+    monkeypatch.setattr(pipe, "predict", exact_velocity)
+    for guidance in (1.0, 2.0):
+        drawn = pipe("a red circle", num_inference_steps=5, guidance_scale=guidance, generator=torch.Generator().manual_seed(0)).images
+        assert torch.allclose(drawn, (target + 1) / 2, atol=1e-4), guidance

