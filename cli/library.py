@@ -351,10 +351,16 @@ def toyworld_accuracy(
     from erasure.worlds.toyworld.accuracy import concept_accuracy_table
     from erasure.worlds.toyworld.model import load_toyworld_classifier
 
-    components, classifier = load_components(model), load_toyworld_classifier()
+    if world == ToyWorld.mmdit:  # the joint-attention world: its own folder layout and loader
+        from erasure.worlds.toyworld.mmdit import load_mmdit_world
+
+        components = load_mmdit_world(None if model == DEFAULT_MODEL else Path(model))
+    else:
+        components = load_components(model)
+    classifier = load_toyworld_classifier()
     tables = {g: concept_accuracy_table(components, classifier, g, per_concept) for g in guidance}
     table = Table(
-        title=f"toy model accuracy (%), {per_concept} prompts per concept and group, {TOY_SAMPLING.sampler_steps} DDIM steps"
+        title=f"toy model accuracy (%), {per_concept} prompts per concept and group, {TOY_SAMPLING.sampler_steps} sampler steps"
     )
     table.add_column("concept")
     for g in guidance:

@@ -153,3 +153,18 @@ def test_the_sampler_integrates_the_velocity_training_teaches(pipe, monkeypatch)
     for guidance in (1.0, 2.0):
         drawn = pipe("a red circle", num_inference_steps=5, guidance_scale=guidance, generator=torch.Generator().manual_seed(0)).images
         assert torch.allclose(drawn, (target + 1) / 2, atol=1e-4), guidance
+
+
+def test_its_accuracy_is_measured_by_the_toy_worlds_command(pipe, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    save_mmdit_pipeline(pipe, tmp_path / "model")
+    done = CliRunner().invoke(app, ["toyworld", "accuracy", "--world", "mmdit", "--model", str(tmp_path / "model"),
+                                    "--per-concept", "1", "--guidance", "2.0", "--json", str(tmp_path / "accuracy.json")])
+    assert done.exit_code == 0, done.output
+    table = json.loads((tmp_path / "accuracy.json").read_text())["2.0"]
+    assert set(table["names"]) >= {"circle", "red", "striped"} and all(0 <= v <= 1 for v in table["names"].values())
