@@ -38,6 +38,24 @@ def warmup_cosine_lr(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def ema_decay(step: int) -> float:
+    """A fast EMA while the weights move most (the first 1,000 steps), then the slow one."""
+    return EMA_DECAY if step > 1000 else 0.99
+
+
+def log_progress(log, done: int, steps: int, start: int, started: float, history: list[float]) -> None:
+    """Every 100 steps: the mean loss of the last 100, the rate and what is left."""
+    if done % 100 == 0:
+        rate = (time.time() - started) / (done - start)
+        log(f"step {done}/{steps} loss {np.mean(history[-100:]):.4f} ({rate:.2f}s/step, eta {rate * (steps - done) / 60:.0f} min)")
+
+
+def write_checkpoint(state: dict, path: Path) -> None:
+    """Written beside and renamed into place: a run killed while writing keeps its last checkpoint."""
+    torch.save(state, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+
+
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
@@ -128,14 +146,12 @@ def train_toyworld(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
-        ema_update(ema_unet, unet, EMA_DECAY if step > 1000 else 0.99)
+        ema_update(ema_unet, unet, ema_decay(step))
         if joint:
-            ema_update(ema_text, text_encoder, EMA_DECAY if step > 1000 else 0.99)
+            ema_update(ema_text, text_encoder, ema_decay(step))
         history.append(loss.item())
         done = step + 1
-        if done % 100 == 0:
-            rate = (time.time() - started) / (done - start)
-            log(f"step {done}/{steps} loss {np.mean(history[-100:]):.4f} ({rate:.2f}s/step, eta {rate * (steps - done) / 60:.0f} min)")
+        log_progress(log, done, steps, start, started, history)
         if done % checkpoint_every == 0 or done == steps:
             state = {
                 "unet": unet.state_dict(), "ema_unet": ema_unet.state_dict(), "optimizer": optimizer.state_dict(),
@@ -143,8 +159,7 @@ def train_toyworld(
             }
             if joint:
                 state |= {"text_encoder": text_encoder.state_dict(), "ema_text": ema_text.state_dict()}
-            torch.save(state, checkpoint_path.with_suffix(".tmp"))
-            checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
+            write_checkpoint(state, checkpoint_path)
         if evaluate is not None and (done % eval_every == 0 or done == steps):
             ema = dataclasses.replace(components, unet=ema_unet.eval(), text_encoder=ema_text.eval())
             log(f"eval at step {done}: {json.dumps(evaluate(ema))}")

@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from erasure.architectures.base import LoadedPipeline
 from erasure.worlds.toyworld import world as toy_world
 from erasure.worlds.toyworld.mmdit import IMAGE_SIZE, ToyMMDiT, build_mmdit_pipeline, save_mmdit_pipeline
-from erasure.worlds.toyworld.train import CAPTION_DROPOUT, EMA_DECAY, ema_update, warmup_cosine_lr
+from erasure.worlds.toyworld.train import (
+    CAPTION_DROPOUT,
+    ema_decay,
+    ema_update,
+    log_progress,
+    warmup_cosine_lr,
+    write_checkpoint,
+)
 
 WORLD = "mmdit"  # the checkpoint's world: another world's checkpoint is refused
 
@@ -81,17 +88,14 @@ def train_mmdit(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         optimizer.step()
-        ema_update(ema, transformer, EMA_DECAY if step > 1000 else 0.99)
+        ema_update(ema, transformer, ema_decay(step))
         history.append(loss.item())
         done = step + 1
-        if done % 100 == 0:
-            rate = (time.time() - started) / (done - start)
-            log(f"step {done}/{steps} loss {np.mean(history[-100:]):.4f} ({rate:.2f}s/step, eta {rate * (steps - done) / 60:.0f} min)")
+        log_progress(log, done, steps, start, started, history)
         if done % checkpoint_every == 0 or done == steps:
             state = {"transformer": transformer.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                      "step": done, "world": WORLD, "settings": settings}
-            torch.save(state, checkpoint_path.with_suffix(".tmp"))
-            checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)
+            write_checkpoint(state, checkpoint_path)
         if evaluate is not None and (done % eval_every == 0 or done == steps):
             log(f"eval at step {done}: {json.dumps(evaluate(_with_transformer(pipe, ema)))}")
     final = _with_transformer(pipe, ema)
