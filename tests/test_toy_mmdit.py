@@ -168,3 +168,11 @@ def test_its_accuracy_is_measured_by_the_toy_worlds_command(pipe, tmp_path):
     assert done.exit_code == 0, done.output
     table = json.loads((tmp_path / "accuracy.json").read_text())["2.0"]
     assert set(table["names"]) >= {"circle", "red", "striped"} and all(0 <= v <= 1 for v in table["names"].values())
+
+
+def test_the_committed_model_loads_as_shipped():
+    """The package's own MMDiT (what the benchmark measures) loads from the installed assets, finite,
+    with the sampler settings its TRAINING.md measured."""
+    model = load_mmdit_world()
+    assert model.sampler_defaults() == (25, 4.0)
+    assert sum(p.numel() for p in model.pipe.transformer.parameters()) < 25e6 / 4  # under 25 MB in float32
