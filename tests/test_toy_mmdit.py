@@ -124,6 +124,8 @@ def test_bad_sampling_input_is_refused(pipe):
                              ({"generator": [torch.Generator()] * 3}, "one generator per prompt")):
         with pytest.raises(ValueError, match=problem):
             pipe(["a red circle", "a blue star"], **options)
+    with pytest.raises(ValueError, match="16x16"):  # through the adapter too: a size is never ignored
+        ToyMMDiT().sample(pipe, ["a red circle"], [0], 2, 2.0, size=32)
 
 
 def test_the_benchmark_runs_the_dit_rows_with_the_unet_worlds_own_settings():

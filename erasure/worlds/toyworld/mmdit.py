@@ -131,6 +131,8 @@ class ToyMMDiT(Architecture):
         pipe.set_progress_bar_config(disable=True)
         options = {"num_inference_steps": STEPS if steps is None else steps,
                    "guidance_scale": GUIDANCE if guidance_scale is None else guidance_scale}
+        if size is not None:  # the pipeline refuses any size but the one it was trained at
+            options |= {"height": size, "width": size}
         images = []
         for start in range(0, len(prompts), 32):
             part = slice(start, start + 32)
