@@ -34,7 +34,7 @@ MAX_TOKENS = MINILM_TOKENS["minilm"]  # the MiniLM UNet world's encoder, read th
 # How it samples: at CFG 4 it draws shapes 90.6 % by name (at 2: 73.4 %; TRAINING.md); the pipeline's own
 # defaults, so LoadedPipeline.sampler_defaults reads them
 STEPS, GUIDANCE = 25, 4.0
-WIDTH, HEADS, LAYERS = 96, 4, 5  # 1.69 M parameters (the MiniLM UNet world: 1.97 M): a DiT's blocks at the toy world's size
+WIDTH, HEADS, LAYERS = 96, 4, 5  # 1.70 M parameters (the MiniLM UNet world: 1.97 M): a DiT's blocks at the toy world's size
 
 
 class ToyMMDiTPipeline(DiffusionPipeline):
