@@ -23,7 +23,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from erasure.architectures.base import Architecture, EditedMap, LoadedPipeline, Segment, TextStream
-from erasure.core.text import tokenize
+from erasure.core.text import encoder_states, tokenize
 from erasure.diffusion.models import check_finite, package_version, packaged_encoder
 from erasure.spec import RequestError
 from erasure.worlds.toyworld.model import ASSETS, IMAGE_SIZE, MINILM_PACKAGE
@@ -53,9 +53,8 @@ class ToyMMDiTPipeline(DiffusionPipeline):
         the real tokens (its sentence embedding before the L2 normalisation)."""
         ids, _ = tokenize(self.tokenizer, list(prompts))
         ids = ids.to(self.text_encoder.device)
-        mask = (ids != self.text_encoder.config.pad_token_id).long()
-        states = self.text_encoder(input_ids=ids, attention_mask=mask)[0].float()
-        weights = mask[..., None].float()
+        states = encoder_states(self.text_encoder, ids).float()  # masked over padding, as every world encodes
+        weights = (ids != self.text_encoder.config.pad_token_id)[..., None].float()
         pooled = (states * weights).sum(dim=1) / weights.sum(dim=1)
         return states, pooled
 
